@@ -1,0 +1,30 @@
+"""RepVGG for Keras 3: train with three-branch blocks, deploy as a plain 3x3 conv stack.
+
+    import repvgg_keras as rk
+    model = rk.RepVGG_A0()            # training form
+    plain = rk.to_deploy(model)       # fused, built-in layers only
+"""
+
+from repvgg_keras.deploy import is_deploy_form, to_deploy
+from repvgg_keras.layers import PlainBlock, RepVGGBlock
+from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
+from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
+
+__version__ = "0.1.0"
+
+globals().update(BUILDERS)  # RepVGG_A0, RepVGG_B1g4, ... generated from the spec table
+
+__all__ = [
+    "RepVGG",
+    "RepVGGBlock",
+    "RepVGGSpec",
+    "PlainBlock",
+    "SPECS",
+    "get_model",
+    "get_spec",
+    "is_deploy_form",
+    "list_models",
+    "load_weights",
+    "to_deploy",
+    *BUILDERS,
+]

@@ -1,0 +1,109 @@
+"""`to_deploy(model)`: clone any Keras model holding RepVGG blocks into its plain form.
+
+One graph walk (`keras.models.clone_model`): every `RepVGGBlock` becomes a `PlainBlock`
+of built-in layers with the fused weights; every other layer is cloned from its
+config and gets a copy of its weights. The input model is left untouched.
+"""
+
+import keras
+
+from repvgg_keras.layers import PlainBlock, RepVGGBlock
+
+
+def _contains_block(layer):
+    if isinstance(layer, RepVGGBlock):
+        return True
+    return any(isinstance(sub, RepVGGBlock) for sub in layer._flatten_layers(include_self=False))
+
+
+def is_deploy_form(model):
+    """True when `model` holds no RepVGGBlock but plain RepVGG convs (`*_reparam`)."""
+    layers = list(model._flatten_layers())
+    return not any(isinstance(l, RepVGGBlock) for l in layers) and any(
+        isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam") for l in layers
+    )
+
+
+def to_deploy(model):
+    """Return a new model computing `model` in inference mode with fused plain convs.
+
+    Works on functional and sequential models, with RepVGG blocks at the top level or
+    inside nested models (e.g. a head on a RepVGG backbone). A model already in deploy
+    form is returned as it is.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"to_deploy expects a keras.Model, got {type(model).__name__}.")
+    if not _contains_block(model):
+        if is_deploy_form(model):
+            return model
+        raise ValueError(
+            f"Model {model.name!r} contains no RepVGGBlock, so there is nothing to fuse. "
+            "to_deploy converts models built with repvgg_keras (training form, deploy=False) "
+            "or models that use repvgg_keras.RepVGGBlock layers."
+        )
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} is not built: call it on data or build it first.")
+    return _Converter().convert(model)
+
+
+class _Converter:
+    """Holds the maps from cloned layers back to their originals during one conversion."""
+
+    def __init__(self):
+        self.originals = {}  # id(clone) -> original layer, for weight copying
+        self.plain_blocks = {}  # id(block) -> PlainBlock, so a shared block stays shared
+        self.loaded = set()
+
+    def convert(self, model):
+        if isinstance(model, keras.Sequential):
+            return self._convert_sequential(model)
+        if not hasattr(model, "_run_through_graph"):
+            raise TypeError(
+                f"to_deploy supports functional and Sequential models; {model.name!r} is a "
+                f"subclassed {type(model).__name__}. Build it functionally, or convert its "
+                "RepVGG backbone (a functional model) and reuse it in your subclass."
+            )
+        return keras.models.clone_model(
+            model,
+            clone_function=self._clone,
+            call_function=self._call,
+            recursive=False,  # nested models go through _clone, blocks and all
+        )
+
+    def _convert_sequential(self, model):
+        inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
+        x = inputs
+        for layer in model.layers:
+            if isinstance(layer, keras.Model) and _contains_block(layer):
+                x = self.convert(layer)(x)
+            else:
+                x = self._call(self._clone(layer), x)
+        return keras.Model(inputs, x, name=model.name)
+
+    def _clone(self, layer):
+        if isinstance(layer, RepVGGBlock):
+            return layer  # replaced in _call
+        if isinstance(layer, keras.Model) and _contains_block(layer):
+            return self.convert(layer)
+        clone = layer.__class__.from_config(layer.get_config())
+        self.originals[id(clone)] = layer
+        return clone
+
+    def _call(self, layer, *args, **kwargs):
+        if isinstance(layer, RepVGGBlock):
+            plain = self.plain_blocks.get(id(layer))
+            first_call = plain is None
+            if first_call:
+                plain = PlainBlock(dtype=layer.dtype_policy, **layer.plain_config())
+                self.plain_blocks[id(layer)] = plain
+            inputs = args[0] if args else kwargs["inputs"]
+            outputs = plain(inputs)
+            if first_call:
+                plain.load_from(layer)
+            return outputs
+        outputs = layer(*args, **kwargs)
+        original = self.originals.get(id(layer))
+        if original is not None and id(layer) not in self.loaded:
+            layer.set_weights(original.get_weights())
+            self.loaded.add(id(layer))
+        return outputs

@@ -1,0 +1,206 @@
+"""Model builders: one generic `RepVGG(spec, ...)` and one named builder per variant.
+
+Builders take the keras.applications arguments, plus `deploy` (build the plain form
+directly), `output_stride` (dilate late stages for dense prediction) and
+`features_only` (return every stage's output, strides 2..32).
+"""
+
+import os
+
+import keras
+from keras import layers
+
+from repvgg_keras import specs as specs_lib
+from repvgg_keras.layers import PlainBlock, RepVGGBlock
+
+MIN_INPUT_SIZE = 32
+INPUT_NAME = "images"
+
+
+def _check_input_shape(input_shape, spec):
+    if input_shape is None:
+        return (spec.default_size, spec.default_size, 3)
+    input_shape = tuple(input_shape)
+    if len(input_shape) != 3:
+        raise ValueError(
+            f"input_shape must be (height, width, channels), got {input_shape!r}."
+        )
+    height, width, channels = input_shape
+    for label, size in (("height", height), ("width", width)):
+        if size is not None and size < MIN_INPUT_SIZE:
+            raise ValueError(
+                f"Input {label} {size} is too small: RepVGG downsamples by 32, so inputs "
+                f"must be at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} (got input_shape={input_shape}). "
+                "Resize the images or pass a larger input_shape."
+            )
+    if channels is None or channels < 1:
+        raise ValueError(f"input_shape needs a known channel count >= 1, got {input_shape!r}.")
+    return input_shape
+
+
+def _resolve_head_args(include_top, pooling, classes):
+    if include_top:
+        return 1000 if classes is None else int(classes)
+    if classes is not None:
+        raise ValueError(
+            f"classes={classes} was given with include_top=False: the class count only "
+            "sets the classifier, which include_top=False leaves out. Drop `classes` or "
+            "set include_top=True."
+        )
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}.")
+    return None
+
+
+def RepVGG(
+    spec,
+    include_top=True,
+    weights=None,
+    input_tensor=None,
+    input_shape=None,
+    pooling=None,
+    classes=None,
+    classifier_activation=None,
+    deploy=False,
+    output_stride=32,
+    features_only=False,
+    use_identity=True,
+    use_1x1=True,
+    name=None,
+):
+    """Build a RepVGG model from a `RepVGGSpec` (or a variant name).
+
+    Args:
+        spec: a `RepVGGSpec` or a name from `list_models()`.
+        include_top: end with global average pooling and a Dense classifier.
+        weights: None (random init) or a path to a `.weights.h5`/`.keras` file saved from
+            the same architecture and form (see `deploy`).
+        input_tensor: optional Keras tensor to build the model on.
+        input_shape: (height, width, channels); sizes >= 32 or None (any size).
+            Defaults to the variant's training resolution with 3 channels.
+        pooling: with include_top=False: None (4D feature map), "avg" or "max".
+        classes: classifier width; only with include_top=True (default 1000).
+        classifier_activation: activation of the classifier. Defaults to None
+            (logits), which is what the training losses and exporters expect; pass
+            "softmax" for probabilities.
+        deploy: build the plain inference form (3x3 Conv2D + ReLU stack) directly,
+            e.g. to load deploy-form weights. Otherwise train-form blocks.
+        output_stride: 32 (classification), 16 or 8 (late strides become dilation).
+        features_only: return a model whose outputs are the five stage outputs
+            (stem and stages 1-4, strides 2, 4, 8, 16, 32 at output_stride 32).
+        use_identity, use_1x1: keep these branches (the paper's ablation).
+        name: model name (default: the variant name).
+    """
+    if isinstance(spec, str):
+        spec = specs_lib.get_spec(spec)
+    if features_only and include_top:
+        include_top = False
+    num_classes = _resolve_head_args(include_top, pooling, classes)
+    plans = specs_lib.block_plan(spec, output_stride)
+
+    if input_tensor is None:
+        input_shape = _check_input_shape(input_shape, spec)
+        inputs = keras.Input(shape=input_shape, name=INPUT_NAME)
+        x = inputs
+    else:
+        if not keras.backend.is_keras_tensor(input_tensor):
+            raise ValueError("input_tensor must be a Keras tensor (e.g. from keras.Input).")
+        _check_input_shape(tuple(input_tensor.shape[1:]), spec)
+        inputs = keras.utils.get_source_inputs(input_tensor)
+        x = input_tensor
+
+    stage_outputs = []
+    for i, plan in enumerate(plans):
+        block_kwargs = dict(
+            filters=plan.filters,
+            strides=plan.strides,
+            groups=plan.groups,
+            dilation_rate=plan.dilation_rate,
+            se_channels=plan.se_channels,
+            name=plan.name,
+        )
+        if deploy:
+            x = PlainBlock(**block_kwargs)(x)
+        else:
+            x = RepVGGBlock(
+                use_identity=use_identity and plan.allow_identity,
+                use_1x1=use_1x1,
+                **block_kwargs,
+            )(x)
+        last_of_stage = i + 1 == len(plans) or plans[i + 1].stage != plan.stage
+        if last_of_stage:
+            stage_outputs.append(x)
+
+    if features_only:
+        outputs = stage_outputs
+    elif include_top:
+        x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+        outputs = layers.Dense(num_classes, activation=classifier_activation, name="predictions")(x)
+    elif pooling == "avg":
+        outputs = layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    elif pooling == "max":
+        outputs = layers.GlobalMaxPooling2D(name="max_pool")(x)
+    else:
+        outputs = x
+
+    model = keras.Model(inputs, outputs, name=name or spec.name)
+    if weights is not None:
+        load_weights(model, weights)
+    return model
+
+
+def load_weights(model, path):
+    """Load a Keras weights file into `model`, strictly, with an error that says why not."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"Weights file {path!r} does not exist. Pass None for random initialisation "
+            "or a path to a .weights.h5 or .keras file."
+        )
+    if not (path.endswith(".weights.h5") or path.endswith(".keras")):
+        raise ValueError(
+            f"Unsupported weights file {path!r}: expected a Keras '.weights.h5' or '.keras' "
+            "file (PyTorch checkpoints go through repvgg_keras.convert_checkpoint)."
+        )
+    try:
+        model.load_weights(path)
+    except Exception as error:  # Keras raises ValueError/KeyError with internal detail
+        form = "training (three-branch)" if _has_blocks(model) else "deploy (plain)"
+        detail = "\n".join(str(error).strip().splitlines()[:3])
+        raise ValueError(
+            f"Weights file {path!r} does not fit model {model.name!r} in {form} form.\n"
+            "The file must come from the same variant, the same form (training-form files "
+            "need deploy=False, files saved from to_deploy(...) need deploy=True), the same "
+            f"include_top/classes and the same input channels. Keras said: {detail}"
+        ) from error
+
+
+def _has_blocks(model):
+    return any(isinstance(layer, RepVGGBlock) for layer in model._flatten_layers())
+
+
+def list_models():
+    """Names of the built-in variants, e.g. ['RepVGG_A0', ...]."""
+    return list(specs_lib.SPECS)
+
+
+def get_model(name, **kwargs):
+    """Build a named variant: `get_model("RepVGG_A0", classes=10)`."""
+    return RepVGG(specs_lib.get_spec(name), **kwargs)
+
+
+def _named_builder(spec):
+    def builder(**kwargs):
+        return RepVGG(spec, **kwargs)
+
+    builder.__name__ = builder.__qualname__ = spec.name
+    a, b = spec.width_multipliers
+    builder.__doc__ = (
+        f"{spec.name}: blocks {spec.num_blocks}, widths {spec.stage_widths}, "
+        f"groups {spec.groups}{', SE' if spec.use_se else ''}, trained at {spec.default_size}px.\n\n"
+        "Takes the arguments of `repvgg_keras.RepVGG` (except `spec`)."
+    )
+    return builder
+
+
+BUILDERS = {name: _named_builder(spec) for name, spec in specs_lib.SPECS.items()}

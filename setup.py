@@ -1,0 +1,25 @@
+"""repvgg-keras: RepVGG for Keras 3, trained with branches, served without them."""
+
+from setuptools import find_packages, setup
+
+EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0"]
+TRAIN = ["tensorflow-datasets>=4.9.10", "importlib_resources"]
+
+setup(
+    name="repvgg-keras",
+    version="0.1.0",
+    description="RepVGG for Keras 3: three-branch training, exact fusion to a plain 3x3 conv stack",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["repvgg_keras*", "export*", "train*", "bench*"]),
+    install_requires=["keras>=3.15", "numpy", "absl-py"],
+    extras_require={
+        # TensorFlow is the main backend; pick the CPU wheel or the full (GPU-capable) one.
+        "cpu": ["tensorflow-cpu>=2.21,<2.22"],
+        "gpu": ["tensorflow>=2.21,<2.22"],
+        "export": EXPORT,
+        "train": TRAIN,
+        "test": ["tensorflow-cpu>=2.21,<2.22", "pytest>=8", "jax[cpu]"] + EXPORT + TRAIN,
+    },
+)
