@@ -6,6 +6,7 @@ directly), `output_stride` (dilate late stages for dense prediction) and
 """
 
 import os
+import warnings
 
 import keras
 from keras import layers
@@ -163,7 +164,12 @@ def load_weights(model, path):
             "file (PyTorch checkpoints go through repvgg_keras.convert_checkpoint)."
         )
     try:
-        model.load_weights(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(path)
+        skipped = [str(w.message) for w in caught if "freshly-initialized" in str(w.message)]
+        if skipped:  # Keras loaded only part of the model: never accept that silently
+            raise ValueError(skipped[0])
     except Exception as error:  # Keras raises ValueError/KeyError with internal detail
         form = "training (three-branch)" if _has_blocks(model) else "deploy (plain)"
         detail = "\n".join(str(error).strip().splitlines()[:3])

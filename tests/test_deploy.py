@@ -1,0 +1,121 @@
+"""to_deploy on models we did not build: heads on backbones, nesting, Sequential, errors."""
+
+import keras
+import numpy as np
+import pytest
+
+import repvgg_keras as rk
+from repvgg_keras.testing import custom_layer_names, max_relative_difference, randomize_batchnorm
+
+SPEC = rk.RepVGGSpec("tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2,
+                     grouped_layers=(2, 4))
+
+
+def _backbone(**kwargs):
+    model = rk.RepVGG(SPEC, input_shape=(64, 64, 3), include_top=False, **kwargs)
+    return randomize_batchnorm(model, seed=5)
+
+
+def _assert_same(model, plain, x):
+    expected = keras.tree.flatten(model(x, training=False))
+    actual = keras.tree.flatten(plain(x))
+    assert len(expected) == len(actual)
+    for a, e in zip(actual, expected):
+        assert max_relative_difference(a, e) < 1e-5
+    assert custom_layer_names(plain) == []
+
+
+def test_classifier_on_nested_backbone(rng):
+    backbone = _backbone(pooling="avg")
+    inputs = keras.Input((64, 64, 3), name="images")
+    x = keras.layers.Dropout(0.2)(backbone(inputs))
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(x)
+    model = keras.Model(inputs, outputs)
+    plain = rk.to_deploy(model)
+    _assert_same(model, plain, rng.normal(size=(2, 64, 64, 3)).astype("float32"))
+    # The head is a copy with the same weights, not the same layer object.
+    assert plain.get_layer("head") is not model.get_layer("head")
+    np.testing.assert_array_equal(plain.get_layer("head").get_weights()[0], model.get_layer("head").get_weights()[0])
+
+
+def test_segmentation_head_on_dilated_features(rng):
+    backbone = _backbone(features_only=True, output_stride=8)
+    inputs = keras.Input((64, 64, 3))
+    stem, s1, s2, s3, s4 = backbone(inputs)
+    x = keras.layers.Concatenate()([s2, keras.layers.Conv2D(16, 1)(s4)])
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Conv2D(4, 1, name="logits")(x)
+    outputs = keras.layers.UpSampling2D(8, interpolation="bilinear")(x)
+    model = keras.Model(inputs, [outputs, s1])
+    plain = rk.to_deploy(model)
+    assert plain.output_shape[0] == (None, 64, 64, 4)
+    _assert_same(model, plain, rng.normal(size=(1, 64, 64, 3)).astype("float32"))
+
+
+def test_blocks_used_directly_in_a_functional_graph_and_shared(rng):
+    inputs = keras.Input((16, 16, 8))
+    shared = rk.RepVGGBlock(8, name="shared")
+    x = shared(shared(inputs))
+    x = rk.RepVGGBlock(16, strides=2, name="down")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling2D()(x))
+    randomize_batchnorm(model)
+    plain = rk.to_deploy(model)
+    _assert_same(model, plain, rng.normal(size=(2, 16, 16, 8)).astype("float32"))
+    assert len([l for l in plain.layers if l.name == "shared_reparam"]) == 1
+
+
+def test_sequential_model(rng):
+    model = keras.Sequential([
+        keras.Input((16, 16, 3)),
+        rk.RepVGGBlock(8, strides=2, name="a"),
+        rk.RepVGGBlock(8, name="b"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(2),
+    ])
+    randomize_batchnorm(model)
+    _assert_same(model, rk.to_deploy(model), rng.normal(size=(2, 16, 16, 3)).astype("float32"))
+
+
+def test_input_model_is_left_untouched(rng):
+    model = _backbone(pooling="avg")
+    before = [w.copy() for w in model.get_weights()]
+    layers_before = list(model.layers)
+    plain = rk.to_deploy(model)
+    plain.layers[1].set_weights([np.zeros_like(w) for w in plain.layers[1].get_weights()])
+    assert list(model.layers) == layers_before
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert any(isinstance(l, rk.RepVGGBlock) for l in model.layers)
+
+
+def test_deploy_form_converts_to_itself():
+    plain = rk.to_deploy(_backbone())
+    assert rk.is_deploy_form(plain)
+    assert rk.to_deploy(plain) is plain
+    built = rk.RepVGG(SPEC, input_shape=(64, 64, 3), deploy=True)
+    assert rk.to_deploy(built) is built
+
+
+def test_model_without_blocks_is_an_error():
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3)])
+    with pytest.raises(ValueError, match="contains no RepVGGBlock"):
+        rk.to_deploy(model)
+
+
+def test_subclassed_model_is_a_clear_error():
+    class Net(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.block = rk.RepVGGBlock(4)
+
+        def call(self, x):
+            return self.block(x)
+
+    net = Net()
+    net(np.zeros((1, 8, 8, 4), "float32"))
+    with pytest.raises(TypeError, match="subclassed"):
+        rk.to_deploy(net)
+
+
+def test_not_a_model_is_a_type_error():
+    with pytest.raises(TypeError, match="keras.Model"):
+        rk.to_deploy(rk.RepVGGBlock(4))
