@@ -1,0 +1,65 @@
+"""Real images for verification and int8 calibration, resized to the model's input."""
+
+import glob
+import gzip
+import os
+
+import numpy as np
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+def fashion_mnist(split="t10k", directory=FASHION_MNIST_DIR):
+    """(images uint8 [N, 28, 28], labels) from the Debian package's idx files."""
+    images_path = os.path.join(directory, f"{split}-images-idx3-ubyte.gz")
+    labels_path = os.path.join(directory, f"{split}-labels-idx1-ubyte.gz")
+    if not os.path.exists(images_path):
+        raise FileNotFoundError(
+            f"Fashion-MNIST not found at {images_path}. Install it with "
+            "`apt-get install -y dataset-fashion-mnist`, or pass a folder of images."
+        )
+    with gzip.open(images_path) as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(labels_path) as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    return images, labels
+
+
+def _resize(images, height, width, channels):
+    import tensorflow as tf
+
+    images = tf.convert_to_tensor(images)
+    if images.shape.rank == 3:
+        images = images[..., None]
+    if images.shape[-1] != channels:
+        images = tf.image.grayscale_to_rgb(images) if channels == 3 else tf.image.rgb_to_grayscale(images)
+    resized = tf.image.resize(tf.cast(images, tf.float32), (height, width), method="bilinear")
+    return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
+
+
+def load_images(source, count, height, width, channels=3, seed=0):
+    """uint8 [count, height, width, channels] pixels from 'fashion_mnist', 'random' or a folder."""
+    if source == "random":
+        rng = np.random.default_rng(seed)
+        return rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
+    if source == "fashion_mnist":
+        images, _ = fashion_mnist()
+        return _resize(images[:count], height, width, channels)
+    if os.path.isdir(source):
+        import tensorflow as tf
+
+        files = sorted(
+            f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+            if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif"))
+        )[:count]
+        if not files:
+            raise ValueError(f"No JPEG/PNG/BMP/GIF images found under {source!r}.")
+        decoded = [
+            _resize(tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)[None],
+                    height, width, channels)[0]
+            for f in files
+        ]
+        return np.stack(decoded)
+    raise ValueError(
+        f"Unknown image source {source!r}: use 'fashion_mnist', 'random' or an existing folder."
+    )
