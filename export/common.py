@@ -93,6 +93,23 @@ def prepare(model, *, fuse=True, include_preprocessing=False, mode="imagenet"):
     return exported
 
 
+def prepare_from_flags(model):
+    """(model to ship, Keras reference, pixels -> model-input function) from the flags."""
+    import numpy as np
+
+    kwargs = dict(include_preprocessing=FLAGS.include_preprocessing, mode=FLAGS.preprocessing)
+    shipped = prepare(model, fuse=not FLAGS.no_fuse, **kwargs)
+    reference = prepare(model, fuse=False, **kwargs)
+    channels = model.input_shape[-1]
+    if FLAGS.include_preprocessing:
+        to_input = lambda pixels: np.asarray(pixels, np.float32)
+    else:
+        to_input = lambda pixels: preprocessing.normalize(
+            np.asarray(pixels, np.float32), FLAGS.preprocessing, channels
+        )
+    return shipped, reference, to_input
+
+
 def model_from_flags():
     model = load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
     return model

@@ -121,12 +121,9 @@ def main(argv):
     del argv
     try:
         model = common.model_from_flags()
-        shipped = common.prepare(model, fuse=not FLAGS.no_fuse,
-                                 include_preprocessing=FLAGS.include_preprocessing, mode=FLAGS.preprocessing)
+        shipped, reference, _ = common.prepare_from_flags(model)
         _, height, width, channels = model.input_shape
         pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
-        reference = common.prepare(model, fuse=False, include_preprocessing=FLAGS.include_preprocessing,
-                                   mode=FLAGS.preprocessing)
         version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
         export_savedmodel(shipped, version_dir, preprocessing_mode=FLAGS.preprocessing,
                           preprocessing_included=FLAGS.include_preprocessing, verify_pixels=pixels,

@@ -1,0 +1,107 @@
+"""Export an ONNX file through tf2onnx (opset 17, dynamic batch), checked and verified.
+
+    python -m export.onnx --model RepVGG_A0 --weights a0.keras --output a0.onnx [--nchw]
+
+The graph passes `onnx.checker` and runs in onnxruntime on the verification images,
+compared with the Keras model. Grouped convolutions export as ONNX Conv with `group`.
+"""
+
+import contextlib
+import os
+import sys
+
+import numpy as np
+from absl import app, flags
+
+from export import common, images, verify
+
+FLAGS = flags.FLAGS
+
+
+@contextlib.contextmanager
+def _grouped_convs_without_xla():
+    """Trace grouped Conv2D as a plain TF Conv2D op.
+
+    Keras's TF backend wraps grouped convolutions in an XLA-compiled function (TF's CPU
+    kernel lacks them), which tf2onnx cannot convert. The plain op converts to an ONNX
+    Conv with `group`. Only used while tracing for tf2onnx.
+    """
+    import tensorflow as tf
+    from keras.src.backend.tensorflow import nn as tf_nn
+
+    original = tf_nn.conv
+
+    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+        if data_format not in (None, "channels_last"):
+            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
+        return tf.nn.convolution(inputs, kernel, strides, padding.upper(), dilations=dilation_rate)
+
+    tf_nn.conv = conv
+    try:
+        yield
+    finally:
+        tf_nn.conv = original
+
+
+def convert(model, opset=17, nchw=False):
+    """An onnx.ModelProto of `model`: input `images` (NHWC, or NCHW with nchw), output `logits`."""
+    import onnx
+    import tensorflow as tf
+    import tf2onnx
+
+    spec = (tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32, name="images"),)
+    function = tf.function(lambda images: {"logits": model(images, training=False)}, input_signature=spec)
+    with _grouped_convs_without_xla():
+        proto, _ = tf2onnx.convert.from_function(
+            function, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None
+        )
+    onnx.checker.check_model(proto)
+    return proto
+
+
+def run(path, inputs):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return session.run(["logits"], {"images": np.asarray(inputs, np.float32)})[0]
+
+
+def export_onnx(model, output, *, opset=17, nchw=False, verify_inputs, reference=None, overwrite=False):
+    reference = reference or model
+    with common.atomic_output(output, overwrite=overwrite) as staged:
+        proto = convert(model, opset, nchw)
+        with open(staged, "wb") as f:
+            f.write(proto.SerializeToString())
+        expected = np.asarray(reference(verify_inputs, training=False))
+        feed = np.transpose(verify_inputs, (0, 3, 1, 2)) if nchw else verify_inputs
+        report = verify.compare(
+            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""), "float32",
+            run(staged, feed), expected, os.path.getsize(staged) / 2**20,
+        )
+        verify.check(report)
+    return report
+
+
+def main(argv):
+    del argv
+    try:
+        model = common.model_from_flags()
+        _, height, width, channels = model.input_shape
+        shipped, reference, to_input = common.prepare_from_flags(model)
+        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+        export_onnx(shipped, FLAGS.output, opset=FLAGS.opset, nchw=FLAGS.nchw,
+                    verify_inputs=to_input(pixels), reference=reference, overwrite=FLAGS.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError, verify.VerificationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {FLAGS.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.define_model_flags()
+    flags.DEFINE_string("output", None, "Path of the .onnx file to write.")
+    flags.DEFINE_integer("opset", 17, "ONNX opset.")
+    flags.DEFINE_bool("nchw", False, "Take NCHW input (channels first), as PyTorch-style pipelines do.")
+    flags.mark_flag_as_required("output")
+    app.run(lambda argv: sys.exit(main(argv)))

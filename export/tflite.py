@@ -1,0 +1,111 @@
+"""Export a .tflite file (float32, float16, dynamic-range or full-int8), verified in LiteRT.
+
+    python -m export.tflite --model RepVGG_A0 --weights a0.keras --output a0.tflite --quantize int8
+
+Converts through a SavedModel (`TFLiteConverter.from_saved_model`; converting concrete
+functions drops Keras 3 weights), then runs the file in `ai_edge_litert`'s interpreter on
+the verification images and compares with the Keras model. Inputs and outputs stay float32
+in every mode (int8 quantizes the ops and weights inside).
+"""
+
+import os
+import sys
+import tempfile
+
+import numpy as np
+from absl import app, flags
+
+from export import common, images, verify
+
+FLAGS = flags.FLAGS
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
+
+
+def convert(model, quantize="none", calibration=None):
+    """TFLite flatbuffer bytes of a Keras model. `calibration`: model inputs for int8."""
+    import tensorflow as tf
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+    if quantize == "int8" and (calibration is None or len(calibration) == 0):
+        raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        if quantize != "none":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if quantize == "int8":
+            samples = np.asarray(calibration, np.float32)
+            converter.representative_dataset = lambda: ([s[None]] for s in samples)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return converter.convert()
+
+
+def run(path_or_bytes, inputs):
+    """Outputs of a .tflite model on a batch, through ai_edge_litert's interpreter."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    if isinstance(path_or_bytes, (bytes, bytearray)):
+        interpreter = Interpreter(model_content=bytes(path_or_bytes))
+    else:
+        interpreter = Interpreter(model_path=path_or_bytes)
+    source = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(source["index"], inputs.shape)
+    interpreter.allocate_tensors()
+    interpreter.set_tensor(source["index"], np.asarray(inputs, source["dtype"]))
+    interpreter.invoke()
+    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+
+
+def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=None,
+                  reference=None, overwrite=False, tolerance=None):
+    """Convert, verify against `reference` (default `model`), then move into `output`."""
+    reference = reference or model
+    with common.atomic_output(output, overwrite=overwrite) as staged:
+        flatbuffer = convert(model, quantize, calibration)
+        with open(staged, "wb") as f:
+            f.write(flatbuffer)
+        expected = np.asarray(reference(verify_inputs, training=False))
+        report = verify.compare(
+            f"TFLite {os.path.basename(output)}", PRECISION[quantize], run(staged, verify_inputs),
+            expected, len(flatbuffer) / 2**20, tolerance,
+        )
+        verify.check(report)
+    return report
+
+
+def main(argv):
+    del argv
+    try:
+        model = common.model_from_flags()
+        _, height, width, channels = model.input_shape
+        shipped, reference, to_input = common.prepare_from_flags(model)
+        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+        calibration = None
+        if FLAGS.quantize == "int8":
+            calibration = to_input(images.load_images(
+                FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
+        export_tflite(shipped, FLAGS.output, quantize=FLAGS.quantize, verify_inputs=to_input(pixels),
+                      calibration=calibration, reference=reference, overwrite=FLAGS.overwrite,
+                      tolerance=FLAGS.tolerance)
+    except (ValueError, FileExistsError, FileNotFoundError, verify.VerificationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {FLAGS.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    common.define_model_flags()
+    flags.DEFINE_string("output", None, "Path of the .tflite file to write.")
+    flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "Weight/activation precision.")
+    flags.DEFINE_string("calibration_data", "fashion_mnist",
+                        "int8 calibration images: 'fashion_mnist', 'random' or a folder of images.")
+    flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
+    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+    flags.mark_flag_as_required("output")
+    app.run(lambda argv: sys.exit(main(argv)))
