@@ -13,12 +13,19 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps "tensorflow-serving-api>=2.21,<2.22"
 	touch $(STAMP)
 
-test: install
+# Real images for the export and training tests (Debian package, works offline afterwards).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+$(FASHION_MNIST):
+	(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
+	  (echo "Could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root." && exit 1)
+
+test: install $(FASHION_MNIST)
 	$(PY) -m pytest -q tests
 
-demo: install
+demo: install $(FASHION_MNIST)
 	$(PY) demo.py
 
 clean:

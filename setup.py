@@ -2,7 +2,9 @@
 
 from setuptools import find_packages, setup
 
-EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0"]
+# tensorflow-serving-api (for the gRPC client and warm-up records) pins the full
+# `tensorflow` wheel; `make install` adds it with --no-deps next to tensorflow-cpu.
+EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0", "grpcio"]
 TRAIN = ["tensorflow-datasets>=4.9.10", "importlib_resources"]
 
 setup(

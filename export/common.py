@@ -5,13 +5,14 @@ import os
 import shutil
 import tempfile
 
-from absl import flags
+from absl import flags, logging
 
 import keras
 import repvgg_keras as rk
 from repvgg_keras import preprocessing
 
 FLAGS = flags.FLAGS
+logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
 
 
 def define_model_flags():

@@ -22,47 +22,46 @@ FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
 
 
-def build_archive(model, preprocessing_mode="imagenet", preprocessing_included=False):
-    """A keras.export.ExportArchive with the three serving signatures."""
-    import keras
+def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing_included=False):
+    """Write a SavedModel of `model` with the three serving signatures to `path`.
+
+    Uses tf.saved_model.save on a tf.Module rather than keras.export.ExportArchive:
+    with Keras 3.15 the archive stores every variable twice (measured: 54 MB instead of
+    27 MB of variables for RepVGG-A0 with 10 classes).
+    """
     import tensorflow as tf
 
     from repvgg_keras import preprocessing
 
     _, height, width, channels = model.input_shape
-    if preprocessing_included:
-        normalize = lambda pixels: pixels
-    else:
-        normalize = lambda pixels: preprocessing.normalize(pixels, preprocessing_mode, channels)
 
     def outputs(model_input):
         logits = model(model_input, training=False)
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
     def from_pixels(pixels):
-        return outputs(normalize(tf.cast(pixels, tf.float32)))
+        pixels = tf.cast(pixels, tf.float32)
+        if not preprocessing_included:
+            pixels = preprocessing.normalize(pixels, preprocessing_mode, channels)
+        return outputs(pixels)
 
     def decode(encoded):
         image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
         image = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
         return tf.ensure_shape(image, (height, width, channels))
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(
-        "serving_default", outputs,
-        input_signature=[tf.TensorSpec((None, height, width, channels), tf.float32, name="images")],
-    )
-    archive.add_endpoint(
-        "serving_uint8", from_pixels,
-        input_signature=[tf.TensorSpec((None, height, width, channels), tf.uint8, name="images")],
-    )
-    archive.add_endpoint(
-        "serving_bytes",
-        lambda encoded: from_pixels(tf.map_fn(decode, encoded, fn_output_signature=tf.float32)),
-        input_signature=[tf.TensorSpec((None,), tf.string, name="images")],
-    )
-    return archive
+    image_spec = lambda dtype: tf.TensorSpec((None, height, width, channels), dtype, name="images")
+    module = tf.Module()
+    module.model = model
+    signatures = {
+        "serving_default": tf.function(outputs, input_signature=[image_spec(tf.float32)]),
+        "serving_uint8": tf.function(from_pixels, input_signature=[image_spec(tf.uint8)]),
+        "serving_bytes": tf.function(
+            lambda images: from_pixels(tf.map_fn(decode, images, fn_output_signature=tf.float32)),
+            input_signature=[tf.TensorSpec((None,), tf.string, name="images")],
+        ),
+    }
+    tf.saved_model.save(module, path, signatures=signatures)
 
 
 def write_warmup(export_path, model_name, pixels):
@@ -95,7 +94,7 @@ def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
     if verify_pixels is None:
         verify_pixels = images.load_images("random", 4, height, width, channels)
     with common.atomic_output(version_dir, overwrite=overwrite) as staged:
-        build_archive(model, preprocessing_mode, preprocessing_included).write_out(staged, verbose=False)
+        save_serving_model(model, staged, preprocessing_mode, preprocessing_included)
         write_warmup(staged, model_name, verify_pixels[:1])
         loaded = tf.saved_model.load(staged)
         missing = set(SIGNATURES) - set(loaded.signatures)

@@ -32,8 +32,10 @@ def convert(model, quantize="none", calibration=None):
         raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
+        # Keras's own exporter: a SavedModel from tf.saved_model.save(tf.Module) converts
+        # to a weightless (NaN) flatbuffer here, as from_concrete_functions does.
         model.export(saved, format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
@@ -46,19 +48,21 @@ def convert(model, quantize="none", calibration=None):
 
 
 def run(path_or_bytes, inputs):
-    """Outputs of a .tflite model on a batch, through ai_edge_litert's interpreter."""
+    """Logits of a .tflite model on a batch, through ai_edge_litert's signature runner."""
     from ai_edge_litert.interpreter import Interpreter
 
     if isinstance(path_or_bytes, (bytes, bytearray)):
         interpreter = Interpreter(model_content=bytes(path_or_bytes))
     else:
         interpreter = Interpreter(model_path=path_or_bytes)
-    source = interpreter.get_input_details()[0]
-    interpreter.resize_tensor_input(source["index"], inputs.shape)
-    interpreter.allocate_tensors()
-    interpreter.set_tensor(source["index"], np.asarray(inputs, source["dtype"]))
-    interpreter.invoke()
-    return interpreter.get_tensor(interpreter.get_output_details()[0]["index"])
+    runner = interpreter.get_signature_runner("serving_default")
+    (output,) = runner(**{_input_name(runner): np.asarray(inputs, np.float32)}).values()
+    return output
+
+
+def _input_name(runner):
+    (name,) = runner.get_input_details()
+    return name
 
 
 def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=None,

@@ -1,0 +1,274 @@
+"""Exporters: each format verified against Keras, signatures, request bodies, safety."""
+
+import base64
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import repvgg_keras as rk
+from export import common, images, onnx as onnx_export, requests, savedmodel, tflite, verify
+from repvgg_keras import preprocessing
+from repvgg_keras.testing import max_relative_difference, randomize_batchnorm
+
+SIZE = 48
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _trained(name, size=SIZE, seed=0):
+    model = rk.get_model(name, input_shape=(size, size, 3), classes=10)
+    return randomize_batchnorm(model, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: _trained(name) for name in ("RepVGG_A0", "RepVGG_B1g4")}
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    """Real images: Fashion-MNIST test images, resized to SIZE and made RGB."""
+    return images.load_images("fashion_mnist", 32, SIZE, SIZE, 3)
+
+
+def _inputs(pixels):
+    return preprocessing.normalize(pixels.astype(np.float32), "imagenet", 3)
+
+
+@pytest.fixture(scope="module")
+def exported_savedmodel(tmp_path_factory, models, pixels):
+    model = models["RepVGG_A0"]
+    path = str(tmp_path_factory.mktemp("serving") / "repvgg_a0" / "1")
+    report = savedmodel.export_savedmodel(rk.to_deploy(model), path, verify_pixels=pixels,
+                                          reference=model, model_name="repvgg_a0")
+    return path, report
+
+
+# ---------------------------------------------------------------- SavedModel
+
+def test_savedmodel_signatures_names_shapes_dtypes(exported_savedmodel):
+    path, report = exported_savedmodel
+    assert report.ok and report.max_rel < 1e-4 and report.top1_agreement == 1.0
+    assert os.path.exists(os.path.join(path, "saved_model.pb"))
+    loaded = tf.saved_model.load(path)
+    expected_inputs = {
+        "serving_default": (tf.float32, [None, SIZE, SIZE, 3]),
+        "serving_uint8": (tf.uint8, [None, SIZE, SIZE, 3]),
+        "serving_bytes": (tf.string, [None]),
+    }
+    for name, (dtype, shape) in expected_inputs.items():
+        signature = loaded.signatures[name]
+        (spec,) = signature.structured_input_signature[1].values()
+        assert spec.name == "images" and spec.dtype == dtype and spec.shape.as_list() == shape
+        assert set(signature.structured_outputs) == {"logits", "probabilities"}
+        assert signature.structured_outputs["logits"].shape.as_list() == [None, 10]
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    shown = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True, check=True).stdout
+    for name, (dtype, _) in expected_inputs.items():
+        block = shown.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
+        dt_name = {tf.float32: "DT_FLOAT", tf.uint8: "DT_UINT8", tf.string: "DT_STRING"}[dtype]
+        assert f"dtype: {dt_name}\n" in block and "outputs['probabilities']" in block
+
+
+def test_savedmodel_bytes_and_uint8_match_float(exported_savedmodel, models, pixels):
+    loaded = tf.saved_model.load(exported_savedmodel[0])
+    expected = np.asarray(models["RepVGG_A0"](_inputs(pixels[:4]), training=False))
+    as_float = loaded.signatures["serving_default"](images=tf.constant(_inputs(pixels[:4])))["logits"]
+    as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels[:4]))["logits"]
+    encoded = tf.constant([tf.io.encode_png(p).numpy() for p in pixels[:4]])
+    as_bytes = loaded.signatures["serving_bytes"](images=encoded)
+    for got in (as_float, as_uint8, as_bytes["logits"]):
+        assert max_relative_difference(got, expected) < 1e-4
+    np.testing.assert_allclose(np.sum(as_bytes["probabilities"], -1), 1.0, rtol=1e-5)
+
+
+def test_savedmodel_warmup_records_parse(exported_savedmodel):
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    path = os.path.join(exported_savedmodel[0], "assets.extra", "tf_serving_warmup_requests")
+    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
+    assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == sorted(savedmodel.SIGNATURES)
+    loaded = tf.saved_model.load(exported_savedmodel[0])
+    for log in logs:  # each warm-up request runs on its signature, as TF Serving replays it
+        request = log.predict_log.request
+        inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+        out = loaded.signatures[request.model_spec.signature_name](**inputs)
+        assert out["logits"].shape == (1, 10)
+
+
+def _serve_grpc(loaded, request):
+    """What TF Serving does with a PredictRequest: run the signature, answer a PredictResponse."""
+    from tensorflow_serving.apis import predict_pb2
+
+    inputs = {k: tf.constant(tf.make_ndarray(v)) for k, v in request.inputs.items()}
+    outputs = loaded.signatures[request.model_spec.signature_name](**inputs)
+    response = predict_pb2.PredictResponse()
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(tf.make_tensor_proto(value.numpy()))
+    return response.SerializeToString()
+
+
+def _serve_rest(loaded, body):
+    """What TF Serving's REST API does with a row-format body (b64 objects decoded)."""
+    body = json.loads(body)
+    rows = body["instances"]
+    if isinstance(rows[0], dict) and "b64" in rows[0]:
+        batch = tf.constant([base64.b64decode(r["b64"]) for r in rows])
+    else:
+        batch = tf.constant(rows, dtype=tf.float32 if body["signature_name"] == "serving_default" else tf.uint8)
+    outputs = {k: v.numpy().tolist() for k, v in loaded.signatures[body["signature_name"]](images=batch).items()}
+    return json.dumps({"predictions": [dict(zip(outputs, row)) for row in zip(*outputs.values())]})
+
+
+def test_client_request_bodies_give_the_right_top1(exported_savedmodel, models, pixels):
+    from tensorflow_serving.apis import predict_pb2
+
+    loaded = tf.saved_model.load(exported_savedmodel[0])
+    expected = np.asarray(models["RepVGG_A0"](_inputs(pixels[:3]), training=False)).argmax(-1)
+    encoded = [tf.io.encode_jpeg(p, quality=100).numpy() for p in pixels[:3]]
+    grpc_request = requests.predict_request("repvgg_a0", "serving_bytes", encoded)
+    response = predict_pb2.PredictResponse.FromString(_serve_grpc(loaded, grpc_request))
+    grpc_out = requests.parse_predict_response(response)
+    rest_out = requests.parse_rest_response(_serve_rest(loaded, requests.rest_body("serving_bytes", encoded)))
+    uint8_out = requests.parse_rest_response(_serve_rest(loaded, requests.rest_body("serving_uint8", pixels[:3])))
+    for out in (grpc_out, rest_out, uint8_out):
+        assert out["probabilities"].shape == (3, 10)
+        np.testing.assert_array_equal(out["logits"].argmax(-1), expected)
+
+
+# ---------------------------------------------------------------- TFLite
+
+@pytest.mark.parametrize(
+    "name,quantize,max_rel,min_top1",
+    [
+        ("RepVGG_A0", "none", 1e-4, 1.0),
+        ("RepVGG_A0", "float16", 1e-2, 0.95),
+        ("RepVGG_A0", "dynamic", 1e-1, 0.8),
+        ("RepVGG_A0", "int8", 2.5e-1, 0.5),
+        ("RepVGG_B1g4", "none", 1e-4, 1.0),
+        ("RepVGG_B1g4", "int8", 2.5e-1, 0.5),
+    ],
+)
+def test_tflite_precisions(tmp_path, models, pixels, name, quantize, max_rel, min_top1):
+    model = models[name]
+    inputs = _inputs(pixels)
+    output = str(tmp_path / "model.tflite")
+    report = tflite.export_tflite(rk.to_deploy(model), output, quantize=quantize, verify_inputs=inputs,
+                                  calibration=_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[32:]),
+                                  reference=model)
+    got = tflite.run(output, inputs)
+    expected = np.asarray(model(inputs, training=False))
+    assert max_relative_difference(got, expected) <= max_rel
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= min_top1
+    assert report.max_rel <= max_rel
+
+
+def test_tflite_int8_without_calibration_is_an_error(tmp_path, models):
+    with pytest.raises(ValueError, match="calibration"):
+        tflite.export_tflite(models["RepVGG_A0"], str(tmp_path / "m.tflite"), quantize="int8",
+                             verify_inputs=np.zeros((1, SIZE, SIZE, 3), np.float32))
+
+
+# ---------------------------------------------------------------- ONNX
+
+@pytest.mark.parametrize("name,nchw", [("RepVGG_A0", False), ("RepVGG_A0", True), ("RepVGG_B1g4", False)])
+def test_onnx_matches_keras(tmp_path, models, pixels, name, nchw):
+    import onnx
+
+    model = models[name]
+    output = str(tmp_path / "model.onnx")
+    inputs = _inputs(pixels)
+    report = onnx_export.export_onnx(rk.to_deploy(model), output, nchw=nchw, verify_inputs=inputs, reference=model)
+    assert report.max_rel < 1e-4 and report.top1_agreement == 1.0
+    proto = onnx.load(output)
+    onnx.checker.check_model(proto)
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    assert not dims[0].HasField("dim_value")  # dynamic batch
+    assert [d.dim_value for d in dims[1:]] == ([3, SIZE, SIZE] if nchw else [SIZE, SIZE, 3])
+    convs = [n for n in proto.graph.node if n.op_type == "Conv"]
+    assert len(convs) == 1 + sum(rk.get_spec(name).num_blocks)  # fused: one conv per block
+    groups = {a.i for n in convs for a in n.attribute if a.name == "group"}
+    assert groups == ({1, 4} if name == "RepVGG_B1g4" else {1})
+    feed = np.transpose(inputs[:5], (0, 3, 1, 2)) if nchw else inputs[:5]
+    assert max_relative_difference(onnx_export.run(output, feed), model(inputs[:5], training=False)) < 1e-4
+
+
+# ---------------------------------------------------------------- full size
+
+def test_full_size_224_all_formats(tmp_path):
+    model = _trained("RepVGG_A0", size=224, seed=3)
+    plain = rk.to_deploy(model)
+    pix = images.load_images("fashion_mnist", 4, 224, 224, 3)
+    inputs = _inputs(pix)
+    r1 = savedmodel.export_savedmodel(plain, str(tmp_path / "sm" / "1"), verify_pixels=pix, reference=model)
+    r2 = tflite.export_tflite(plain, str(tmp_path / "a0.tflite"), verify_inputs=inputs, reference=model)
+    r3 = onnx_export.export_onnx(plain, str(tmp_path / "a0.onnx"), verify_inputs=inputs, reference=model)
+    assert all(r.max_rel < 1e-4 and r.top1_agreement == 1.0 for r in (r1, r2, r3))
+
+
+# ---------------------------------------------------------------- safety
+
+def test_existing_artifact_needs_overwrite_and_survives_a_failed_export(tmp_path, models, pixels):
+    model = models["RepVGG_A0"]
+    output = tmp_path / "a0.onnx"
+    output.write_bytes(b"previous good export")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        onnx_export.export_onnx(model, str(output), verify_inputs=_inputs(pixels[:2]))
+    # Verification fails (the reference is another model): the old file stays, no temp files remain.
+    other = _trained("RepVGG_A0", seed=99)
+    with pytest.raises(verify.VerificationError, match="nothing was written"):
+        onnx_export.export_onnx(model, str(output), verify_inputs=_inputs(pixels[:2]), reference=other, overwrite=True)
+    assert output.read_bytes() == b"previous good export"
+    assert sorted(os.listdir(tmp_path)) == ["a0.onnx"]
+
+
+def test_interrupted_export_leaves_the_old_artifact(tmp_path):
+    target = tmp_path / "model" / "1"
+    target.mkdir(parents=True)
+    (target / "saved_model.pb").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with common.atomic_output(str(target), overwrite=True) as staged:
+            os.makedirs(staged)
+            with open(os.path.join(staged, "saved_model.pb"), "wb") as f:
+                f.write(b"half")
+            raise KeyboardInterrupt
+    assert (target / "saved_model.pb").read_bytes() == b"old"
+    assert os.listdir(tmp_path / "model") == ["1"]
+    with common.atomic_output(str(target), overwrite=True) as staged:
+        os.makedirs(staged)
+        with open(os.path.join(staged, "saved_model.pb"), "wb") as f:
+            f.write(b"new")
+    assert (target / "saved_model.pb").read_bytes() == b"new"
+
+
+def _cli(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+
+
+def test_cli_exports_weights_file_and_reports(tmp_path, models):
+    weights = tmp_path / "a0.weights.h5"
+    models["RepVGG_A0"].save_weights(weights)
+    result = _cli("export.onnx", "--model", "RepVGG_A0", "--weights", str(weights), "--image_size", str(SIZE),
+                  "--classes", "10", "--output", str(tmp_path / "a0.onnx"), "--verify_count", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max_rel=" in result.stdout and " OK" in result.stdout
+    assert (tmp_path / "a0.onnx").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["export.onnx", "--model", "RepVGG_Q7", "--output", "x.onnx"], "Unknown RepVGG model"),
+        (["export.tflite", "--output", "x.tflite", "--quantize", "int4"], "--quantize"),
+        (["export.savedmodel", "--export_dir", "sm", "--weights", "missing.weights.h5"], "does not exist"),
+    ],
+)
+def test_cli_bad_input(tmp_path, args, message):
+    result = _cli(*args)
+    assert result.returncode != 0
+    assert message in result.stderr
