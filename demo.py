@@ -63,7 +63,7 @@ def export_all(model, plain):
             calibration=calibration, reference=model, overwrite=True))
     reports.append(onnx_export.export_onnx(plain, f"{OUTPUT}/repvgg_a0.onnx", verify_inputs=inputs,
                                            reference=model, overwrite=True))
-    print(f"\n{'artifact':<34}{'precision':<10}{'size MB':>9}{'max abs':>11}{'max rel':>11}{'top-1':>8}  status")
+    print(f"\n{'artifact':<36}{'precision':<10}{'size MB':>9}{'max abs':>11}{'max rel':>11}{'top-1':>8}  status")
     for r in reports:
         print(f"{r.artifact:<36}{r.precision:<10}{r.size_mb:>9.2f}{r.max_abs:>11.2e}{r.max_rel:>11.2e}"
               f"{r.top1_agreement:>8.3f}  {'OK' if r.ok else 'FAILED'}")
