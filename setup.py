@@ -15,12 +15,14 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["repvgg_keras*", "export*", "train*", "bench*"]),
-    install_requires=["keras>=3.15", "numpy", "absl-py"],
+    install_requires=["keras>=3.15", "numpy", "absl-py", "safetensors"],
     extras_require={
         # TensorFlow is the main backend; pick the CPU wheel or the full (GPU-capable) one.
         "cpu": ["tensorflow-cpu>=2.21,<2.22"],
         "gpu": ["tensorflow>=2.21,<2.22"],
         "export": EXPORT,
+        # Reading the authors' .pth checkpoints (timm's .safetensors need no torch).
+        "torch": ["torch"],
         "train": TRAIN,
         "test": ["tensorflow-cpu>=2.21,<2.22", "pytest>=8", "jax[cpu]"] + EXPORT + TRAIN,
     },

@@ -74,8 +74,10 @@ def RepVGG(
     Args:
         spec: a `RepVGGSpec` or a name from `list_models()`.
         include_top: end with global average pooling and a Dense classifier.
-        weights: None (random init) or a path to a `.weights.h5`/`.keras` file saved from
-            the same architecture and form (see `deploy`).
+        weights: None (random init), "imagenet" (timm's published weights), a
+            `.weights.h5`/`.keras` file saved from the same architecture and form (see
+            `deploy`), or a PyTorch checkpoint of the authors or timm (`.pth`,
+            `.safetensors`), training or deploy form to match `deploy`.
         input_tensor: optional Keras tensor to build the model on.
         input_shape: (height, width, channels); sizes >= 32 or None (any size).
             Defaults to the variant's training resolution with 3 channels.
@@ -145,14 +147,30 @@ def RepVGG(
         outputs = x
 
     model = keras.Model(inputs, outputs, name=name or spec.name)
+    if weights == "imagenet":
+        from repvgg_keras import checkpoints
+
+        weights = checkpoints.imagenet_weights_path(spec.name)
     if weights is not None:
         load_weights(model, weights)
     return model
 
 
 def load_weights(model, path):
-    """Load a Keras weights file into `model`, strictly, with an error that says why not."""
+    """Load weights into `model`, strictly, with an error that says why not.
+
+    `path`: a Keras `.weights.h5`/`.keras` file of the same architecture and form, a
+    PyTorch/timm checkpoint (`.pth`, `.pt`, `.bin`, `.safetensors`; see checkpoints.py),
+    or "imagenet" (timm's published weights, downloaded once and cached).
+    """
+    from repvgg_keras import checkpoints
+
+    if path == "imagenet":
+        path = checkpoints.imagenet_weights_path(model.name)
     path = os.fspath(path)
+    if checkpoints.is_checkpoint_path(path):
+        checkpoints.load_checkpoint(model, path)
+        return
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"Weights file {path!r} does not exist. Pass None for random initialisation "
@@ -161,7 +179,7 @@ def load_weights(model, path):
     if not (path.endswith(".weights.h5") or path.endswith(".keras")):
         raise ValueError(
             f"Unsupported weights file {path!r}: expected a Keras '.weights.h5' or '.keras' "
-            "file (PyTorch checkpoints go through repvgg_keras.convert_checkpoint)."
+            "file, a .pth/.pt/.bin/.safetensors checkpoint, or 'imagenet'."
         )
     try:
         with warnings.catch_warnings(record=True) as caught:

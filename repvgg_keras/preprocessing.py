@@ -54,3 +54,23 @@ def normalization_layer(mode="imagenet", channels=3, name="preprocessing"):
     return keras.layers.Normalization(
         mean=mean * 255.0, variance=np.square(std * 255.0), axis=-1, name=name
     )
+
+
+def preprocess_for_eval(images, size=224, crop_pct=0.875, mode="imagenet"):
+    """The published weights' evaluation transform, on 0..255 RGB images [N, H, W, C].
+
+    Resize (bilinear) so the shorter side is int(size / crop_pct), centre-crop size x size,
+    normalise with `mode`. RepVGG A/B: size 224, crop_pct 0.875; D2se: 320, 1.0 (see
+    `RepVGGSpec.default_size` / `crop_pct`). Works on numpy arrays or backend tensors.
+    """
+    images = keras.ops.convert_to_tensor(images, "float32")
+    height, width = images.shape[1], images.shape[2]
+    scale_to = int(size / crop_pct)
+    if height <= width:
+        new_h, new_w = scale_to, int(round(width * scale_to / height))
+    else:
+        new_h, new_w = int(round(height * scale_to / width)), scale_to
+    resized = keras.ops.image.resize(images, (new_h, new_w), interpolation="bilinear", antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    cropped = resized[:, top:top + size, left:left + size, :]
+    return normalize(cropped, mode, images.shape[-1])

@@ -30,6 +30,8 @@ class RepVGGSpec:
         use_se: squeeze-excitation in every block (D2se), stem included.
         se_ratio: SE bottleneck is `filters * se_ratio` channels.
         default_size: input resolution the published weights were trained at.
+        crop_pct: evaluation centre-crop fraction of the published weights (resize the
+            shorter side to default_size / crop_pct, then crop default_size).
     """
 
     name: str
@@ -40,6 +42,7 @@ class RepVGGSpec:
     use_se: bool = False
     se_ratio: float = 1.0 / 16.0
     default_size: int = 224
+    crop_pct: float = 0.875
 
     def __post_init__(self):
         if len(self.num_blocks) != 4 or any(int(n) < 1 for n in self.num_blocks):
@@ -106,7 +109,7 @@ SPECS = {
         + _family("B1", B_BLOCKS, (2.0, 4.0), (1, 2, 4))
         + _family("B2", B_BLOCKS, (2.5, 5.0), (1, 2, 4))
         + _family("B3", B_BLOCKS, (3.0, 5.0), (1, 2, 4))
-        + _family("D2se", D_BLOCKS, (2.5, 5.0), use_se=True, default_size=320)
+        + _family("D2se", D_BLOCKS, (2.5, 5.0), use_se=True, default_size=320, crop_pct=1.0)
     )
 }
 

@@ -1,0 +1,296 @@
+"""Load other people's RepVGG checkpoints (the authors' .pth, timm's .safetensors) strictly.
+
+Formats are recognised from the keys; timm's names are first rewritten to the authors'
+(the key maps below are data), then every tensor is mapped onto our layers: conv kernels
+OIHW -> HWIO, Linear [out, in] -> Dense [in, out], BatchNorm statistics, SE convs.
+Loading is strict: a missing, unexpected or mis-shaped tensor is an error listing them.
+
+`.pth` files are pickles: they are read only with `torch.load(weights_only=True)`
+(torch imported lazily), which refuses pickles that would run code.
+"""
+
+import os
+import re
+
+import numpy as np
+
+from repvgg_keras.layers import RepVGGBlock
+
+# timm name -> authors' name, applied in order as regular expressions on whole keys.
+TIMM_TO_AUTHORS = (
+    (r"^stem\.", "stage0."),
+    (r"^stages\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}."),
+    (r"\.conv_kxk\.", ".rbr_dense."),
+    (r"\.conv_1x1\.", ".rbr_1x1."),
+    (r"\.identity\.", ".rbr_identity."),
+    (r"\.attn\.fc1\.", ".se.down."),
+    (r"\.attn\.fc2\.", ".se.up."),
+    (r"\.reparam_conv\.", ".rbr_reparam."),
+    (r"^head\.fc\.", "linear."),
+)
+
+# Our layer attribute / suffix <- authors' sub-key, per form. (variable, transform)
+BN_VARIABLES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+IGNORED_SUFFIXES = ("num_batches_tracked",)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+def is_checkpoint_path(path):
+    return str(path).endswith(CHECKPOINT_SUFFIXES)
+
+
+def read_state_dict(path):
+    """{name: float32 numpy array} from a .pth/.pt/.bin (torch) or .safetensors file."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+    if path.endswith(".safetensors"):
+        from safetensors.numpy import load_file
+
+        state = load_file(path)
+    else:
+        state = _torch_load(path)
+    return unwrap(state)
+
+
+def _torch_load(path):
+    try:
+        import torch
+    except ImportError as error:
+        raise ImportError(
+            f"Reading {path!r} needs PyTorch (it is a pickle). Install the CPU build, e.g. "
+            "`pip install torch==2.13.0`, or use timm's .safetensors file, which does not."
+        ) from error
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError for anything but tensors and containers
+        raise ValueError(
+            f"Refused to load {path!r}: it is not a plain state_dict of tensors "
+            f"(torch.load(weights_only=True) said: {str(error).splitlines()[0]}). "
+            "Checkpoints that need arbitrary code to unpickle are never loaded."
+        ) from error
+    return _tensors_to_numpy(state)
+
+
+def _tensors_to_numpy(value):
+    if isinstance(value, dict):
+        return {k: _tensors_to_numpy(v) for k, v in value.items()}
+    if hasattr(value, "detach"):
+        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
+    return value
+
+
+def unwrap(state):
+    """Strip the 'state_dict'/'model' wrappers and 'module.' prefixes trainers add."""
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    arrays = {}
+    for name, value in state.items():
+        if isinstance(value, np.ndarray):
+            arrays[name[len("module."):] if name.startswith("module.") else name] = value
+    if not arrays:
+        raise ValueError("The checkpoint holds no tensors.")
+    return arrays
+
+
+def detect_format(keys):
+    """'authors-train', 'authors-deploy', 'timm-train' or 'timm-deploy'."""
+    keys = list(keys)
+    if any(k.startswith("stem.") or k.startswith("stages.") for k in keys):
+        family = "timm"
+    elif any(k.startswith("stage0.") for k in keys):
+        family = "authors"
+    else:
+        raise ValueError(
+            "Unrecognised checkpoint: expected the authors' RepVGG keys ('stage0.rbr_dense...') or "
+            f"timm's ('stem.conv_kxk...'); found e.g. {keys[:3]}."
+        )
+    deploy = any("rbr_reparam" in k or "reparam_conv" in k for k in keys)
+    return f"{family}-{'deploy' if deploy else 'train'}"
+
+
+def to_authors_names(state):
+    """Rewrite timm's keys to the authors' naming (authors' keys pass unchanged)."""
+    renamed = {}
+    for key, value in state.items():
+        for pattern, replacement in TIMM_TO_AUTHORS:
+            key = re.sub(pattern, replacement, key)
+        renamed[key] = value
+    return renamed
+
+
+def _conv(array):  # OIHW -> HWIO
+    return np.transpose(array, (2, 3, 1, 0))
+
+
+def _dense(array):  # [out, in] -> [in, out]
+    return np.transpose(array)
+
+
+def _identity(array):
+    return array
+
+
+def _block_prefix(layer_name):
+    """Our block name 'stage2_3' -> checkpoint prefix 'stage2.3' (stem 'stage0')."""
+    return layer_name.replace("_", ".") if layer_name != "stage0" else "stage0"
+
+
+def expected_tensors(model):
+    """{checkpoint key: (keras variable, transform)} for every weight of `model`."""
+    targets = {}
+
+    def add_bn(prefix, bn):
+        for torch_name, attr in BN_VARIABLES.items():
+            targets[f"{prefix}.{torch_name}"] = (getattr(bn, attr), _identity)
+
+    def add_conv(key, conv, bias=True):
+        targets[f"{key}.weight"] = (conv.kernel, _conv)
+        if bias:
+            targets[f"{key}.bias"] = (conv.bias, _identity)
+
+    layers = {l.name: l for l in model._flatten_layers(include_self=False)}
+    for name, layer in layers.items():
+        if isinstance(layer, RepVGGBlock):
+            prefix = _block_prefix(name)
+            add_conv(f"{prefix}.rbr_dense.conv", layer.dense_conv, bias=False)
+            add_bn(f"{prefix}.rbr_dense.bn", layer.dense_bn)
+            if layer.pointwise_conv is not None:
+                add_conv(f"{prefix}.rbr_1x1.conv", layer.pointwise_conv, bias=False)
+                add_bn(f"{prefix}.rbr_1x1.bn", layer.pointwise_bn)
+            if layer.identity_bn is not None:
+                add_bn(f"{prefix}.rbr_identity", layer.identity_bn)
+            if layer.se_reduce is not None:
+                add_conv(f"{prefix}.se.down", layer.se_reduce)
+                add_conv(f"{prefix}.se.up", layer.se_expand)
+        elif name.endswith("_reparam") and _block_name_pattern(name[: -len("_reparam")]):
+            block = name[: -len("_reparam")]
+            prefix = _block_prefix(block)
+            add_conv(f"{prefix}.rbr_reparam", layer)
+            if f"{block}_se_reduce" in layers:
+                add_conv(f"{prefix}.se.down", layers[f"{block}_se_reduce"])
+                add_conv(f"{prefix}.se.up", layers[f"{block}_se_expand"])
+        elif name == "predictions":
+            targets["linear.weight"] = (layer.kernel, _dense)
+            targets["linear.bias"] = (layer.bias, _identity)
+    return targets
+
+
+def _block_name_pattern(name):
+    return re.fullmatch(r"stage0|stage[1-9]\d*_\d+", name) is not None
+
+
+def load_checkpoint(model, path_or_state):
+    """Load a checkpoint (path or state dict) into `model`, strictly. Returns the format."""
+    state = read_state_dict(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else unwrap(path_or_state)
+    form = detect_format(state)
+    state = to_authors_names(state)
+    targets = expected_tensors(model)
+    if not targets:
+        raise ValueError(f"Model {model.name!r} has no RepVGG layers to load a checkpoint into.")
+    model_is_deploy = not any(isinstance(l, RepVGGBlock) for l in model._flatten_layers())
+    if form.endswith("deploy") != model_is_deploy:
+        hint = "deploy=True" if form.endswith("deploy") else "deploy=False (then rk.to_deploy)"
+        raise ValueError(
+            f"The checkpoint is in {form.split('-')[1]} form but the model is in "
+            f"{'deploy' if model_is_deploy else 'training'} form: build the model with {hint}."
+        )
+    has_head = "predictions" in {l.name for l in model.layers}
+    if not has_head:  # include_top=False: the classifier is dropped on purpose
+        state = {k: v for k, v in state.items() if not k.startswith("linear.")}
+    elif "linear.weight" in state and "linear.weight" in targets:
+        ckpt_classes = state["linear.weight"].shape[0]
+        model_classes = targets["linear.weight"][0].shape[-1]
+        if ckpt_classes != model_classes:
+            raise ValueError(
+                f"The checkpoint's classifier has {ckpt_classes} classes but the model has "
+                f"{model_classes}. Build with classes={ckpt_classes}, or include_top=False to "
+                "drop the classifier and put your own head on top."
+            )
+    relevant = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
+    missing = sorted(set(targets) - set(relevant))
+    unexpected = sorted(set(relevant) - set(targets))
+    mismatched = []
+    for key in sorted(set(targets) & set(relevant)):
+        variable, transform = targets[key]
+        value = transform(relevant[key])
+        if tuple(value.shape) != tuple(variable.shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}")
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            f"Checkpoint ({form}) does not match model {model.name!r}; nothing was loaded.\n"
+            + _listing("missing from the checkpoint", missing)
+            + _listing("unexpected in the checkpoint", unexpected)
+            + _listing("shape mismatches", mismatched)
+            + "Check the variant name (and groups/SE), deploy=, include_top and classes."
+        )
+    for key, (variable, transform) in targets.items():
+        variable.assign(transform(relevant[key]).astype(np.float32))
+    return form
+
+
+def _listing(title, items, limit=12):
+    if not items:
+        return ""
+    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    return f"  {title} ({len(items)}): {shown}\n"
+
+
+# ImageNet weights: timm's republished files (the authors' weights, remapped).
+IMAGENET_BASE_URL = "https://huggingface.co/timm/{timm_name}/resolve/main/model.safetensors"
+BASE_URL_ENV = "REPVGG_KERAS_WEIGHTS_URL"  # e.g. a local mirror: "http://127.0.0.1:8000/{timm_name}.safetensors"
+CACHE_DIR_ENV = "REPVGG_KERAS_CACHE_DIR"  # default: Keras's cache (~/.keras)
+UNPUBLISHED = ("RepVGG_B1g2", "RepVGG_B2g2", "RepVGG_B3g2")
+
+
+def imagenet_weights_path(model_name, cache_dir=None):
+    """Download (once) timm's ImageNet .safetensors for `model_name` and return its local path.
+
+    The file is cached by keras.utils.get_file; its SHA-256 is recorded beside it at
+    first download and checked on every later use, so a corrupted or swapped cache file
+    is an error rather than silently different weights.
+    """
+    import keras
+
+    if model_name in UNPUBLISHED:
+        raise ValueError(
+            f"No ImageNet weights are published for {model_name} (timm republished the authors' "
+            "weights except the g2 variants). Use RepVGG_B1g4/B2g4/B3g4, or pass a checkpoint path."
+        )
+    timm_name = model_name.replace("RepVGG_", "repvgg_").lower() + ".rvgg_in1k"
+    url = os.environ.get(BASE_URL_ENV, IMAGENET_BASE_URL).format(timm_name=timm_name)
+    cache_dir = cache_dir or os.environ.get(CACHE_DIR_ENV)
+    if cache_dir:
+        os.makedirs(cache_dir, exist_ok=True)  # get_file falls back to /tmp for a missing dir
+    path = keras.utils.get_file(
+        fname=f"{timm_name}.safetensors", origin=url, cache_dir=cache_dir, cache_subdir="repvgg_keras"
+    )
+    _check_recorded_hash(path)
+    return path
+
+
+def _sha256(path):
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_recorded_hash(path):
+    record = path + ".sha256"
+    actual = _sha256(path)
+    if not os.path.exists(record):
+        with open(record, "w") as f:
+            f.write(actual + "\n")
+        return
+    with open(record) as f:
+        expected = f.read().strip()
+    if expected != actual:
+        raise ValueError(
+            f"Cached weights {path} changed since they were downloaded (SHA-256 {actual} != {expected}). "
+            "Delete the file and its .sha256 to download it again."
+        )
