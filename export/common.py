@@ -9,7 +9,7 @@ from absl import flags, logging
 
 import keras
 import repvgg_keras as rk
-from repvgg_keras import preprocessing
+from repvgg_keras import checkpoints, preprocessing
 
 FLAGS = flags.FLAGS
 logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
@@ -19,7 +19,8 @@ def define_model_flags():
     flags.DEFINE_string("model", "RepVGG_A0", f"Variant to export, one of: {', '.join(rk.list_models())}.")
     flags.DEFINE_string(
         "weights", None,
-        "A .keras or .weights.h5 file, training or deploy form. Default: random weights "
+        "A .keras or .weights.h5 file, an authors' .pth or timm .safetensors checkpoint "
+        "(training or deploy form, detected), or 'imagenet'. Default: random weights "
         "(useful only to test the pipeline).",
     )
     flags.DEFINE_integer("image_size", None, "Input height and width (default: the variant's own, 224 or 320).")
@@ -51,8 +52,13 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
     kwargs = dict(input_shape=(size, size, channels), classes=classes)
     if weights is None:
         return rk.RepVGG(spec, **kwargs)
+    if weights == "imagenet":
+        return rk.RepVGG(spec, weights="imagenet", **kwargs)
     if not os.path.exists(weights):
         raise FileNotFoundError(f"--weights file {weights!r} does not exist.")
+    if checkpoints.is_checkpoint_path(weights):  # the authors' .pth or timm's .safetensors
+        deploy = checkpoints.detect_format(checkpoints.read_state_dict(weights)).endswith("deploy")
+        return rk.RepVGG(spec, deploy=deploy, weights=weights, **kwargs)
     if weights.endswith(".keras"):
         loaded = keras.saving.load_model(weights)
         model = rk.RepVGG(spec, deploy=not _has_blocks(loaded), **kwargs)

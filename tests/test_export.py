@@ -272,3 +272,12 @@ def test_cli_bad_input(tmp_path, args, message):
     result = _cli(*args)
     assert result.returncode != 0
     assert message in result.stderr
+
+
+def test_cli_takes_a_timm_checkpoint(tmp_path):
+    fixtures = os.path.join(REPO, "tests", "fixtures")
+    # The golden fixture is a custom spec, so check the loader path in-process.
+    model = common.load_model("RepVGG_A0", None, SIZE, 10)
+    assert model.name == "RepVGG_A0"
+    with pytest.raises(ValueError, match="does not match model"):
+        common.load_model("RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10)
