@@ -48,6 +48,7 @@ class RepVGGBlock(layers.Layer):
             (input channels == filters and strides == 1). False for the ablation.
         use_1x1: add the 1x1 conv branch. False for the ablation.
         bn_epsilon, bn_momentum: BatchNorm settings (PyTorch-compatible defaults).
+        bn_synchronized: batch statistics across replicas (tf.distribute, TF backend).
         kernel_initializer: initializer of the conv kernels.
     """
 
@@ -62,6 +63,7 @@ class RepVGGBlock(layers.Layer):
         use_1x1=True,
         bn_epsilon=BN_EPSILON,
         bn_momentum=BN_MOMENTUM,
+        bn_synchronized=False,
         kernel_initializer="glorot_uniform",
         **kwargs,
     ):
@@ -83,11 +85,13 @@ class RepVGGBlock(layers.Layer):
         self.use_1x1 = bool(use_1x1)
         self.bn_epsilon = float(bn_epsilon)
         self.bn_momentum = float(bn_momentum)
+        self.bn_synchronized = bool(bn_synchronized)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
 
         name, dtype = self.name, self.dtype_policy
         bn = lambda suffix: layers.BatchNormalization(
-            epsilon=self.bn_epsilon, momentum=self.bn_momentum, name=f"{name}_{suffix}", dtype=dtype
+            epsilon=self.bn_epsilon, momentum=self.bn_momentum, synchronized=self.bn_synchronized,
+            name=f"{name}_{suffix}", dtype=dtype,
         )
         conv = lambda size, suffix, **kw: layers.Conv2D(
             self.filters,
@@ -140,6 +144,7 @@ class RepVGGBlock(layers.Layer):
             self.identity_bn = layers.BatchNormalization(
                 epsilon=self.bn_epsilon,
                 momentum=self.bn_momentum,
+                synchronized=self.bn_synchronized,
                 name=f"{self.name}_identity_bn",
                 dtype=self.dtype_policy,
             )
@@ -210,6 +215,7 @@ class RepVGGBlock(layers.Layer):
             use_1x1=self.use_1x1,
             bn_epsilon=self.bn_epsilon,
             bn_momentum=self.bn_momentum,
+            bn_synchronized=self.bn_synchronized,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
         )
         return config

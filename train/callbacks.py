@@ -1,0 +1,97 @@
+"""Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop."""
+
+import csv
+import os
+
+import keras
+
+
+class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
+    """BackupAndRestore that saves every `save_freq` steps *and* at the end of each epoch.
+
+    On restart the same command resumes from the last backup: weights, optimizer state
+    (so the lr schedule) and epoch.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        super().on_epoch_end(epoch, logs)
+        if self.save_freq != "epoch":
+            self._save_model()
+
+
+class ResumeReporter(keras.callbacks.Callback):
+    """Prints where training starts (after BackupAndRestore restored it) and records the step."""
+
+    def __init__(self, step_file):
+        super().__init__()
+        self.step_file = step_file
+
+    def on_train_begin(self, logs=None):
+        step = int(self.model.optimizer.iterations.numpy())
+        epoch = getattr(self.model, "_initial_epoch", 0) or 0
+        if step:
+            print(f"Resuming from the last checkpoint: epoch {epoch}, optimizer step {step}.", flush=True)
+
+    def on_train_batch_end(self, batch, logs=None):
+        with open(self.step_file, "w") as f:
+            f.write(str(int(self.model.optimizer.iterations.numpy())))
+
+
+class LearningRateLogger(keras.callbacks.Callback):
+    """Adds the current learning rate to the epoch logs (CSV, TensorBoard, plot)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            lr = self.model.optimizer.learning_rate
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(lr))
+
+
+class NaNStopper(keras.callbacks.TerminateOnNaN):
+    """Stops on a NaN/inf loss and remembers it, so the run can end with a clear message."""
+
+    def __init__(self):
+        super().__init__()
+        self.stopped_at = None
+
+    def on_batch_end(self, batch, logs=None):
+        super().on_batch_end(batch, logs)
+        if self.model.stop_training and self.stopped_at is None:
+            self.stopped_at = int(self.model.optimizer.iterations.numpy())
+
+
+class CurvePlotter(keras.callbacks.Callback):
+    """Writes training_curves.png (loss, accuracy, lr per epoch) from the CSV log."""
+
+    def __init__(self, csv_path, png_path):
+        super().__init__()
+        self.csv_path, self.png_path = csv_path, png_path
+
+    def on_epoch_end(self, epoch, logs=None):
+        plot_curves(self.csv_path, self.png_path)
+
+
+def plot_curves(csv_path, png_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(csv_path):
+        return
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return
+    epochs = [int(r["epoch"]) + 1 for r in rows]
+    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]), ("learning rate", ["learning_rate"])]
+    figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for axis, (title, keys) in zip(axes, panels):
+        for key in keys:
+            if key in rows[0] and rows[0][key] != "":
+                axis.plot(epochs, [float(r[key]) for r in rows], marker="o", label=key)
+        axis.set_title(title)
+        axis.set_xlabel("epoch")
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(png_path, dpi=80)
+    plt.close(figure)

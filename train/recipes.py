@@ -1,0 +1,54 @@
+"""The paper's training recipes as data. Any field can be overridden from the command line."""
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    epochs: int
+    batch_size: int  # global batch; the lr scales with it linearly
+    base_lr: float  # at reference_batch
+    reference_batch: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
+    min_area: float = 0.08  # random-resized-crop smallest area
+    ema_momentum: float = 0.0  # 0 disables the EMA of weights
+
+    def scaled_lr(self, global_batch):
+        return self.base_lr * global_batch / self.reference_batch
+
+
+RECIPES = {
+    # 120-epoch models: SGD momentum 0.9, batch 256, lr 0.1 cosine to 0, wd 1e-4 with the
+    # authors' exclusions, random-resized-crop + flip, no label smoothing.
+    "paper120": Recipe(epochs=120, batch_size=256, base_lr=0.1),
+    # 200-epoch models add label smoothing 0.1 and mixup (the authors also use AutoAugment,
+    # which this recipe does not include).
+    "paper200": Recipe(epochs=200, batch_size=256, base_lr=0.1, label_smoothing=0.1, mixup=0.2),
+    # Small-data recipe for Fashion-MNIST/CIFAR-sized runs on a CPU: short, mild augmentation.
+    "small": Recipe(epochs=10, batch_size=128, base_lr=0.1, warmup_epochs=1.0, min_area=0.5,
+                    weight_decay=5e-5),
+}
+
+
+def get_recipe(name, **overrides):
+    if name not in RECIPES:
+        raise ValueError(f"Unknown recipe {name!r}: choose one of {', '.join(RECIPES)}.")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    return dataclasses.replace(RECIPES[name], **overrides)
+
+
+def no_decay_variables(model):
+    """Variables the authors exclude from weight decay: classifier bias, BN betas, and the
+    BN gammas of the dense and 1x1 branches (the identity BN's gamma keeps its decay)."""
+    excluded = []
+    for variable in model.trainable_variables:
+        path = variable.path
+        if path.endswith("predictions/bias") or path.endswith("/beta"):
+            excluded.append(variable)
+        elif path.endswith("/gamma") and ("_dense_bn/" in path or "_1x1_bn/" in path):
+            excluded.append(variable)
+    return excluded
