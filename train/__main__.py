@@ -208,6 +208,8 @@ def main(argv):
     try:
         train()
     except (data.DatasetNotFound, ValueError, FloatingPointError) as error:
+        if os.environ.get("REPVGG_TRACEBACK"):
+            raise
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

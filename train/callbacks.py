@@ -1,6 +1,7 @@
 """Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop."""
 
 import csv
+import json
 import os
 
 import keras
@@ -18,6 +19,21 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         if self.save_freq != "epoch":
             self._save_model()
 
+    def _save_model(self):
+        """Write each checkpoint file beside its target, then rename it into place.
+
+        Keras writes the backup in place, so a kill during the write (tested) leaves a
+        corrupt file and a run that cannot resume; a rename is atomic.
+        """
+        os.makedirs(self.backup_dir, exist_ok=True)
+        staged_weights = self._weights_path + ".tmp.weights.h5"
+        self.model.save_weights(staged_weights, overwrite=True)
+        staged_metadata = self._training_metadata_path + ".tmp"
+        with open(staged_metadata, "w") as f:
+            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+        os.replace(staged_weights, self._weights_path)
+        os.replace(staged_metadata, self._training_metadata_path)
+
 
 class ResumeReporter(keras.callbacks.Callback):
     """Prints where training starts (after BackupAndRestore restored it) and records the step."""
@@ -33,8 +49,10 @@ class ResumeReporter(keras.callbacks.Callback):
             print(f"Resuming from the last checkpoint: epoch {epoch}, optimizer step {step}.", flush=True)
 
     def on_train_batch_end(self, batch, logs=None):
-        with open(self.step_file, "w") as f:
+        staged = self.step_file + ".tmp"
+        with open(staged, "w") as f:
             f.write(str(int(self.model.optimizer.iterations.numpy())))
+        os.replace(staged, self.step_file)
 
 
 class LearningRateLogger(keras.callbacks.Callback):

@@ -63,10 +63,18 @@ def _is_prepared(builder):
 
 
 def dataset_info(builder, eval_split=None):
+    """Classes and split sizes; counts the examples when the builder has no split metadata."""
     splits = builder.info.splits
-    eval_split = eval_split or next(s for s in ("validation", "test", "val") if s in splits)
+    known = list(splits.keys()) if splits else []
+    eval_split = eval_split or next((s for s in ("validation", "test", "val") if s in known), "test")
     label = builder.info.features["label"]
-    return DatasetInfo(label.num_classes, splits["train"].num_examples, splits[eval_split].num_examples, eval_split)
+
+    def size(split):
+        if split in known and splits[split].num_examples:
+            return splits[split].num_examples
+        return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
+
+    return DatasetInfo(label.num_classes, size("train"), size(eval_split), eval_split)
 
 
 def random_resized_crop(image, size, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):

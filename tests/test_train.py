@@ -1,0 +1,151 @@
+"""Training: input pipelines (mock, folder, Fashion-MNIST), recipes, kill-and-resume, both forms agree."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+import repvgg_keras as rk
+from export import images
+from train import data, recipes
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--model", "RepVGG_A0", "--num_blocks", "1,1,1,1", "--width_multipliers", "0.25,0.25",
+        "--image_size", "32", "--batch_size", "16", "--verbose", "2"]
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    """root/{train,test}/<class>/<n>.png from real Fashion-MNIST images (4 classes)."""
+    root = tmp_path_factory.mktemp("folder")
+    pixels, labels = images.fashion_mnist("t10k")
+    keep = np.flatnonzero(labels < 4)
+    for split, chosen in (("train", keep[:320]), ("test", keep[320:400])):
+        for i in chosen:
+            directory = root / split / f"class{labels[i]}"
+            directory.mkdir(parents=True, exist_ok=True)
+            tf.io.write_file(str(directory / f"{i}.png"), tf.io.encode_png(pixels[i][..., None]))
+    return root
+
+
+def test_mock_tfds_pipeline():
+    with tfds.testing.mock_data(num_examples=24):
+        train, evaluation, info = data.load("cifar10", image_size=40, batch_size=8, download=True)
+        x, y = next(iter(train))
+        assert x.shape == (8, 40, 40, 3) and y.shape == (8, 10)
+        np.testing.assert_allclose(np.sum(y, -1), 1.0)
+        assert info.train_examples == 24 and info.eval_split == "test"
+        assert sum(int(b[0].shape[0]) for b in evaluation) == 24  # eval keeps every example
+
+
+def test_folder_pipeline_augments_training_and_not_evaluation(image_folder):
+    train, evaluation, info = data.load(f"folder:{image_folder}", image_size=32, batch_size=16, seed=1)
+    assert (info.num_classes, info.train_examples, info.eval_examples) == (4, 320, 80)
+    x, _ = next(iter(train))
+    assert x.shape == (16, 32, 32, 3)
+    assert np.allclose(x[..., 0], x[..., 1] * 0.224 / 0.229 + (0.456 - 0.485) / 0.229, atol=1e-4)  # gray -> RGB
+    first = [b[0].numpy() for b in evaluation]
+    second = [b[0].numpy() for b in evaluation]
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))  # deterministic evaluation
+    crop = data.random_resized_crop(tf.reshape(tf.range(64 * 64 * 3), (64, 64, 3)), 32)
+    assert crop.shape == (32, 32, 3)
+
+
+def test_fashion_mnist_from_the_debian_package(tmp_path):
+    train, evaluation, info = data.load("fashion_mnist", image_size=32, batch_size=500, data_dir=str(tmp_path))
+    assert (info.num_classes, info.train_examples, info.eval_examples) == (10, 60000, 10000)
+    assert os.path.isdir(tmp_path / "fashion_mnist_debian")
+    counts = np.zeros(10, int)
+    for x, y in evaluation:
+        assert x.shape[1:] == (32, 32, 32 // 32 * 3)
+        counts += np.bincount(np.argmax(y, -1), minlength=10)
+    _, labels = images.fashion_mnist("t10k")
+    np.testing.assert_array_equal(counts, np.bincount(labels, minlength=10))  # every test image, once
+
+
+def test_missing_dataset_fails_fast(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(data.DatasetNotFound, match="not prepared.*Nothing was downloaded"):
+        data.load("imagenette", image_size=32, batch_size=8, data_dir=str(tmp_path))
+    with pytest.raises(data.DatasetNotFound, match="does not exist"):
+        data.load(f"folder:{tmp_path}/nope", image_size=32, batch_size=8)
+    assert time.monotonic() - start < 30
+
+
+def test_recipes_are_data_and_overridable():
+    paper = recipes.get_recipe("paper120")
+    assert (paper.epochs, paper.batch_size, paper.base_lr, paper.momentum, paper.weight_decay) == (120, 256, 0.1, 0.9, 1e-4)
+    assert paper.label_smoothing == 0 and recipes.get_recipe("paper200").label_smoothing == 0.1
+    assert recipes.get_recipe("paper120", batch_size=1024).scaled_lr(1024) == pytest.approx(0.4)
+    with pytest.raises(ValueError, match="Unknown recipe"):
+        recipes.get_recipe("paper300")
+
+
+def test_weight_decay_exclusions_follow_the_authors():
+    model = rk.RepVGG_A0(input_shape=(32, 32, 3), classes=3)
+    excluded = {v.path for v in recipes.no_decay_variables(model)}
+    assert "predictions/bias" in excluded and "predictions/kernel" not in excluded
+    assert "stage1_1/stage1_1_dense_bn/gamma" in excluded and "stage1_1/stage1_1_1x1_bn/gamma" in excluded
+    assert "stage1_1/stage1_1_identity_bn/gamma" not in excluded  # the identity gamma keeps its decay
+    assert "stage1_1/stage1_1_identity_bn/beta" in excluded
+    assert not any(p.endswith("kernel") for p in excluded)
+
+
+def _train_cmd(model_dir, dataset, *extra):
+    return [sys.executable, "-m", "train", "--dataset", dataset, "--model_dir", str(model_dir), *TINY, *extra]
+
+
+def _env():
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+
+
+def test_kill_and_resume_then_both_forms_agree(tmp_path, image_folder):
+    model_dir = tmp_path / "run"
+    cmd = _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "2", "--steps_per_epoch", "40",
+                     "--checkpoint_every", "5")
+    log = open(tmp_path / "first.log", "w")
+    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    step_file = model_dir / "last_step"
+    deadline = time.monotonic() + 300
+    killed_at = 0
+    while time.monotonic() < deadline and first.poll() is None:
+        if step_file.exists() and step_file.read_text().strip():
+            killed_at = int(step_file.read_text())
+            if killed_at >= 13:
+                break
+        time.sleep(0.2)
+    assert first.poll() is None, "training ended before it could be killed"
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = int(step_file.read_text())
+    assert 13 <= killed_at < 80
+    second = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = re.search(r"Resuming from the last checkpoint: epoch (\d+), optimizer step (\d+)", second.stdout)
+    assert resumed, second.stdout[-3000:]
+    assert killed_at - 5 <= int(resumed.group(2)) <= killed_at  # lost at most --checkpoint_every steps
+    final = re.search(r"^accuracy: training_form=(\d\.\d{4}) deploy_form=(\d\.\d{4})$", second.stdout.strip().splitlines()[-1])
+    assert final, second.stdout[-2000:]
+    assert final.group(1) == final.group(2)
+    for name in ("model_train.keras", "model_deploy.keras", "training_log.csv", "training_curves.png"):
+        assert (model_dir / name).exists(), name
+    assert os.listdir(model_dir / "logs")
+    deploy = __import__("keras").saving.load_model(model_dir / "model_deploy.keras")
+    assert rk.is_deploy_form(deploy)
+
+
+def test_nan_loss_stops_with_a_message(tmp_path, image_folder):
+    result = subprocess.run(
+        _train_cmd(tmp_path / "nan", f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "20",
+                   "--base_lr", "1e12", "--warmup_epochs", "0"),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 1
+    assert "NaN" in result.stderr and "step" in result.stderr
