@@ -149,3 +149,42 @@ def test_nan_loss_stops_with_a_message(tmp_path, image_folder):
     )
     assert result.returncode == 1
     assert "NaN" in result.stderr and "step" in result.stderr
+
+
+def _free_ports(count):
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, image_folder):
+    import json
+
+    import keras
+
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    model_dir = tmp_path / "mw"
+    cmd = _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "6")
+    workers = []
+    for index in range(2):
+        env = dict(_env(), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
+        workers.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert all("2 replica(s)" in out for out in outputs)
+    digests = [re.search(r"weights digest: (\S+)", out).group(1) for out in outputs]
+    assert digests[0] == digests[1]
+    chief = keras.saving.load_model(model_dir / "model_train.keras")
+    other = keras.saving.load_model(model_dir / "worker_1" / "model_train.keras")
+    bn_stats = [v for v in chief.variables if "moving_" in v.path]
+    assert bn_stats and all(float(np.abs(v.numpy()).sum()) > 0 for v in bn_stats)
+    for a, b in zip(chief.variables, other.variables):  # weights and synchronised BN statistics
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+    assert any(isinstance(l, rk.RepVGGBlock) and l.bn_synchronized for l in chief.layers)

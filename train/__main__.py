@@ -110,7 +110,7 @@ def train():
     import tensorflow as tf
 
     import repvgg_keras as rk
-    from train import callbacks as cb, data, recipes
+    from train import callbacks as cb, data, distributed, recipes
 
     keras.utils.set_random_seed(FLAGS.seed)
     recipe = recipes.get_recipe(
@@ -178,8 +178,14 @@ def train():
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
         cb.CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
     ]
-    model.fit(train_ds, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, validation_data=eval_ds,
-              callbacks=callbacks, verbose=FLAGS.verbose, shuffle=False)
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
+        distributed.fit(model, train_ds, strategy=strategy, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
+                        global_batch=recipe.batch_size, validation_data=eval_ds, callbacks=callbacks,
+                        verbose=FLAGS.verbose)
+    else:
+        model.fit(train_ds, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, validation_data=eval_ds,
+                  callbacks=callbacks, verbose=FLAGS.verbose, shuffle=False)
     if nan_stopper.stopped_at is not None:
         raise FloatingPointError(
             f"The loss became NaN/inf at step {nan_stopper.stopped_at}; training stopped. "
@@ -188,11 +194,17 @@ def train():
         )
 
     model.save(os.path.join(model_dir, "model_train.keras"))
-    deploy = rk.to_deploy(model)
-    deploy.compile(loss=loss, metrics=["accuracy"])
+    with strategy.scope():
+        deploy = rk.to_deploy(model)
+        deploy.compile(loss=loss, metrics=["accuracy"])
     deploy.save(os.path.join(model_dir, "model_deploy.keras"))
-    train_acc = model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
-    deploy_acc = deploy.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
+    if multi_worker:
+        train_acc = distributed.evaluate_model(model, eval_ds, strategy)
+        deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
+        print(f"weights digest: {distributed.weights_digest(model):.10e}")
+    else:
+        train_acc = model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
+        deploy_acc = deploy.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
     print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
     print(f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
           f"deploy form {deploy_acc:.4f}")
