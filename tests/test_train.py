@@ -188,3 +188,19 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, image_fold
     for a, b in zip(chief.variables, other.variables):  # weights and synchronised BN statistics
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
     assert any(isinstance(l, rk.RepVGGBlock) and l.bn_synchronized for l in chief.layers)
+
+
+def test_ablation_script_writes_a_table(tmp_path, image_folder):
+    result = subprocess.run(
+        [sys.executable, "-m", "train.ablation", "--model_dir", str(tmp_path / "abl"), "--dataset",
+         f"folder:{image_folder}", *TINY, "--epochs", "1", "--steps_per_epoch", "3"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    for variant in ("full", "no_identity", "no_1x1", "plain"):
+        row = re.search(rf"\| {variant} \| (\d\.\d{{4}}) \| (\d\.\d{{4}}) \|", table)
+        assert row and row.group(1) == row.group(2), table
+    plain = __import__("keras").saving.load_model(tmp_path / "abl" / "plain" / "model_train.keras")
+    blocks = [l for l in plain.layers if isinstance(l, rk.RepVGGBlock)]
+    assert blocks and all(b.identity_bn is None and b.pointwise_conv is None for b in blocks)
