@@ -62,7 +62,9 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
     if weights.endswith(".keras"):
         loaded = keras.saving.load_model(weights)
         model = rk.RepVGG(spec, deploy=not _has_blocks(loaded), **kwargs)
-        model.set_weights(loaded.get_weights()) if _same_shapes(model, loaded) else _mismatch(weights, name)
+        if not _same_shapes(model, loaded):
+            _mismatch(weights, name)
+        model.set_weights(loaded.get_weights())
         return model
     errors = []
     for deploy in (False, True):

@@ -1,6 +1,7 @@
 """Compare an exported artifact's outputs with the Keras model's: one report for all formats."""
 
 import dataclasses
+import os
 
 import numpy as np
 
@@ -59,8 +60,6 @@ def check(report):
 
 
 def directory_size_mb(path):
-    import os
-
     if os.path.isfile(path):
         return os.path.getsize(path) / 2**20
     return sum(
