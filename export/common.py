@@ -119,6 +119,27 @@ def prepare_from_flags(model):
     return shipped, reference, to_input
 
 
+def run_exporter(export):
+    """Shared CLI body: load the model from flags, load the verification images, call
+    `export(shipped, reference, to_input, pixels)` (which returns the output path); turn
+    the expected failures into one `error:` line and exit status 1."""
+    import sys
+
+    from export import images, verify
+
+    try:
+        model = model_from_flags()
+        _, height, width, channels = model.input_shape
+        shipped, reference, to_input = prepare_from_flags(model)
+        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+        output = export(shipped, reference, to_input, pixels)
+    except (ValueError, FileExistsError, FileNotFoundError, ImportError, verify.VerificationError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"exported {output}")
+    return 0
+
+
 def model_from_flags():
     model = load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
     return model

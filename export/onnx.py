@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from export import common, images, verify
+from export import common, verify
 
 FLAGS = flags.FLAGS
 
@@ -84,18 +84,13 @@ def export_onnx(model, output, *, opset=17, nchw=False, verify_inputs, reference
 
 def main(argv):
     del argv
-    try:
-        model = common.model_from_flags()
-        _, height, width, channels = model.input_shape
-        shipped, reference, to_input = common.prepare_from_flags(model)
-        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+
+    def export(shipped, reference, to_input, pixels):
         export_onnx(shipped, FLAGS.output, opset=FLAGS.opset, nchw=FLAGS.nchw,
                     verify_inputs=to_input(pixels), reference=reference, overwrite=FLAGS.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError, verify.VerificationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {FLAGS.output}")
-    return 0
+        return FLAGS.output
+
+    return common.run_exporter(export)
 
 
 if __name__ == "__main__":

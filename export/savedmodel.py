@@ -118,21 +118,16 @@ def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
 
 def main(argv):
     del argv
-    try:
-        model = common.model_from_flags()
-        shipped, reference, _ = common.prepare_from_flags(model)
-        _, height, width, channels = model.input_shape
-        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+
+    def export(shipped, reference, to_input, pixels):
         version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
         export_savedmodel(shipped, version_dir, preprocessing_mode=FLAGS.preprocessing,
                           preprocessing_included=FLAGS.include_preprocessing, verify_pixels=pixels,
                           model_name=FLAGS.serving_name or FLAGS.model.lower(), reference=reference,
                           overwrite=FLAGS.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError, verify.VerificationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {version_dir}")
-    return 0
+        return version_dir
+
+    return common.run_exporter(export)
 
 
 if __name__ == "__main__":

@@ -84,23 +84,19 @@ def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=
 
 def main(argv):
     del argv
-    try:
-        model = common.model_from_flags()
-        _, height, width, channels = model.input_shape
-        shipped, reference, to_input = common.prepare_from_flags(model)
-        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+
+    def export(shipped, reference, to_input, pixels):
         calibration = None
         if FLAGS.quantize == "int8":
+            _, height, width, channels = shipped.input_shape
             calibration = to_input(images.load_images(
                 FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
         export_tflite(shipped, FLAGS.output, quantize=FLAGS.quantize, verify_inputs=to_input(pixels),
                       calibration=calibration, reference=reference, overwrite=FLAGS.overwrite,
                       tolerance=FLAGS.tolerance)
-    except (ValueError, FileExistsError, FileNotFoundError, verify.VerificationError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(f"exported {FLAGS.output}")
-    return 0
+        return FLAGS.output
+
+    return common.run_exporter(export)
 
 
 if __name__ == "__main__":

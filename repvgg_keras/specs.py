@@ -6,7 +6,7 @@ architectures are just another `RepVGGSpec`.
 """
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Tuple
 
 # Layers 2, 4, ..., 26 (counted from 1 at stage 1's first block) are grouped in the
 # g2/g4 variants, as in the authors' repository.
