@@ -281,3 +281,22 @@ def test_cli_takes_a_timm_checkpoint(tmp_path):
     assert model.name == "RepVGG_A0"
     with pytest.raises(ValueError, match="does not match model"):
         common.load_model("RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10)
+
+
+def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
+    model = models["RepVGG_A0"]
+    with_pre = common.prepare(model, include_preprocessing=True)
+    expected = np.asarray(model(_inputs(pixels[:4]), training=False))
+    assert max_relative_difference(with_pre(pixels[:4].astype(np.float32)), expected) < 1e-5  # 0..255 in
+    assert not any(isinstance(l, rk.RepVGGBlock) for l in with_pre._flatten_layers())
+    unfused = common.prepare(model, fuse=False)
+    assert any(isinstance(l, rk.RepVGGBlock) for l in unfused._flatten_layers())
+    path = str(tmp_path / "pre" / "1")
+    report = savedmodel.export_savedmodel(with_pre, path, verify_pixels=pixels[:4], preprocessing_included=True,
+                                          reference=common.prepare(model, fuse=False, include_preprocessing=True))
+    assert report.max_rel < 1e-4
+    loaded = tf.saved_model.load(path)
+    as_float = loaded.signatures["serving_default"](images=tf.constant(pixels[:4].astype(np.float32)))["logits"]
+    as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels[:4]))["logits"]
+    assert max_relative_difference(as_float, expected) < 1e-4
+    assert max_relative_difference(as_uint8, expected) < 1e-4
