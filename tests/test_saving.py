@@ -69,7 +69,11 @@ def test_weights_of_another_architecture_are_refused(tmp_path, trained, build):
 def test_missing_and_unsupported_weights_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         rk.RepVGG_A0(weights=tmp_path / "nope.weights.h5", **KW)
-    bad = tmp_path / "model.pth"
+    bad = tmp_path / "model.onnx"
     bad.write_bytes(b"not keras")
     with pytest.raises(ValueError, match="Unsupported weights file"):
         rk.RepVGG_A0(weights=bad, **KW)
+    garbage = tmp_path / "model.pth"  # a checkpoint suffix, but not a readable state dict
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Refused to load"):
+        rk.RepVGG_A0(weights=garbage, **KW)
