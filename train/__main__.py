@@ -197,7 +197,8 @@ def train():
     with strategy.scope():
         deploy = rk.to_deploy(model)
     deploy.save(os.path.join(model_dir, "model_deploy.keras"))  # saved uncompiled: no optimizer state
-    deploy.compile(loss=loss, metrics=["accuracy"])
+    with strategy.scope():
+        deploy.compile(loss=loss, metrics=["accuracy"])
     if multi_worker:
         train_acc = distributed.evaluate_model(model, eval_ds, strategy)
         deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
