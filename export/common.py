@@ -40,7 +40,7 @@ def define_model_flags():
     flags.DEFINE_string(
         "verify_images", "fashion_mnist",
         "Images for verification and int8 calibration: 'fashion_mnist' (Debian package "
-        "dataset-fashion-mnist), 'random', or a folder of JPEG/PNG files.",
+        "dataset-fashion-mnist), 'random', 'tfds:<name>:<split>', or a folder of JPEG/PNG files.",
     )
     flags.DEFINE_integer("verify_count", 16, "Images used for verification.")
 

@@ -38,13 +38,21 @@ def _resize(images, height, width, channels):
 
 
 def load_images(source, count, height, width, channels=3, seed=0):
-    """uint8 [count, height, width, channels] pixels from 'fashion_mnist', 'random' or a folder."""
+    """uint8 [count, height, width, channels] pixels from 'fashion_mnist', 'random',
+    'tfds:<name>:<split>' (a prepared tensorflow-datasets split) or a folder of images."""
     if source == "random":
         rng = np.random.default_rng(seed)
         return rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
     if source == "fashion_mnist":
         images, _ = fashion_mnist()
         return _resize(images[:count], height, width, channels)
+    if source.startswith("tfds:"):  # tfds:<name>:<split>, read from the local tfds data dir
+        import tensorflow_datasets as tfds
+
+        _, name, split = (source.split(":") + ["train"])[:3]
+        dataset = tfds.load(name, split=split, as_supervised=True, download=False)
+        pixels = np.stack([image for image, _ in tfds.as_numpy(dataset.take(count))])
+        return _resize(pixels, height, width, channels)
     if os.path.isdir(source):
         import tensorflow as tf
 
@@ -61,5 +69,6 @@ def load_images(source, count, height, width, channels=3, seed=0):
         ]
         return np.stack(decoded)
     raise ValueError(
-        f"Unknown image source {source!r}: use 'fashion_mnist', 'random' or an existing folder."
+        f"Unknown image source {source!r}: use 'fashion_mnist', 'random', 'tfds:<name>:<split>' "
+        "or an existing folder."
     )

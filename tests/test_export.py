@@ -300,3 +300,17 @@ def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
     as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels[:4]))["logits"]
     assert max_relative_difference(as_float, expected) < 1e-4
     assert max_relative_difference(as_uint8, expected) < 1e-4
+
+
+def test_calibration_images_from_a_folder_and_a_tfds_split(tmp_path, pixels):
+    import tensorflow_datasets as tfds
+
+    for i, p in enumerate(pixels[:3]):
+        tf.io.write_file(str(tmp_path / f"img{i}.png"), tf.io.encode_png(p))
+    from_folder = images.load_images(str(tmp_path), 8, SIZE, SIZE, 3)
+    np.testing.assert_array_equal(from_folder, pixels[:3])  # same size: decoded back exactly
+    with tfds.testing.mock_data(num_examples=6):
+        from_tfds = images.load_images("tfds:cifar10:train", 4, SIZE, 40, 3)
+    assert from_tfds.shape == (4, SIZE, 40, 3) and from_tfds.dtype == np.uint8
+    with pytest.raises(ValueError, match="Unknown image source"):
+        images.load_images("nowhere", 1, SIZE, SIZE)
