@@ -61,7 +61,7 @@ def test_images():
 
     raw, labels = images.fashion_mnist("t10k")
     rgb = tf.image.grayscale_to_rgb(tf.constant(raw[:VERIFY_COUNT, ..., None]))
-    pixels = tf.map_fn(lambda im: data.center_crop(im, 32), rgb, fn_output_signature=tf.float32)
+    pixels = tf.map_fn(lambda im: data.center_crop(im, 32, 1.0), rgb, fn_output_signature=tf.float32)
     return np.clip(np.round(pixels.numpy()), 0, 255).astype(np.uint8), labels[:VERIFY_COUNT]
 
 

@@ -204,3 +204,10 @@ def test_ablation_script_writes_a_table(tmp_path, image_folder):
     plain = __import__("keras").saving.load_model(tmp_path / "abl" / "plain" / "model_train.keras")
     blocks = [l for l in plain.layers if isinstance(l, rk.RepVGGBlock)]
     assert blocks and all(b.identity_bn is None and b.pointwise_conv is None for b in blocks)
+
+
+def test_eval_crop_one_keeps_the_whole_image():
+    image = tf.reshape(tf.range(32 * 32 * 3, dtype=tf.float32), (32, 32, 3))
+    np.testing.assert_allclose(data.center_crop(image, 32, 1.0), image)
+    assert not np.allclose(data.center_crop(image, 32, 0.875), image)
+    assert recipes.get_recipe("small").eval_crop == 1.0 and recipes.get_recipe("paper120").eval_crop == 0.875

@@ -36,6 +36,7 @@ flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
 flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area.")
 flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disables.")
+flags.DEFINE_float("eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop).")
 flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
 flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
                   "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.")
@@ -117,7 +118,7 @@ def train():
         FLAGS.recipe, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
         weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs,
         label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area,
-        ema_momentum=FLAGS.ema_momentum,
+        ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop,
     )
     precision = pick_precision(FLAGS.mixed_precision)
     if precision != "none":
@@ -132,7 +133,7 @@ def train():
     train_ds, eval_ds, info = data.load(
         FLAGS.dataset, image_size=image_size, batch_size=recipe.batch_size, data_dir=FLAGS.data_dir,
         download=FLAGS.download, min_area=recipe.min_area, mixup=recipe.mixup,
-        train_take=FLAGS.train_take, eval_take=FLAGS.eval_take, seed=FLAGS.seed,
+        train_take=FLAGS.train_take, eval_take=FLAGS.eval_take, seed=FLAGS.seed, eval_crop=recipe.eval_crop,
     )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA

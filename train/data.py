@@ -97,7 +97,8 @@ def center_crop(image, size, crop_fraction=EVAL_CROP):
 
 
 def make_pipeline(dataset, *, image_size, batch_size, training, num_classes, min_area=0.08,
-                  mixup=0.0, cache=True, seed=None, preprocessing_mode="imagenet", drop_remainder=False):
+                  mixup=0.0, cache=True, seed=None, preprocessing_mode="imagenet", drop_remainder=False,
+                  eval_crop=EVAL_CROP):
     """(image, label) pairs -> batched, augmented, normalised (images, one-hot labels)."""
     if cache:
         dataset = dataset.cache()
@@ -111,7 +112,7 @@ def make_pipeline(dataset, *, image_size, batch_size, training, num_classes, min
             image = random_resized_crop(image, image_size, (min_area, 1.0))
             image = tf.image.random_flip_left_right(image)
         else:
-            image = center_crop(image, image_size)
+            image = center_crop(image, image_size, eval_crop)
         image = preprocessing.normalize(image, preprocessing_mode, 3)
         return image, tf.one_hot(label, num_classes)
 
@@ -132,8 +133,12 @@ def _mixup(images, labels, alpha):
 
 
 def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_split=None,
-         min_area=0.08, mixup=0.0, train_take=None, eval_take=None, seed=None):
-    """(train_ds, eval_ds, DatasetInfo) for a TFDS name, 'folder:<root>' or 'fashion_mnist'."""
+         min_area=0.08, mixup=0.0, train_take=None, eval_take=None, seed=None, eval_crop=EVAL_CROP):
+    """(train_ds, eval_ds, DatasetInfo) for a TFDS name, 'folder:<root>' or 'fashion_mnist'.
+
+    eval_crop: the evaluation centre-crop fraction (0.875 as for ImageNet; 1.0 suits small,
+    tightly framed images such as Fashion-MNIST trained with mild crops).
+    """
     builder = _builder(name, data_dir, download)
     info = dataset_info(builder, eval_split)
     read = lambda split: builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == "train")
@@ -148,5 +153,5 @@ def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_sp
     cache = info.train_examples * image_size * image_size * 3 < 4e9
     kwargs = dict(image_size=image_size, batch_size=batch_size, num_classes=info.num_classes, cache=cache)
     train = make_pipeline(train_raw, training=True, min_area=min_area, mixup=mixup, seed=seed, **kwargs)
-    evaluation = make_pipeline(eval_raw, training=False, **kwargs)
+    evaluation = make_pipeline(eval_raw, training=False, eval_crop=eval_crop, **kwargs)
     return train, evaluation, info

@@ -16,6 +16,7 @@ class Recipe:
     mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
     min_area: float = 0.08  # random-resized-crop smallest area
     ema_momentum: float = 0.0  # 0 disables the EMA of weights
+    eval_crop: float = 0.875  # evaluation: resize to size / eval_crop, centre-crop size
 
     def scaled_lr(self, global_batch):
         return self.base_lr * global_batch / self.reference_batch
@@ -29,8 +30,10 @@ RECIPES = {
     # which this recipe does not include).
     "paper200": Recipe(epochs=200, batch_size=256, base_lr=0.1, label_smoothing=0.1, mixup=0.2),
     # Small-data recipe for Fashion-MNIST/CIFAR-sized runs on a CPU: short, mild augmentation.
+    # eval_crop 1.0: a 0.875 crop of 28x28 Fashion-MNIST zooms in where training did not
+    # (measured on RepVGG-A0, 13 epochs: 86.45% top-1 with a 0.875 crop, 92.38% with 1.0).
     "small": Recipe(epochs=10, batch_size=128, base_lr=0.1, warmup_epochs=1.0, min_area=0.5,
-                    weight_decay=5e-5),
+                    weight_decay=5e-5, eval_crop=1.0),
 }
 
 
