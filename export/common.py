@@ -10,6 +10,7 @@ from absl import flags, logging
 import keras
 import repvgg_keras as rk
 from repvgg_keras import checkpoints, preprocessing
+from repvgg_keras.layers import contains_blocks
 
 FLAGS = flags.FLAGS
 logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
@@ -61,7 +62,7 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
         return rk.RepVGG(spec, deploy=deploy, weights=weights, **kwargs)
     if weights.endswith(".keras"):
         loaded = keras.saving.load_model(weights)
-        model = rk.RepVGG(spec, deploy=not _has_blocks(loaded), **kwargs)
+        model = rk.RepVGG(spec, deploy=not contains_blocks(loaded), **kwargs)
         if not _same_shapes(model, loaded):
             _mismatch(weights, name)
         model.set_weights(loaded.get_weights())
@@ -73,10 +74,6 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
         except ValueError as error:
             errors.append(str(error).splitlines()[0])
     _mismatch(weights, name, errors)
-
-
-def _has_blocks(model):
-    return any(isinstance(l, rk.RepVGGBlock) for l in model._flatten_layers())
 
 
 def _same_shapes(a, b):

@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from repvgg_keras.layers import RepVGGBlock
+from repvgg_keras.layers import RepVGGBlock, contains_blocks
 
 # timm name -> authors' name, applied in order as regular expressions on whole keys.
 TIMM_TO_AUTHORS = (
@@ -189,7 +189,7 @@ def load_checkpoint(model, path_or_state):
     targets = expected_tensors(model)
     if not targets:
         raise ValueError(f"Model {model.name!r} has no RepVGG layers to load a checkpoint into.")
-    model_is_deploy = not any(isinstance(l, RepVGGBlock) for l in model._flatten_layers())
+    model_is_deploy = not contains_blocks(model)
     if form.endswith("deploy") != model_is_deploy:
         hint = "deploy=True" if form.endswith("deploy") else "deploy=False (then rk.to_deploy)"
         raise ValueError(

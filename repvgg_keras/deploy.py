@@ -7,20 +7,13 @@ config and gets a copy of its weights. The input model is left untouched.
 
 import keras
 
-from repvgg_keras.layers import PlainBlock, RepVGGBlock
-
-
-def _contains_block(layer):
-    if isinstance(layer, RepVGGBlock):
-        return True
-    return any(isinstance(sub, RepVGGBlock) for sub in layer._flatten_layers(include_self=False))
+from repvgg_keras.layers import PlainBlock, RepVGGBlock, contains_blocks
 
 
 def is_deploy_form(model):
     """True when `model` holds no RepVGGBlock but plain RepVGG convs (`*_reparam`)."""
-    layers = list(model._flatten_layers())
-    return not any(isinstance(l, RepVGGBlock) for l in layers) and any(
-        isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam") for l in layers
+    return not contains_blocks(model) and any(
+        isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam") for l in model._flatten_layers()
     )
 
 
@@ -33,7 +26,7 @@ def to_deploy(model):
     """
     if not isinstance(model, keras.Model):
         raise TypeError(f"to_deploy expects a keras.Model, got {type(model).__name__}.")
-    if not _contains_block(model):
+    if not contains_blocks(model):
         if is_deploy_form(model):
             return model
         raise ValueError(
@@ -74,7 +67,7 @@ class _Converter:
         inputs = keras.Input(batch_shape=model.inputs[0].shape, dtype=model.inputs[0].dtype)
         x = inputs
         for layer in model.layers:
-            if isinstance(layer, keras.Model) and _contains_block(layer):
+            if isinstance(layer, keras.Model) and contains_blocks(layer):
                 x = self.convert(layer)(x)
             else:
                 x = self._call(self._clone(layer), x)
@@ -83,7 +76,7 @@ class _Converter:
     def _clone(self, layer):
         if isinstance(layer, RepVGGBlock):
             return layer  # replaced in _call
-        if isinstance(layer, keras.Model) and _contains_block(layer):
+        if isinstance(layer, keras.Model) and contains_blocks(layer):
             return self.convert(layer)
         clone = layer.__class__.from_config(layer.get_config())
         self.originals[id(clone)] = layer

@@ -236,6 +236,13 @@ def _folded(kernel, bn):
     )
 
 
+def contains_blocks(layer):
+    """True when `layer` is, or (for a model) contains, a RepVGGBlock: the training form."""
+    return isinstance(layer, RepVGGBlock) or any(
+        isinstance(sub, RepVGGBlock) for sub in layer._flatten_layers(include_self=False)
+    )
+
+
 class PlainBlock:
     """A RepVGG block as built-in Keras layers: [pad] -> Conv2D(3x3, bias) -> [SE] -> ReLU.
 

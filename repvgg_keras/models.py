@@ -12,7 +12,7 @@ import keras
 from keras import layers
 
 from repvgg_keras import specs as specs_lib
-from repvgg_keras.layers import PlainBlock, RepVGGBlock
+from repvgg_keras.layers import PlainBlock, RepVGGBlock, contains_blocks
 
 MIN_INPUT_SIZE = 32
 INPUT_NAME = "images"
@@ -193,7 +193,7 @@ def load_weights(model, path):
         if skipped:  # Keras loaded only part of the model: never accept that silently
             raise ValueError(skipped[0])
     except Exception as error:  # Keras raises ValueError/KeyError with internal detail
-        form = "training (three-branch)" if _has_blocks(model) else "deploy (plain)"
+        form = "training (three-branch)" if contains_blocks(model) else "deploy (plain)"
         detail = "\n".join(str(error).strip().splitlines()[:3])
         raise ValueError(
             f"Weights file {path!r} does not fit model {model.name!r} in {form} form.\n"
@@ -201,10 +201,6 @@ def load_weights(model, path):
             "need deploy=False, files saved from to_deploy(...) need deploy=True), the same "
             f"include_top/classes and the same input channels. Keras said: {detail}"
         ) from error
-
-
-def _has_blocks(model):
-    return any(isinstance(layer, RepVGGBlock) for layer in model._flatten_layers())
 
 
 def list_models():
