@@ -50,6 +50,9 @@ class RepVGGBlock(layers.Layer):
         bn_epsilon, bn_momentum: BatchNorm settings (PyTorch-compatible defaults).
         bn_synchronized: batch statistics across replicas (tf.distribute, TF backend).
         kernel_initializer: initializer of the conv kernels.
+        kernel_l2: the authors' custom L2 ("custwd") coefficient: while training, adds
+            `0.5 * kernel_l2 * equivalent_kernel_l2()` to the loss. Use it instead of
+            weight decay on this block's conv kernels (train --custom_l2 does both).
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class RepVGGBlock(layers.Layer):
         bn_momentum=BN_MOMENTUM,
         bn_synchronized=False,
         kernel_initializer="glorot_uniform",
+        kernel_l2=0.0,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -87,6 +91,7 @@ class RepVGGBlock(layers.Layer):
         self.bn_momentum = float(bn_momentum)
         self.bn_synchronized = bool(bn_synchronized)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_l2 = float(kernel_l2)
 
         name, dtype = self.name, self.dtype_policy
         bn = lambda suffix: layers.BatchNormalization(
@@ -168,7 +173,29 @@ class RepVGGBlock(layers.Layer):
         if self.se_reduce is not None:
             squeezed = ops.mean(out, axis=(1, 2), keepdims=True)
             out = out * self.se_expand(self.se_reduce(squeezed))
+        if training and self.kernel_l2:
+            self.add_loss(0.5 * self.kernel_l2 * self.equivalent_kernel_l2())
         return ops.relu(out)
+
+    def equivalent_kernel_l2(self):
+        """The authors' custom L2: plain L2 on the 3x3 kernel's outer ring, plus L2 on the
+        equivalent centre (3x3 centre and 1x1 kernels scaled by their BN gamma/std, which is
+        what the fused conv holds), normalised so its coefficient compares with plain L2.
+        The BN scales are constants here, as in the authors' code (detached)."""
+        dense = self.dense_conv.kernel
+        total = ops.sum(ops.square(dense)) - ops.sum(ops.square(dense[1:2, 1:2]))
+        dense_scale = ops.stop_gradient(self._bn_scale(self.dense_bn))
+        centre = dense[1:2, 1:2] * dense_scale
+        scales = ops.square(dense_scale)
+        if self.pointwise_conv is not None:
+            pointwise_scale = ops.stop_gradient(self._bn_scale(self.pointwise_bn))
+            centre = centre + self.pointwise_conv.kernel * pointwise_scale
+            scales = scales + ops.square(pointwise_scale)
+        return total + ops.sum(ops.square(centre) / scales)
+
+    @staticmethod
+    def _bn_scale(bn):
+        return bn.gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
 
     def compute_output_shape(self, input_shape):
         shape = input_shape
@@ -217,6 +244,7 @@ class RepVGGBlock(layers.Layer):
             bn_momentum=self.bn_momentum,
             bn_synchronized=self.bn_synchronized,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_l2=self.kernel_l2,
         )
         return config
 

@@ -62,7 +62,7 @@ def _timm_reference(name):
     """(train state dict, deploy state dict, NHWC input, logits) of timm's model, BN randomised."""
     import torch
 
-    from torch_reference import import_timm, randomize_torch_batchnorm
+    from repvgg_keras.torch_reference import import_timm, randomize_torch_batchnorm
 
     timm = import_timm()
     torch.manual_seed(0)

@@ -211,3 +211,45 @@ def test_eval_crop_one_keeps_the_whole_image():
     np.testing.assert_allclose(data.center_crop(image, 32, 1.0), image)
     assert not np.allclose(data.center_crop(image, 32, 0.875), image)
     assert recipes.get_recipe("small").eval_crop == 1.0 and recipes.get_recipe("paper120").eval_crop == 0.875
+
+
+def _authors_custom_l2(dense_oihw, pointwise_oihw, dense_bn, pointwise_bn, eps=1e-5):
+    """The authors' get_custom_L2, written out in numpy on OIHW kernels (float64)."""
+    t3 = (dense_bn[0] / np.sqrt(dense_bn[3] + eps)).reshape(-1, 1, 1, 1)
+    t1 = (pointwise_bn[0] / np.sqrt(pointwise_bn[3] + eps)).reshape(-1, 1, 1, 1)
+    circle = (dense_oihw ** 2).sum() - (dense_oihw[:, :, 1:2, 1:2] ** 2).sum()
+    eq_kernel = dense_oihw[:, :, 1:2, 1:2] * t3 + pointwise_oihw * t1
+    return circle + (eq_kernel ** 2 / (t3 ** 2 + t1 ** 2)).sum()
+
+
+def test_custom_l2_matches_the_authors_formula_and_enters_the_fit_loss():
+    import keras
+
+    from repvgg_keras.layers import RepVGGBlock
+    from repvgg_keras.testing import randomize_batchnorm
+
+    model = randomize_batchnorm(rk.get_model("RepVGG_A0", input_shape=(32, 32, 3), classes=4), seed=3)
+    block = model.get_layer("stage2_1")
+    oihw = lambda kernel: np.transpose(np.asarray(kernel, np.float64), (3, 2, 0, 1))
+    bn = lambda layer: [np.asarray(w, np.float64) for w in layer.get_weights()]
+    expected = _authors_custom_l2(oihw(block.dense_conv.kernel), oihw(block.pointwise_conv.kernel),
+                                  bn(block.dense_bn), bn(block.pointwise_bn))
+    assert float(block.equivalent_kernel_l2()) == pytest.approx(expected, rel=1e-5)
+
+    excluded = recipes.use_custom_l2(model, 0.1)
+    blocks = [layer for layer in model._flatten_layers() if isinstance(layer, RepVGGBlock)]
+    assert len(excluded) == 2 * len(blocks)  # every 3x3 and 1x1 kernel leaves plain weight decay
+
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = 1.0  # keep the moving statistics (which the penalty reads) fixed
+    x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
+    y = keras.utils.to_categorical(np.arange(8) % 4, 4)
+    losses = {}
+    for coefficient in (0.0, 0.1):
+        recipes.use_custom_l2(model, coefficient)
+        penalty = 0.5 * 0.1 * sum(float(b.equivalent_kernel_l2()) for b in blocks)
+        model.compile(optimizer=keras.optimizers.SGD(learning_rate=0.0),
+                      loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+        losses[coefficient] = float(model.train_on_batch(x, y))  # lr 0: weights unchanged
+    assert losses[0.1] - losses[0.0] == pytest.approx(penalty, rel=1e-3)

@@ -36,6 +36,8 @@ flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
 flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area.")
 flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disables.")
+flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent kernel instead of plain "
+                  "weight decay on the block kernels (coefficient: --weight_decay).")
 flags.DEFINE_float("eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop).")
 flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
 flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
@@ -118,7 +120,7 @@ def train():
         FLAGS.recipe, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
         weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs,
         label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area,
-        ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop,
+        ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop, custom_l2=FLAGS.custom_l2,
     )
     precision = pick_precision(FLAGS.mixed_precision)
     if precision != "none":
@@ -163,8 +165,13 @@ def train():
             learning_rate=schedule, momentum=recipe.momentum, weight_decay=recipe.weight_decay or None,
             use_ema=recipe.ema_momentum > 0, ema_momentum=recipe.ema_momentum or 0.99,
         )
+        if recipe.custom_l2 and not recipe.weight_decay:
+            raise ValueError("--custom_l2 takes its coefficient from --weight_decay, which is 0.")
         if recipe.weight_decay:
-            optimizer.exclude_from_weight_decay(var_list=recipes.no_decay_variables(model))
+            excluded = recipes.no_decay_variables(model)
+            if recipe.custom_l2:
+                excluded += recipes.use_custom_l2(model, recipe.weight_decay)
+            optimizer.exclude_from_weight_decay(var_list=excluded)
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing)
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 

@@ -17,6 +17,7 @@ class Recipe:
     min_area: float = 0.08  # random-resized-crop smallest area
     ema_momentum: float = 0.0  # 0 disables the EMA of weights
     eval_crop: float = 0.875  # evaluation: resize to size / eval_crop, centre-crop size
+    custom_l2: bool = False  # the authors' custom L2 on the equivalent kernel (see use_custom_l2)
 
     def scaled_lr(self, global_batch):
         return self.base_lr * global_batch / self.reference_batch
@@ -54,4 +55,20 @@ def no_decay_variables(model):
             excluded.append(variable)
         elif path.endswith("/gamma") and ("_dense_bn/" in path or "_1x1_bn/" in path):
             excluded.append(variable)
+    return excluded
+
+
+def use_custom_l2(model, coefficient):
+    """Switch the blocks to the authors' custom L2 ("custwd"): each RepVGGBlock adds
+    0.5 * coefficient * equivalent_kernel_l2() to the training loss, and its 3x3 and 1x1
+    kernels get no plain weight decay (returned: pass them to exclude_from_weight_decay)."""
+    from repvgg_keras.layers import RepVGGBlock
+
+    excluded = []
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, RepVGGBlock):
+            layer.kernel_l2 = float(coefficient)
+            excluded.append(layer.dense_conv.kernel)
+            if layer.pointwise_conv is not None:
+                excluded.append(layer.pointwise_conv.kernel)
     return excluded

@@ -1,6 +1,6 @@
 """Import timm for reference checks on machines where torchvision cannot be imported.
 
-timm imports torchvision (transforms, datasets, ops.misc) at import time, but PyPI's
+Used by the tests and by the benchmark's timm peer. timm imports torchvision (transforms, datasets, ops.misc) at import time, but PyPI's
 torchvision does not import beside the CPU torch wheel our machines use ("operator
 torchvision::nms does not exist"). RepVGG in timm needs none of it, so when the real
 torchvision is missing we install a stand-in package whose every attribute is an inert
@@ -56,7 +56,7 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 def import_timm():
     """Return the timm module, with the torchvision stand-in if needed."""
     try:
-        import torchvision  # noqa: F401
+        import torchvision  # noqa: F401  (only whether it imports)
     except Exception:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
