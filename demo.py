@@ -68,7 +68,7 @@ def test_images():
 def export_all():
     import keras
 
-    from export import onnx as onnx_export, savedmodel, tflite
+    from export import onnx as onnx_export, openvino as openvino_export, savedmodel, tflite
 
     print(f"\n== 3. Exporting the trained deploy model to {OUTPUT}/, verified on {VERIFY_COUNT} test images")
     model = keras.saving.load_model(os.path.join(TRAIN_DIR, "model_train.keras"))
@@ -88,7 +88,13 @@ def export_all():
         outputs[reports[-1].artifact] = tflite.run(path, inputs)
     path = f"{OUTPUT}/repvgg_fm.onnx"
     reports.append(onnx_export.export_onnx(plain, path, verify_inputs=inputs, reference=model, overwrite=True))
-    outputs[reports[-1].artifact] = onnx_export.run(path, inputs)
+    outputs[reports[-1].artifact] = onnx_export.run(path, np.transpose(inputs, (0, 3, 1, 2)))  # NCHW input
+    for quantize in openvino_export.QUANTIZATIONS:  # fp32, or bf16 where the CPU has it; int8
+        path = f"{OUTPUT}/repvgg_fm_openvino_{quantize}"
+        precision = openvino_export.default_precision(quantize)
+        reports.append(openvino_export.export_openvino(plain, path, quantize=quantize, verify_inputs=inputs,
+                                                       calibration=calibration, reference=model, overwrite=True))
+        outputs[reports[-1].artifact] = openvino_export.run(path, inputs, precision)
     keras_accuracy = float(np.mean(np.argmax(model(inputs, training=False), -1) == labels))
     print(f"\nKeras training form: accuracy {keras_accuracy:.4f} on {len(labels)} test images")
     print(f"{'artifact':<36}{'precision':<10}{'size MB':>9}{'max abs':>11}{'max rel':>11}{'top-1 agr':>10}{'accuracy':>10}  status")

@@ -4,7 +4,7 @@ from setuptools import find_packages, setup
 
 # tensorflow-serving-api (for the gRPC client and warm-up records) pins the full
 # `tensorflow` wheel; `make install` adds it with --no-deps next to tensorflow-cpu.
-EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0", "grpcio"]
+EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0", "grpcio", "openvino>=2024.0"]
 TRAIN = ["tensorflow-datasets>=4.9.10", "importlib_resources", "tensorboard", "matplotlib"]
 
 setup(

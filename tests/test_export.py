@@ -314,3 +314,77 @@ def test_calibration_images_from_a_folder_and_a_tfds_split(tmp_path, pixels):
     assert from_tfds.shape == (4, SIZE, 40, 3) and from_tfds.dtype == np.uint8
     with pytest.raises(ValueError, match="Unknown image source"):
         images.load_images("nowhere", 1, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------- OpenVINO and the inference helper
+
+@pytest.mark.parametrize("name", ["RepVGG_A0", "RepVGG_B1g4"])
+def test_openvino_ir_matches_keras_in_fp32(tmp_path, models, pixels, name):
+    from export import openvino as openvino_export
+
+    model = models[name]
+    output = str(tmp_path / "ir")
+    inputs = _inputs(pixels)
+    report = openvino_export.export_openvino(rk.to_deploy(model), output, precision="fp32",
+                                             verify_inputs=inputs, reference=model)
+    assert report.max_rel < 1e-4 and report.top1_agreement == 1.0
+    assert sorted(os.listdir(output)) == ["model.bin", "model.xml", "runtime.json"]
+    with open(os.path.join(output, "runtime.json")) as f:
+        assert json.load(f)["precision"] == "fp32"
+    batch = inputs[:3]  # another batch size than the verification: dynamic batch
+    assert max_relative_difference(openvino_export.run(output, batch), model(batch, training=False)) < 1e-4
+
+
+def test_openvino_reduced_precisions_keep_top1(tmp_path, models, pixels):
+    from export import openvino as openvino_export
+    from export.openvino_runtime import supports
+
+    model = models["RepVGG_A0"]
+    inputs = _inputs(pixels)
+    report = openvino_export.export_openvino(
+        rk.to_deploy(model), str(tmp_path / "int8"), quantize="int8", verify_inputs=inputs,
+        calibration=_inputs(images.load_images("fashion_mnist", 64, SIZE, SIZE, 3)), reference=model)
+    assert report.precision == "int8" and report.ok and report.top1_agreement >= 0.9
+    if supports("bf16"):
+        report = openvino_export.export_openvino(rk.to_deploy(model), str(tmp_path / "bf16"), precision="bf16",
+                                                 verify_inputs=inputs, reference=model)
+        assert report.ok and report.top1_agreement >= 0.95
+
+
+def test_openvino_cli(tmp_path, models):
+    path = str(tmp_path / "a0.weights.h5")
+    models["RepVGG_A0"].save_weights(path)
+    output = str(tmp_path / "a0_ir")
+    done = subprocess.run(
+        [sys.executable, "-m", "export.openvino", "--model=RepVGG_A0", f"--weights={path}", f"--image_size={SIZE}",
+         "--classes=10", f"--output={output}", "--precision=fp32"],
+        cwd=REPO, capture_output=True, text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OK" in done.stdout and os.path.exists(os.path.join(output, "model.xml"))
+    again = subprocess.run(
+        [sys.executable, "-m", "export.openvino", "--model=RepVGG_A0", f"--weights={path}", f"--image_size={SIZE}",
+         "--classes=10", f"--output={output}"], cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 1 and "--overwrite" in again.stderr
+
+
+def test_fast_predictor_picks_a_verified_runtime(models, pixels):
+    model = models["RepVGG_A0"]
+    inputs = _inputs(pixels)
+    predictor = rk.inference.fast_predictor(model, check_images=inputs)
+    assert predictor.runtime == rk.inference.RUNTIME_ORDER[0]  # the fastest installed one
+    assert predictor.top1_agreement >= 0.995
+    expected = np.asarray(model(inputs[:4], training=False))
+    tolerance = rk.inference.TOLERANCE[predictor.precision]
+    assert max_relative_difference(predictor(inputs[:4]), expected) <= tolerance
+    assert predictor.precision in predictor.describe()
+
+    exact = rk.inference.fast_predictor(model, precision="fp32", runtime="keras", check_images=inputs)
+    assert exact.max_rel_diff < 1e-4 and exact.layout == "NHWC"
+
+
+def test_fast_predictor_refuses_what_it_cannot_check(models):
+    with pytest.raises(ValueError, match="calibration_images"):
+        rk.inference.fast_predictor(models["RepVGG_A0"], precision="int8")
+    with pytest.raises(ValueError, match="runtime must be"):
+        rk.inference.fast_predictor(models["RepVGG_A0"], runtime="tensorrt")

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench` (every runtime side by side), `python -m bench.memory`."""

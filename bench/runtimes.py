@@ -1,0 +1,236 @@
+"""Every way the benchmark runs a model, as data: (runtime, precision, builder).
+
+A builder takes the Subject and the thread count and returns a Predictor: a function
+from a batch in the runtime's own layout to float32 logits. The benchmark converts the
+input to that layout before timing, so no runtime is charged for a transpose it would
+not do in production. A builder raises Unavailable when its library is not installed or
+the CPU lacks the precision; the benchmark records the reason instead of a number.
+"""
+
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+
+class Unavailable(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Predictor:
+    predict: Callable
+    layout: str = "NHWC"  # NHWC or NCHW
+    note: str = ""
+
+    def feed(self, batch):
+        return np.ascontiguousarray(np.transpose(batch, (0, 3, 1, 2)) if self.layout == "NCHW" else batch)
+
+
+# --- Keras / TensorFlow -----------------------------------------------------------------
+
+def keras_function(model, xla=False):
+    import tensorflow as tf
+
+    function = tf.function(lambda x: model(x, training=False), jit_compile=xla)
+    return lambda x: function(tf.constant(x)).numpy()
+
+
+def keras_train(subject, threads):
+    return Predictor(keras_function(subject.keras_train), note="tf.function")
+
+
+def keras_deploy_eager(subject, threads):
+    model = subject.keras_deploy
+    return Predictor(lambda x: np.asarray(model(x, training=False)), note="eager model(x)")
+
+
+def keras_deploy(subject, threads):
+    return Predictor(keras_function(subject.keras_deploy), note="tf.function")
+
+
+def keras_deploy_xla(subject, threads):
+    return Predictor(keras_function(subject.keras_deploy, xla=True), note="tf.function(jit_compile=True)")
+
+
+def savedmodel(subject, threads):
+    import tensorflow as tf
+
+    from export.savedmodel import save_serving_model
+
+    path = os.path.join(subject.workdir, "savedmodel")
+    if not os.path.exists(path):
+        save_serving_model(subject.keras_deploy, path)
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    return Predictor(lambda x: signature(images=tf.constant(x))["logits"].numpy(), note="serving_default")
+
+
+# --- TFLite (XNNPACK) ---------------------------------------------------------------------
+
+def _tflite(quantize):
+    def build(subject, threads):
+        try:
+            from ai_edge_litert.interpreter import Interpreter
+        except ImportError as error:
+            raise Unavailable("ai-edge-litert is not installed") from error
+        from export import tflite
+
+        path = os.path.join(subject.workdir, f"model_{quantize}.tflite")
+        if not os.path.exists(path):
+            flatbuffer = tflite.convert(subject.keras_deploy, quantize, subject.calibration)
+            with open(path, "wb") as f:
+                f.write(flatbuffer)
+        interpreter = Interpreter(model_path=path, num_threads=threads)  # XNNPACK by default
+        (input_detail,) = interpreter.get_input_details()
+        output_index = interpreter.get_output_details()[0]["index"]
+        shape = [None]
+
+        def predict(x):
+            if shape[0] != x.shape:
+                interpreter.resize_tensor_input(input_detail["index"], x.shape)
+                interpreter.allocate_tensors()
+                shape[0] = x.shape
+            interpreter.set_tensor(input_detail["index"], x)
+            interpreter.invoke()
+            return interpreter.get_tensor(output_index)
+
+        return Predictor(predict, note=f"XNNPACK, {quantize} conversion")
+
+    return build
+
+
+# --- ONNX: onnxruntime and OpenVINO -----------------------------------------------------
+
+def onnx_path(subject, nchw=True, int8=False):
+    """The deploy model as ONNX (written once per subject); int8: QDQ, per-channel weights,
+    activations calibrated on the subject's real images."""
+    from export import onnx as onnx_export
+
+    layout = "nchw" if nchw else "nhwc"
+    path = os.path.join(subject.workdir, f"model_{layout}.onnx")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(onnx_export.convert(subject.keras_deploy, nchw=nchw).SerializeToString())
+    if not int8:
+        return path
+    quantized = os.path.join(subject.workdir, f"model_{layout}_int8.onnx")
+    if not os.path.exists(quantized):
+        from export.onnx_int8 import quantize
+
+        feed = np.transpose(subject.calibration, (0, 3, 1, 2)) if nchw else subject.calibration
+        quantize(path, quantized, feed)
+    return quantized
+
+
+def _onnxruntime(nchw, int8=False):
+    def build(subject, threads):
+        try:
+            import onnxruntime as ort
+        except ImportError as error:
+            raise Unavailable("onnxruntime is not installed") from error
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        session = ort.InferenceSession(onnx_path(subject, nchw, int8), options, providers=["CPUExecutionProvider"])
+        return Predictor(lambda x: session.run(["logits"], {"images": x})[0], "NCHW" if nchw else "NHWC",
+                         note="QDQ int8" if int8 else "")
+
+    return build
+
+
+def _openvino(precision):
+    def build(subject, threads):
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise Unavailable("openvino is not installed (pip install openvino)")
+        from export.openvino_runtime import compile_model, supports
+
+        if not supports(precision):
+            raise Unavailable(f"this CPU has no native {precision} support in OpenVINO")
+        compiled = compile_model(onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads)
+        request = compiled.create_infer_request()
+        return Predictor(lambda x: np.array(request.infer({0: x})[0]), "NCHW",
+                         note="reads the QDQ ONNX" if precision == "int8" else "")
+
+    return build
+
+
+# --- PyTorch peers (timm) -----------------------------------------------------------------
+
+def _torch_predictor(module, channels_last=False, bf16=False):
+    import torch
+
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+
+    def predict(x):
+        tensor = torch.from_numpy(x)
+        if channels_last:
+            tensor = tensor.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            return module(tensor).float().numpy()
+
+    return Predictor(predict, "NCHW", note="channels_last" if channels_last else "")
+
+
+def _timm(reparam, channels_last=False, bf16=False):
+    def build(subject, threads):
+        if subject.timm_model is None:
+            raise Unavailable("torch/timm are not installed (make install adds them)")
+        import copy
+
+        import torch
+
+        torch.set_num_threads(threads)
+        module = copy.deepcopy(subject.timm_model).eval()
+        if reparam:
+            from timm.utils.model import reparameterize_model
+
+            module = reparameterize_model(module)
+        return _torch_predictor(module, channels_last, bf16)
+
+    return build
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeSpec:
+    runtime: str
+    precision: str
+    build: Callable
+    family: str  # "ours" or "peer"
+
+
+RUNTIMES = (
+    RuntimeSpec("keras-train", "fp32", keras_train, "ours"),
+    RuntimeSpec("keras-deploy-eager", "fp32", keras_deploy_eager, "ours"),
+    RuntimeSpec("keras-deploy", "fp32", keras_deploy, "ours"),
+    RuntimeSpec("keras-deploy-xla", "fp32", keras_deploy_xla, "ours"),
+    RuntimeSpec("savedmodel", "fp32", savedmodel, "ours"),
+    RuntimeSpec("tflite", "fp32", _tflite("none"), "ours"),
+    RuntimeSpec("tflite", "fp16", _tflite("float16"), "ours"),
+    RuntimeSpec("tflite", "int8", _tflite("int8"), "ours"),
+    RuntimeSpec("onnxruntime-nchw", "fp32", _onnxruntime(nchw=True), "ours"),
+    RuntimeSpec("onnxruntime-nhwc", "fp32", _onnxruntime(nchw=False), "ours"),
+    RuntimeSpec("onnxruntime-nchw", "int8", _onnxruntime(nchw=True, int8=True), "ours"),
+    RuntimeSpec("openvino", "fp32", _openvino("fp32"), "ours"),
+    RuntimeSpec("openvino", "bf16", _openvino("bf16"), "ours"),
+    RuntimeSpec("openvino", "int8", _openvino("int8"), "ours"),
+    RuntimeSpec("timm-train", "fp32", _timm(reparam=False), "peer"),
+    RuntimeSpec("timm-reparam", "fp32", _timm(reparam=True), "peer"),
+    RuntimeSpec("timm-reparam-cl", "fp32", _timm(reparam=True, channels_last=True), "peer"),
+    RuntimeSpec("timm-reparam-cl", "bf16", _timm(reparam=True, channels_last=True, bf16=True), "peer"),
+)
+
+
+def select(names=None):
+    """RUNTIMES whose runtime name (or 'runtime:precision') is in `names` (all when None)."""
+    if not names:
+        return list(RUNTIMES)
+    known = {r.runtime for r in RUNTIMES} | {f"{r.runtime}:{r.precision}" for r in RUNTIMES}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown --runtimes {unknown}: choose from {', '.join(sorted(known))}.")
+    return [r for r in RUNTIMES if r.runtime in names or f"{r.runtime}:{r.precision}" in names]

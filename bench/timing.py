@@ -1,0 +1,59 @@
+"""Interleaved timing: every case runs once per round, rounds repeat, medians are reported.
+
+Interleaving spreads a noisy neighbour's load over all cases instead of one; each
+timed chunk runs enough calls to last `chunk_seconds`, after warm-up calls.
+"""
+
+import dataclasses
+import statistics
+import time
+from typing import Callable, List
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class Case:
+    key: tuple
+    predict: Callable
+    batch: np.ndarray
+    calls: int = 1
+    throughputs: List[float] = dataclasses.field(default_factory=list)  # images/s per round
+
+    def warm_up(self, chunk_seconds, warmup_calls=2):
+        for _ in range(warmup_calls):
+            self.predict(self.batch)
+        begin = time.perf_counter()
+        self.predict(self.batch)
+        elapsed = time.perf_counter() - begin
+        self.calls = max(1, int(round(chunk_seconds / max(elapsed, 1e-6))))
+
+    def run_chunk(self):
+        begin = time.perf_counter()
+        for _ in range(self.calls):
+            self.predict(self.batch)
+        elapsed = time.perf_counter() - begin
+        self.throughputs.append(len(self.batch) * self.calls / elapsed)
+
+    def summary(self):
+        values = self.throughputs
+        median = statistics.median(values)
+        return {
+            "images_per_s": median,
+            "images_per_s_min": min(values),
+            "images_per_s_max": max(values),
+            "latency_ms": 1000.0 * len(self.batch) / median,
+            "rounds": len(values),
+            "calls_per_round": self.calls,
+        }
+
+
+def measure(cases, rounds, chunk_seconds, progress=print):
+    for case in cases:
+        case.warm_up(chunk_seconds)
+    for round_index in range(rounds):
+        order = cases[round_index % len(cases):] + cases[:round_index % len(cases)]  # rotate
+        for case in order:
+            case.run_chunk()
+        progress(f"  round {round_index + 1}/{rounds} done")
+    return cases

@@ -1,0 +1,46 @@
+"""Static int8 quantization of an exported ONNX file (QDQ, per-channel weights).
+
+onnxruntime's quantizer calibrates activation ranges on real images; the QDQ graph it
+writes runs in onnxruntime (VNNI kernels on x86) and OpenVINO reads it as int8.
+"""
+
+import numpy as np
+
+
+class _Images:
+    """onnxruntime's CalibrationDataReader over a numpy batch, one image at a time."""
+
+    def __init__(self, input_name, images):
+        self._feeds = iter([{input_name: image[None]} for image in np.asarray(images, np.float32)])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+    def rewind(self):  # older onnxruntime versions call it between passes
+        pass
+
+
+# minmax reduces each image's tensors as it goes; the histogram methods keep far more in
+# memory (percentile on RepVGG-B1g4 at 224: 8.3 GB for 4 images, past 24 GB for 64).
+EXTRA_OPTIONS = {"percentile": {"CalibMaxIntermediateOutputs": 8}, "entropy": {"CalibMaxIntermediateOutputs": 8}}
+
+
+def quantize(source, target, calibration_images, method="minmax"):
+    """Write the int8 QDQ version of `source` to `target`, calibrated on `calibration_images`
+    (in the model's input layout, normalised as the model expects)."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    if len(calibration_images) == 0:
+        raise ValueError("int8 quantization needs calibration images.")
+    (graph_input,) = onnx.load(source, load_external_data=False).graph.input
+    methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
+               "entropy": q.CalibrationMethod.Entropy}
+    q.quantize_static(
+        source, target, _Images(graph_input.name, calibration_images),
+        quant_format=q.QuantFormat.QDQ, per_channel=True,
+        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
+        calibrate_method=methods[method],
+        extra_options=EXTRA_OPTIONS.get(method, {}),
+    )
+    return target

@@ -1,0 +1,119 @@
+"""Export an OpenVINO IR directory (model.xml + model.bin), verified in OpenVINO on the CPU.
+
+    python -m export.openvino --model RepVGG_A0 --weights a0.keras --output a0_openvino [--quantize int8]
+
+The deploy model goes through our ONNX exporter (NCHW input `images`, dynamic batch),
+OpenVINO converts that to its IR; --quantize int8 first quantizes the ONNX graph
+(QDQ, per-channel, calibrated on real images). Verification compiles the IR with the
+precision given by --precision (default: bf16 where the CPU runs it natively, else fp32,
+as `repvgg_keras.inference` does) and compares with the Keras model. The directory also
+holds runtime.json: the settings it was verified with.
+
+OpenVINO takes NCHW input: transpose NHWC batches with x.transpose(0, 3, 1, 2).
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import numpy as np
+from absl import app, flags
+
+from export import common, images, verify
+
+FLAGS = flags.FLAGS
+QUANTIZATIONS = ("none", "int8")
+
+
+def default_precision(quantize="none"):
+    """int8 for int8 IR; bf16 where this CPU runs it natively; fp32 otherwise."""
+    from export.openvino_runtime import supports
+
+    if quantize == "int8":
+        return "int8"
+    return "bf16" if supports("bf16") else "fp32"
+
+
+def convert(model, directory, quantize="none", calibration=None):
+    """Write model.xml/model.bin for `model` (Keras, NHWC) into `directory`."""
+    import openvino as ov
+
+    from export import onnx as onnx_export
+    from export import onnx_int8
+
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        source = os.path.join(tmp, "model.onnx")
+        with open(source, "wb") as f:
+            f.write(onnx_export.convert(model, nchw=True).SerializeToString())
+        if quantize == "int8":
+            if calibration is None or len(calibration) == 0:
+                raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
+            source = onnx_int8.quantize(source, os.path.join(tmp, "model_int8.onnx"),
+                                        np.transpose(calibration, (0, 3, 1, 2)))
+        # fp32 weights in the file: bf16 is chosen at compile time, where the CPU supports it.
+        ov.save_model(ov.convert_model(source), os.path.join(directory, "model.xml"), compress_to_fp16=False)
+    return os.path.join(directory, "model.xml")
+
+
+def run(directory, inputs_nhwc, precision="fp32", threads=None):
+    from export.openvino_runtime import compile_model
+
+    compiled = compile_model(os.path.join(directory, "model.xml"), precision, threads)
+    batch = np.ascontiguousarray(np.transpose(np.asarray(inputs_nhwc, np.float32), (0, 3, 1, 2)))
+    return np.array(compiled.create_infer_request().infer({0: batch})[0])
+
+
+def export_openvino(model, output, *, quantize="none", precision=None, verify_inputs, calibration=None,
+                    reference=None, overwrite=False, tolerance=None):
+    """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
+    reference = reference or model
+    precision = precision or default_precision(quantize)
+    tolerance_key = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
+    with common.atomic_output(output, overwrite=overwrite) as staged:
+        convert(model, staged, quantize, calibration)
+        expected = np.asarray(reference(verify_inputs, training=False))
+        report = verify.compare(
+            f"OpenVINO {os.path.basename(os.path.normpath(output))}", tolerance_key,
+            run(staged, verify_inputs, precision), expected, verify.directory_size_mb(staged), tolerance,
+        )
+        verify.check(report)
+        with open(os.path.join(staged, "runtime.json"), "w") as f:
+            json.dump({"precision": precision, "input": "images", "layout": "NCHW",
+                       "verified_max_rel_diff": report.max_rel, "verified_top1_agreement": report.top1_agreement},
+                      f, indent=1)
+    return report
+
+
+def main(argv):
+    del argv
+
+    def export(shipped, reference, to_input, pixels):
+        calibration = None
+        if FLAGS.quantize == "int8":
+            _, height, width, channels = shipped.input_shape
+            calibration = to_input(images.load_images(
+                FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
+        export_openvino(shipped, FLAGS.output, quantize=FLAGS.quantize, precision=FLAGS.precision,
+                        verify_inputs=to_input(pixels), calibration=calibration, reference=reference,
+                        overwrite=FLAGS.overwrite, tolerance=FLAGS.tolerance)
+        return FLAGS.output
+
+    return common.run_exporter(export)
+
+
+if __name__ == "__main__":
+    common.define_model_flags()
+    flags.DEFINE_string("output", None, "Directory to write (model.xml, model.bin, runtime.json).")
+    flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "int8: QDQ-quantize before converting.")
+    flags.DEFINE_enum("precision", None, ["fp32", "bf16", "int8"],
+                      "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).")
+    flags.DEFINE_string("calibration_data", "fashion_mnist",
+                        "int8 calibration images: 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder.")
+    flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
+    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+    flags.mark_flag_as_required("output")
+    app.run(lambda argv: sys.exit(main(argv)))

@@ -1,0 +1,148 @@
+"""Fast CPU inference for a trained model: the runtime and precision the benchmark found
+fastest on this machine's kind of CPU, checked against the Keras model before it is used.
+
+    import repvgg_keras as rk
+    predict = rk.inference.fast_predictor(model, check_images=x[:64])
+    logits = predict(x)          # NHWC float32, normalised like the model's input
+    print(predict.describe())    # runtime, precision, threads, measured difference
+
+Candidates are tried fastest first (bench/results shows the measurements) and the first
+that is installed, runs natively on this CPU and stays within tolerance on the check
+images is kept; "fp32" in the plain Keras deploy form always qualifies. The helper never
+trades accuracy silently: a reduced precision is used only if its top-1 agreement with
+the fp32 Keras model on the check images is at least `min_agreement`.
+"""
+
+import dataclasses
+import os
+import tempfile
+from typing import Callable
+
+import numpy as np
+
+# Fastest first, as measured by `python -m bench` on our 2-core AVX512-BF16 machine (README).
+RUNTIME_ORDER = ("openvino", "onnxruntime", "keras")
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "int8": 2.5e-1}
+
+
+@dataclasses.dataclass
+class Predictor:
+    runtime: str
+    precision: str
+    threads: int
+    max_rel_diff: float
+    top1_agreement: float
+    checked_on: int
+    _run: Callable
+    layout: str = "NHWC"
+
+    def __call__(self, images):
+        x = np.asarray(images, np.float32)
+        if self.layout == "NCHW":
+            x = np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+        return self._run(x)
+
+    def describe(self):
+        return (f"{self.runtime} {self.precision}, {self.threads} threads, {self.layout}; checked on "
+                f"{self.checked_on} images: max relative difference {self.max_rel_diff:.2e}, "
+                f"top-1 agreement {self.top1_agreement:.4f}")
+
+
+def _installed(runtime):
+    import importlib.util
+
+    module = {"openvino": "openvino", "onnxruntime": "onnxruntime", "keras": "tensorflow"}[runtime]
+    return importlib.util.find_spec(module) is not None
+
+
+def _native(runtime, precision):
+    if precision == "fp32":
+        return True
+    if runtime == "openvino":
+        from export.openvino_runtime import supports
+
+        return supports(precision)
+    return runtime == "onnxruntime" and precision == "int8"
+
+
+def _build(runtime, precision, deploy, calibration, threads, workdir):
+    """(run function, layout) for one candidate."""
+    if runtime == "keras":
+        import tensorflow as tf
+
+        function = tf.function(lambda x: deploy(x, training=False), jit_compile=True)
+        return (lambda x: function(tf.constant(x)).numpy()), "NHWC"
+    from export import onnx as onnx_export
+
+    path = os.path.join(workdir, "model.onnx")
+    if not os.path.exists(path):
+        with open(path, "wb") as f:
+            f.write(onnx_export.convert(deploy, nchw=True).SerializeToString())
+    if precision == "int8":
+        from export import onnx_int8
+
+        path = onnx_int8.quantize(path, os.path.join(workdir, "model_int8.onnx"),
+                                  np.transpose(calibration, (0, 3, 1, 2)))
+    if runtime == "openvino":
+        from export.openvino_runtime import compile_model
+
+        request = compile_model(path, precision, threads).create_infer_request()
+        return (lambda x: np.array(request.infer({0: x})[0])), "NCHW"
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    with open(path, "rb") as f:
+        session = ort.InferenceSession(f.read(), options, providers=["CPUExecutionProvider"])
+    return (lambda x: session.run(["logits"], {"images": x})[0]), "NCHW"
+
+
+def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None, calibration_images=None,
+                   threads=None, min_agreement=0.995):
+    """The fastest verified way to run `model` (training or deploy form) on this CPU.
+
+    precision: "auto" (int8 if `calibration_images` are given, then bf16 where native, then
+    fp32), or one of "fp32", "bf16", "int8". runtime: "auto" or one of RUNTIME_ORDER.
+    check_images: normalised NHWC images to verify on (real images: agreement is only
+    meaningful on them); default the calibration images, else 16 random ones.
+    """
+    import repvgg_keras as rk
+    from repvgg_keras.testing import max_relative_difference
+
+    runtimes = RUNTIME_ORDER if runtime == "auto" else (runtime,)
+    unknown = [r for r in runtimes if r not in RUNTIME_ORDER]
+    if unknown or precision not in ("auto", *TOLERANCE):
+        raise ValueError(f"runtime must be 'auto' or one of {RUNTIME_ORDER}, precision 'auto' or one of "
+                         f"{tuple(TOLERANCE)}; got runtime={runtime!r}, precision={precision!r}.")
+    if precision == "int8" and calibration_images is None:
+        raise ValueError("precision='int8' needs calibration_images (normalised real images).")
+    precisions = (("int8",) if calibration_images is not None else ()) + ("bf16", "fp32")
+    precisions = precisions if precision == "auto" else (precision,)
+    threads = threads or os.cpu_count()
+    deploy = rk.to_deploy(model) if not rk.is_deploy_form(model) else model
+    if check_images is None:
+        check_images = calibration_images
+    if check_images is None:
+        _, height, width, channels = deploy.input_shape
+        check_images = np.random.default_rng(0).normal(size=(16, height, width, channels))
+    check_images = np.asarray(check_images, np.float32)
+    reference = np.asarray(deploy(check_images, training=False))
+    tried = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for candidate_precision in precisions:
+            for candidate_runtime in runtimes:
+                if not (_installed(candidate_runtime) and _native(candidate_runtime, candidate_precision)):
+                    continue
+                run, layout = _build(candidate_runtime, candidate_precision, deploy, calibration_images,
+                                     threads, workdir)
+                predictor = Predictor(candidate_runtime, candidate_precision, threads, 0.0, 0.0,
+                                      len(check_images), run, layout)
+                outputs = predictor(check_images)
+                predictor.max_rel_diff = max_relative_difference(outputs, reference)
+                predictor.top1_agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1)))
+                if (predictor.max_rel_diff <= TOLERANCE[candidate_precision]
+                        and predictor.top1_agreement >= min_agreement):
+                    return predictor
+                tried.append(predictor.describe())
+    raise ValueError("No runtime met the accuracy requirement on the check images: " + "; ".join(tried)
+                     if tried else f"None of the runtimes {runtimes} can run precision {precision!r} on this CPU.")

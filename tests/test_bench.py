@@ -1,0 +1,144 @@
+"""Benchmark: the --quick smoke run (numbers from every runtime, outputs agree), the counts
+it reports, and its ratio arithmetic. Never a timed pass/fail: speeds are only checked > 0."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import repvgg_keras as rk
+from bench import flops, report
+from export import verify
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Reduced-precision tolerances of the records, by precision (relative to the fp32 Keras model).
+TOLERANCE = {"fp32": verify.TOLERANCES["float32"], "fp16": verify.TOLERANCES["float16"],
+             "bf16": verify.TOLERANCES["bfloat16"], "int8": verify.TOLERANCES["int8"]}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "bench", "--quick", f"--out={out}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "results.json") as f:
+        records = json.load(f)
+    with open(out / "meta.json") as f:
+        meta = json.load(f)
+    return out, records, meta, done.stdout
+
+
+def test_quick_every_runtime_gives_a_number(quick_run):
+    from bench.runtimes import RUNTIMES
+
+    out, records, meta, stdout = quick_run
+    skipped = [r for r in records if r["status"] != "ok" and not
+               (r["runtime"] == "openvino" and r["precision"] == "bf16")]  # needs a bf16-capable CPU
+    assert not skipped, skipped
+    measured = {(r["runtime"], r["precision"], r["batch"]) for r in records if r["status"] == "ok"}
+    for spec in RUNTIMES:
+        for batch in (1, 2):
+            if (spec.runtime, spec.precision) != ("openvino", "bf16") or any(
+                    r["runtime"] == "openvino" and r["precision"] == "bf16" and r["status"] == "ok" for r in records):
+                assert (spec.runtime, spec.precision, batch) in measured
+    assert {("timm", "fp32", 1), ("timm-cl", "fp32", 2)} <= {(r["runtime"], r["precision"], r["batch"])
+                                                            for r in records if r["model"] == "ResNet-18"}
+    for r in records:
+        if r["status"] == "ok":
+            assert r["images_per_s"] > 0 and r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
+            assert r["gflops"] > 0
+    assert meta["peak_gflops"]["fp32"] > 0
+    assert os.path.getsize(out / "results.png") > 1000
+    assert "| RepVGG_A0 | keras-deploy | fp32 | 1 |" in (out / "results.md").read_text()
+
+
+def test_quick_outputs_agree_with_keras(quick_run):
+    _, records, _, _ = quick_run
+    checked = [r for r in records if r["status"] == "ok" and r["model"] == "RepVGG_A0"]
+    assert {r["runtime"] for r in checked} >= {"keras-deploy", "tflite", "onnxruntime-nchw", "timm-reparam"}
+    for r in checked:
+        # timm gets the same weights (imported by our checkpoint loader), so it is compared too.
+        assert r["max_rel_diff"] <= TOLERANCE[r["precision"]], r
+        if r["precision"] == "fp32":
+            assert r["top1_agreement"] == 1.0, r
+
+
+def test_quick_memory_and_structure(quick_run):
+    _, records, meta, _ = quick_run
+    forms = {s["form"]: s for s in meta["structure"]}
+    assert forms["deploy"]["layers"] < forms["train"]["layers"]
+    assert forms["deploy"]["graph_nodes"] < forms["train"]["graph_nodes"]
+    assert forms["deploy"]["parameters"] < forms["train"]["parameters"]
+    rss = [r for r in records if r["runtime"] in ("keras-train", "keras-deploy") and r["status"] == "ok"]
+    assert rss and all(r["peak_rss_mb"] > 0 for r in rss)
+
+
+@pytest.mark.parametrize("name, published", [("RepVGG_A0", 1.4), ("RepVGG_B1g4", 7.3), ("RepVGG_B1", 11.8)])
+def test_multiply_adds_match_the_paper(name, published):
+    model = rk.get_model(name, deploy=True)
+    assert round(flops.multiply_adds(model) / 1e9, 1) == published
+
+
+def test_torch_multiply_adds_of_resnet18():
+    from repvgg_keras.torch_reference import import_timm
+
+    module = import_timm().create_model("resnet18").eval()
+    assert round(flops.torch_multiply_adds(module, 224) / 1e9, 1) == 1.8  # the commonly quoted 1.8 G
+
+
+def _record(runtime, precision, batch, speed, **extra):
+    return dict(model="RepVGG_A0", runtime=runtime, precision=precision, batch=batch, images_per_s=speed,
+                status="ok", **extra)
+
+
+def test_ratios_pick_the_best_runtime_and_respect_agreement():
+    records = [
+        _record("keras-train", "fp32", 1, 10.0, peak_rss_mb=400.0),
+        _record("keras-deploy", "fp32", 1, 25.0, peak_rss_mb=300.0),
+        _record("onnxruntime-nchw", "fp32", 1, 50.0),
+        _record("timm-reparam", "fp32", 1, 20.0),
+        _record("timm-reparam-cl", "fp32", 1, 40.0),
+        _record("openvino", "int8", 1, 400.0, top1_agreement=0.99),  # below 99.5%: not counted
+        _record("openvino", "bf16", 1, 120.0, top1_agreement=1.0),
+        dict(_record("timm-cl", "fp32", 1, 16.0), model="ResNet-18"),
+    ]
+    found = {what: value for _, _, what, value, _ in report.ratios(records)}
+    assert found["Keras deploy / training form speed"] == pytest.approx(2.5)
+    assert found["peak RSS deploy / training form"] == pytest.approx(0.75)
+    assert found["best fp32 / timm-reparam-cl fp32"] == pytest.approx(50 / 40)
+    assert found["best reduced precision (agreement >= 0.995) / timm-reparam-cl fp32"] == pytest.approx(3.0)
+    assert found["RepVGG-A0 / ResNet-18 (timm, fp32, best layout each)"] == pytest.approx(2.5)
+
+
+def test_bad_arguments_are_clear_errors():
+    for args, message in ((["--models=RepVGG_Z9"], "RepVGG_Z9"), (["--runtimes=tensorrt"], "tensorrt"),
+                          (["--weights=a0.keras"], "Model=path")):
+        done = subprocess.run([sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+
+
+def test_int8_onnx_quantization_keeps_top1(tmp_path):
+    """The QDQ file the benchmark and export.openvino use, in onnxruntime, on real images."""
+    import onnxruntime as ort
+
+    from export import images, onnx as onnx_export, onnx_int8
+    from repvgg_keras import preprocessing
+    from repvgg_keras.testing import randomize_batchnorm
+
+    model = rk.to_deploy(randomize_batchnorm(rk.get_model("RepVGG_A0", input_shape=(48, 48, 3), classes=10)))
+    pixels = images.load_images("fashion_mnist", 48, 48, 48, 3)
+    inputs = np.transpose(preprocessing.normalize(pixels.astype(np.float32), "imagenet", 3), (0, 3, 1, 2))
+    source, target = str(tmp_path / "a0.onnx"), str(tmp_path / "a0_int8.onnx")
+    with open(source, "wb") as f:
+        f.write(onnx_export.convert(model, nchw=True).SerializeToString())
+    onnx_int8.quantize(source, target, inputs[:32])
+    run = lambda path: ort.InferenceSession(path, providers=["CPUExecutionProvider"]).run(["logits"], {"images": inputs})[0]
+    fp32, int8 = run(source), run(target)
+    assert os.path.getsize(target) < 0.5 * os.path.getsize(source)  # int8 weights
+    assert verify.compare("int8", "int8", int8, fp32).ok
+    with pytest.raises(ValueError, match="calibration"):
+        onnx_int8.quantize(source, target, inputs[:0])
