@@ -22,7 +22,7 @@ import numpy as np
 
 # Fastest first, as measured by `python -m bench` on our 2-core AVX512-BF16 machine (README).
 RUNTIME_ORDER = ("openvino", "onnxruntime", "keras")
-TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2, "int8": 2.5e-1}
+TOLERANCE = {"fp32": 1e-4, "bf16": 1e-1, "int8": 2.5e-1}
 
 
 @dataclasses.dataclass
