@@ -137,6 +137,17 @@ def run_exporter(export):
     return 0
 
 
+def calibration_from_flags(shipped, to_input):
+    """Model inputs for int8 calibration (--calibration_data/--calibration_count), or None
+    unless --quantize int8; shared by the TFLite and OpenVINO exporters."""
+    from export import images
+
+    if FLAGS.quantize != "int8":
+        return None
+    _, height, width, channels = shipped.input_shape
+    return to_input(images.load_images(FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
+
+
 def model_from_flags():
     model = load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
     return model

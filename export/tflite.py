@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from export import common, images, verify
+from export import common, verify
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
@@ -86,11 +86,7 @@ def main(argv):
     del argv
 
     def export(shipped, reference, to_input, pixels):
-        calibration = None
-        if FLAGS.quantize == "int8":
-            _, height, width, channels = shipped.input_shape
-            calibration = to_input(images.load_images(
-                FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
+        calibration = common.calibration_from_flags(shipped, to_input)
         export_tflite(shipped, FLAGS.output, quantize=FLAGS.quantize, verify_inputs=to_input(pixels),
                       calibration=calibration, reference=reference, overwrite=FLAGS.overwrite,
                       tolerance=FLAGS.tolerance)
