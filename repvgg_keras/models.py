@@ -142,7 +142,10 @@ def RepVGG(
         outputs = stage_outputs
     elif include_top:
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-        outputs = layers.Dense(num_classes, activation=classifier_activation, name="predictions")(x)
+        # Under a mixed policy the classifier runs in float32 (bf16 logits keep ~3 digits).
+        head_dtype = "float32" if keras.config.dtype_policy().name.startswith("mixed_") else None
+        outputs = layers.Dense(num_classes, activation=classifier_activation, name="predictions",
+                               dtype=head_dtype)(x)
     elif pooling == "avg":
         outputs = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":

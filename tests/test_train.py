@@ -13,6 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 import repvgg_keras as rk
+from repvgg_keras import preprocessing
 from export import images
 from train import data, recipes
 
@@ -171,7 +172,9 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, image_fold
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     model_dir = tmp_path / "mw"
-    cmd = _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "6")
+    # EMA and the custom L2 ride along: both go through the hand-written multi-worker loop.
+    cmd = _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "6",
+                     "--ema_momentum", "0.9", "--custom_l2")
     workers = []
     for index in range(2):
         env = dict(_env(), TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
@@ -253,3 +256,84 @@ def test_custom_l2_matches_the_authors_formula_and_enters_the_fit_loss():
                       loss=keras.losses.CategoricalCrossentropy(from_logits=True))
         losses[coefficient] = float(model.train_on_batch(x, y))  # lr 0: weights unchanged
     assert losses[0.1] - losses[0.0] == pytest.approx(penalty, rel=1e-3)
+
+
+def test_randaugment_alters_training_images_only():
+    """paper200's stronger augmentation: with the crop fixed to the whole image, basic training
+    gives the image or its mirror; RandAugment changes (nearly) every one; evaluation stays put."""
+    pixels, _ = images.fashion_mnist("t10k")
+    image = np.repeat(pixels[0][..., None], 3, -1)
+    one = tf.data.Dataset.from_tensors((image, 0))
+    common = dict(image_size=28, num_classes=10, cache=False, seed=0)
+    reference = next(iter(data.make_pipeline(one, batch_size=1, training=False, eval_crop=1.0, **common)))[0][0].numpy()
+
+    def unchanged(batch):
+        return sum(min(np.abs(x - reference).max(), np.abs(x - reference[:, ::-1]).max()) < 1e-4 for x in batch)
+
+    for augment, expected in (("basic", lambda n: n == 64), ("randaugment", lambda n: n <= 8)):
+        pipeline = data.make_pipeline(one.repeat(64), batch_size=64, training=True, min_area=1.0, augment=augment, **common)
+        batch = next(iter(pipeline))[0].numpy()
+        assert expected(unchanged(batch)), (augment, unchanged(batch))
+        low, high = (preprocessing.normalize(np.full(3, v, np.float32)) for v in (0.0, 255.0))
+        assert np.all(batch >= low - 1e-5) and np.all(batch <= high + 1e-5)  # stays within 0..255 pixels
+    evaluation = data.make_pipeline(one, batch_size=1, training=False, eval_crop=1.0, augment="randaugment", **common)
+    np.testing.assert_array_equal(next(iter(evaluation))[0][0].numpy(), reference)
+    assert recipes.get_recipe("paper200").augment == "randaugment" and recipes.get_recipe("paper120").augment == "basic"
+    with pytest.raises(ValueError, match="Unknown augment"):
+        data.make_pipeline(one, batch_size=1, training=True, augment="autoaugment", **common)
+
+
+def test_ema_weights_end_up_in_the_model():
+    """--ema_momentum: after fit the model holds the moving average of the weights seen after
+    each step (first step: the weights themselves), not the last step's weights."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = _tiny_model()
+    recipe = recipes.get_recipe("small", ema_momentum=0.5, batch_size=8, warmup_epochs=0.0)
+    model.compile(optimizer=recipes.make_optimizer(recipe, model, total_steps=4, warmup_steps=0),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    seen = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: seen.append([v.numpy().copy() for v in model.trainable_variables]))
+    x = np.random.default_rng(0).normal(size=(32, 32, 32, 3)).astype("float32")
+    y = np.eye(3, dtype="float32")[np.arange(32) % 3]
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[record], shuffle=False)
+    assert len(seen) == 4
+    average = seen[0]
+    for step in seen[1:]:
+        average = [0.5 * a + 0.5 * w for a, w in zip(average, step)]
+    final = [v.numpy() for v in model.trainable_variables]
+    for got, want, last in zip(final, average, seen[-1]):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(g - l).max() for g, l in zip(final, seen[-1])) > 1e-4  # not just the last weights
+
+
+def _tiny_model(classes=3):
+    import dataclasses
+
+    spec = dataclasses.replace(rk.get_spec("RepVGG_A0"), num_blocks=(1, 1, 1, 1), width_multipliers=(0.25, 0.25))
+    return rk.RepVGG(spec, input_shape=(32, 32, 3), classes=classes)
+
+
+def test_mixed_bfloat16_trains_and_both_forms_agree(tmp_path, image_folder):
+    """--mixed_precision mixed_bfloat16 (what `auto` picks on AMX CPUs): blocks compute in bf16,
+    the classifier in float32, and the fused deploy model classifies like the training form."""
+    import keras
+
+    model_dir = tmp_path / "bf16"
+    result = subprocess.run(
+        _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "8",
+                   "--mixed_precision", "mixed_bfloat16"),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "precision mixed_bfloat16" in result.stdout
+    final = re.search(r"accuracy: training_form=(\S+) deploy_form=(\S+)$", result.stdout.strip())
+    assert final and abs(float(final.group(1)) - float(final.group(2))) <= 2 / 80, result.stdout[-500:]
+    for name in ("model_train.keras", "model_deploy.keras"):
+        model = keras.saving.load_model(model_dir / name)
+        convs = [l for l in model.layers if isinstance(l, (rk.RepVGGBlock, keras.layers.Conv2D))]
+        assert convs and all(l.dtype_policy.name == "mixed_bfloat16" for l in convs), name
+        assert model.get_layer("predictions").compute_dtype == "float32"
+        assert model.output.dtype == "float32"

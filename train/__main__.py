@@ -35,6 +35,7 @@ flags.DEFINE_float("warmup_epochs", None, "Override.")
 flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
 flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area.")
+flags.DEFINE_enum("augment", None, ["basic", "randaugment"], "Override: crop + flip, or also RandAugment.")
 flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disables.")
 flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent kernel instead of plain "
                   "weight decay on the block kernels (coefficient: --weight_decay).")
@@ -119,7 +120,7 @@ def train():
     recipe = recipes.get_recipe(
         FLAGS.recipe, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
         weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs,
-        label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area,
+        label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area, augment=FLAGS.augment,
         ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop, custom_l2=FLAGS.custom_l2,
     )
     precision = pick_precision(FLAGS.mixed_precision)
@@ -134,7 +135,7 @@ def train():
 
     train_ds, eval_ds, info = data.load(
         FLAGS.dataset, image_size=image_size, batch_size=recipe.batch_size, data_dir=FLAGS.data_dir,
-        download=FLAGS.download, min_area=recipe.min_area, mixup=recipe.mixup,
+        download=FLAGS.download, min_area=recipe.min_area, mixup=recipe.mixup, augment=recipe.augment,
         train_take=FLAGS.train_take, eval_take=FLAGS.eval_take, seed=FLAGS.seed, eval_crop=recipe.eval_crop,
     )
     options = tf.data.Options()
@@ -147,7 +148,8 @@ def train():
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
     print(f"{spec.name} ({FLAGS.ablation}) on {FLAGS.dataset}: {info.train_examples} train / "
           f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
-          f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe}: "
+          f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
+          f"(augment {recipe.augment}): "
           f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, peak lr {peak_lr:g}",
           flush=True)
 
@@ -157,21 +159,7 @@ def train():
             use_identity=use_identity, use_1x1=use_1x1,
             bn_synchronized=strategy.num_replicas_in_sync > 1,
         )
-        schedule = keras.optimizers.schedules.CosineDecay(
-            initial_learning_rate=0.0 if warmup_steps else peak_lr, decay_steps=total_steps - warmup_steps,
-            alpha=0.0, warmup_target=peak_lr if warmup_steps else None, warmup_steps=warmup_steps,
-        )
-        optimizer = keras.optimizers.SGD(
-            learning_rate=schedule, momentum=recipe.momentum, weight_decay=recipe.weight_decay or None,
-            use_ema=recipe.ema_momentum > 0, ema_momentum=recipe.ema_momentum or 0.99,
-        )
-        if recipe.custom_l2 and not recipe.weight_decay:
-            raise ValueError("--custom_l2 takes its coefficient from --weight_decay, which is 0.")
-        if recipe.weight_decay:
-            excluded = recipes.no_decay_variables(model)
-            if recipe.custom_l2:
-                excluded += recipes.use_custom_l2(model, recipe.weight_decay)
-            optimizer.exclude_from_weight_decay(var_list=excluded)
+        optimizer = recipes.make_optimizer(recipe, model, total_steps=total_steps, warmup_steps=warmup_steps)
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing)
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 

@@ -26,6 +26,8 @@ def fit(model, train_ds, *, strategy, epochs, steps_per_epoch, global_batch, val
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
                 loss = tf.nn.compute_average_loss(per_example_loss(labels, logits), global_batch_size=global_batch)
+                if model.losses:  # e.g. the custom L2 (--custom_l2), once per replica: scale it
+                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             grads = tape.gradient(loss, model.trainable_variables)
             model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
             correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32))
@@ -71,6 +73,7 @@ def fit(model, train_ds, *, strategy, epochs, steps_per_epoch, global_batch, val
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
+    model.optimizer.finalize_variable_values(model.trainable_variables)  # EMA weights, as fit does
     callback_list.on_train_end(logs)
     return model.history
 
