@@ -143,6 +143,36 @@ def prepare_baseline(name, batches):
     return cases, []
 
 
+def measure_cases(cases, batches, peak_gflops):
+    """Interleaved timing of `cases`, batch by batch: one finished record per case."""
+    from bench import timing
+
+    for batch in batches:
+        batch_cases = [c for c in cases if c.key["batch"] == batch]
+        print(f"Timing batch {batch}: {len(batch_cases)} cases x {FLAGS.rounds} rounds "
+              f"of {FLAGS.chunk_seconds}s", flush=True)
+        timing.measure(batch_cases, FLAGS.rounds, FLAGS.chunk_seconds)
+    records = []
+    for case in cases:
+        record = dict(case.key, **case.summary())
+        record["gflops"] = 2 * record["macs"] * record["images_per_s"] / 1e9
+        # fp16 here means fp16 weights: XNNPACK computes in fp32 on CPUs without native fp16.
+        reference_peak = peak_gflops.get(record["precision"] if record["precision"] in ("bf16", "int8") else "fp32")
+        record["peak_fraction"] = record["gflops"] / reference_peak if reference_peak else None
+        records.append(record)
+    return records
+
+
+def free_memory():
+    """Drop the finished model's runtimes: Keras state, then Python garbage."""
+    import gc
+
+    import keras
+
+    keras.backend.clear_session()
+    gc.collect()
+
+
 def main(argv):
     del argv
     if FLAGS.quick:
@@ -169,7 +199,7 @@ def main(argv):
 def run(batches, weights):
     import tempfile
 
-    from bench import memory, peak, report, timing
+    from bench import memory, peak, report
 
     configure_threads(FLAGS.threads)
     os.makedirs(FLAGS.out, exist_ok=True)
@@ -179,28 +209,20 @@ def run(batches, weights):
     print("  " + ", ".join(f"{k} {peak_gflops[k]:.0f} GFLOP/s ({peak_gflops[k + '_library']})"
                            for k in ("fp32", "bf16", "int8") if k in peak_gflops), flush=True)
 
-    cases, records, structure = [], [], []
-    for name in FLAGS.models:
-        found, notes = prepare_model(name, weights.get(name), batches, workdir)
-        cases += found
+    records, structure = [], []
+    # One model at a time: build its runtimes, time them, free them (holding every runtime of
+    # every model at once peaked at 24 GB). The baselines share the first model's rounds, so
+    # the RepVGG-A0 / ResNet-18 ratio is still measured side by side.
+    for index, name in enumerate(FLAGS.models or [None]):
+        cases, notes = prepare_model(name, weights.get(name), batches, workdir) if name else ([], [])
         records += notes
-    for name in FLAGS.baselines:
-        found, notes = prepare_baseline(name, batches)
-        cases += found
-        records += notes
-
-    for batch in batches:
-        batch_cases = [c for c in cases if c.key["batch"] == batch]
-        print(f"Timing batch {batch}: {len(batch_cases)} cases x {FLAGS.rounds} rounds "
-              f"of {FLAGS.chunk_seconds}s", flush=True)
-        timing.measure(batch_cases, FLAGS.rounds, FLAGS.chunk_seconds)
-    for case in cases:
-        record = dict(case.key, **case.summary())
-        record["gflops"] = 2 * record["macs"] * record["images_per_s"] / 1e9
-        # fp16 here means fp16 weights: XNNPACK computes in fp32 on CPUs without native fp16.
-        reference_peak = peak_gflops.get(record["precision"] if record["precision"] in ("bf16", "int8") else "fp32")
-        record["peak_fraction"] = record["gflops"] / reference_peak if reference_peak else None
-        records.append(record)
+        for baseline in FLAGS.baselines if index == 0 else []:
+            found, notes = prepare_baseline(baseline, batches)
+            cases += found
+            records += notes
+        records += measure_cases(cases, batches, peak_gflops)
+        del cases
+        free_memory()
 
     if FLAGS.memory:
         for name in FLAGS.models:
@@ -225,11 +247,13 @@ def run(batches, weights):
         "images": FLAGS.images, "image_count": FLAGS.image_count,
         "weights": ", ".join(sorted({r.get("weights", "") for r in records if r["model"].startswith("RepVGG")})),
         "structure": structure,
+        "bench_peak_rss_mb": memory.peak_rss_mb(),  # this process, all runtimes of one model at a time
     }
     report.write(FLAGS.out, records, meta)
     print(report.text_table(records))
     for model, batch, what, value, detail in report.ratios(records):
         print(f"{model} batch {batch}: {what}: {value:.2f}x ({detail})")
+    print(f"benchmark process peak RSS: {meta['bench_peak_rss_mb']:.0f} MB")
     print(f"wrote {os.path.join(FLAGS.out, 'results.json')}, results.md, results.png")
     failed = [r for r in records if r.get("status") == "error"]
     return 1 if failed else 0

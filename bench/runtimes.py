@@ -71,30 +71,17 @@ def savedmodel(subject, threads):
 def _tflite(quantize):
     def build(subject, threads):
         try:
-            from ai_edge_litert.interpreter import Interpreter
+            import ai_edge_litert  # noqa: F401
         except ImportError as error:
             raise Unavailable("ai-edge-litert is not installed") from error
-        from export import tflite
+        from export import runners, tflite
 
         path = os.path.join(subject.workdir, f"model_{quantize}.tflite")
         if not os.path.exists(path):
             flatbuffer = tflite.convert(subject.keras_deploy, quantize, subject.calibration)
             with open(path, "wb") as f:
                 f.write(flatbuffer)
-        interpreter = Interpreter(model_path=path, num_threads=threads)  # XNNPACK by default
-        (input_detail,) = interpreter.get_input_details()
-        output_index = interpreter.get_output_details()[0]["index"]
-        shape = [None]
-
-        def predict(x):
-            if shape[0] != x.shape:
-                interpreter.resize_tensor_input(input_detail["index"], x.shape)
-                interpreter.allocate_tensors()
-                shape[0] = x.shape
-            interpreter.set_tensor(input_detail["index"], x)
-            interpreter.invoke()
-            return interpreter.get_tensor(output_index)
-
+        predict = runners.tflite(path, threads)
         return Predictor(predict, note=f"XNNPACK, {quantize} conversion")
 
     return build
@@ -103,38 +90,20 @@ def _tflite(quantize):
 # --- ONNX: onnxruntime and OpenVINO -----------------------------------------------------
 
 def onnx_path(subject, nchw=True, int8=False):
-    """The deploy model as ONNX (written once per subject); int8: QDQ, per-channel weights,
-    activations calibrated on the subject's real images."""
-    from export import onnx as onnx_export
+    from export.runners import onnx_file
 
-    layout = "nchw" if nchw else "nhwc"
-    path = os.path.join(subject.workdir, f"model_{layout}.onnx")
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.write(onnx_export.convert(subject.keras_deploy, nchw=nchw).SerializeToString())
-    if not int8:
-        return path
-    quantized = os.path.join(subject.workdir, f"model_{layout}_int8.onnx")
-    if not os.path.exists(quantized):
-        from export.onnx_int8 import quantize
-
-        feed = np.transpose(subject.calibration, (0, 3, 1, 2)) if nchw else subject.calibration
-        quantize(path, quantized, feed)
-    return quantized
+    return onnx_file(subject.keras_deploy, subject.workdir, nchw=nchw, int8=int8, calibration=subject.calibration)
 
 
 def _onnxruntime(nchw, int8=False):
     def build(subject, threads):
         try:
-            import onnxruntime as ort
+            import onnxruntime  # noqa: F401
         except ImportError as error:
             raise Unavailable("onnxruntime is not installed") from error
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        session = ort.InferenceSession(onnx_path(subject, nchw, int8), options, providers=["CPUExecutionProvider"])
-        return Predictor(lambda x: session.run(["logits"], {"images": x})[0], "NCHW" if nchw else "NHWC",
+        from export import runners
+
+        return Predictor(runners.onnxruntime(onnx_path(subject, nchw, int8), threads), "NCHW" if nchw else "NHWC",
                          note="QDQ int8" if int8 else "")
 
     return build
@@ -146,13 +115,13 @@ def _openvino(precision):
 
         if importlib.util.find_spec("openvino") is None:
             raise Unavailable("openvino is not installed (pip install openvino)")
-        from export.openvino_runtime import compile_model, supports
+        from export import runners
+        from export.openvino_runtime import supports
 
         if not supports(precision):
             raise Unavailable(f"this CPU has no native {precision} support in OpenVINO")
-        compiled = compile_model(onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads)
-        request = compiled.create_infer_request()
-        return Predictor(lambda x: np.array(request.infer({0: x})[0]), "NCHW",
+        predict = runners.openvino(onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads)
+        return Predictor(predict, "NCHW",
                          note="reads the QDQ ONNX" if precision == "int8" else "")
 
     return build

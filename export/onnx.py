@@ -62,10 +62,9 @@ def convert(model, opset=17, nchw=False):
 
 
 def run(path, inputs):
-    import onnxruntime as ort
+    from export import runners
 
-    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return session.run(["logits"], {"images": np.asarray(inputs, np.float32)})[0]
+    return runners.onnxruntime(path)(inputs)
 
 
 def export_onnx(model, output, *, opset=17, nchw=True, verify_inputs, reference=None, overwrite=False):

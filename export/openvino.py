@@ -39,32 +39,25 @@ def convert(model, directory, quantize="none", calibration=None):
     """Write model.xml/model.bin for `model` (Keras, NHWC) into `directory`."""
     import openvino as ov
 
-    from export import onnx as onnx_export
-    from export import onnx_int8
+    from export.runners import onnx_file
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+    if quantize == "int8" and (calibration is None or len(calibration) == 0):
+        raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
-        source = os.path.join(tmp, "model.onnx")
-        with open(source, "wb") as f:
-            f.write(onnx_export.convert(model, nchw=True).SerializeToString())
-        if quantize == "int8":
-            if calibration is None or len(calibration) == 0:
-                raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
-            source = onnx_int8.quantize(source, os.path.join(tmp, "model_int8.onnx"),
-                                        np.transpose(calibration, (0, 3, 1, 2)))
+        source = onnx_file(model, tmp, nchw=True, int8=quantize == "int8", calibration=calibration)
         # fp32 weights in the file: bf16 is chosen at compile time, where the CPU supports it.
         ov.save_model(ov.convert_model(source), os.path.join(directory, "model.xml"), compress_to_fp16=False)
     return os.path.join(directory, "model.xml")
 
 
 def run(directory, inputs_nhwc, precision="fp32", threads=None):
-    from export.openvino_runtime import compile_model
+    from export import runners
 
-    compiled = compile_model(os.path.join(directory, "model.xml"), precision, threads)
-    batch = np.ascontiguousarray(np.transpose(np.asarray(inputs_nhwc, np.float32), (0, 3, 1, 2)))
-    return np.array(compiled.create_infer_request().infer({0: batch})[0])
+    batch = np.transpose(np.asarray(inputs_nhwc, np.float32), (0, 3, 1, 2))
+    return runners.openvino(os.path.join(directory, "model.xml"), precision, threads)(batch)
 
 
 def export_openvino(model, output, *, quantize="none", precision=None, verify_inputs, calibration=None,

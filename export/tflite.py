@@ -48,21 +48,10 @@ def convert(model, quantize="none", calibration=None):
 
 
 def run(path_or_bytes, inputs):
-    """Logits of a .tflite model on a batch, through ai_edge_litert's signature runner."""
-    from ai_edge_litert.interpreter import Interpreter
+    """Logits of a .tflite model on a batch (ai_edge_litert, XNNPACK)."""
+    from export import runners
 
-    if isinstance(path_or_bytes, (bytes, bytearray)):
-        interpreter = Interpreter(model_content=bytes(path_or_bytes))
-    else:
-        interpreter = Interpreter(model_path=path_or_bytes)
-    runner = interpreter.get_signature_runner("serving_default")
-    (output,) = runner(**{_input_name(runner): np.asarray(inputs, np.float32)}).values()
-    return output
-
-
-def _input_name(runner):
-    (name,) = runner.get_input_details()
-    return name
+    return runners.tflite(path_or_bytes)(inputs)
 
 
 def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=None,

@@ -72,29 +72,12 @@ def _build(runtime, precision, deploy, calibration, threads, workdir):
 
         function = tf.function(lambda x: deploy(x, training=False), jit_compile=True)
         return (lambda x: function(tf.constant(x)).numpy()), "NHWC"
-    from export import onnx as onnx_export
+    from export import runners
 
-    path = os.path.join(workdir, "model.onnx")
-    if not os.path.exists(path):
-        with open(path, "wb") as f:
-            f.write(onnx_export.convert(deploy, nchw=True).SerializeToString())
-    if precision == "int8":
-        from export import onnx_int8
-
-        path = onnx_int8.quantize(path, os.path.join(workdir, "model_int8.onnx"),
-                                  np.transpose(calibration, (0, 3, 1, 2)))
+    path = runners.onnx_file(deploy, workdir, nchw=True, int8=precision == "int8", calibration=calibration)
     if runtime == "openvino":
-        from export.openvino_runtime import compile_model
-
-        request = compile_model(path, precision, threads).create_infer_request()
-        return (lambda x: np.array(request.infer({0: x})[0])), "NCHW"
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    with open(path, "rb") as f:
-        session = ort.InferenceSession(f.read(), options, providers=["CPUExecutionProvider"])
-    return (lambda x: session.run(["logits"], {"images": x})[0]), "NCHW"
+        return runners.openvino(path, precision, threads), "NCHW"
+    return runners.onnxruntime(path, threads), "NCHW"
 
 
 def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None, calibration_images=None,

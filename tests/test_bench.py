@@ -51,7 +51,7 @@ def test_quick_every_runtime_gives_a_number(quick_run):
         if r["status"] == "ok":
             assert r["images_per_s"] > 0 and r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
             assert r["gflops"] > 0
-    assert meta["peak_gflops"]["fp32"] > 0
+    assert meta["peak_gflops"]["fp32"] > 0 and meta["bench_peak_rss_mb"] > 100
     assert os.path.getsize(out / "results.png") > 1000
     assert "| RepVGG_A0 | keras-deploy | fp32 | 1 |" in (out / "results.md").read_text()
 
