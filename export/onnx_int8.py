@@ -2,6 +2,14 @@
 
 onnxruntime's quantizer calibrates activation ranges on real images; the QDQ graph it
 writes runs in onnxruntime (VNNI kernels on x86) and OpenVINO reads it as int8.
+
+Only the convolutions are quantized (QUANTIZED_OPS): they hold all but a sliver of the
+work, while quantizing the pooling and classifier as well clips the logits. Measured on
+a RepVGG-A0 trained to 92.85% on Fashion-MNIST (2,000 test images, 64 calibration images):
+top-1 agreement with fp32 95.0% with every op quantized, 98.95% with convolutions only
+(accuracy 91.05% -> 92.65%). The rest of the gap is RepVGG's own: the fused 3x3 kernels
+carry the identity and 1x1 branches in their centre taps, so per-channel int8 weights
+lose precision on the other taps (the quantization problem QARepVGG addresses in training).
 """
 
 import numpy as np
@@ -22,6 +30,7 @@ class _Images:
 
 # minmax reduces each image's tensors as it goes; the histogram methods keep far more in
 # memory (percentile on RepVGG-B1g4 at 224: 8.3 GB for 4 images, past 24 GB for 64).
+QUANTIZED_OPS = ["Conv"]
 EXTRA_OPTIONS = {"percentile": {"CalibMaxIntermediateOutputs": 8}, "entropy": {"CalibMaxIntermediateOutputs": 8}}
 
 
@@ -40,7 +49,7 @@ def quantize(source, target, calibration_images, method="minmax"):
         source, target, _Images(graph_input.name, calibration_images),
         quant_format=q.QuantFormat.QDQ, per_channel=True,
         activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-        calibrate_method=methods[method],
+        calibrate_method=methods[method], op_types_to_quantize=QUANTIZED_OPS,
         extra_options=EXTRA_OPTIONS.get(method, {}),
     )
     return target

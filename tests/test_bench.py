@@ -140,5 +140,13 @@ def test_int8_onnx_quantization_keeps_top1(tmp_path):
     fp32, int8 = run(source), run(target)
     assert os.path.getsize(target) < 0.5 * os.path.getsize(source)  # int8 weights
     assert verify.compare("int8", "int8", int8, fp32).ok
+    import onnx
+
+    graph = onnx.load(target).graph
+    produced_by = {out: node.op_type for node in graph.node for out in node.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert convs and all(produced_by.get(n.input[1]) == "DequantizeLinear" for n in convs)  # int8 weights
+    head = [n for n in graph.node if n.op_type in ("MatMul", "Gemm", "GlobalAveragePool")]
+    assert head and not any(produced_by.get(i) == "DequantizeLinear" for n in head for i in n.input)  # float head
     with pytest.raises(ValueError, match="calibration"):
         onnx_int8.quantize(source, target, inputs[:0])
