@@ -180,7 +180,8 @@ RUNTIMES = (
     RuntimeSpec("savedmodel", "fp32", savedmodel, "ours"),
     RuntimeSpec("tflite", "fp32", _tflite("none"), "ours"),
     RuntimeSpec("tflite", "fp16", _tflite("float16"), "ours"),
-    RuntimeSpec("tflite", "int8", _tflite("int8"), "ours"),
+    RuntimeSpec("tflite", "int8", _tflite("int8"), "ours"),  # float pooling + classifier
+    RuntimeSpec("tflite-int8-full", "int8", _tflite("int8_full"), "ours"),  # integer-only
     RuntimeSpec("onnxruntime-nchw", "fp32", _onnxruntime(nchw=True), "ours"),
     RuntimeSpec("onnxruntime-nhwc", "fp32", _onnxruntime(nchw=False), "ours"),
     RuntimeSpec("onnxruntime-nchw", "int8", _onnxruntime(nchw=True, int8=True), "ours"),

@@ -142,7 +142,7 @@ def calibration_from_flags(shipped, to_input):
     unless --quantize int8; shared by the TFLite and OpenVINO exporters."""
     from export import images
 
-    if FLAGS.quantize != "int8":
+    if not FLAGS.quantize.startswith("int8"):
         return None
     _, height, width, channels = shipped.input_shape
     return to_input(images.load_images(FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))

@@ -1,6 +1,12 @@
-"""Export a .tflite file (float32, float16, dynamic-range or full-int8), verified in LiteRT.
+"""Export a .tflite file (float32, float16, dynamic-range or int8), verified in LiteRT.
 
     python -m export.tflite --model RepVGG_A0 --weights a0.keras --output a0.tflite --quantize int8
+
+int8 quantizes every convolution and keeps the global pooling and classifier in float
+(FLOAT_OPS_IN_INT8): on a RepVGG-A0 trained to 92.85% on Fashion-MNIST (2,000 test images,
+200 calibration images) top-1 agreement with float32 went from 91.0% (every op int8) to
+99.05%, accuracy from 88.6% to 92.8%. int8_full is the integer-only model that int8-only
+accelerators need (every op int8).
 
 Converts through a SavedModel (`TFLiteConverter.from_saved_model`; converting concrete
 functions drops Keras 3 weights), then runs the file in `ai_edge_litert`'s interpreter on
@@ -11,6 +17,7 @@ in every mode (int8 quantizes the ops and weights inside).
 import os
 import sys
 import tempfile
+import warnings
 
 import numpy as np
 from absl import app, flags
@@ -18,8 +25,9 @@ from absl import app, flags
 from export import common, verify
 
 FLAGS = flags.FLAGS
-QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
-PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8"}
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
+PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8", "int8_full": "int8"}
+FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]  # a sliver of the work, and quantizing them clips logits
 
 
 def convert(model, quantize="none", calibration=None):
@@ -28,8 +36,8 @@ def convert(model, quantize="none", calibration=None):
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
-    if quantize == "int8" and (calibration is None or len(calibration) == 0):
-        raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
+    if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
+        raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         # Keras's own exporter: a SavedModel from tf.saved_model.save(tf.Module) converts
@@ -40,9 +48,18 @@ def convert(model, quantize="none", calibration=None):
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]
-        if quantize == "int8":
+        if quantize.startswith("int8"):
             samples = np.asarray(calibration, np.float32)
             converter.representative_dataset = lambda: ([s[None]] for s in samples)
+        if quantize == "int8":
+            # LiteRT's selective quantization: calibrate once, then quantize all but these ops.
+            with warnings.catch_warnings():  # the debugger opens its own (deprecated) tf.lite.Interpreter
+                warnings.simplefilter("ignore", UserWarning)
+                debugger = tf.lite.experimental.QuantizationDebugger(
+                    converter=converter, debug_dataset=converter.representative_dataset,
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=FLOAT_OPS_IN_INT8))
+                return debugger.get_nondebug_quantized_model()
+        if quantize == "int8_full":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
         return converter.convert()
 

@@ -149,6 +149,7 @@ def test_client_request_bodies_give_the_right_top1(exported_savedmodel, models, 
         ("RepVGG_A0", "float16", 1e-2, 0.95),
         ("RepVGG_A0", "dynamic", 1e-1, 0.8),
         ("RepVGG_A0", "int8", 2.5e-1, 0.5),
+        ("RepVGG_A0", "int8_full", 2.5e-1, 0.5),
         ("RepVGG_B1g4", "none", 1e-4, 1.0),
         ("RepVGG_B1g4", "int8", 2.5e-1, 0.5),
     ],
@@ -165,6 +166,22 @@ def test_tflite_precisions(tmp_path, models, pixels, name, quantize, max_rel, mi
     assert max_relative_difference(got, expected) <= max_rel
     assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= min_top1
     assert report.max_rel <= max_rel
+
+
+def test_tflite_int8_keeps_the_head_float_and_int8_full_does_not(models):
+    """int8: convolutions int8, pooling + classifier float (better top-1 on trained models);
+    int8_full: every op int8, for integer-only accelerators."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    deploy = rk.to_deploy(models["RepVGG_A0"])
+    calibration = _inputs(images.load_images("fashion_mnist", 16, SIZE, SIZE))
+    for quantize, head_dtype in (("int8", np.float32), ("int8_full", np.int8)):
+        interpreter = Interpreter(model_content=tflite.convert(deploy, quantize, calibration))
+        dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
+        ops = interpreter._get_ops_details()  # no public per-op listing in LiteRT
+        weight_dtypes = lambda name: {np.dtype(dtypes[op["inputs"][1]]) for op in ops if op["op_name"] == name}
+        assert weight_dtypes("CONV_2D") == {np.dtype(np.int8)}, quantize
+        assert weight_dtypes("FULLY_CONNECTED") == {np.dtype(head_dtype)}, quantize
 
 
 def test_tflite_int8_without_calibration_is_an_error(tmp_path, models):
