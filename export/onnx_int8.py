@@ -34,9 +34,9 @@ QUANTIZED_OPS = ["Conv"]
 EXTRA_OPTIONS = {"percentile": {"CalibMaxIntermediateOutputs": 8}, "entropy": {"CalibMaxIntermediateOutputs": 8}}
 
 
-def quantize(source, target, calibration_images, method="minmax"):
+def quantize(source, target, calibration_images, method="minmax", op_types=QUANTIZED_OPS):
     """Write the int8 QDQ version of `source` to `target`, calibrated on `calibration_images`
-    (in the model's input layout, normalised as the model expects)."""
+    (in the model's input layout, normalised as the model expects). op_types None: every op."""
     import onnx
     from onnxruntime import quantization as q
 
@@ -49,7 +49,7 @@ def quantize(source, target, calibration_images, method="minmax"):
         source, target, _Images(graph_input.name, calibration_images),
         quant_format=q.QuantFormat.QDQ, per_channel=True,
         activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-        calibrate_method=methods[method], op_types_to_quantize=QUANTIZED_OPS,
+        calibrate_method=methods[method], op_types_to_quantize=op_types,
         extra_options=EXTRA_OPTIONS.get(method, {}),
     )
     return target
