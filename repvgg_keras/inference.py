@@ -20,8 +20,15 @@ from typing import Callable
 
 import numpy as np
 
-# Fastest first, as measured by `python -m bench` on our 2-core AVX512-BF16 machine (README).
-RUNTIME_ORDER = ("openvino", "onnxruntime", "keras")
+# Per precision, fastest first, as measured by `python -m bench` on our 2-core AVX512-BF16
+# machine (README): int8 TFLite/XNNPACK 280/296 img/s (A0, batch 1/32) > OpenVINO 253/289;
+# fp32 OpenVINO ~ onnxruntime > Keras/XLA; bf16 only OpenVINO runs natively.
+FASTEST = {
+    "int8": ("tflite", "openvino", "onnxruntime"),
+    "bf16": ("openvino",),
+    "fp32": ("openvino", "onnxruntime", "keras", "tflite"),
+}
+RUNTIMES = ("openvino", "tflite", "onnxruntime", "keras")
 TOLERANCE = {"fp32": 1e-4, "bf16": 1e-1, "int8": 2.5e-1}
 
 
@@ -51,18 +58,21 @@ class Predictor:
 def _installed(runtime):
     import importlib.util
 
-    module = {"openvino": "openvino", "onnxruntime": "onnxruntime", "keras": "tensorflow"}[runtime]
+    module = {"openvino": "openvino", "tflite": "ai_edge_litert", "onnxruntime": "onnxruntime",
+              "keras": "tensorflow"}[runtime]
     return importlib.util.find_spec(module) is not None
 
 
 def _native(runtime, precision):
+    if precision not in FASTEST or runtime not in FASTEST[precision]:
+        return False
     if precision == "fp32":
         return True
     if runtime == "openvino":
         from export.openvino_runtime import supports
 
         return supports(precision)
-    return runtime == "onnxruntime" and precision == "int8"
+    return precision == "int8"  # TFLite and onnxruntime run int8 on any x86/ARM CPU
 
 
 def _build(runtime, precision, deploy, calibration, threads, workdir):
@@ -74,6 +84,11 @@ def _build(runtime, precision, deploy, calibration, threads, workdir):
         return (lambda x: function(tf.constant(x)).numpy()), "NHWC"
     from export import runners
 
+    if runtime == "tflite":
+        from export import tflite
+
+        flatbuffer = tflite.convert(deploy, "int8" if precision == "int8" else "none", calibration)
+        return runners.tflite(flatbuffer, threads), "NHWC"
     path = runners.onnx_file(deploy, workdir, nchw=True, int8=precision == "int8", calibration=calibration)
     if runtime == "openvino":
         return runners.openvino(path, precision, threads), "NCHW"
@@ -85,17 +100,16 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
     """The fastest verified way to run `model` (training or deploy form) on this CPU.
 
     precision: "auto" (int8 if `calibration_images` are given, then bf16 where native, then
-    fp32), or one of "fp32", "bf16", "int8". runtime: "auto" or one of RUNTIME_ORDER.
+    fp32), or one of "fp32", "bf16", "int8". runtime: "auto" (FASTEST's order for each
+    precision) or one of RUNTIMES.
     check_images: normalised NHWC images to verify on (real images: agreement is only
     meaningful on them); default the calibration images, else 16 random ones.
     """
     import repvgg_keras as rk
     from repvgg_keras.testing import max_relative_difference
 
-    runtimes = RUNTIME_ORDER if runtime == "auto" else (runtime,)
-    unknown = [r for r in runtimes if r not in RUNTIME_ORDER]
-    if unknown or precision not in ("auto", *TOLERANCE):
-        raise ValueError(f"runtime must be 'auto' or one of {RUNTIME_ORDER}, precision 'auto' or one of "
+    if (runtime != "auto" and runtime not in RUNTIMES) or precision not in ("auto", *TOLERANCE):
+        raise ValueError(f"runtime must be 'auto' or one of {RUNTIMES}, precision 'auto' or one of "
                          f"{tuple(TOLERANCE)}; got runtime={runtime!r}, precision={precision!r}.")
     if precision == "int8" and calibration_images is None:
         raise ValueError("precision='int8' needs calibration_images (normalised real images).")
@@ -113,7 +127,7 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
     tried = []
     with tempfile.TemporaryDirectory() as workdir:
         for candidate_precision in precisions:
-            for candidate_runtime in runtimes:
+            for candidate_runtime in FASTEST[candidate_precision] if runtime == "auto" else (runtime,):
                 if not (_installed(candidate_runtime) and _native(candidate_runtime, candidate_precision)):
                     continue
                 run, layout = _build(candidate_runtime, candidate_precision, deploy, calibration_images,
@@ -128,4 +142,4 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
                     return predictor
                 tried.append(predictor.describe())
     raise ValueError("No runtime met the accuracy requirement on the check images: " + "; ".join(tried)
-                     if tried else f"None of the runtimes {runtimes} can run precision {precision!r} on this CPU.")
+                     if tried else f"Runtime {runtime!r} cannot run precision {precision!r} on this CPU.")

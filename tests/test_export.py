@@ -389,7 +389,7 @@ def test_fast_predictor_picks_a_verified_runtime(models, pixels):
     model = models["RepVGG_A0"]
     inputs = _inputs(pixels)
     predictor = rk.inference.fast_predictor(model, check_images=inputs)
-    assert predictor.runtime == rk.inference.RUNTIME_ORDER[0]  # the fastest installed one
+    assert predictor.runtime == rk.inference.FASTEST[predictor.precision][0]  # the fastest installed one
     assert predictor.top1_agreement >= 0.995
     expected = np.asarray(model(inputs[:4], training=False))
     tolerance = rk.inference.TOLERANCE[predictor.precision]
@@ -398,6 +398,17 @@ def test_fast_predictor_picks_a_verified_runtime(models, pixels):
 
     exact = rk.inference.fast_predictor(model, precision="fp32", runtime="keras", check_images=inputs)
     assert exact.max_rel_diff < 1e-4 and exact.layout == "NHWC"
+
+
+def test_fast_predictor_int8_in_tflite(models, pixels):
+    model = models["RepVGG_A0"]
+    calibration = _inputs(images.load_images("fashion_mnist", 48, SIZE, SIZE)[16:])
+    predictor = rk.inference.fast_predictor(model, precision="int8", runtime="tflite", check_images=_inputs(pixels),
+                                            calibration_images=calibration, min_agreement=0.9)
+    assert (predictor.runtime, predictor.precision, predictor.layout) == ("tflite", "int8", "NHWC")
+    assert predictor.max_rel_diff <= rk.inference.TOLERANCE["int8"]
+    with pytest.raises(ValueError, match="cannot run precision 'bf16'"):
+        rk.inference.fast_predictor(model, precision="bf16", runtime="tflite", check_images=_inputs(pixels))
 
 
 def test_fast_predictor_refuses_what_it_cannot_check(models):
