@@ -29,7 +29,7 @@ def variants(deploy, calibration, workdir):
         run = runners.tflite(tflite.convert(deploy, quantize, calibration))
         yield f"TFLite --quantize {quantize}", run
     source = runners.onnx_file(deploy, workdir, nchw=True)
-    for label, ops in (("convolutions only (default)", onnx_int8.QUANTIZED_OPS), ("every op", None)):
+    for label, ops in (("Conv + Relu (default)", onnx_int8.QUANTIZED_OPS), ("every op", None)):
         target = f"{workdir}/int8_{'conv' if ops else 'all'}.onnx"
         onnx_int8.quantize(source, target, nchw(calibration), op_types=ops)
         run = runners.onnxruntime(target)
