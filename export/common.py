@@ -137,6 +137,14 @@ def run_exporter(export):
     return 0
 
 
+def define_calibration_flags():
+    """--calibration_data, --calibration_count and --tolerance (the TFLite and OpenVINO CLIs)."""
+    flags.DEFINE_string("calibration_data", "fashion_mnist",
+                        "int8 calibration images: 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder.")
+    flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
+    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+
+
 def calibration_from_flags(shipped, to_input):
     """Model inputs for int8 calibration (--calibration_data/--calibration_count), or None
     unless --quantize int8; shared by the TFLite and OpenVINO exporters."""

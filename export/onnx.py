@@ -4,7 +4,7 @@
 
 The graph passes `onnx.checker` and runs in onnxruntime on the verification images,
 compared with the Keras model. Grouped convolutions export as ONNX Conv with `group`.
-Input layout: NCHW by default (onnxruntime and OpenVINO run it 5-10% faster than the NHWC
+Input layout: NCHW by default (onnxruntime ran it 2-6% faster than the NHWC
 graph, measured with `python -m bench`); --nonchw keeps Keras's NHWC.
 """
 

@@ -65,7 +65,7 @@ def export_openvino(model, output, *, quantize="none", precision=None, verify_in
     """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
     reference = reference or model
     precision = precision or default_precision(quantize)
-    tolerance_key = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8"}[precision]
+    tolerance_key = verify.LONG_NAMES[precision]
     with common.atomic_output(output, overwrite=overwrite) as staged:
         convert(model, staged, quantize, calibration)
         expected = np.asarray(reference(verify_inputs, training=False))
@@ -100,9 +100,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "int8: QDQ-quantize before converting.")
     flags.DEFINE_enum("precision", None, ["fp32", "bf16", "int8"],
                       "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).")
-    flags.DEFINE_string("calibration_data", "fashion_mnist",
-                        "int8 calibration images: 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder.")
-    flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
-    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+    common.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

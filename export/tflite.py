@@ -105,9 +105,6 @@ if __name__ == "__main__":
     common.define_model_flags()
     flags.DEFINE_string("output", None, "Path of the .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "Weight/activation precision.")
-    flags.DEFINE_string("calibration_data", "fashion_mnist",
-                        "int8 calibration images: 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder.")
-    flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
-    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+    common.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -7,6 +7,8 @@ import numpy as np
 
 # Max relative difference (max|a-b| / max|ref|) each format must stay within.
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1, "dynamic": 1e-1, "int8": 2.5e-1}
+# The short names runtimes and the benchmark use, onto the names above.
+LONG_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
 
 
 @dataclasses.dataclass
