@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean gpu-wheels
 
 install: $(STAMP)
 
@@ -32,6 +32,12 @@ test: install $(FASHION_MNIST)
 
 demo: install $(FASHION_MNIST)
 	$(PY) demo.py
+
+# Wheels the lent GPU machine lacks (it has JAX, PyTorch and timm, Python 3.12): README "Benchmarks on a GPU".
+gpu-wheels: install
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl keras==3.15.1 namex optree
 
 clean:
 	rm -rf $(VENV) demo_output .pytest_cache

@@ -151,3 +151,52 @@ def test_int8_onnx_quantization_keeps_top1(tmp_path):
     assert not any(n.op_type == "Relu" for n in graph.node)  # folded into the int8 convs' output ranges
     with pytest.raises(ValueError, match="calibration"):
         onnx_int8.quantize(source, target, inputs[:0])
+
+
+GPU_BENCH = """
+import sys
+sys.modules["tensorflow"] = None  # the GPU image has no TensorFlow: any import of it fails here too
+import runpy
+sys.argv = ["bench.gpu", "--quick", "--out", sys.argv[1]]
+runpy.run_module("bench.gpu", run_name="__main__")
+"""
+
+
+def test_gpu_bench_quick_runs_on_jax_without_tensorflow(tmp_path):
+    """The prepared GPU comparison (bench.gpu), smoke-run on the CPU: JAX backend, no TensorFlow."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu", PYTHONPATH=repo)
+    result = subprocess.run([sys.executable, "-c", GPU_BENCH, str(tmp_path)], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    records = json.load(open(tmp_path / "results.json"))
+    cases = {(r["runtime"], r["precision"], r["batch"]) for r in records}
+    expected = {(runtime, precision, batch) for runtime, precision in (
+        ("keras-train-jax", "fp32"), ("keras-deploy-jax", "fp32"), ("keras-deploy-jax", "bf16"),
+        ("timm-train", "fp32"), ("timm-reparam-cl", "fp32"), ("timm-reparam-cl", "bf16")) for batch in (1, 2)}
+    assert cases == expected
+    for r in records:
+        assert r["images_per_s"] > 0 and r["gflops"] > 0, r
+        # Same weights in JAX and PyTorch: fp32 agrees to rounding, bf16 to bf16's precision.
+        assert r["max_rel_diff"] < (3e-2 if r["precision"] == "bf16" else 1e-4), r
+    assert "ours/best timm-reparam fp32" in open(tmp_path / "results.md").read()
+
+
+def test_winograd_graph_computes_the_same_convolutions():
+    """bench.winograd's F(2,3) graph is the conv stack it is timed against (else its timing means nothing)."""
+    from bench import winograd
+
+    rng = np.random.default_rng(1)
+    kernel = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.3
+    bias = rng.standard_normal(8).astype(np.float32)
+    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
+    outputs = [winograd.session(build(kernel, bias, 2, 6, 2), 1).run(None, {"x": x})[0]
+               for build in (winograd.direct_stack, winograd.winograd_stack)]
+    y = x  # the reference, in numpy: two conv + relu layers
+    for _ in range(2):
+        padded = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)))
+        y = np.maximum(sum(np.einsum("nchw,kc->nkhw", padded[:, :, i:i + 6, j:j + 6], kernel[:, :, i, j])
+                           for i in range(3) for j in range(3)) + bias[None, :, None, None], 0)
+    expected = y
+    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(outputs[1], expected, rtol=1e-4, atol=1e-4)
