@@ -111,12 +111,20 @@ def prepare_model(name, weights, batches, workdir):
             continue
         print(f"  {spec.runtime} {spec.precision}: ready" + (
             f", top-1 agreement {checked['top1_agreement']:.4f}, max rel diff {checked['max_rel_diff']:.2e}"
-            if checked else ""), flush=True)
+            if checked else "") + _memory_note(), flush=True)
         for batch in batches:
             images = subject.images[[i % len(subject.images) for i in range(batch)]]
             record = dict(base, batch=batch, layout=predictor.layout, note=predictor.note, status="ok", **checked)
             cases.append(timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images)))
     return cases, records
+
+
+def _memory_note():
+    """Where the benchmark's own memory goes: RSS now and at its peak, after each runtime's build."""
+    from bench.memory import rss_mb
+
+    now, peak = rss_mb(), rss_mb("VmHWM")
+    return f" (bench RSS {now:.0f} MB, peak {peak:.0f} MB)" if now is not None and peak is not None else ""
 
 
 def prepare_baseline(name, batches):

@@ -15,17 +15,23 @@ import subprocess
 import sys
 
 
-def peak_rss_mb():
-    """This process's peak resident memory. /proc's VmHWM starts afresh at exec;
-    getrusage's ru_maxrss would carry over the (larger) parent's peak across fork+exec."""
+def rss_mb(field="VmRSS"):
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in MB; None off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024.0  # kB
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return None
+
+
+def peak_rss_mb():
+    """This process's peak resident memory. /proc's VmHWM starts afresh at exec;
+    getrusage's ru_maxrss would carry over the (larger) parent's peak across fork+exec."""
+    peak = rss_mb("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def measure(model_name, form, batch, image_size, classes, threads):

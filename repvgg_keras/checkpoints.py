@@ -153,6 +153,11 @@ def expected_tensors(model):
     layers = {l.name: l for l in model._flatten_layers(include_self=False)}
     for name, layer in layers.items():
         if isinstance(layer, RepVGGBlock):
+            if layer.quant_friendly:
+                raise ValueError(
+                    f"Block {name!r} is a quant_friendly (QARepVGG) block: the RepVGG checkpoint formats "
+                    "(authors', timm) have no such layout. Load Keras weights (.weights.h5/.keras) into it, "
+                    "or load the checkpoint into a model built with quant_friendly=False.")
             prefix = _block_prefix(name)
             add_conv(f"{prefix}.rbr_dense.conv", layer.dense_conv, bias=False)
             add_bn(f"{prefix}.rbr_dense.bn", layer.dense_bn)

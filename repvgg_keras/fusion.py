@@ -42,10 +42,12 @@ def identity_kernel(channels, groups=1):
     return kernel
 
 
-def fuse_branches(branches):
+def fuse_branches(branches, post_batchnorm=None):
     """Sum (kernel3x3, bias) pairs into one float32 (kernel, bias).
 
-    Each branch is already BN-folded; 1x1 kernels are padded here.
+    Each branch is already BN-folded; 1x1 kernels are padded here. `post_batchnorm`:
+    (gamma, beta, mean, variance, epsilon) of a BatchNorm applied to the sum (QARepVGG's
+    post-BN), folded in after summing, still in float64.
     """
     if not branches:
         raise ValueError("fuse_branches needs at least one branch.")
@@ -56,4 +58,9 @@ def fuse_branches(branches):
             branch_kernel = pad_to_3x3(branch_kernel)
         kernel = kernel + branch_kernel
         bias = bias + np.asarray(branch_bias, np.float64)
-    return kernel.astype(np.float32), bias.astype(np.float32)
+    if post_batchnorm is not None:
+        gamma, beta, mean, variance, epsilon = post_batchnorm
+        scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
+        kernel, bias = fold_batchnorm(kernel, gamma, beta, mean, variance, epsilon)[0], (
+            (bias - np.asarray(mean, np.float64)) * scale + np.asarray(beta, np.float64))
+    return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)

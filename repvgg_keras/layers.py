@@ -47,6 +47,10 @@ class RepVGGBlock(layers.Layer):
         use_identity: add the identity (BN-only) branch where shapes allow it
             (input channels == filters and strides == 1). False for the ablation.
         use_1x1: add the 1x1 conv branch. False for the ablation.
+        quant_friendly: QARepVGG's block (Chu et al. 2022): the 1x1 and identity branches
+            carry no BatchNorm, one BatchNorm follows their sum. It fuses exactly into the
+            same plain 3x3 conv, whose weights then survive int8 quantization much better.
+            Not with kernel_l2 (QARepVGG trains with plain weight decay).
         bn_epsilon, bn_momentum: BatchNorm settings (PyTorch-compatible defaults).
         bn_synchronized: batch statistics across replicas (tf.distribute, TF backend).
         kernel_initializer: initializer of the conv kernels.
@@ -69,9 +73,13 @@ class RepVGGBlock(layers.Layer):
         bn_synchronized=False,
         kernel_initializer="glorot_uniform",
         kernel_l2=0.0,
+        quant_friendly=False,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if quant_friendly and kernel_l2:
+            raise ValueError("RepVGGBlock: quant_friendly (QARepVGG) blocks train with plain weight decay; "
+                             "set kernel_l2=0 (train: drop --custom_l2).")
         if strides not in (1, 2):
             raise ValueError(f"RepVGGBlock strides must be 1 or 2, got {strides!r}.")
         if strides != 1 and dilation_rate != 1:
@@ -92,6 +100,7 @@ class RepVGGBlock(layers.Layer):
         self.bn_synchronized = bool(bn_synchronized)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_l2 = float(kernel_l2)
+        self.quant_friendly = bool(quant_friendly)
 
         name, dtype = self.name, self.dtype_policy
         bn = lambda suffix: layers.BatchNormalization(
@@ -119,8 +128,9 @@ class RepVGGBlock(layers.Layer):
         )
         self.dense_bn = bn("dense_bn")
         self.pointwise_conv = conv(1, "1x1_conv", padding="valid") if self.use_1x1 else None
-        self.pointwise_bn = bn("1x1_bn") if self.use_1x1 else None
+        self.pointwise_bn = bn("1x1_bn") if self.use_1x1 and not self.quant_friendly else None
         self.identity_bn = None  # created in build() once the input channels are known
+        self.post_bn = bn("post_bn") if self.quant_friendly else None
         self.se_reduce = self.se_expand = None
         if self.se_channels:
             self.se_reduce, self.se_expand = _se_convs(self.filters, self.se_channels, name, dtype)
@@ -144,8 +154,11 @@ class RepVGGBlock(layers.Layer):
         self.dense_bn.build(out_shape)
         if self.pointwise_conv is not None:
             self.pointwise_conv.build(input_shape)
+        if self.pointwise_bn is not None:
             self.pointwise_bn.build(out_shape)
-        if self.has_identity:
+        if self.post_bn is not None:
+            self.post_bn.build(out_shape)
+        if self.has_identity and not self.quant_friendly:
             self.identity_bn = layers.BatchNormalization(
                 epsilon=self.bn_epsilon,
                 momentum=self.bn_momentum,
@@ -167,9 +180,14 @@ class RepVGGBlock(layers.Layer):
         padded = self.pad(inputs) if self.pad is not None else inputs
         out = self.dense_bn(self.dense_conv(padded), training=training)
         if self.pointwise_conv is not None:
-            out = out + self.pointwise_bn(self.pointwise_conv(inputs), training=training)
+            pointwise = self.pointwise_conv(inputs)
+            out = out + (pointwise if self.pointwise_bn is None else self.pointwise_bn(pointwise, training=training))
         if self.identity_bn is not None:
             out = out + self.identity_bn(inputs, training=training)
+        elif self.quant_friendly and self.has_identity:
+            out = out + inputs
+        if self.post_bn is not None:
+            out = self.post_bn(out, training=training)
         if self.se_reduce is not None:
             squeezed = ops.mean(out, axis=(1, 2), keepdims=True)
             out = out * self.se_expand(self.se_reduce(squeezed))
@@ -212,12 +230,18 @@ class RepVGGBlock(layers.Layer):
             raise ValueError(f"RepVGGBlock {self.name} is not built yet: call it on an input first.")
         branches = [_folded(self.dense_conv.kernel, self.dense_bn)]
         if self.pointwise_conv is not None:
-            branches.append(_folded(self.pointwise_conv.kernel, self.pointwise_bn))
+            kernel = self.pointwise_conv.kernel
+            branches.append((_numpy(kernel), 0.0) if self.pointwise_bn is None else _folded(kernel, self.pointwise_bn))
+        identity = fusion.identity_kernel(self.filters, self.groups)
         if self.identity_bn is not None:
-            branches.append(
-                _folded(fusion.identity_kernel(self.filters, self.groups), self.identity_bn)
-            )
-        return fusion.fuse_branches(branches)
+            branches.append(_folded(identity, self.identity_bn))
+        elif self.quant_friendly and self.has_identity:
+            branches.append((identity, 0.0))
+        post = None
+        if self.post_bn is not None:
+            bn = self.post_bn
+            post = (_numpy(bn.gamma), _numpy(bn.beta), _numpy(bn.moving_mean), _numpy(bn.moving_variance), bn.epsilon)
+        return fusion.fuse_branches(branches, post_batchnorm=post)
 
     def plain_config(self):
         """Arguments of the PlainBlock that computes this block in one conv."""
@@ -245,6 +269,7 @@ class RepVGGBlock(layers.Layer):
             bn_synchronized=self.bn_synchronized,
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             kernel_l2=self.kernel_l2,
+            quant_friendly=self.quant_friendly,
         )
         return config
 

@@ -68,6 +68,7 @@ def RepVGG(
     use_identity=True,
     use_1x1=True,
     bn_synchronized=False,
+    quant_friendly=False,
     name=None,
 ):
     """Build a RepVGG model from a `RepVGGSpec` (or a variant name).
@@ -93,6 +94,8 @@ def RepVGG(
         features_only: return a model whose outputs are the five stage outputs
             (stem and stages 1-4, strides 2, 4, 8, 16, 32 at output_stride 32).
         use_identity, use_1x1: keep these branches (the paper's ablation).
+        quant_friendly: QARepVGG blocks (no BN on the 1x1 and identity branches, one BN
+            after their sum): same deploy form, far less accuracy lost to int8.
         bn_synchronized: synchronise BatchNorm statistics across replicas (multi-GPU or
             multi-worker training with tf.distribute).
         name: model name (default: the variant name).
@@ -132,6 +135,7 @@ def RepVGG(
                 use_identity=use_identity and plan.allow_identity,
                 use_1x1=use_1x1,
                 bn_synchronized=bn_synchronized,
+                quant_friendly=quant_friendly,
                 **block_kwargs,
             )(x)
         last_of_stage = i + 1 == len(plans) or plans[i + 1].stage != plan.stage

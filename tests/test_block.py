@@ -57,6 +57,10 @@ BLOCK_CASES = [
     dict(filters=8, strides=1, use_identity=False),
     dict(filters=8, strides=1, use_1x1=False),
     dict(filters=8, strides=1, use_identity=False, use_1x1=False),
+    dict(filters=8, strides=1, quant_friendly=True),
+    dict(filters=12, strides=2, quant_friendly=True),
+    dict(filters=8, strides=1, groups=2, quant_friendly=True),
+    dict(filters=8, strides=1, se_channels=2, quant_friendly=True),
 ]
 
 
@@ -104,6 +108,27 @@ def test_block_matches_pytorch_style_reference(rng, strides, groups):
     assert max_relative_difference(fused, reference) < 1e-5
 
 
+@pytest.mark.parametrize("strides,groups", [(1, 1), (1, 2), (2, 1)])
+def test_quant_friendly_block_matches_qarepvgg_reference(rng, strides, groups):
+    """QARepVGG: relu(post_bn(bn(conv3x3(x)) + conv1x1(x) + x)), and its fused conv agrees."""
+    block = RepVGGBlock(8, strides=strides, groups=groups, quant_friendly=True, name="q")
+    _model_of(block, (8, 8, 8))
+    assert block.pointwise_bn is None and block.identity_bn is None and block.post_bn is not None
+    x = rng.normal(size=(1, 8, 8, 8))
+    to_np = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64)
+    bn = lambda layer, y: (y - to_np(layer.moving_mean)) / np.sqrt(
+        to_np(layer.moving_variance) + layer.epsilon) * to_np(layer.gamma) + to_np(layer.beta)
+    out = bn(block.dense_bn, _np_conv(x, to_np(block.dense_conv.kernel), strides, 1, groups))
+    out = out + _np_conv(x, to_np(block.pointwise_conv.kernel), strides, 0, groups)
+    if strides == 1:
+        out = out + x
+    reference = np.maximum(bn(block.post_bn, out), 0)
+    assert max_relative_difference(np.asarray(block(x.astype("float32"), training=False)), reference) < 1e-5
+    kernel, bias = block.get_deploy_weights()
+    fused = np.maximum(_np_conv(x, kernel.astype(np.float64), strides, 1, groups) + bias, 0)
+    assert max_relative_difference(fused, reference) < 1e-5
+
+
 def test_identity_branch_only_where_shapes_allow():
     cases = [((8, 8, 8), dict(filters=8), True), ((8, 8, 4), dict(filters=8), False),
              ((8, 8, 8), dict(filters=8, strides=2), False),
@@ -122,13 +147,14 @@ def test_training_mode_uses_batch_statistics_and_inference_does_not(rng):
 
 
 def test_config_round_trip(rng):
-    block = RepVGGBlock(8, strides=1, groups=2, se_channels=2, use_1x1=False, name="c")
-    _model_of(block, (6, 6, 8))
-    clone = RepVGGBlock.from_config(block.get_config())
-    x = rng.normal(size=(1, 6, 6, 8)).astype("float32")
-    clone.build(x.shape)
-    clone.set_weights(block.get_weights())
-    np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(block(x)), rtol=1e-6, atol=1e-6)
+    for kwargs in (dict(use_1x1=False), dict(quant_friendly=True)):
+        block = RepVGGBlock(8, strides=1, groups=2, se_channels=2, name="c", **kwargs)
+        _model_of(block, (6, 6, 8))
+        clone = RepVGGBlock.from_config(block.get_config())
+        x = rng.normal(size=(1, 6, 6, 8)).astype("float32")
+        clone.build(x.shape)
+        clone.set_weights(block.get_weights())
+        np.testing.assert_allclose(np.asarray(clone(x)), np.asarray(block(x)), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -137,6 +163,7 @@ def test_config_round_trip(rng):
         (dict(filters=8, strides=3), "strides must be 1 or 2"),
         (dict(filters=8, strides=2, dilation_rate=2), "dilation_rate"),
         (dict(filters=6, groups=4), "divisible"),
+        (dict(filters=8, quant_friendly=True, kernel_l2=1e-4), "plain weight decay"),
     ],
 )
 def test_bad_block_arguments(kwargs, match):

@@ -98,6 +98,28 @@ def test_ablation_switches_drop_branches():
     assert any(l.identity_bn is not None for l in full.layers if isinstance(l, rk.RepVGGBlock))
 
 
+def test_quant_friendly_model_fuses_into_the_same_plain_model(rng):
+    """QARepVGG blocks: BN only on the 3x3 branch and after the sum; the deploy form is the usual one."""
+    from repvgg_keras import checkpoints
+    from train import recipes
+
+    model = randomize_batchnorm(rk.RepVGG_A0(input_shape=(32, 32, 3), classes=3, quant_friendly=True), seed=5)
+    blocks = [l for l in model.layers if isinstance(l, rk.RepVGGBlock)]
+    assert all(b.quant_friendly and b.post_bn is not None and b.pointwise_bn is None and b.identity_bn is None
+               for b in blocks)
+    x = rng.normal(size=(2, 32, 32, 3)).astype("float32")
+    plain = rk.to_deploy(model)
+    assert _parity(model, plain, x) < 1e-5
+    usual = rk.RepVGG_A0(input_shape=(32, 32, 3), classes=3, deploy=True)
+    assert [w.shape for w in plain.get_weights()] == [w.shape for w in usual.get_weights()]
+    with pytest.raises(ValueError, match="quant_friendly"):
+        checkpoints.load_checkpoint(model, {"stage0.rbr_dense.conv.weight": np.zeros((48, 3, 3, 3))})
+    with pytest.raises(ValueError, match="drop --custom_l2"):
+        recipes.use_custom_l2(model, 1e-4)
+    post_gammas = {v.path for v in recipes.no_decay_variables(model) if "_post_bn/gamma" in v.path}
+    assert len(post_gammas) == len(blocks)
+
+
 @pytest.mark.parametrize("deploy", [False, True])
 @pytest.mark.parametrize("output_stride,strides", [(32, [2, 4, 8, 16, 32]), (16, [2, 4, 8, 16, 16]), (8, [2, 4, 8, 8, 8])])
 def test_features_only_gives_every_stage(deploy, output_stride, strides):

@@ -337,3 +337,20 @@ def test_mixed_bfloat16_trains_and_both_forms_agree(tmp_path, image_folder):
         assert convs and all(l.dtype_policy.name == "mixed_bfloat16" for l in convs), name
         assert model.get_layer("predictions").compute_dtype == "float32"
         assert model.output.dtype == "float32"
+
+
+def test_quant_friendly_trains_through_the_cli(tmp_path, image_folder):
+    """--quant_friendly builds QARepVGG blocks, trains, and fuses into the plain model exactly."""
+    import keras
+
+    model_dir = tmp_path / "qa"
+    result = subprocess.run(
+        _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "6", "--quant_friendly"),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "(full, quant_friendly)" in result.stdout
+    final = re.search(r"accuracy: training_form=(\S+) deploy_form=(\S+)$", result.stdout.strip())
+    assert final and final.group(1) == final.group(2), result.stdout[-500:]
+    model = keras.saving.load_model(model_dir / "model_train.keras")
+    assert all(l.quant_friendly for l in model.layers if isinstance(l, rk.RepVGGBlock))

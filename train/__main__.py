@@ -40,6 +40,8 @@ flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disabl
 flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent kernel instead of plain "
                   "weight decay on the block kernels (coefficient: --weight_decay).")
 flags.DEFINE_float("eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop).")
+flags.DEFINE_bool("quant_friendly", False, "QARepVGG blocks (no BN on the 1x1 and identity branches, one BN "
+                  "after the sum): the same plain deploy model, much better int8 accuracy.")
 flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
 flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
                   "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.")
@@ -146,7 +148,7 @@ def train():
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
-    print(f"{spec.name} ({FLAGS.ablation}) on {FLAGS.dataset}: {info.train_examples} train / "
+    print(f"{spec.name} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on {FLAGS.dataset}: {info.train_examples} train / "
           f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
           f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
           f"(augment {recipe.augment}): "
@@ -156,7 +158,7 @@ def train():
     with strategy.scope():
         model = rk.RepVGG(
             spec, input_shape=(image_size, image_size, 3), classes=info.num_classes,
-            use_identity=use_identity, use_1x1=use_1x1,
+            use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly,
             bn_synchronized=strategy.num_replicas_in_sync > 1,
         )
         optimizer = recipes.make_optimizer(recipe, model, total_steps=total_steps, warmup_steps=warmup_steps)

@@ -81,7 +81,7 @@ def no_decay_variables(model):
         path = variable.path
         if path.endswith("predictions/bias") or path.endswith("/beta"):
             excluded.append(variable)
-        elif path.endswith("/gamma") and ("_dense_bn/" in path or "_1x1_bn/" in path):
+        elif path.endswith("/gamma") and ("_dense_bn/" in path or "_1x1_bn/" in path or "_post_bn/" in path):
             excluded.append(variable)
     return excluded
 
@@ -95,6 +95,9 @@ def use_custom_l2(model, coefficient):
     excluded = []
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, RepVGGBlock):
+            if layer.quant_friendly:
+                raise ValueError("--custom_l2 does not apply to --quant_friendly (QARepVGG) blocks, which "
+                                 "train with plain weight decay: drop --custom_l2.")
             layer.kernel_l2 = float(coefficient)
             excluded.append(layer.dense_conv.kernel)
             if layer.pointwise_conv is not None:
