@@ -100,7 +100,7 @@ def prepare_model(name, weights, batches, workdir):
             predictor = spec.build(subject, FLAGS.threads)
             checked = {}
             if not spec.runtime.startswith("timm") or subject.timm_matches:
-                checked = agreement(predictor.predict(predictor.feed(subject.images)), reference)
+                checked = agreement(predict_in_chunks(predictor, subject.images, max(batches)), reference)
         except Unavailable as why:
             records.append(dict(base, status="skipped", reason=str(why)))
             print(f"  {spec.runtime} {spec.precision}: skipped ({why})", flush=True)
@@ -117,6 +117,15 @@ def prepare_model(name, weights, batches, workdir):
             record = dict(base, batch=batch, layout=predictor.layout, note=predictor.note, status="ok", **checked)
             cases.append(timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images)))
     return cases, records
+
+
+def predict_in_chunks(predictor, images, size):
+    """Logits for all check images, at most `size` at a time: runtimes size their memory pools
+    to the largest batch they see, so checking 64 images at once would inflate the peak."""
+    import numpy as np
+
+    return np.concatenate([predictor.predict(predictor.feed(images[i:i + size]))
+                           for i in range(0, len(images), size)])
 
 
 def _memory_note():

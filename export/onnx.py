@@ -9,6 +9,7 @@ graph, measured with `python -m bench`); --nonchw keeps Keras's NHWC.
 """
 
 import contextlib
+import gc
 import os
 import sys
 
@@ -57,6 +58,9 @@ def convert(model, opset=17, nchw=False):
         proto, _ = tf2onnx.convert.from_function(
             function, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None
         )
+    # tf2onnx leaves reference cycles that hold its copies of the graph: RepVGG-B1g4 at 224
+    # kept 6.2 GB resident after the conversion until a collection (7.3 -> 1.1 GB, measured).
+    gc.collect()
     onnx.checker.check_model(proto)
     return proto
 
