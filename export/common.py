@@ -62,7 +62,7 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
         return rk.RepVGG(spec, deploy=deploy, weights=weights, **kwargs)
     if weights.endswith(".keras"):
         loaded = keras.saving.load_model(weights)
-        model = rk.RepVGG(spec, deploy=not contains_blocks(loaded), **kwargs)
+        model = rk.RepVGG(spec, deploy=not contains_blocks(loaded), **kwargs, **_block_options(loaded))
         if not _same_shapes(model, loaded):
             _mismatch(weights, name)
         model.set_weights(loaded.get_weights())
@@ -74,6 +74,15 @@ def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
         except ValueError as error:
             errors.append(str(error).splitlines()[0])
     _mismatch(weights, name, errors)
+
+
+def _block_options(model):
+    """The builder options a saved training-form model was made with (QARepVGG blocks, ablations)."""
+    blocks = [l for l in model._flatten_layers(include_self=False) if isinstance(l, rk.RepVGGBlock)]
+    if not blocks:
+        return {}
+    return dict(quant_friendly=any(b.quant_friendly for b in blocks),
+                use_1x1=any(b.use_1x1 for b in blocks), use_identity=any(b.use_identity for b in blocks))
 
 
 def _same_shapes(a, b):

@@ -300,6 +300,19 @@ def test_cli_takes_a_timm_checkpoint(tmp_path):
         common.load_model("RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10)
 
 
+@pytest.mark.parametrize("options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)])
+def test_exporters_load_keras_files_of_qarepvgg_and_ablation_models(tmp_path, rng, options):
+    """--weights model_train.keras from `train --quant_friendly` or `--ablation` rebuilds the same blocks."""
+    from repvgg_keras.testing import randomize_batchnorm
+
+    trained = randomize_batchnorm(rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, **options), seed=2)
+    path = str(tmp_path / "model_train.keras")
+    trained.save(path)
+    loaded = common.load_model("RepVGG_A0", path, SIZE, 10)
+    x = rng.normal(size=(2, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(trained(x, training=False)))
+
+
 def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
     model = models["RepVGG_A0"]
     with_pre = common.prepare(model, include_preprocessing=True)
