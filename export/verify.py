@@ -9,6 +9,7 @@ import numpy as np
 TOLERANCES = {"float32": 1e-4, "float16": 2e-2, "bfloat16": 1e-1, "dynamic": 1e-1, "int8": 2.5e-1}
 # The short names runtimes and the benchmark use, onto the names above.
 LONG_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}
+INT8_HINT_BELOW = 0.995  # top-1 agreement under which an int8 export suggests QARepVGG training
 
 
 @dataclasses.dataclass
@@ -53,6 +54,11 @@ class VerificationError(RuntimeError):
 def check(report):
     """Print the report; raise VerificationError when it is out of tolerance."""
     print(report.line(), flush=True)
+    if report.precision == "int8" and report.top1_agreement < INT8_HINT_BELOW:
+        print(f"note: int8 keeps the top-1 class on {report.top1_agreement:.2%} of the verification images. "
+              "Fused RepVGG kernels lose precision in int8; a model trained with `python -m train "
+              "--quant_friendly` (QARepVGG blocks, same deploy model) agreed 99.5-99.6% where the "
+              "standard one agreed 99.1% (README, 'int8 on trained weights').", flush=True)
     if not report.ok:
         raise VerificationError(
             f"{report.artifact} differs from the Keras model by {report.max_rel:.3e} (relative), "

@@ -243,6 +243,17 @@ def test_existing_artifact_needs_overwrite_and_survives_a_failed_export(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["a0.onnx"]
 
 
+def test_int8_export_below_99_5_percent_agreement_suggests_quant_friendly(capsys):
+    reference = np.eye(10)[np.arange(200) % 10] + 0.01
+    flipped = reference.copy()
+    flipped[:2] = np.roll(flipped[:2], 1, axis=-1)  # 2 of 200 images change class: 99.0%
+    verify.check(verify.compare("a.tflite", "int8", flipped, reference, tolerance=10.0))
+    assert "--quant_friendly" in capsys.readouterr().out
+    verify.check(verify.compare("a.tflite", "int8", reference, reference))
+    verify.check(verify.compare("a.tflite", "float32", flipped, reference, tolerance=10.0))
+    assert "--quant_friendly" not in capsys.readouterr().out
+
+
 def test_interrupted_export_leaves_the_old_artifact(tmp_path):
     target = tmp_path / "model" / "1"
     target.mkdir(parents=True)
