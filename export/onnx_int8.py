@@ -12,6 +12,8 @@ out (Conv only) cost 24% of the int8 speed in onnxruntime (173 against 228 img/s
 quantize/dequantize pairs) and agreed less (98.95%). The rest of the gap is RepVGG's own: the fused 3x3 kernels
 carry the identity and 1x1 branches in their centre taps, so per-channel int8 weights
 lose precision on the other taps (the quantization problem QARepVGG addresses in training).
+The same model trained with QARepVGG blocks (`train --quant_friendly`) agrees 99.60% with this
+graph on all 10,000 test images (train/results/qarepvgg/int8.md).
 """
 
 import numpy as np
