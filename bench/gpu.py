@@ -23,6 +23,7 @@ import platform
 import shlex
 import sys
 import time
+import traceback
 
 import numpy as np
 from absl import app, flags
@@ -180,6 +181,7 @@ def matmul_peak(size):
 def measure_model(name, batches, rounds, chunk_seconds, image_size, peaks, progress=print):
     from bench.flops import multiply_adds
     from bench.timing import measure
+    from repvgg_keras.testing import max_relative_difference
 
     timm_model, keras_train, keras_deploy, keras_bf16 = build_models(name, image_size)
     macs = multiply_adds(keras_deploy)
@@ -189,15 +191,17 @@ def measure_model(name, batches, rounds, chunk_seconds, image_size, peaks, progr
     for runtime, precision, framework, predictor in runtimes(timm_model, keras_train, keras_deploy, keras_bf16):
         for batch in batches:
             progress(f"{name}: preparing {runtime} {precision} batch {batch}")
-            case = make_case((name, runtime, precision, batch), framework, predictor, images[:batch])
-            got = case.to_numpy(case.predict(case.batch))
+            base = {"model": name, "runtime": runtime, "precision": precision, "batch": batch, "framework": framework}
+            try:  # the first call compiles (XLA, torch.compile): one failure must not end a one-shot GPU run
+                case = make_case((name, runtime, precision, batch), framework, predictor, images[:batch])
+                got = case.to_numpy(case.predict(case.batch))
+            except Exception as error:  # noqa: BLE001
+                traceback.print_exc()
+                records.append(dict(base, status="error", reason=f"{type(error).__name__}: {error}"))
+                continue
             expected = reference[:batch]
-            case.record = {
-                "model": name, "runtime": runtime, "precision": precision, "batch": batch,
-                "framework": framework, "status": "ok",
-                "top1_agreement": float(np.mean(got.argmax(-1) == expected.argmax(-1))),
-                "max_rel_diff": float(np.max(np.abs(got - expected)) / max(np.max(np.abs(expected)), 1e-12)),
-            }
+            case.record = dict(base, status="ok", max_rel_diff=max_relative_difference(got, expected),
+                               top1_agreement=float(np.mean(got.argmax(-1) == expected.argmax(-1))))
             cases.append(case)
     measure(cases, rounds, chunk_seconds, progress)
     for case in cases:
@@ -220,19 +224,17 @@ def markdown(records, meta):
              "Matmul peak (jnp.matmul, square " + str(meta["peak_size"]) + "): " +
              ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in meta["peak_tflops"].items()), "",
              "```", text_table(records), "```", ""]
+    nan = float("nan")
     for model in sorted({r["model"] for r in records}):
         for batch in sorted({r["batch"] for r in records}):
             speeds = {(r["runtime"], r["precision"]): r["images_per_s"] for r in records
-                      if r["model"] == model and r["batch"] == batch}
-            peer = max(v for (runtime, _), v in speeds.items() if runtime.startswith("timm-reparam")
-                       and _ == "fp32")
-            peer_bf16 = max([v for (runtime, p), v in speeds.items() if runtime.startswith("timm-reparam")
-                             and p == "bf16"] or [float("nan")])
-            ours = speeds[("keras-deploy-jax", "fp32")]
-            ours_bf16 = speeds[("keras-deploy-jax", "bf16")]
+                      if r["model"] == model and r["batch"] == batch and r["status"] == "ok"}
+            peer = {p: max([v for (runtime, q), v in speeds.items() if runtime.startswith("timm-reparam") and q == p]
+                           or [nan]) for p in ("fp32", "bf16")}
+            ours = {p: speeds.get(("keras-deploy-jax", p), nan) for p in ("fp32", "bf16")}
             lines.append(f"- {model} batch {batch}: deploy/train (JAX) "
-                         f"{ours / speeds[('keras-train-jax', 'fp32')]:.2f}x; ours/best timm-reparam "
-                         f"fp32 {ours / peer:.2f}x, bf16 {ours_bf16 / peer_bf16:.2f}x")
+                         f"{ours['fp32'] / speeds.get(('keras-train-jax', 'fp32'), nan):.2f}x; ours/best "
+                         f"timm-reparam fp32 {ours['fp32'] / peer['fp32']:.2f}x, bf16 {ours['bf16'] / peer['bf16']:.2f}x")
     return "\n".join(lines) + "\n"
 
 
@@ -258,19 +260,17 @@ def main(argv):
             "command": "python -m bench.gpu " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     records = []
     progress = lambda message: print(message, flush=True)
+    os.makedirs(FLAGS.out, exist_ok=True)
     for name in FLAGS.models:
         records += measure_model(name, batches, FLAGS.rounds, FLAGS.chunk_seconds, FLAGS.image_size,
                                  meta["peak_tflops"], progress)
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(os.path.join(FLAGS.out, "results.json"), "w") as f:
-        json.dump(records, f, indent=1)
-    with open(os.path.join(FLAGS.out, "meta.json"), "w") as f:
-        json.dump(meta, f, indent=1)
-    report = markdown(records, meta)
-    with open(os.path.join(FLAGS.out, "results.md"), "w") as f:
-        f.write(report)
+        report = markdown(records, meta)
+        for file_name, text in (("results.json", json.dumps(records, indent=1)),
+                                ("meta.json", json.dumps(meta, indent=1)), ("results.md", report)):
+            with open(os.path.join(FLAGS.out, file_name), "w") as f:  # after each model: a lease can end
+                f.write(text)
     print(report, flush=True)
-    return 0
+    return 1 if any(r["status"] == "error" for r in records) else 0
 
 
 if __name__ == "__main__":
