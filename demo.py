@@ -3,7 +3,8 @@
 1. Build RepVGG-A0 at 224x224 (training form) with trained-like BatchNorm statistics,
    convert it with `to_deploy`, print the parity and the layer/parameter counts.
 2. Train a narrow RepVGG-A0 on Fashion-MNIST (32x32, offline from the Debian package)
-   for a couple of minutes with `python -m train`; it converts and evaluates both forms.
+   for a couple of minutes with `python -m train`, with QARepVGG blocks (--quant_friendly)
+   so that its int8 exports keep the top-1 class; it converts and evaluates both forms.
 3. Export the trained deploy model as a TF Serving SavedModel, TFLite (float32, float16,
    dynamic-range, int8) and ONNX into demo_output/, each verified in its own runtime on
    real test images, and print one table: differences, top-1 agreement and accuracy.
@@ -24,7 +25,7 @@ from repvgg_keras import preprocessing, testing  # noqa: E402
 OUTPUT = "demo_output"
 TRAIN_DIR = os.path.join(OUTPUT, "train")
 TRAIN_ARGS = ["--model", "RepVGG_A0", "--width_multipliers", "0.5,1.0", "--dataset", "fashion_mnist",
-              "--image_size", "32", "--epochs", "2", "--verbose", "2"]
+              "--image_size", "32", "--epochs", "2", "--verbose", "2", "--quant_friendly"]
 VERIFY_COUNT = 1000
 
 
