@@ -66,7 +66,7 @@ def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
 
     layout = "nchw" if nchw else "nhwc"
     path = os.path.join(workdir, f"model_{layout}.onnx")
-    if not os.path.exists(path):
+    if not os.path.exists(path) and not _convert_in_child(deploy, path, nchw):
         with open(path, "wb") as f:
             f.write(onnx_export.convert(deploy, nchw=nchw).SerializeToString())
     if not int8:
@@ -80,3 +80,44 @@ def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
         feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
         quantize(path, quantized, feed)
     return quantized
+
+
+_CHILD = """
+import sys
+import keras
+from export import onnx as onnx_export
+model = keras.saving.load_model(sys.argv[1])
+with open(sys.argv[2], "wb") as f:
+    f.write(onnx_export.convert(model, nchw=sys.argv[3] == "nchw").SerializeToString())
+"""
+
+
+def _convert_in_child(deploy, path, nchw):
+    """Write the ONNX file from a child process; False if that could not be done.
+
+    tf2onnx holds several GB while it converts (about 6 GB for RepVGG-B1g4 at 224), which a
+    long-lived process (a server's fast_predictor, the benchmark) would keep as its peak; a
+    child gives it back when it exits. A model the child cannot reload (custom layers that
+    are not registered) is converted in this process instead.
+    """
+    import subprocess
+    import sys
+
+    source = path + ".source.keras"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    try:
+        deploy.save(source)
+        result = subprocess.run([sys.executable, "-c", _CHILD, source, path + ".partial", "nchw" if nchw else "nhwc"],
+                                env=env, capture_output=True, text=True)
+    except Exception:  # noqa: BLE001: saving failed; convert here
+        return False
+    finally:
+        if os.path.exists(source):
+            os.remove(source)
+    if result.returncode != 0:
+        if os.path.exists(path + ".partial"):
+            os.remove(path + ".partial")
+        return False
+    os.replace(path + ".partial", path)
+    return True

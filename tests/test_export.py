@@ -440,3 +440,26 @@ def test_fast_predictor_refuses_what_it_cannot_check(models):
         rk.inference.fast_predictor(models["RepVGG_A0"], precision="int8")
     with pytest.raises(ValueError, match="runtime must be"):
         rk.inference.fast_predictor(models["RepVGG_A0"], runtime="tensorrt")
+
+
+def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models):
+    """runners.onnx_file converts in a child (tf2onnx's memory goes back to the OS when it exits);
+    a model the child cannot reload (an unregistered custom layer) is converted in this process."""
+    from export import runners
+
+    plain = rk.to_deploy(models["RepVGG_A0"])
+    path = str(tmp_path / "child.onnx")
+    assert runners._convert_in_child(plain, path, nchw=True)
+    x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
+    assert verify.compare("child", "float32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)).ok
+
+    class Scale(tf.keras.layers.Layer):  # not registered: the child cannot load it
+        def call(self, inputs):
+            return inputs * 2.0
+
+    inputs = tf.keras.Input((SIZE, SIZE, 3))
+    custom = tf.keras.Model(inputs, plain(Scale()(inputs)))
+    assert not runners._convert_in_child(custom, str(tmp_path / "custom.onnx"), nchw=True)
+    written = runners.onnx_file(custom, str(tmp_path), nchw=True)
+    assert verify.compare("here", "float32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)).ok
+    assert sorted(os.listdir(tmp_path)) == ["child.onnx", "model_nchw.onnx"]  # no leftovers
