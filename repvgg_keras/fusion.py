@@ -59,8 +59,7 @@ def fuse_branches(branches, post_batchnorm=None):
         kernel = kernel + branch_kernel
         bias = bias + np.asarray(branch_bias, np.float64)
     if post_batchnorm is not None:
+        # bn(Wx + b) = bn'(Wx) where bn' has mean (mean - b): fold it like any BN.
         gamma, beta, mean, variance, epsilon = post_batchnorm
-        scale = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
-        kernel, bias = fold_batchnorm(kernel, gamma, beta, mean, variance, epsilon)[0], (
-            (bias - np.asarray(mean, np.float64)) * scale + np.asarray(beta, np.float64))
+        kernel, bias = fold_batchnorm(kernel, gamma, beta, np.asarray(mean, np.float64) - bias, variance, epsilon)
     return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)

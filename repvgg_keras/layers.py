@@ -176,6 +176,11 @@ class RepVGGBlock(layers.Layer):
     def has_identity(self):
         return self.use_identity and self.strides == 1 and self.in_channels == self.filters
 
+    @property
+    def adds_plain_identity(self):
+        """QARepVGG's identity branch: the input itself, no BatchNorm."""
+        return self.quant_friendly and self.has_identity
+
     def call(self, inputs, training=None):
         padded = self.pad(inputs) if self.pad is not None else inputs
         out = self.dense_bn(self.dense_conv(padded), training=training)
@@ -184,7 +189,7 @@ class RepVGGBlock(layers.Layer):
             out = out + (pointwise if self.pointwise_bn is None else self.pointwise_bn(pointwise, training=training))
         if self.identity_bn is not None:
             out = out + self.identity_bn(inputs, training=training)
-        elif self.quant_friendly and self.has_identity:
+        elif self.adds_plain_identity:
             out = out + inputs
         if self.post_bn is not None:
             out = self.post_bn(out, training=training)
@@ -235,12 +240,9 @@ class RepVGGBlock(layers.Layer):
         identity = fusion.identity_kernel(self.filters, self.groups)
         if self.identity_bn is not None:
             branches.append(_folded(identity, self.identity_bn))
-        elif self.quant_friendly and self.has_identity:
+        elif self.adds_plain_identity:
             branches.append((identity, 0.0))
-        post = None
-        if self.post_bn is not None:
-            bn = self.post_bn
-            post = (_numpy(bn.gamma), _numpy(bn.beta), _numpy(bn.moving_mean), _numpy(bn.moving_variance), bn.epsilon)
+        post = _batchnorm_arrays(self.post_bn) if self.post_bn is not None else None
         return fusion.fuse_branches(branches, post_batchnorm=post)
 
     def plain_config(self):
@@ -278,15 +280,13 @@ def _numpy(value):
     return np.asarray(keras.ops.convert_to_numpy(value))
 
 
+def _batchnorm_arrays(bn):
+    """(gamma, beta, mean, variance, epsilon) of an inference-mode BatchNorm, as numpy."""
+    return (_numpy(bn.gamma), _numpy(bn.beta), _numpy(bn.moving_mean), _numpy(bn.moving_variance), bn.epsilon)
+
+
 def _folded(kernel, bn):
-    return fusion.fold_batchnorm(
-        _numpy(kernel),
-        _numpy(bn.gamma),
-        _numpy(bn.beta),
-        _numpy(bn.moving_mean),
-        _numpy(bn.moving_variance),
-        bn.epsilon,
-    )
+    return fusion.fold_batchnorm(_numpy(kernel), *_batchnorm_arrays(bn))
 
 
 def contains_blocks(layer):
