@@ -83,7 +83,7 @@ def build_models(name, image_size):
 
 
 def jax_predictor(model):
-    """A jitted stateless call: (NHWC device array) -> logits, synchronised."""
+    """A jitted stateless call: (NHWC device array) -> logits (make_case waits for it)."""
     import jax
 
     trainable = [v.value for v in model.trainable_variables]
