@@ -354,3 +354,70 @@ def test_quant_friendly_trains_through_the_cli(tmp_path, image_folder):
     assert final and final.group(1) == final.group(2), result.stdout[-500:]
     model = keras.saving.load_model(model_dir / "model_train.keras")
     assert all(l.quant_friendly for l in model.layers if isinstance(l, rk.RepVGGBlock))
+
+
+def _tiny_model(classes, width=0.25):
+    spec = rk.RepVGGSpec(name="tiny", num_blocks=(1, 1, 1, 1), width_multipliers=(width, width))
+    model = rk.RepVGG(spec, input_shape=(32, 32, 3), classes=classes)
+    rng = np.random.default_rng(classes)
+    model.set_weights([rng.uniform(0.5, 1.5, w.shape).astype("float32") for w in model.get_weights()])
+    return model
+
+
+def test_init_weights_copies_every_block_and_refreshes_a_new_classifier():
+    from train import pretrained
+
+    donor, model = _tiny_model(classes=7), _tiny_model(classes=4)
+    head_before = model.get_layer("predictions").get_weights()
+    assert pretrained.copy_weights(model, donor) == ["predictions"]
+    for layer in model.layers:
+        if isinstance(layer, rk.RepVGGBlock):
+            for mine, theirs in zip(layer.get_weights(), donor.get_layer(layer.name).get_weights()):
+                np.testing.assert_array_equal(mine, theirs)
+    for mine, before in zip(model.get_layer("predictions").get_weights(), head_before):
+        np.testing.assert_array_equal(mine, before)
+    same_classes = _tiny_model(classes=7)
+    assert pretrained.copy_weights(same_classes, donor) == []
+    np.testing.assert_array_equal(same_classes.predict(np.ones((1, 32, 32, 3)), verbose=0),
+                                  donor.predict(np.ones((1, 32, 32, 3)), verbose=0))
+
+
+def test_init_weights_refuses_another_variant():
+    from train import pretrained
+
+    with pytest.raises(ValueError, match=r"stage0: source weights .*\n(.|\n)*same variant"):
+        pretrained.copy_weights(_tiny_model(classes=4), _tiny_model(classes=4, width=0.5))
+    with pytest.raises(ValueError, match="no architecture"):
+        pretrained.load_donor("x.weights.h5", build_headless=None)
+
+
+def test_fine_tune_through_the_cli_starts_from_the_given_model(tmp_path, image_folder):
+    """--init_weights with a saved model: at learning rate 0 the kernels stay exactly the donor's."""
+    import keras
+
+    donor = rk.RepVGG(rk.RepVGGSpec(name="RepVGG_A0_custom", num_blocks=(1, 1, 1, 1), width_multipliers=(0.25, 0.25)),
+                      input_shape=(32, 32, 3), classes=9)
+    donor.set_weights([np.random.default_rng(0).uniform(0.5, 1.5, w.shape).astype("float32")
+                       for w in donor.get_weights()])
+    donor.save(tmp_path / "donor.keras")
+    model_dir = tmp_path / "ft"
+    result = subprocess.run(
+        _train_cmd(model_dir, f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "2", "--base_lr", "0",
+                   "--init_weights", str(tmp_path / "donor.keras")),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all weights but predictions (new classes: fresh init)" in result.stdout
+    tuned = keras.saving.load_model(model_dir / "model_train.keras")
+    assert tuned.output_shape[-1] == 4
+    for layer in tuned.layers:
+        if isinstance(layer, rk.RepVGGBlock):
+            np.testing.assert_array_equal(np.asarray(layer.dense_conv.kernel),
+                                          np.asarray(donor.get_layer(layer.name).dense_conv.kernel))
+
+    missing = subprocess.run(
+        _train_cmd(tmp_path / "bad", f"folder:{image_folder}", "--epochs", "1", "--steps_per_epoch", "1",
+                   "--init_weights", str(tmp_path / "nope.keras")),
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert missing.returncode == 1 and "nope.keras' does not exist" in missing.stderr

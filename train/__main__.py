@@ -2,6 +2,7 @@
 
     python -m train --model RepVGG_A0 --dataset imagenet2012 --recipe paper120 --model_dir runs/a0
     python -m train --model RepVGG_A0 --dataset fashion_mnist --image_size 32 --epochs 5 --model_dir runs/fm
+    python -m train --model RepVGG_A0 --dataset folder:photos --init_weights imagenet --model_dir runs/ft
 
 Writes to --model_dir: backup/ (checkpoints every --checkpoint_every steps and each epoch;
 rerunning the same command resumes), logs/ (TensorBoard), training_log.csv,
@@ -42,6 +43,9 @@ flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent k
 flags.DEFINE_float("eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop).")
 flags.DEFINE_bool("quant_friendly", False, "QARepVGG blocks (no BN on the 1x1 and identity branches, one BN "
                   "after the sum): the same plain deploy model, much better int8 accuracy.")
+flags.DEFINE_string("init_weights", None, "Fine-tune: start from 'imagenet', an authors'/timm checkpoint or a "
+                    "training-form .keras model of the same variant; the classifier is kept when the class "
+                    "count matches, otherwise fresh.")
 flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
 flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
                   "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.")
@@ -110,6 +114,19 @@ def build_spec():
     return spec
 
 
+def init_from_pretrained(model, spec, image_size, use_identity, use_1x1):
+    import repvgg_keras as rk
+    from train import pretrained
+
+    build_headless = lambda weights: rk.RepVGG(
+        spec, include_top=False, weights=weights, input_shape=(image_size, image_size, 3),
+        use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly)
+    donor = pretrained.load_donor(FLAGS.init_weights, build_headless)
+    fresh = pretrained.copy_weights(model, donor)
+    kept = "all weights" if not fresh else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
+    print(f"initialised from {FLAGS.init_weights}: {kept}", flush=True)
+
+
 def train():
     import keras
     import numpy as np
@@ -161,6 +178,8 @@ def train():
             use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly,
             bn_synchronized=strategy.num_replicas_in_sync > 1,
         )
+        if FLAGS.init_weights:
+            init_from_pretrained(model, spec, image_size, use_identity, use_1x1)
         optimizer = recipes.make_optimizer(recipe, model, total_steps=total_steps, warmup_steps=warmup_steps)
         loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing)
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
@@ -218,7 +237,7 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it constructs
     try:
         train()
-    except (data.DatasetNotFound, ValueError, FloatingPointError) as error:
+    except (data.DatasetNotFound, ValueError, FileNotFoundError, FloatingPointError) as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
         print(f"error: {error}", file=sys.stderr)
