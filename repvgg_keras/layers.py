@@ -107,10 +107,10 @@ class RepVGGBlock(layers.Layer):
             epsilon=self.bn_epsilon, momentum=self.bn_momentum, synchronized=self.bn_synchronized,
             name=f"{name}_{suffix}", dtype=dtype,
         )
-        conv = lambda size, suffix, **kw: layers.Conv2D(
+        conv = lambda size, suffix, strides=self.strides, **kw: layers.Conv2D(
             self.filters,
             size,
-            strides=self.strides,
+            strides=strides,
             groups=self.groups,
             use_bias=False,
             kernel_initializer=self.kernel_initializer,
@@ -127,7 +127,10 @@ class RepVGGBlock(layers.Layer):
             3, "dense_conv", padding=_conv_padding(self.strides), dilation_rate=self.dilation_rate
         )
         self.dense_bn = bn("dense_bn")
-        self.pointwise_conv = conv(1, "1x1_conv", padding="valid") if self.use_1x1 else None
+        # Stride-2 1x1 branch as "every other pixel, then a stride-1 1x1 conv": the same sums, and it
+        # avoids TF 2.21's oneDNN stride-2 1x1 backward-weights kernel, which corrupts the heap on the
+        # 224px RGB stem (tests/test_block.py::test_stem_trains_at_224_without_crashing).
+        self.pointwise_conv = conv(1, "1x1_conv", padding="valid", strides=1) if self.use_1x1 else None
         self.pointwise_bn = bn("1x1_bn") if self.use_1x1 and not self.quant_friendly else None
         self.identity_bn = None  # created in build() once the input channels are known
         self.post_bn = bn("post_bn") if self.quant_friendly else None
@@ -153,7 +156,7 @@ class RepVGGBlock(layers.Layer):
         out_shape = self.dense_conv.compute_output_shape(dense_in)
         self.dense_bn.build(out_shape)
         if self.pointwise_conv is not None:
-            self.pointwise_conv.build(input_shape)
+            self.pointwise_conv.build(input_shape)  # a 1x1 kernel: the spatial size does not matter
         if self.pointwise_bn is not None:
             self.pointwise_bn.build(out_shape)
         if self.post_bn is not None:
@@ -185,7 +188,8 @@ class RepVGGBlock(layers.Layer):
         padded = self.pad(inputs) if self.pad is not None else inputs
         out = self.dense_bn(self.dense_conv(padded), training=training)
         if self.pointwise_conv is not None:
-            pointwise = self.pointwise_conv(inputs)
+            sampled = inputs[:, :: self.strides, :: self.strides, :] if self.strides > 1 else inputs
+            pointwise = self.pointwise_conv(sampled)
             out = out + (pointwise if self.pointwise_bn is None else self.pointwise_bn(pointwise, training=training))
         if self.identity_bn is not None:
             out = out + self.identity_bn(inputs, training=training)
