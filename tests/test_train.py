@@ -388,7 +388,7 @@ def test_init_weights_refuses_another_variant():
     with pytest.raises(ValueError, match=r"stage0: source weights .*\n(.|\n)*same variant"):
         pretrained.copy_weights(_tiny_model(classes=4), _tiny_model(classes=4, width=0.5))
     with pytest.raises(ValueError, match="no architecture"):
-        pretrained.load_donor("x.weights.h5", build_headless=None)
+        pretrained.load_donor("x.weights.h5", build=None)
 
 
 def test_fine_tune_through_the_cli_starts_from_the_given_model(tmp_path, image_folder):
@@ -447,3 +447,25 @@ def test_stem_trains_at_224_without_crashing():
                             text=True, timeout=600)
     assert result.returncode == 0, f"rc={result.returncode}\n{result.stderr[-1500:]}"
     assert "finite True" in result.stdout
+
+
+@pytest.mark.parametrize("classes,fresh", [(10, []), (4, ["predictions"])])
+def test_init_weights_from_a_timm_checkpoint(classes, fresh):
+    """The torch-free golden fixture (timm training form, 10 classes): with 10 classes the fine-tuning
+    start is timm's model exactly; with 4, every block is and the classifier stays fresh."""
+    import keras
+    from test_checkpoints import FIXTURES, GOLDEN_SPEC
+
+    from repvgg_keras.testing import max_relative_difference
+    from train import pretrained
+
+    model = rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), classes=classes)
+    build = lambda weights, include_top: rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), weights=weights,
+                                                   include_top=include_top, classes=classes if include_top else None)
+    donor = pretrained.load_donor(os.path.join(FIXTURES, "golden_tiny.safetensors"), build)
+    assert pretrained.copy_weights(model, donor) == fresh
+    golden = np.load(os.path.join(FIXTURES, "golden_tiny.npz"))
+    if classes == 10:
+        assert max_relative_difference(np.asarray(model(golden["images"])), golden["logits"]) < 1e-4
+    features = lambda m: np.asarray(keras.Model(m.inputs, m.get_layer("stage4_0").output)(golden["images"]))
+    np.testing.assert_array_equal(features(model), features(donor))

@@ -118,10 +118,11 @@ def init_from_pretrained(model, spec, image_size, use_identity, use_1x1):
     import repvgg_keras as rk
     from train import pretrained
 
-    build_headless = lambda weights: rk.RepVGG(
-        spec, include_top=False, weights=weights, input_shape=(image_size, image_size, 3),
+    build = lambda weights, include_top: rk.RepVGG(
+        spec, include_top=include_top, weights=weights, input_shape=(image_size, image_size, 3),
+        classes=model.output_shape[-1] if include_top else None,
         use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly)
-    donor = pretrained.load_donor(FLAGS.init_weights, build_headless)
+    donor = pretrained.load_donor(FLAGS.init_weights, build)
     fresh = pretrained.copy_weights(model, donor)
     kept = "all weights" if not fresh else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
     print(f"initialised from {FLAGS.init_weights}: {kept}", flush=True)

@@ -10,9 +10,10 @@ import os
 import keras
 
 
-def load_donor(source, build_headless):
-    """The model to copy from: a saved `.keras` model as it is, anything else (\"imagenet\", an
-    authors'/timm checkpoint) loaded into `build_headless(weights)`, a model without classifier."""
+def load_donor(source, build):
+    """The model to copy from: a saved `.keras` model as it is; anything else (\"imagenet\", an
+    authors'/timm checkpoint) loaded into `build(weights, include_top)`, with the classifier when
+    the checkpoint's fits the model's classes, else without."""
     if isinstance(source, str) and source.endswith(".keras"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"--init_weights {source!r} does not exist.")
@@ -22,7 +23,10 @@ def load_donor(source, build_headless):
             f"--init_weights {source!r}: a .weights.h5 file has no architecture to read the classifier from; "
             "pass the .keras model it came from, a .pth/.safetensors checkpoint or 'imagenet'."
         )
-    return build_headless(source)
+    try:
+        return build(source, include_top=True)
+    except ValueError:  # another class count (checkpoint loading is strict): blocks only
+        return build(source, include_top=False)
 
 
 def copy_weights(model, donor):
