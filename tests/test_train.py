@@ -356,7 +356,7 @@ def test_quant_friendly_trains_through_the_cli(tmp_path, image_folder):
     assert all(l.quant_friendly for l in model.layers if isinstance(l, rk.RepVGGBlock))
 
 
-def _tiny_model(classes, width=0.25):
+def _random_tiny_model(classes, width=0.25):
     spec = rk.RepVGGSpec(name="tiny", num_blocks=(1, 1, 1, 1), width_multipliers=(width, width))
     model = rk.RepVGG(spec, input_shape=(32, 32, 3), classes=classes)
     rng = np.random.default_rng(classes)
@@ -367,7 +367,7 @@ def _tiny_model(classes, width=0.25):
 def test_init_weights_copies_every_block_and_refreshes_a_new_classifier():
     from train import pretrained
 
-    donor, model = _tiny_model(classes=7), _tiny_model(classes=4)
+    donor, model = _random_tiny_model(classes=7), _random_tiny_model(classes=4)
     head_before = model.get_layer("predictions").get_weights()
     assert pretrained.copy_weights(model, donor) == ["predictions"]
     for layer in model.layers:
@@ -376,7 +376,7 @@ def test_init_weights_copies_every_block_and_refreshes_a_new_classifier():
                 np.testing.assert_array_equal(mine, theirs)
     for mine, before in zip(model.get_layer("predictions").get_weights(), head_before):
         np.testing.assert_array_equal(mine, before)
-    same_classes = _tiny_model(classes=7)
+    same_classes = _random_tiny_model(classes=7)
     assert pretrained.copy_weights(same_classes, donor) == []
     np.testing.assert_array_equal(same_classes.predict(np.ones((1, 32, 32, 3)), verbose=0),
                                   donor.predict(np.ones((1, 32, 32, 3)), verbose=0))
@@ -386,7 +386,7 @@ def test_init_weights_refuses_another_variant():
     from train import pretrained
 
     with pytest.raises(ValueError, match=r"stage0: source weights .*\n(.|\n)*same variant"):
-        pretrained.copy_weights(_tiny_model(classes=4), _tiny_model(classes=4, width=0.5))
+        pretrained.copy_weights(_random_tiny_model(classes=4), _random_tiny_model(classes=4, width=0.5))
     with pytest.raises(ValueError, match="no architecture"):
         pretrained.load_donor("x.weights.h5", build=None)
 
