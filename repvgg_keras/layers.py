@@ -129,7 +129,7 @@ class RepVGGBlock(layers.Layer):
         self.dense_bn = bn("dense_bn")
         # Stride-2 1x1 branch as "every other pixel, then a stride-1 1x1 conv": the same sums, and it
         # avoids TF 2.21's oneDNN stride-2 1x1 backward-weights kernel, which corrupts the heap on the
-        # 224px RGB stem (tests/test_block.py::test_stem_trains_at_224_without_crashing).
+        # 224px RGB stem (tests/test_train.py::test_stem_trains_at_224_without_crashing).
         self.pointwise_conv = conv(1, "1x1_conv", padding="valid", strides=1) if self.use_1x1 else None
         self.pointwise_bn = bn("1x1_bn") if self.use_1x1 and not self.quant_friendly else None
         self.identity_bn = None  # created in build() once the input channels are known

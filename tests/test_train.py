@@ -460,8 +460,8 @@ def test_init_weights_from_a_timm_checkpoint(classes, fresh):
     from train import pretrained
 
     model = rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), classes=classes)
-    build = lambda weights, include_top: rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), weights=weights,
-                                                   include_top=include_top, classes=classes if include_top else None)
+    build = lambda include_top: rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), include_top=include_top,
+                                          classes=classes if include_top else None)
     donor = pretrained.load_donor(os.path.join(FIXTURES, "golden_tiny.safetensors"), build)
     assert pretrained.copy_weights(model, donor) == fresh
     golden = np.load(os.path.join(FIXTURES, "golden_tiny.npz"))

@@ -118,8 +118,8 @@ def init_from_pretrained(model, spec, image_size, use_identity, use_1x1):
     import repvgg_keras as rk
     from train import pretrained
 
-    build = lambda weights, include_top: rk.RepVGG(
-        spec, include_top=include_top, weights=weights, input_shape=(image_size, image_size, 3),
+    build = lambda include_top: rk.RepVGG(
+        spec, include_top=include_top, input_shape=(image_size, image_size, 3),
         classes=model.output_shape[-1] if include_top else None,
         use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly)
     donor = pretrained.load_donor(FLAGS.init_weights, build)

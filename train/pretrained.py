@@ -9,11 +9,13 @@ import os
 
 import keras
 
+from repvgg_keras import checkpoints
+
 
 def load_donor(source, build):
-    """The model to copy from: a saved `.keras` model as it is; anything else (\"imagenet\", an
-    authors'/timm checkpoint) loaded into `build(weights, include_top)`, with the classifier when
-    the checkpoint's fits the model's classes, else without."""
+    """The model to copy from: a saved `.keras` model as it is; else `build(include_top)` (a model
+    without weights) loaded with the checkpoint (\"imagenet\" or an authors'/timm file), read once:
+    with its classifier when that fits the model's classes, else without."""
     if isinstance(source, str) and source.endswith(".keras"):
         if not os.path.exists(source):
             raise FileNotFoundError(f"--init_weights {source!r} does not exist.")
@@ -23,10 +25,18 @@ def load_donor(source, build):
             f"--init_weights {source!r}: a .weights.h5 file has no architecture to read the classifier from; "
             "pass the .keras model it came from, a .pth/.safetensors checkpoint or 'imagenet'."
         )
+    if source != "imagenet" and not checkpoints.is_checkpoint_path(source):
+        raise ValueError(f"--init_weights {source!r}: expected 'imagenet', a .pth/.pt/.bin/.safetensors checkpoint "
+                         "or a .keras model.")
+    donor = build(include_top=True)
+    path = checkpoints.imagenet_weights_path(donor.name) if source == "imagenet" else source
+    state = checkpoints.read_state_dict(path)
     try:
-        return build(source, include_top=True)
+        checkpoints.load_checkpoint(donor, state)
     except ValueError:  # another class count (checkpoint loading is strict): blocks only
-        return build(source, include_top=False)
+        donor = build(include_top=False)
+        checkpoints.load_checkpoint(donor, state)
+    return donor
 
 
 def copy_weights(model, donor):
