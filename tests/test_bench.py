@@ -200,3 +200,18 @@ def test_winograd_graph_computes_the_same_convolutions():
     expected = y
     np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(outputs[1], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_agreement_separates_near_ties_from_confident_flips():
+    """bench.int8_agreement's confident column counts only images where fp32's top-2 margin is large."""
+    from bench.int8_agreement import agreement
+
+    reference = np.array([[5.0, 0.0, 0.0],    # confident, kept
+                          [0.0, 4.0, 0.0],    # confident, flipped
+                          [1.0, 1.1, 0.0],    # near-tie, flipped
+                          [2.0, 0.0, 1.95]])  # near-tie, kept
+    got = np.array([[4.0, 0.0, 0.0], [0.0, 1.0, 2.0], [1.2, 1.0, 0.0], [2.0, 0.0, 1.9]])
+    labels = np.array([0, 2, 0, 1])
+    top1, accuracy, confident = agreement(reference, got, labels, confident_margin=1.0)
+    assert (top1, accuracy, confident) == (0.5, 0.75, 0.5)
+    assert np.isnan(agreement(reference, got, labels, confident_margin=10.0)[2])  # no confident image: undefined
