@@ -469,3 +469,22 @@ def test_init_weights_from_a_timm_checkpoint(classes, fresh):
         assert max_relative_difference(np.asarray(model(golden["images"])), golden["logits"]) < 1e-4
     features = lambda m: np.asarray(keras.Model(m.inputs, m.get_layer("stage4_0").output)(golden["images"]))
     np.testing.assert_array_equal(features(model), features(donor))
+
+
+def test_progress_lines_report_step_metrics_and_time_left(capsys):
+    """--verbose 2 runs print a line every --progress_every seconds inside an epoch (fake clock: 10 s a step)."""
+    import itertools
+
+    import keras
+
+    from train.callbacks import ProgressLines
+
+    ticks = itertools.count(0, 10)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["accuracy"])
+    x, y = np.ones((48, 4), "float32"), np.zeros((48, 2), "float32")
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ProgressLines(6, 1, 25, clock=lambda: next(ticks))])
+    lines = capsys.readouterr().out.strip().splitlines()
+    # epoch begins at t=0; steps end at 10, 20, ...: a line at 30 s (step 3) and 60 s (step 6)
+    assert [line.split(",")[0] for line in lines] == ["epoch 1/1 step 3/6", "epoch 1/1 step 6/6"], lines
+    assert "loss " in lines[0] and "accuracy " in lines[0] and "10.00 s/step, epoch ends in 0.5 min" in lines[0], lines

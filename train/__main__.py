@@ -55,7 +55,9 @@ flags.DEFINE_integer("train_take", None, "Use only the first N training examples
 flags.DEFINE_integer("eval_take", None, "Use only the first N evaluation examples.")
 flags.DEFINE_string("tpu", None, "TPU name/address for TPUStrategy.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 1 progress bar, 2 one line per epoch.")
+flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 1 progress bar, 2 one line per epoch (plus a progress "
+                     "line every --progress_every seconds).")
+flags.DEFINE_float("progress_every", 60, "With --verbose 2: seconds between progress lines inside an epoch (0: none).")
 flags.mark_flag_as_required("model_dir")
 
 ABLATIONS = {"full": (True, True), "no_identity": (False, True), "no_1x1": (True, False), "plain": (False, False)}
@@ -196,6 +198,8 @@ def train():
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
         cb.CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
     ]
+    if FLAGS.verbose == 2 and FLAGS.progress_every > 0:
+        callbacks.append(cb.ProgressLines(steps_per_epoch, recipe.epochs, FLAGS.progress_every))
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
         distributed.fit(model, train_ds, strategy=strategy, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,

@@ -1,8 +1,10 @@
-"""Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop."""
+"""Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop,
+progress lines for logs."""
 
 import csv
 import json
 import os
+import time
 
 import keras
 
@@ -53,6 +55,34 @@ class ResumeReporter(keras.callbacks.Callback):
         with open(staged, "w") as f:
             f.write(str(int(self.model.optimizer.iterations.numpy())))
         os.replace(staged, self.step_file)
+
+
+class ProgressLines(keras.callbacks.Callback):
+    """One line every `every_seconds` inside an epoch (step, loss, accuracy, s/step, time left).
+
+    `--verbose 2` prints only at epoch ends, and a long epoch (a fine-tune at 224px on a CPU)
+    would be silent for an hour; a progress bar (`--verbose 1`) floods log files.
+    """
+
+    def __init__(self, steps_per_epoch, epochs, every_seconds=60.0, clock=time.monotonic):
+        super().__init__()
+        self.steps_per_epoch, self.epochs, self.every_seconds, self.clock = steps_per_epoch, epochs, every_seconds, clock
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch, self._started = epoch, self.clock()
+        self._last_print = self._started
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = self.clock()
+        if now - self._last_print < self.every_seconds:
+            return
+        self._last_print = now
+        done = batch + 1
+        per_step = (now - self._started) / done
+        metrics = "".join(f", {k} {float(v):.4f}" for k, v in (logs or {}).items() if k in ("loss", "accuracy"))
+        print(f"epoch {self._epoch + 1}/{self.epochs} step {done}/{self.steps_per_epoch}{metrics}, "
+              f"{per_step:.2f} s/step, epoch ends in {per_step * (self.steps_per_epoch - done) / 60:.1f} min",
+              flush=True)
 
 
 class LearningRateLogger(keras.callbacks.Callback):
