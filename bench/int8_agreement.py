@@ -20,6 +20,7 @@ flags.DEFINE_integer("calibration", 64, "Training images to calibrate on.")
 flags.DEFINE_float("confident_margin", 1.0, "fp32 top-2 logit margin above which a prediction counts as "
                    "confident (the last column: agreement on those images only).")
 flags.mark_flag_as_required("model_file")
+CHUNK = 250  # test images resized and checked at a time
 
 
 def variants(deploy, calibration, workdir):
@@ -64,18 +65,27 @@ def main(argv):
     prepare = lambda pixels: preprocessing.normalize(images._resize(pixels, size, size, 3).astype(np.float32))
     train_pixels, _ = images.fashion_mnist("train")
     test_pixels, labels = images.fashion_mnist("t10k")
-    calibration, check, labels = (prepare(train_pixels[:FLAGS.calibration]), prepare(test_pixels[:FLAGS.count]),
-                                  labels[:FLAGS.count])
-    reference = np.asarray(deploy.predict(check, verbose=0))
+    calibration, labels = prepare(train_pixels[:FLAGS.calibration]), labels[:FLAGS.count]
+    with tempfile.TemporaryDirectory() as workdir:
+        paths = list(variants(deploy, calibration, workdir))
+        # Images are resized and run a chunk at a time: 10,000 at 224px are 6 GB as float32,
+        # and the runtimes' buffers for one such batch several times that.
+        reference, outputs = [], {name: [] for name, _ in paths}
+        for start in range(0, len(labels), CHUNK):
+            chunk = prepare(test_pixels[start:min(start + CHUNK, len(labels))])
+            reference.append(np.asarray(deploy.predict(chunk, verbose=0)))
+            for name, run in paths:
+                outputs[name].append(run(chunk))
+            print(f"checked {start + len(chunk)}/{len(labels)} images", file=sys.stderr, flush=True)
+    reference = np.concatenate(reference)
     top2 = np.sort(reference, axis=-1)[:, -2:]
     share = np.mean(top2[:, 1] - top2[:, 0] >= FLAGS.confident_margin)
     print(f"| int8 path | top-1 agreement with fp32 | accuracy | agreement where fp32 margin >= "
           f"{FLAGS.confident_margin:g} ({share:.1%} of images) |\n|---|---|---|---|")
     row = lambda name, stats: print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in stats) + " |", flush=True)
     row("fp32 (Keras)", agreement(reference, reference, labels, FLAGS.confident_margin))
-    with tempfile.TemporaryDirectory() as workdir:
-        for name, run in variants(deploy, calibration, workdir):
-            row(name, agreement(reference, run(check), labels, FLAGS.confident_margin))
+    for name, chunks in outputs.items():
+        row(name, agreement(reference, np.concatenate(chunks), labels, FLAGS.confident_margin))
     return 0
 
 
