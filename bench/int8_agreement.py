@@ -39,15 +39,20 @@ def variants(deploy, calibration, workdir):
         yield f"onnxruntime QDQ, {label}", lambda x, run=run: run(nchw(x))
 
 
+def confident(reference, margin):
+    """Mask of the images whose fp32 top-2 logit margin is at least `margin`."""
+    top2 = np.sort(reference, axis=-1)[:, -2:]
+    return top2[:, 1] - top2[:, 0] >= margin
+
+
 def agreement(reference, got, labels, confident_margin):
     """(top-1 agreement, accuracy, agreement where fp32's top-2 logit margin >= confident_margin).
 
     The last one tells near-ties (an undertrained model's coin flips, which any rounding can
     turn) apart from real int8 damage, which also flips confident predictions."""
     expected, predicted = reference.argmax(-1), got.argmax(-1)
-    top2 = np.sort(reference, axis=-1)[:, -2:]
-    confident = top2[:, 1] - top2[:, 0] >= confident_margin
-    confident_agreement = np.mean(predicted[confident] == expected[confident]) if confident.any() else float("nan")
+    sure = confident(reference, confident_margin)
+    confident_agreement = np.mean(predicted[sure] == expected[sure]) if sure.any() else float("nan")
     return np.mean(predicted == expected), np.mean(predicted == labels), confident_agreement
 
 
@@ -78,8 +83,7 @@ def main(argv):
                 outputs[name].append(run(chunk))
             print(f"checked {start + len(chunk)}/{len(labels)} images", file=sys.stderr, flush=True)
     reference = np.concatenate(reference)
-    top2 = np.sort(reference, axis=-1)[:, -2:]
-    share = np.mean(top2[:, 1] - top2[:, 0] >= FLAGS.confident_margin)
+    share = np.mean(confident(reference, FLAGS.confident_margin))
     print(f"| int8 path | top-1 agreement with fp32 | accuracy | agreement where fp32 margin >= "
           f"{FLAGS.confident_margin:g} ({share:.1%} of images) |\n|---|---|---|---|")
     row = lambda name, stats: print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in stats) + " |", flush=True)
