@@ -70,14 +70,15 @@ def main(argv):
     prepare = lambda pixels: preprocessing.normalize(images._resize(pixels, size, size, 3).astype(np.float32))
     train_pixels, _ = images.fashion_mnist("train")
     test_pixels, labels = images.fashion_mnist("t10k")
-    calibration, labels = prepare(train_pixels[:FLAGS.calibration]), labels[:FLAGS.count]
+    calibration = prepare(train_pixels[:FLAGS.calibration])
+    test_pixels, labels = test_pixels[:FLAGS.count], labels[:FLAGS.count]
     with tempfile.TemporaryDirectory() as workdir:
         paths = list(variants(deploy, calibration, workdir))
         # Images are resized and run a chunk at a time: 10,000 at 224px are 6 GB as float32,
         # and the runtimes' buffers for one such batch several times that.
         reference, outputs = [], {name: [] for name, _ in paths}
         for start in range(0, len(labels), CHUNK):
-            chunk = prepare(test_pixels[start:min(start + CHUNK, len(labels))])
+            chunk = prepare(test_pixels[start:start + CHUNK])
             reference.append(np.asarray(deploy.predict(chunk, verbose=0)))
             for name, run in paths:
                 outputs[name].append(run(chunk))

@@ -483,7 +483,7 @@ def test_progress_lines_report_step_metrics_and_time_left(capsys):
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
     model.compile(optimizer="sgd", loss="mse", metrics=["accuracy"])
     x, y = np.ones((48, 4), "float32"), np.zeros((48, 2), "float32")
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ProgressLines(6, 1, 25, clock=lambda: next(ticks))])
+    model.fit(x, y, batch_size=8, epochs=1, verbose=0, callbacks=[ProgressLines(25, clock=lambda: next(ticks))])
     lines = capsys.readouterr().out.strip().splitlines()
     # epoch begins at t=0; steps end at 10, 20, ...: a line at 30 s (step 3) and 60 s (step 6)
     assert [line.split(",")[0] for line in lines] == ["epoch 1/1 step 3/6", "epoch 1/1 step 6/6"], lines

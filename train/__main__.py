@@ -199,7 +199,7 @@ def train():
         cb.CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
     ]
     if FLAGS.verbose == 2 and FLAGS.progress_every > 0:
-        callbacks.append(cb.ProgressLines(steps_per_epoch, recipe.epochs, FLAGS.progress_every))
+        callbacks.append(cb.ProgressLines(FLAGS.progress_every))
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
         distributed.fit(model, train_ds, strategy=strategy, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,

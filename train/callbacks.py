@@ -64,9 +64,9 @@ class ProgressLines(keras.callbacks.Callback):
     would be silent for an hour; a progress bar (`--verbose 1`) floods log files.
     """
 
-    def __init__(self, steps_per_epoch, epochs, every_seconds=60.0, clock=time.monotonic):
+    def __init__(self, every_seconds=60.0, clock=time.monotonic):
         super().__init__()
-        self.steps_per_epoch, self.epochs, self.every_seconds, self.clock = steps_per_epoch, epochs, every_seconds, clock
+        self.every_seconds, self.clock = every_seconds, clock
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch, self._started = epoch, self.clock()
@@ -77,12 +77,11 @@ class ProgressLines(keras.callbacks.Callback):
         if now - self._last_print < self.every_seconds:
             return
         self._last_print = now
-        done = batch + 1
+        done, steps = batch + 1, self.params["steps"]  # params: set by fit (and by train.distributed's loop)
         per_step = (now - self._started) / done
         metrics = "".join(f", {k} {float(v):.4f}" for k, v in (logs or {}).items() if k in ("loss", "accuracy"))
-        print(f"epoch {self._epoch + 1}/{self.epochs} step {done}/{self.steps_per_epoch}{metrics}, "
-              f"{per_step:.2f} s/step, epoch ends in {per_step * (self.steps_per_epoch - done) / 60:.1f} min",
-              flush=True)
+        print(f"epoch {self._epoch + 1}/{self.params['epochs']} step {done}/{steps}{metrics}, "
+              f"{per_step:.2f} s/step, epoch ends in {per_step * (steps - done) / 60:.1f} min", flush=True)
 
 
 class LearningRateLogger(keras.callbacks.Callback):
