@@ -15,7 +15,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	$(PY) -m pip install -q --no-deps "tensorflow-serving-api>=2.21,<2.22"
 	# PyTorch reference checks: the CPU wheel (pinned: an unpinned torch pulls a CUDA build),
-	# timm without its torchvision requirement (tests/torch_reference.py explains), its other deps.
+	# timm without its torchvision requirement (bench/timm_import.py explains), its other deps.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps "timm>=1.0.20"
 	$(PY) -m pip install -q huggingface_hub pyyaml pillow

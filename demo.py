@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import repvgg_keras as rk  # noqa: E402
-from repvgg_keras import preprocessing, testing  # noqa: E402
+from repvgg_keras import parity, preprocessing, structure  # noqa: E402
 
 OUTPUT = "demo_output"
 TRAIN_DIR = os.path.join(OUTPUT, "train")
@@ -31,17 +31,17 @@ VERIFY_COUNT = 1000
 
 def convert_and_check(size=224):
     print(f"== 1. RepVGG_A0 at {size}x{size}: training form -> deploy form")
-    model = testing.randomize_batchnorm(rk.RepVGG_A0(), seed=0)
+    model = parity.randomize_batchnorm(rk.RepVGG_A0(), seed=0)
     plain = rk.to_deploy(model)
     batch = np.random.default_rng(0).uniform(0, 1, (4, size, size, 3)).astype("float32")
     reference = np.asarray(model(batch, training=False))
-    diff = testing.max_relative_difference(plain(batch), reference)
+    diff = parity.max_relative_difference(plain(batch), reference)
     print(f"\n{'form':<14}{'layers':>8}{'Conv2D':>8}{'BatchNorm':>10}{'params (M)':>12}")
     for label, m in (("training form", model), ("deploy form", plain)):
-        c = testing.layer_counts(m)
+        c = structure.layer_counts(m)
         print(f"{label:<14}{c['layers']:>8}{c['Conv2D']:>8}{c['BatchNormalization']:>10}{m.count_params() / 1e6:>12.3f}")
     print(f"\nparity on 4 images: max relative difference {diff:.2e}; "
-          f"custom layers in deploy form: {testing.custom_layer_names(plain) or 'none'}")
+          f"custom layers in deploy form: {structure.custom_layer_names(plain) or 'none'}")
     if diff > 1e-5:
         raise SystemExit(f"FAILED: deploy form differs from the training form by {diff:.2e}")
 

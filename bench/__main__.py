@@ -71,10 +71,10 @@ def parse_weights(pairs):
     return weights
 
 
-def agreement(outputs, reference):
+def check_against_reference(outputs, reference):
     import numpy as np
 
-    from repvgg_keras.testing import max_relative_difference
+    from repvgg_keras.parity import max_relative_difference
 
     return {
         "top1_agreement": float(np.mean(np.argmax(outputs, -1) == np.argmax(reference, -1))),
@@ -100,7 +100,7 @@ def prepare_model(name, weights, batches, workdir):
             predictor = spec.build(subject, FLAGS.threads)
             checked = {}
             if not spec.runtime.startswith("timm") or subject.timm_matches:
-                checked = agreement(predict_in_chunks(predictor, subject.images, max(batches)), reference)
+                checked = check_against_reference(predict_in_chunks(predictor, subject.images, max(batches)), reference)
         except Unavailable as why:
             records.append(dict(base, status="skipped", reason=str(why)))
             print(f"  {spec.runtime} {spec.precision}: skipped ({why})", flush=True)

@@ -66,7 +66,7 @@ def build_models(name, image_size):
     import repvgg_keras as rk
     from bench.subject import TIMM_NAMES
     from repvgg_keras import checkpoints
-    from repvgg_keras.torch_reference import import_timm, randomize_torch_batchnorm
+    from bench.timm_import import import_timm, randomize_torch_batchnorm
 
     timm_model = randomize_torch_batchnorm(import_timm().create_model(TIMM_NAMES[name], num_classes=CLASSES).eval())
     keras_train = rk.get_model(name, input_shape=(image_size, image_size, 3), classes=CLASSES)
@@ -181,7 +181,7 @@ def matmul_peak(size):
 def measure_model(name, batches, rounds, chunk_seconds, image_size, peaks, progress=print):
     from bench.flops import multiply_adds
     from bench.timing import measure
-    from repvgg_keras.testing import max_relative_difference
+    from repvgg_keras.parity import max_relative_difference
 
     timm_model, keras_train, keras_deploy, keras_bf16 = build_models(name, image_size)
     macs = multiply_adds(keras_deploy)

@@ -45,7 +45,7 @@ def confident(reference, margin):
     return top2[:, 1] - top2[:, 0] >= margin
 
 
-def agreement(reference, got, labels, confident_margin):
+def agreement_with_fp32(reference, got, labels, confident_margin):
     """(top-1 agreement, accuracy, agreement where fp32's top-2 logit margin >= confident_margin).
 
     The last one tells near-ties (an undertrained model's coin flips, which any rounding can
@@ -88,9 +88,9 @@ def main(argv):
     print(f"| int8 path | top-1 agreement with fp32 | accuracy | agreement where fp32 margin >= "
           f"{FLAGS.confident_margin:g} ({share:.1%} of images) |\n|---|---|---|---|")
     row = lambda name, stats: print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in stats) + " |", flush=True)
-    row("fp32 (Keras)", agreement(reference, reference, labels, FLAGS.confident_margin))
+    row("fp32 (Keras)", agreement_with_fp32(reference, reference, labels, FLAGS.confident_margin))
     for name, chunks in outputs.items():
-        row(name, agreement(reference, np.concatenate(chunks), labels, FLAGS.confident_margin))
+        row(name, agreement_with_fp32(reference, np.concatenate(chunks), labels, FLAGS.confident_margin))
     return 0
 
 

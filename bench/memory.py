@@ -41,7 +41,7 @@ def measure(model_name, form, batch, image_size, classes, threads):
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
     import repvgg_keras as rk
-    from repvgg_keras.testing import layer_counts
+    from repvgg_keras.structure import layer_counts
 
     baseline = peak_rss_mb()
     model = rk.get_model(model_name, input_shape=(image_size, image_size, 3), classes=classes,

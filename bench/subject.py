@@ -43,7 +43,7 @@ class Subject:
 def import_timm():
     """timm (with the torchvision stand-in where torchvision cannot load), or None."""
     try:
-        from repvgg_keras.torch_reference import import_timm as load
+        from bench.timm_import import import_timm as load
 
         return load()
     except ImportError:
@@ -58,7 +58,7 @@ def build(name, image_size, classes, weights, images_source, image_count, workdi
     timm = import_timm()
     timm_model, timm_matches = None, False
     if timm is not None:
-        from repvgg_keras.torch_reference import randomize_torch_batchnorm
+        from bench.timm_import import randomize_torch_batchnorm
 
         timm_model = timm.create_model(TIMM_NAMES[name], num_classes=classes).eval()
         if weights is None:
@@ -71,7 +71,7 @@ def build(name, image_size, classes, weights, images_source, image_count, workdi
         keras_train = common.load_model(name, path, image_size, classes)
         source, timm_matches = "timm init (random, trained-like BN statistics)", True
     elif weights is None:
-        from repvgg_keras.testing import randomize_batchnorm
+        from repvgg_keras.parity import randomize_batchnorm
 
         keras_train = randomize_batchnorm(common.load_model(name, None, image_size, classes))
         source = "random (trained-like BN statistics)"

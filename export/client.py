@@ -12,17 +12,17 @@ import urllib.request
 import numpy as np
 from absl import app, flags
 
-from export import requests
+from export import predict_requests
 
 FLAGS = flags.FLAGS
 
 
 def predict_rest(host, port, model_name, encoded_images, timeout=30.0):
-    body = requests.rest_body("serving_bytes", encoded_images).encode()
+    body = predict_requests.rest_body("serving_bytes", encoded_images).encode()
     url = f"http://{host}:{port}/v1/models/{model_name}:predict"
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
-        return requests.parse_rest_response(response.read().decode())
+        return predict_requests.parse_rest_response(response.read().decode())
 
 
 def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
@@ -31,8 +31,8 @@ def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
 
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = requests.predict_request(model_name, "serving_bytes", encoded_images)
-        return requests.parse_predict_response(stub.Predict(request, timeout=timeout))
+        request = predict_requests.predict_request(model_name, "serving_bytes", encoded_images)
+        return predict_requests.parse_predict_response(stub.Predict(request, timeout=timeout))
 
 
 def top_k(probabilities, k=5):

@@ -80,7 +80,7 @@ def export_onnx(model, output, *, opset=17, nchw=True, verify_inputs, reference=
         expected = np.asarray(reference(verify_inputs, training=False))
         feed = np.transpose(verify_inputs, (0, 3, 1, 2)) if nchw else verify_inputs
         report = verify.compare(
-            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""), "float32",
+            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""), "fp32",
             run(staged, feed), expected, os.path.getsize(staged) / 2**20,
         )
         verify.check(report)

@@ -65,12 +65,11 @@ def export_openvino(model, output, *, quantize="none", precision=None, verify_in
     """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
     reference = reference or model
     precision = precision or default_precision(quantize)
-    tolerance_key = verify.LONG_NAMES[precision]
     with common.atomic_output(output, overwrite=overwrite) as staged:
         convert(model, staged, quantize, calibration)
         expected = np.asarray(reference(verify_inputs, training=False))
         report = verify.compare(
-            f"OpenVINO {os.path.basename(os.path.normpath(output))}", tolerance_key,
+            f"OpenVINO {os.path.basename(os.path.normpath(output))}", precision,
             run(staged, verify_inputs, precision), expected, verify.directory_size_mb(staged), tolerance,
         )
         verify.check(report)

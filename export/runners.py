@@ -1,6 +1,6 @@
 """Open exported models for repeated inference, with one set of runtime settings.
 
-The exporters' checks, `rk.inference.fast_predictor` and `python -m bench` all build their
+The exporters' checks, `export.fast_predictor` and `python -m bench` all build their
 onnxruntime sessions, OpenVINO requests and TFLite interpreters here, so the benchmark
 measures exactly what users get. Each opener returns a function from a float32 batch (in
 the file's own layout) to float32 logits; the file is opened once, not per call.

@@ -68,12 +68,12 @@ def write_warmup(export_path, model_name, pixels):
     """TF Serving warm-up: one PredictRequest per signature, replayed at model load."""
     import tensorflow as tf
 
-    from export import requests
+    from export import predict_requests
 
     extra = os.path.join(export_path, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(extra, "tf_serving_warmup_requests")) as writer:
-        for log in requests.warmup_logs(model_name, pixels):
+        for log in predict_requests.warmup_logs(model_name, pixels):
             writer.write(log.SerializeToString())
 
 
@@ -107,12 +107,12 @@ def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
         expected = np.asarray(reference(model_input, training=False))
         size = verify.directory_size_mb(staged)
         got = loaded.signatures["serving_default"](images=tf.constant(model_input))["logits"]
-        report = verify.check(verify.compare("SavedModel serving_default", "float32", got, expected, size))
+        report = verify.check(verify.compare("SavedModel serving_default", "fp32", got, expected, size))
         got = loaded.signatures["serving_uint8"](images=tf.constant(verify_pixels))["logits"]
-        verify.check(verify.compare("SavedModel serving_uint8", "float32", got, expected, size))
+        verify.check(verify.compare("SavedModel serving_uint8", "fp32", got, expected, size))
         encoded = tf.stack([tf.io.encode_png(p) for p in verify_pixels])
         got = loaded.signatures["serving_bytes"](images=encoded)["logits"]
-        verify.check(verify.compare("SavedModel serving_bytes", "float32", got, expected, size))
+        verify.check(verify.compare("SavedModel serving_bytes", "fp32", got, expected, size))
     return report
 
 

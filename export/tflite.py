@@ -26,7 +26,7 @@ from export import common, verify
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
-PRECISION = {"none": "float32", "float16": "float16", "dynamic": "dynamic", "int8": "int8", "int8_full": "int8"}
+PRECISION = {"none": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8", "int8_full": "int8"}
 FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]  # a sliver of the work, and quantizing them clips logits
 
 

@@ -5,7 +5,6 @@
     plain = rk.to_deploy(model)       # fused, built-in layers only
 """
 
-from repvgg_keras import inference
 from repvgg_keras.deploy import is_deploy_form, to_deploy
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
@@ -17,7 +16,6 @@ globals().update(BUILDERS)  # RepVGG_A0, RepVGG_B1g4, ... generated from the spe
 
 __all__ = [
     "RepVGG",
-    "inference",
     "RepVGGBlock",
     "RepVGGSpec",
     "PlainBlock",

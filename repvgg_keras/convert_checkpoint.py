@@ -21,7 +21,7 @@ def convert(model_name, checkpoint, output, classes=1000, include_top=True, over
     """Load `checkpoint` strictly into `model_name` and save `output`; returns (form, max diff)."""
     import repvgg_keras as rk
     from repvgg_keras import checkpoints
-    from repvgg_keras.testing import max_relative_difference
+    from repvgg_keras.parity import max_relative_difference
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end with .weights.h5, got {output!r}.")

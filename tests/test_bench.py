@@ -15,8 +15,7 @@ from export import verify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Reduced-precision tolerances of the records, by precision (relative to the fp32 Keras model).
-TOLERANCE = {"fp32": verify.TOLERANCES["float32"], "fp16": verify.TOLERANCES["float16"],
-             "bf16": verify.TOLERANCES["bfloat16"], "int8": verify.TOLERANCES["int8"]}
+TOLERANCE = verify.TOLERANCES
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_multiply_adds_match_the_paper(name, published):
 
 
 def test_torch_multiply_adds_of_resnet18():
-    from repvgg_keras.torch_reference import import_timm
+    from bench.timm_import import import_timm
 
     module = import_timm().create_model("resnet18").eval()
     assert round(flops.torch_multiply_adds(module, 224) / 1e9, 1) == 1.8  # the commonly quoted 1.8 G
@@ -127,7 +126,7 @@ def test_int8_onnx_quantization_keeps_top1(tmp_path):
 
     from export import images, onnx as onnx_export, onnx_int8
     from repvgg_keras import preprocessing
-    from repvgg_keras.testing import randomize_batchnorm
+    from repvgg_keras.parity import randomize_batchnorm
 
     model = rk.to_deploy(randomize_batchnorm(rk.get_model("RepVGG_A0", input_shape=(48, 48, 3), classes=10)))
     pixels = images.load_images("fashion_mnist", 48, 48, 48, 3)
@@ -182,29 +181,9 @@ def test_gpu_bench_quick_runs_on_jax_without_tensorflow(tmp_path):
     assert "ours/best timm-reparam fp32" in open(tmp_path / "results.md").read()
 
 
-def test_winograd_graph_computes_the_same_convolutions():
-    """bench.winograd's F(2,3) graph is the conv stack it is timed against (else its timing means nothing)."""
-    from bench import winograd
-
-    rng = np.random.default_rng(1)
-    kernel = rng.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.3
-    bias = rng.standard_normal(8).astype(np.float32)
-    x = rng.standard_normal((2, 8, 6, 6)).astype(np.float32)
-    outputs = [winograd.session(build(kernel, bias, 2, 6, 2), 1).run(None, {"x": x})[0]
-               for build in (winograd.direct_stack, winograd.winograd_stack)]
-    y = x  # the reference, in numpy: two conv + relu layers
-    for _ in range(2):
-        padded = np.pad(y, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        y = np.maximum(sum(np.einsum("nchw,kc->nkhw", padded[:, :, i:i + 6, j:j + 6], kernel[:, :, i, j])
-                           for i in range(3) for j in range(3)) + bias[None, :, None, None], 0)
-    expected = y
-    np.testing.assert_allclose(outputs[0], expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(outputs[1], expected, rtol=1e-4, atol=1e-4)
-
-
 def test_int8_agreement_separates_near_ties_from_confident_flips():
     """bench.int8_agreement's confident column counts only images where fp32's top-2 margin is large."""
-    from bench.int8_agreement import agreement
+    from bench.int8_agreement import agreement_with_fp32
 
     reference = np.array([[5.0, 0.0, 0.0],    # confident, kept
                           [0.0, 4.0, 0.0],    # confident, flipped
@@ -212,6 +191,6 @@ def test_int8_agreement_separates_near_ties_from_confident_flips():
                           [2.0, 0.0, 1.95]])  # near-tie, kept
     got = np.array([[4.0, 0.0, 0.0], [0.0, 1.0, 2.0], [1.2, 1.0, 0.0], [2.0, 0.0, 1.9]])
     labels = np.array([0, 2, 0, 1])
-    top1, accuracy, confident = agreement(reference, got, labels, confident_margin=1.0)
+    top1, accuracy, confident = agreement_with_fp32(reference, got, labels, confident_margin=1.0)
     assert (top1, accuracy, confident) == (0.5, 0.75, 0.5)
-    assert np.isnan(agreement(reference, got, labels, confident_margin=10.0)[2])  # no confident image: undefined
+    assert np.isnan(agreement_with_fp32(reference, got, labels, confident_margin=10.0)[2])  # no confident image: undefined

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from repvgg_keras import PlainBlock, RepVGGBlock
-from repvgg_keras.testing import max_relative_difference, randomize_batchnorm
+from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 
 
 def _model_of(block, input_shape):

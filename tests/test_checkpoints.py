@@ -12,7 +12,7 @@ import pytest
 
 import repvgg_keras as rk
 from repvgg_keras import checkpoints
-from repvgg_keras.testing import max_relative_difference
+from repvgg_keras.parity import max_relative_difference
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # The reduced architecture of tests/fixtures/make_golden.py, in our terms.
@@ -62,7 +62,7 @@ def _timm_reference(name):
     """(train state dict, deploy state dict, NHWC input, logits) of timm's model, BN randomised."""
     import torch
 
-    from repvgg_keras.torch_reference import import_timm, randomize_torch_batchnorm
+    from bench.timm_import import import_timm, randomize_torch_batchnorm
 
     timm = import_timm()
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import repvgg_keras as rk
-from repvgg_keras.testing import custom_layer_names, max_relative_difference, randomize_batchnorm
+from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from repvgg_keras.structure import custom_layer_names
 
 SPEC = rk.RepVGGSpec("tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2,
                      grouped_layers=(2, 4))

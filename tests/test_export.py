@@ -11,9 +11,9 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import common, images, onnx as onnx_export, requests, savedmodel, tflite, verify
+from export import common, fast_predictor, images, onnx as onnx_export, predict_requests, savedmodel, tflite, verify
 from repvgg_keras import preprocessing
-from repvgg_keras.testing import max_relative_difference, randomize_batchnorm
+from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 
 SIZE = 48
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,11 +130,11 @@ def test_client_request_bodies_give_the_right_top1(exported_savedmodel, models, 
     loaded = tf.saved_model.load(exported_savedmodel[0])
     expected = np.asarray(models["RepVGG_A0"](_inputs(pixels[:3]), training=False)).argmax(-1)
     encoded = [tf.io.encode_jpeg(p, quality=100).numpy() for p in pixels[:3]]
-    grpc_request = requests.predict_request("repvgg_a0", "serving_bytes", encoded)
+    grpc_request = predict_requests.predict_request("repvgg_a0", "serving_bytes", encoded)
     response = predict_pb2.PredictResponse.FromString(_serve_grpc(loaded, grpc_request))
-    grpc_out = requests.parse_predict_response(response)
-    rest_out = requests.parse_rest_response(_serve_rest(loaded, requests.rest_body("serving_bytes", encoded)))
-    uint8_out = requests.parse_rest_response(_serve_rest(loaded, requests.rest_body("serving_uint8", pixels[:3])))
+    grpc_out = predict_requests.parse_predict_response(response)
+    rest_out = predict_requests.parse_rest_response(_serve_rest(loaded, predict_requests.rest_body("serving_bytes", encoded)))
+    uint8_out = predict_requests.parse_rest_response(_serve_rest(loaded, predict_requests.rest_body("serving_uint8", pixels[:3])))
     for out in (grpc_out, rest_out, uint8_out):
         assert out["probabilities"].shape == (3, 10)
         np.testing.assert_array_equal(out["logits"].argmax(-1), expected)
@@ -250,7 +250,7 @@ def test_int8_export_below_99_5_percent_agreement_suggests_quant_friendly(capsys
     verify.check(verify.compare("a.tflite", "int8", flipped, reference, tolerance=10.0))
     assert "--quant_friendly" in capsys.readouterr().out
     verify.check(verify.compare("a.tflite", "int8", reference, reference))
-    verify.check(verify.compare("a.tflite", "float32", flipped, reference, tolerance=10.0))
+    verify.check(verify.compare("a.tflite", "fp32", flipped, reference, tolerance=10.0))
     assert "--quant_friendly" not in capsys.readouterr().out
 
 
@@ -314,7 +314,7 @@ def test_cli_takes_a_timm_checkpoint(tmp_path):
 @pytest.mark.parametrize("options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)])
 def test_exporters_load_keras_files_of_qarepvgg_and_ablation_models(tmp_path, rng, options):
     """--weights model_train.keras from `train --quant_friendly` or `--ablation` rebuilds the same blocks."""
-    from repvgg_keras.testing import randomize_batchnorm
+    from repvgg_keras.parity import randomize_batchnorm
 
     trained = randomize_batchnorm(rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, **options), seed=2)
     path = str(tmp_path / "model_train.keras")
@@ -412,34 +412,34 @@ def test_openvino_cli(tmp_path, models):
 def test_fast_predictor_picks_a_verified_runtime(models, pixels):
     model = models["RepVGG_A0"]
     inputs = _inputs(pixels)
-    predictor = rk.inference.fast_predictor(model, check_images=inputs)
-    assert predictor.runtime == rk.inference.FASTEST[predictor.precision][0]  # the fastest installed one
+    predictor = fast_predictor.fast_predictor(model, check_images=inputs)
+    assert predictor.runtime == fast_predictor.FASTEST[predictor.precision][0]  # the fastest installed one
     assert predictor.top1_agreement >= 0.995
     expected = np.asarray(model(inputs[:4], training=False))
-    tolerance = rk.inference.TOLERANCE[predictor.precision]
+    tolerance = verify.TOLERANCES[predictor.precision]
     assert max_relative_difference(predictor(inputs[:4]), expected) <= tolerance
     assert predictor.precision in predictor.describe()
 
-    exact = rk.inference.fast_predictor(model, precision="fp32", runtime="keras", check_images=inputs)
+    exact = fast_predictor.fast_predictor(model, precision="fp32", runtime="keras", check_images=inputs)
     assert exact.max_rel_diff < 1e-4 and exact.layout == "NHWC"
 
 
 def test_fast_predictor_int8_in_tflite(models, pixels):
     model = models["RepVGG_A0"]
     calibration = _inputs(images.load_images("fashion_mnist", 48, SIZE, SIZE)[16:])
-    predictor = rk.inference.fast_predictor(model, precision="int8", runtime="tflite", check_images=_inputs(pixels),
+    predictor = fast_predictor.fast_predictor(model, precision="int8", runtime="tflite", check_images=_inputs(pixels),
                                             calibration_images=calibration, min_agreement=0.9)
     assert (predictor.runtime, predictor.precision, predictor.layout) == ("tflite", "int8", "NHWC")
-    assert predictor.max_rel_diff <= rk.inference.TOLERANCE["int8"]
+    assert predictor.max_rel_diff <= verify.TOLERANCES["int8"]
     with pytest.raises(ValueError, match="cannot run precision 'bf16'"):
-        rk.inference.fast_predictor(model, precision="bf16", runtime="tflite", check_images=_inputs(pixels))
+        fast_predictor.fast_predictor(model, precision="bf16", runtime="tflite", check_images=_inputs(pixels))
 
 
 def test_fast_predictor_refuses_what_it_cannot_check(models):
     with pytest.raises(ValueError, match="calibration_images"):
-        rk.inference.fast_predictor(models["RepVGG_A0"], precision="int8")
+        fast_predictor.fast_predictor(models["RepVGG_A0"], precision="int8")
     with pytest.raises(ValueError, match="runtime must be"):
-        rk.inference.fast_predictor(models["RepVGG_A0"], runtime="tensorrt")
+        fast_predictor.fast_predictor(models["RepVGG_A0"], runtime="tensorrt")
 
 
 def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models):
@@ -451,7 +451,7 @@ def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models
     path = str(tmp_path / "child.onnx")
     assert runners._convert_in_child(plain, path, nchw=True)
     x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
-    assert verify.compare("child", "float32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)).ok
+    assert verify.compare("child", "fp32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)).ok
 
     class Scale(tf.keras.layers.Layer):  # not registered: the child cannot load it
         def call(self, inputs):
@@ -461,5 +461,5 @@ def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models
     custom = tf.keras.Model(inputs, plain(Scale()(inputs)))
     assert not runners._convert_in_child(custom, str(tmp_path / "custom.onnx"), nchw=True)
     written = runners.onnx_file(custom, str(tmp_path), nchw=True)
-    assert verify.compare("here", "float32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)).ok
+    assert verify.compare("here", "fp32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)).ok
     assert sorted(os.listdir(tmp_path)) == ["child.onnx", "model_nchw.onnx"]  # no leftovers

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import repvgg_keras as rk
-from repvgg_keras.testing import custom_layer_names, max_relative_difference, randomize_batchnorm
+from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from repvgg_keras.structure import custom_layer_names
 
 # Deploy-form parameter counts in millions, as published (1000 classes).
 PUBLISHED_PARAMS_M = {

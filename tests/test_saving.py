@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import repvgg_keras as rk
-from repvgg_keras.testing import randomize_batchnorm
+from repvgg_keras.parity import randomize_batchnorm
 
 KW = dict(input_shape=(32, 40, 3), classes=6)
 

@@ -229,7 +229,7 @@ def test_custom_l2_matches_the_authors_formula_and_enters_the_fit_loss():
     import keras
 
     from repvgg_keras.layers import RepVGGBlock
-    from repvgg_keras.testing import randomize_batchnorm
+    from repvgg_keras.parity import randomize_batchnorm
 
     model = randomize_batchnorm(rk.get_model("RepVGG_A0", input_shape=(32, 32, 3), classes=4), seed=3)
     block = model.get_layer("stage2_1")
@@ -456,7 +456,7 @@ def test_init_weights_from_a_timm_checkpoint(classes, fresh):
     import keras
     from test_checkpoints import FIXTURES, GOLDEN_SPEC
 
-    from repvgg_keras.testing import max_relative_difference
+    from repvgg_keras.parity import max_relative_difference
     from train import pretrained
 
     model = rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), classes=classes)

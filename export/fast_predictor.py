@@ -1,16 +1,15 @@
-"""Fast CPU inference for a trained model: the runtime and precision the benchmark found
-fastest on this machine's kind of CPU, checked against the Keras model before it is used.
+"""The fastest verified way to run a trained model on this CPU.
 
-    import repvgg_keras as rk
-    predict = rk.inference.fast_predictor(model, check_images=x[:64])
+    from export.fast_predictor import fast_predictor
+    predict = fast_predictor(model, check_images=x[:64])
     logits = predict(x)          # NHWC float32, normalised like the model's input
     print(predict.describe())    # runtime, precision, threads, measured difference
 
-Candidates are tried fastest first (bench/results shows the measurements) and the first
-that is installed, runs natively on this CPU and stays within tolerance on the check
-images is kept; "fp32" in the plain Keras deploy form always qualifies. The helper never
-trades accuracy silently: a reduced precision is used only if its top-1 agreement with
-the fp32 Keras model on the check images is at least `min_agreement`.
+Candidates are tried fastest first (the order `python -m bench` measures; docs/benchmarks.md)
+and the first that is installed, runs natively on this CPU and stays within tolerance on the
+check images is kept; "fp32" in the plain Keras deploy form always qualifies. Accuracy is never
+traded silently: a reduced precision is used only if its top-1 agreement with the fp32 Keras
+model on the check images is at least `min_agreement`.
 """
 
 import dataclasses
@@ -20,23 +19,21 @@ from typing import Callable
 
 import numpy as np
 
-from export.verify import LONG_NAMES, TOLERANCES
+from export.verify import TOLERANCES
+from repvgg_keras.parity import max_relative_difference
 
-# Per precision, fastest first, as measured by `python -m bench` on our 2-core AVX512-BF16
-# machine (README, A0 at 224, batch 1/32): int8 TFLite/XNNPACK 274/294 img/s, OpenVINO 236/306
-# (TFLite first: faster at batch 1, and it keeps the classifier in float); fp32 OpenVINO ~
-# onnxruntime > Keras/XLA; bf16 only OpenVINO runs natively.
+# Per precision, fastest first as `python -m bench` ranks them (docs/benchmarks.md). TFLite leads
+# int8 because it also keeps the classifier in float; of these runtimes only OpenVINO runs bf16.
 FASTEST = {
     "int8": ("tflite", "openvino", "onnxruntime"),
     "bf16": ("openvino",),
     "fp32": ("openvino", "onnxruntime", "keras", "tflite"),
 }
-RUNTIMES = ("openvino", "tflite", "onnxruntime", "keras")
-TOLERANCE = {p: TOLERANCES[LONG_NAMES[p]] for p in ("fp32", "bf16", "int8")}  # the exporters' tolerances
+RUNTIME_CHOICES = ("openvino", "tflite", "onnxruntime", "keras")
 
 
 @dataclasses.dataclass
-class Predictor:
+class VerifiedPredictor:
     runtime: str
     precision: str
     threads: int
@@ -109,11 +106,10 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
     meaningful on them); default the calibration images, else 16 random ones.
     """
     import repvgg_keras as rk
-    from repvgg_keras.testing import max_relative_difference
 
-    if (runtime != "auto" and runtime not in RUNTIMES) or precision not in ("auto", *TOLERANCE):
-        raise ValueError(f"runtime must be 'auto' or one of {RUNTIMES}, precision 'auto' or one of "
-                         f"{tuple(TOLERANCE)}; got runtime={runtime!r}, precision={precision!r}.")
+    if (runtime != "auto" and runtime not in RUNTIME_CHOICES) or precision not in ("auto", *FASTEST):
+        raise ValueError(f"runtime must be 'auto' or one of {RUNTIME_CHOICES}, precision 'auto' or one of "
+                         f"{tuple(FASTEST)}; got runtime={runtime!r}, precision={precision!r}.")
     if precision == "int8" and calibration_images is None:
         raise ValueError("precision='int8' needs calibration_images (normalised real images).")
     precisions = (("int8",) if calibration_images is not None else ()) + ("bf16", "fp32")
@@ -135,12 +131,12 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
                     continue
                 run, layout = _build(candidate_runtime, candidate_precision, deploy, calibration_images,
                                      threads, workdir)
-                predictor = Predictor(candidate_runtime, candidate_precision, threads, 0.0, 0.0,
+                predictor = VerifiedPredictor(candidate_runtime, candidate_precision, threads, 0.0, 0.0,
                                       len(check_images), run, layout)
                 outputs = predictor(check_images)
                 predictor.max_rel_diff = max_relative_difference(outputs, reference)
                 predictor.top1_agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1)))
-                if (predictor.max_rel_diff <= TOLERANCE[candidate_precision]
+                if (predictor.max_rel_diff <= TOLERANCES[candidate_precision]
                         and predictor.top1_agreement >= min_agreement):
                     return predictor
                 tried.append(predictor.describe())

@@ -1,9 +1,8 @@
-"""Helpers for parity checks, shared by the tests, the demo and the exporters."""
+"""Parity checks between two forms of a model: trained-like BatchNorm statistics and the
+relative difference every conversion and export is held to."""
 
 import keras
 import numpy as np
-
-from repvgg_keras.layers import RepVGGBlock
 
 
 def randomize_batchnorm(model, seed=0, gamma_range=(0.2, 0.5)):
@@ -33,30 +32,3 @@ def max_relative_difference(actual, reference):
     reference = np.asarray(reference, np.float64)
     scale = np.max(np.abs(reference))
     return float(np.max(np.abs(actual - reference)) / (scale if scale > 0 else 1.0))
-
-
-def layer_counts(model):
-    """Counts of the computing layers (nested models and blocks opened up, inputs left out).
-
-    Returns a dict: {"layers": ..., "Conv2D": ..., "BatchNormalization": ...}.
-    """
-    counts = {"layers": 0, "Conv2D": 0, "BatchNormalization": 0}
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, (keras.layers.InputLayer, keras.Model, RepVGGBlock)):
-            continue
-        counts["layers"] += 1
-        for kind in ("Conv2D", "BatchNormalization"):
-            if isinstance(layer, getattr(keras.layers, kind)):
-                counts[kind] += 1
-    return counts
-
-
-def custom_layer_names(model):
-    """Class names of layers that are not Keras built-ins (should be empty after to_deploy)."""
-    return sorted(
-        {
-            type(layer).__name__
-            for layer in model._flatten_layers()
-            if not type(layer).__module__.startswith("keras.")
-        }
-    )

@@ -1,0 +1,32 @@
+"""What a model is made of: layer counts and non-built-in layers (the deploy form should have none)."""
+
+import keras
+
+from repvgg_keras.layers import RepVGGBlock
+
+
+def layer_counts(model):
+    """Counts of the computing layers (nested models and blocks opened up, inputs left out).
+
+    Returns a dict: {"layers": ..., "Conv2D": ..., "BatchNormalization": ...}.
+    """
+    counts = {"layers": 0, "Conv2D": 0, "BatchNormalization": 0}
+    for layer in model._flatten_layers(include_self=False):
+        if isinstance(layer, (keras.layers.InputLayer, keras.Model, RepVGGBlock)):
+            continue
+        counts["layers"] += 1
+        for kind in ("Conv2D", "BatchNormalization"):
+            if isinstance(layer, getattr(keras.layers, kind)):
+                counts[kind] += 1
+    return counts
+
+
+def custom_layer_names(model):
+    """Class names of layers that are not Keras built-ins (should be empty after to_deploy)."""
+    return sorted(
+        {
+            type(layer).__name__
+            for layer in model._flatten_layers()
+            if not type(layer).__module__.startswith("keras.")
+        }
+    )
