@@ -14,7 +14,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["repvgg_keras*", "export*", "train*", "bench*"]),
+    packages=find_packages(include=["repvgg_keras*", "export*", "train*"]),
+    package_data={"export": ["sample_images/*.jpg", "sample_images/LICENSE.md", "serving/*"]},
     install_requires=["keras>=3.15", "numpy", "absl-py", "safetensors"],
     extras_require={
         # TensorFlow is the main backend; pick the CPU wheel or the full (GPU-capable) one.

@@ -13,6 +13,7 @@ max relative difference in every record).
 import datetime
 import os
 import platform
+import re
 import shlex
 import sys
 import traceback
@@ -34,7 +35,8 @@ flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (the median is repo
 flags.DEFINE_float("chunk_seconds", 1.0, "Length of one timed chunk per case and round.")
 flags.DEFINE_bool("memory", True, "Measure peak RSS of the Keras forms in separate processes.")
 flags.DEFINE_bool("quick", False, "Smoke run: A0 and ResNet-18 at 64px, batch 1 and 2, short timings.")
-flags.DEFINE_string("out", "bench/results", "Output directory.")
+flags.DEFINE_string("out", None, "Output directory (default: bench/results/<machine>, e.g. amd-epyc-2c: one "
+                    "current result set per machine).")
 
 BASELINES = {"ResNet-18": "resnet18", "ResNet-50": "resnet50"}
 QUICK = dict(models=["RepVGG_A0"], baselines=["ResNet-18"], batch=["1", "2"], image_size=64, rounds=2,
@@ -219,6 +221,7 @@ def run(batches, weights):
     from bench import memory, peak, report
 
     configure_threads(FLAGS.threads)
+    FLAGS.out = FLAGS.out or os.path.join("bench", "results", machine_slug())
     os.makedirs(FLAGS.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench-work-")
     print(f"Measuring this CPU's matmul peak ({FLAGS.threads} threads)...", flush=True)
@@ -258,6 +261,7 @@ def run(batches, weights):
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores",
+        "isa": isa_extensions(), "versions": library_versions(),
         "threads": FLAGS.threads, "image_size": FLAGS.image_size, "classes": FLAGS.classes,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "peak_gflops": peak_gflops, "peak_size": "512" if FLAGS.quick else "2048",
@@ -274,6 +278,42 @@ def run(batches, weights):
     print(f"wrote {os.path.join(FLAGS.out, 'results.json')}, results.md, results.png")
     failed = [r for r in records if r.get("status") == "error"]
     return 1 if failed else 0
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
+             "amx_int8", "asimd", "sve")
+LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "onnxruntime", "openvino", "ai-edge-litert", "tf2onnx",
+             "torch", "timm", "numpy")
+
+
+def isa_extensions():
+    """The vector/matrix extensions the speed of each precision depends on (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            present = next((line.split(":", 1)[1].split() for line in f
+                            if line.startswith(("flags", "Features"))), [])
+    except OSError:
+        return []
+    return [flag for flag in ISA_FLAGS if flag in present]
+
+
+def library_versions():
+    from importlib import metadata
+
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def machine_slug():
+    """A folder name for this machine's results: CPU vendor and model words plus the core count."""
+    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", cpu_name().lower())
+    words = re.findall(r"[a-z0-9]+", name)[:4] or ["cpu"]
+    return "-".join(words) + f"-{os.cpu_count()}c"
 
 
 def cpu_name():

@@ -7,6 +7,10 @@ import os
 import numpy as np
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+# Real photographs shipped with the package (public domain / CC0, see its LICENSE.md), so that every
+# export verifies on real images with nothing else installed.
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_images")
+SOURCES_HELP = "'sample' (photos shipped with the package), 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder"
 
 
 def fashion_mnist(split="t10k", directory=FASHION_MNIST_DIR):
@@ -37,9 +41,35 @@ def _resize(images, height, width, channels):
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 
 
+def sample_files():
+    """The shipped sample photos, interleaved by source (the first few cover every subject)."""
+    files = glob.glob(os.path.join(SAMPLE_DIR, "*.jpg"))
+    index = lambda path: int(os.path.splitext(path)[0].rsplit("_", 1)[1])
+    return sorted(files, key=lambda path: (index(path), os.path.basename(path)))
+
+
+def _decode_files(files, height, width, channels):
+    import tensorflow as tf
+
+    decoded = []
+    for path in files:
+        try:
+            image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        except (tf.errors.OpError, OSError) as error:
+            raise ValueError(f"Cannot read image {path}: {str(error).splitlines()[0]}. "
+                             "Remove it or point at another folder.") from None
+        decoded.append(_resize(image[None], height, width, channels)[0])
+    return np.stack(decoded)
+
+
 def load_images(source, count, height, width, channels=3, seed=0):
-    """uint8 [count, height, width, channels] pixels from 'fashion_mnist', 'random',
+    """uint8 [count, height, width, channels] pixels from 'sample' (the photos shipped in
+    export/sample_images, at most their number), 'fashion_mnist', 'random',
     'tfds:<name>:<split>' (a prepared tensorflow-datasets split) or a folder of images."""
+    if count < 1:
+        raise ValueError(f"Asked for {count} images: the count must be at least 1.")
+    if source == "sample":
+        return _decode_files(sample_files()[:count], height, width, channels)
     if source == "random":
         rng = np.random.default_rng(seed)
         return rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
@@ -54,21 +84,11 @@ def load_images(source, count, height, width, channels=3, seed=0):
         pixels = np.stack([image for image, _ in tfds.as_numpy(dataset.take(count))])
         return _resize(pixels, height, width, channels)
     if os.path.isdir(source):
-        import tensorflow as tf
-
         files = sorted(
             f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
             if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif"))
         )[:count]
         if not files:
             raise ValueError(f"No JPEG/PNG/BMP/GIF images found under {source!r}.")
-        decoded = [
-            _resize(tf.io.decode_image(tf.io.read_file(f), channels=3, expand_animations=False)[None],
-                    height, width, channels)[0]
-            for f in files
-        ]
-        return np.stack(decoded)
-    raise ValueError(
-        f"Unknown image source {source!r}: use 'fashion_mnist', 'random', 'tfds:<name>:<split>' "
-        "or an existing folder."
-    )
+        return _decode_files(files, height, width, channels)
+    raise ValueError(f"Unknown image source {source!r}: use {SOURCES_HELP}.")

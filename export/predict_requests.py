@@ -12,7 +12,6 @@ import numpy as np
 
 def predict_request(model_name, signature_name, images, version=None):
     """A tensorflow_serving PredictRequest for `images` (uint8/float32 array or list of bytes)."""
-    import tensorflow as tf
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
@@ -20,18 +19,17 @@ def predict_request(model_name, signature_name, images, version=None):
     request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = int(version)
-    if signature_name == "serving_bytes":
-        tensor = tf.make_tensor_proto(list(images), dtype=tf.string)
-    else:
-        tensor = tf.make_tensor_proto(np.asarray(images))
-    request.inputs["images"].CopyFrom(tensor)
+    request.inputs["images"].CopyFrom(_tensor_proto(signature_name, images))
     return request
 
 
 def warmup_logs(model_name, pixels):
-    """PredictionLog records (one per signature) for assets.extra/tf_serving_warmup_requests."""
+    """Serialized PredictionLog records (one per signature) for assets.extra/tf_serving_warmup_requests.
+
+    Encoded here from TensorFlow's own TensorProto, so that exporting needs no tensorflow-serving-api
+    (whose wheel pins the full TensorFlow); the tests check the bytes against that package's messages.
+    """
     import tensorflow as tf
-    from tensorflow_serving.apis import prediction_log_pb2
 
     pixels = np.asarray(pixels, np.uint8)
     encoded = [tf.io.encode_png(p).numpy() for p in pixels]
@@ -41,10 +39,35 @@ def warmup_logs(model_name, pixels):
         "serving_bytes": encoded,
     }
     for signature, body in bodies.items():
-        request = predict_request(model_name, signature, body)
-        yield prediction_log_pb2.PredictionLog(
-            predict_log=prediction_log_pb2.PredictLog(request=request)
-        )
+        yield _prediction_log(model_name, signature, _tensor_proto(signature, body).SerializeToString())
+
+
+def _tensor_proto(signature_name, images):
+    import tensorflow as tf
+
+    if signature_name == "serving_bytes":
+        return tf.make_tensor_proto(list(images), dtype=tf.string)
+    return tf.make_tensor_proto(np.asarray(images))
+
+
+def _field(number, payload):
+    """One length-delimited protobuf field: key, varint length, bytes."""
+    if isinstance(payload, str):
+        payload = payload.encode()
+    header, length = bytearray([number << 3 | 2]), len(payload)
+    while True:
+        byte, length = length & 0x7F, length >> 7
+        header.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(header) + payload
+
+
+def _prediction_log(model_name, signature_name, tensor_bytes):
+    """PredictionLog{predict_log: PredictLog{request: PredictRequest{model_spec, inputs["images"]}}}."""
+    model_spec = _field(1, model_name) + _field(3, signature_name)  # ModelSpec.name, .signature_name
+    inputs_entry = _field(1, "images") + _field(2, tensor_bytes)  # map<string, TensorProto> entry
+    request = _field(1, model_spec) + _field(2, inputs_entry)
+    return _field(6, _field(1, request))  # PredictionLog.predict_log = 6; PredictLog.request = 1
 
 
 def rest_body(signature_name, images):

@@ -194,3 +194,14 @@ def test_int8_agreement_separates_near_ties_from_confident_flips():
     top1, accuracy, confident = agreement_with_fp32(reference, got, labels, confident_margin=1.0)
     assert (top1, accuracy, confident) == (0.5, 0.75, 0.5)
     assert np.isnan(agreement_with_fp32(reference, got, labels, confident_margin=10.0)[2])  # no confident image: undefined
+
+
+def test_results_go_to_one_folder_per_machine(monkeypatch):
+    """`python -m bench` writes to bench/results/<machine>: CPU model words and core count, no punctuation."""
+    from bench import __main__ as bench_main
+
+    monkeypatch.setattr(bench_main.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(bench_main, "cpu_name", lambda: "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz")
+    assert bench_main.machine_slug() == "intel-xeon-platinum-8481c-2c"
+    monkeypatch.setattr(bench_main, "cpu_name", lambda: "AMD EPYC 9B14 96-Core Processor")
+    assert bench_main.machine_slug() == "amd-epyc-9b14-2c"
