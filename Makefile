@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install test demo clean gpu-wheels
+.PHONY: install test test-fast lint format demo clean gpu-wheels
 
 install: $(STAMP)
 
@@ -30,10 +30,22 @@ $(FASHION_MNIST):
 test: install $(FASHION_MNIST)
 	$(PY) -m pytest -q tests
 
+# The unit tier for day-to-day work (tests marked `slow` left out); CI runs `make test`.
+test-fast: install $(FASHION_MNIST)
+	$(PY) -m pytest -q -m "not slow" tests
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
 demo: install $(FASHION_MNIST)
 	$(PY) demo.py
 
-# Wheels the lent GPU machine lacks (it has JAX, PyTorch and timm, Python 3.12): README "Benchmarks on a GPU".
+# Wheels a GPU machine with JAX, PyTorch and timm (Python 3.12) but no Keras needs: docs/gpu.md.
 gpu-wheels: install
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
