@@ -3,8 +3,8 @@
     KERAS_BACKEND=jax python -m bench.gpu --models RepVGG_A0,RepVGG_B1g4 --batch 1,32,256 --out /tmp/gpu
     KERAS_BACKEND=jax python -m bench.gpu --quick --out /tmp/gpu    # smoke run (runs on a CPU too)
 
-Needs no TensorFlow: the GPU image we are lent has JAX, PyTorch and timm; keras and its two
-missing dependencies travel as wheels (README, "Benchmarks on a GPU"). Both frameworks get the
+Needs no TensorFlow, so it runs on GPU images that carry JAX, PyTorch and timm only; keras and
+its two dependencies travel as wheels (`make gpu-wheels`, docs/gpu.md). Both frameworks get the
 same weights (timm's init with trained-like BatchNorm statistics, imported into Keras by
 our checkpoint importer), inputs already on the device, a device synchronisation after every
 call, warm-up (JIT compilation included) and interleaved rounds; images/s are medians.
@@ -13,13 +13,14 @@ call, warm-up (JIT compilation included) and interleaved rounds; images/s are me
 (PyTorch) and XLA (JAX) run float32 convolutions in TF32 unless told not to (--tf32=false).
 "bf16": our deploy model under Keras's mixed_bfloat16 policy (classifier in float32), timm
 under torch.autocast(bfloat16). Every record carries its max relative difference to our
-training form in fp32 on the same images (random images: there is no dataset on that machine).
+training form in fp32 on the same images (random images, so that nothing but the wheels is needed).
 """
 
 import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import sys
 import time
@@ -37,7 +38,8 @@ flags.DEFINE_float("chunk_seconds", 0.5, "Length of one timed chunk per case and
 flags.DEFINE_bool("compile", True, "Also time timm under torch.compile (the peer's fastest eager-free path).")
 flags.DEFINE_bool("tf32", True, "Let float32 convolutions use TF32 (both frameworks' default on GPUs).")
 flags.DEFINE_bool("quick", False, "Smoke run: A0 at 64px, batch 1 and 2, short timings, no torch.compile.")
-flags.DEFINE_string("out", "bench/results_gpu", "Output directory (results.json, meta.json, results.md).")
+flags.DEFINE_string("out", None, "Output directory (results.json, meta.json, results.md); default "
+                    "bench/results/<gpu>, e.g. nvidia-h200.")
 
 QUICK = dict(models=["RepVGG_A0"], batch=["1", "2"], image_size=64, rounds=2, chunk_seconds=0.05, compile=False)
 CLASSES = 1000
@@ -260,6 +262,9 @@ def main(argv):
             "command": "python -m bench.gpu " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     records = []
     progress = lambda message: print(message, flush=True)
+    if FLAGS.out is None:
+        slug = "-".join(re.findall(r"[a-z0-9]+", jax.devices()[0].device_kind.lower())) or "gpu"
+        FLAGS.out = os.path.join("bench", "results", slug)
     os.makedirs(FLAGS.out, exist_ok=True)
     for name in FLAGS.models:
         records += measure_model(name, batches, FLAGS.rounds, FLAGS.chunk_seconds, FLAGS.image_size,
@@ -267,7 +272,7 @@ def main(argv):
         report = markdown(records, meta)
         for file_name, text in (("results.json", json.dumps(records, indent=1)),
                                 ("meta.json", json.dumps(meta, indent=1)), ("results.md", report)):
-            with open(os.path.join(FLAGS.out, file_name), "w") as f:  # after each model: a lease can end
+            with open(os.path.join(FLAGS.out, file_name), "w") as f:  # after each model: keep what ran
                 f.write(text)
     print(report, flush=True)
     return 1 if any(r["status"] == "error" for r in records) else 0

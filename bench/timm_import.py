@@ -1,8 +1,8 @@
 """Import timm for reference checks on machines where torchvision cannot be imported.
 
-Used by the tests and by the benchmark's timm peer. timm imports torchvision (transforms, datasets, ops.misc) at import time, but PyPI's
-torchvision does not import beside the CPU torch wheel our machines use ("operator
-torchvision::nms does not exist"). RepVGG in timm needs none of it, so when the real
+Used by the tests and by the benchmark's timm peer. timm imports torchvision (transforms,
+datasets, ops.misc) at import time, but PyPI's torchvision does not import beside the CPU-only
+torch wheel ("operator torchvision::nms does not exist"). RepVGG in timm needs none of it, so when the real
 torchvision is missing we install a stand-in package whose every attribute is an inert
 placeholder class. Nothing from it is called when building or running timm's RepVGG.
 """
