@@ -76,17 +76,14 @@ def build(name, image_size, classes, weights, images_source, image_count, workdi
         keras_train = randomize_batchnorm(common.load_model(name, None, image_size, classes))
         source = "random (trained-like BN statistics)"
     else:
-        keras_train = common.load_model(name, weights, image_size, classes)
+        read = rk.read_source(weights)  # once: the Keras model and timm's peer share the tensors
+        keras_train = common.load_model(name, read, image_size, classes)
         source = weights
-        if timm_model is not None and weights.endswith((".pth", ".safetensors")):
-            from repvgg_keras import checkpoints
+        if timm_model is not None and read.format == "timm-train":
+            import torch
 
-            state = checkpoints.read_state_dict(weights)
-            if checkpoints.detect_format(state) == "timm-train":
-                import torch
-
-                timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
-                timm_matches = True
+            timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in read.state.items()})
+            timm_matches = True
     if rk.is_deploy_form(keras_train):
         raise ValueError(
             f"--weights {weights!r} holds a deploy-form model: the benchmark needs the training "

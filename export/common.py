@@ -1,16 +1,21 @@
 """What every exporter shares: model flags, loading and fusing, atomic output paths."""
 
 import contextlib
+import hashlib
 import os
+import re
 import shutil
+import socket
+import sys
 import tempfile
+import time
 
 from absl import flags, logging
 
 import keras
 import repvgg_keras as rk
-from repvgg_keras import checkpoints, preprocessing
-from repvgg_keras.layers import contains_blocks
+from repvgg_keras import preprocessing
+from repvgg_keras.models import MIN_INPUT_SIZE
 
 FLAGS = flags.FLAGS
 logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
@@ -39,62 +44,18 @@ def define_model_flags():
     flags.DEFINE_bool("no_fuse", False, "Export the three-branch training form as it is (slower; for debugging).")
     flags.DEFINE_bool("overwrite", False, "Replace an existing export (only after the new one verified).")
     flags.DEFINE_string(
-        "verify_images", "fashion_mnist",
-        "Images for verification and int8 calibration: 'fashion_mnist' (Debian package "
-        "dataset-fashion-mnist), 'random', 'tfds:<name>:<split>', or a folder of JPEG/PNG files.",
+        "verify_images", "sample",
+        "Images the export is verified on: 'sample' (64 photos shipped with the package), 'fashion_mnist' "
+        "(Debian package dataset-fashion-mnist), 'random', 'tfds:<name>:<split>', or a folder of JPEG/PNG files.",
     )
     flags.DEFINE_integer("verify_count", 16, "Images used for verification.")
 
 
 def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
-    """Build `name` and load `weights` (training or deploy form; .keras or .weights.h5)."""
+    """Build `name` with `weights` (any model source, in its own form): `rk.model_from_source`."""
     spec = rk.get_spec(name)
-    size = image_size or spec.default_size
-    kwargs = dict(input_shape=(size, size, channels), classes=classes)
-    if weights is None:
-        return rk.RepVGG(spec, **kwargs)
-    if weights == "imagenet":
-        return rk.RepVGG(spec, weights="imagenet", **kwargs)
-    if not os.path.exists(weights):
-        raise FileNotFoundError(f"--weights file {weights!r} does not exist.")
-    if checkpoints.is_checkpoint_path(weights):  # the authors' .pth or timm's .safetensors
-        deploy = checkpoints.detect_format(checkpoints.read_state_dict(weights)).endswith("deploy")
-        return rk.RepVGG(spec, deploy=deploy, weights=weights, **kwargs)
-    if weights.endswith(".keras"):
-        loaded = keras.saving.load_model(weights)
-        model = rk.RepVGG(spec, deploy=not contains_blocks(loaded), **kwargs, **_block_options(loaded))
-        if not _same_shapes(model, loaded):
-            _mismatch(weights, name)
-        model.set_weights(loaded.get_weights())
-        return model
-    errors = []
-    for deploy in (False, True):
-        try:
-            return rk.RepVGG(spec, deploy=deploy, weights=weights, **kwargs)
-        except ValueError as error:
-            errors.append(str(error).splitlines()[0])
-    _mismatch(weights, name, errors)
-
-
-def _block_options(model):
-    """The builder options a saved training-form model was made with (QARepVGG blocks, ablations)."""
-    blocks = [l for l in model._flatten_layers(include_self=False) if isinstance(l, rk.RepVGGBlock)]
-    if not blocks:
-        return {}
-    return dict(quant_friendly=any(b.quant_friendly for b in blocks),
-                use_1x1=any(b.use_1x1 for b in blocks), use_identity=any(b.use_identity for b in blocks))
-
-
-def _same_shapes(a, b):
-    sa, sb = [w.shape for w in a.weights], [w.shape for w in b.weights]
-    return sa == sb
-
-
-def _mismatch(weights, name, errors=()):
-    raise ValueError(
-        f"--weights {weights!r} does not fit {name} in training or deploy form with these "
-        "--classes/--channels. " + " ".join(errors)
-    )
+    size = spec.default_size if image_size is None else image_size
+    return rk.model_from_source(spec, weights, input_shape=(size, size, channels), classes=classes)
 
 
 def prepare(model, *, fuse=True, include_preprocessing=False, mode="imagenet"):
@@ -125,15 +86,48 @@ def prepare_from_flags(model):
     return shipped, reference, to_input
 
 
-def run_exporter(export):
-    """Shared CLI body: load the model from flags, load the verification images, call
+def check_model_flags():
+    """Refuse bad --image_size/--classes/--channels/--verify_count before anything is loaded."""
+    if FLAGS.image_size is not None and FLAGS.image_size < MIN_INPUT_SIZE:
+        raise ValueError(
+            f"--image_size {FLAGS.image_size} is too small: RepVGG downsamples by 32, so use {MIN_INPUT_SIZE} "
+            "or more (or leave it unset for the variant's own size)."
+        )
+    if FLAGS.classes < 1:
+        raise ValueError(f"--classes must be at least 1 (the classifier's width), got {FLAGS.classes}.")
+    if FLAGS.channels < 1:
+        raise ValueError(f"--channels must be at least 1 (3 for RGB, 1 for grayscale), got {FLAGS.channels}.")
+    if FLAGS.verify_count < 1:
+        raise ValueError(f"--verify_count must be at least 1, got {FLAGS.verify_count}.")
+
+
+def check_output(path, overwrite=False, flag="--output"):
+    """Refuse an output path that cannot be written before the model is loaded and converted."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass --overwrite to replace it (after the new export verifies).")
+    ancestor = os.path.dirname(path)
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ValueError(f"Cannot write {flag} {path}: {ancestor} is a file, not a directory.")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise ValueError(f"Cannot write {flag} {path}: {ancestor} is not writable. Choose another location.")
+
+
+def run_exporter(export, output=None, checks=()):
+    """Shared CLI body: check the flags (`checks`: more callables raising ValueError) and the
+    `output` path, load the model from flags and the verification images, call
     `export(shipped, reference, to_input, pixels)` (which returns the output path); turn
     the expected failures into one `error:` line and exit status 1."""
-    import sys
-
     from export import images, verify
 
     try:
+        check_model_flags()
+        for check in checks:
+            check()
+        if output is not None:
+            check_output(output, FLAGS.overwrite)
         model = model_from_flags()
         _, height, width, channels = model.input_shape
         shipped, reference, to_input = prepare_from_flags(model)
@@ -142,16 +136,29 @@ def run_exporter(export):
     except (ValueError, FileExistsError, FileNotFoundError, ImportError, verify.VerificationError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # disk full, permissions changed mid-export, ...: name the user's path
+        where = f"writing {output}" if output is not None else "exporting"
+        print(f"error: {error.strerror or error} while {where}; nothing was written.", file=sys.stderr)
+        return 1
     print(f"exported {output}")
     return 0
 
 
 def define_calibration_flags():
     """--calibration_data, --calibration_count and --tolerance (the TFLite and OpenVINO CLIs)."""
-    flags.DEFINE_string("calibration_data", "fashion_mnist",
-                        "int8 calibration images: 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder.")
+    flags.DEFINE_string("calibration_data", "sample",
+                        "int8 calibration images: 'sample' (64 shipped photos), 'fashion_mnist', 'random', "
+                        "'tfds:<name>:<split>' or a folder. Calibrate on images like the ones the model will see.")
     flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
     flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+
+
+def check_calibration_flags():
+    """Refuse a --calibration_count or --tolerance that cannot work, before anything is loaded."""
+    if FLAGS.calibration_count < 1:
+        raise ValueError(f"--calibration_count must be at least 1, got {FLAGS.calibration_count}.")
+    if FLAGS.tolerance is not None and not FLAGS.tolerance > 0:
+        raise ValueError(f"--tolerance must be a positive relative difference (e.g. 0.01), got {FLAGS.tolerance}.")
 
 
 def calibration_from_flags(shipped, to_input):
@@ -170,20 +177,85 @@ def model_from_flags():
     return model
 
 
+STAGING_STALE_AFTER_S = 24 * 3600
+_HOST = hashlib.sha1(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _newest_mtime(directory):
+    newest = os.path.getmtime(directory)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            try:
+                newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            except OSError:
+                pass
+    return newest
+
+
+def remove_stale_staging(path):
+    """Remove staging directories an earlier export of `path` left behind when it was killed.
+
+    Rule: a `.NAME.tmp-HOST-PID-*` directory goes when it was made on this host by a process
+    that no longer runs; any other (another host's, or the unnamed `.NAME.tmp-*` of older
+    versions) only when nothing in it changed for STAGING_STALE_AFTER_S (a day), so a
+    concurrent export, here or on another machine sharing the directory, is never touched.
+    An export killed between moving the previous artifact aside and moving the new one in
+    left the previous one inside as `previous`: it is put back first when `path` is missing.
+    """
+    parent, base = os.path.split(os.path.abspath(path))
+    named = re.compile(rf"^\.{re.escape(base)}\.tmp-([0-9a-f]{{8}})-(\d+)-[a-z0-9_]+$")
+    unnamed = re.compile(rf"^\.{re.escape(base)}\.tmp-[a-z0-9_]{{8}}$")
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    for entry in entries:
+        match = named.match(entry)
+        if not match and not unnamed.match(entry):
+            continue
+        full = os.path.join(parent, entry)
+        try:
+            if os.path.islink(full) or not os.path.isdir(full):
+                continue
+            ours = match is not None and match.group(1) == _HOST
+            if ours and _process_alive(int(match.group(2))):
+                continue
+            if not ours and time.time() - _newest_mtime(full) < STAGING_STALE_AFTER_S:
+                continue
+            previous = os.path.join(full, "previous")
+            if os.path.exists(previous) and not os.path.exists(path):
+                os.replace(previous, path)
+            shutil.rmtree(full)
+        except OSError:
+            continue  # best effort: a leftover we cannot remove must not stop this export
+
+
 @contextlib.contextmanager
 def atomic_output(path, overwrite=False):
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
 
     An existing `path` is refused unless `overwrite`, and is replaced only after the new
     artifact was written and verified, so a failure never leaves a half-written artifact
-    or destroys the previous one.
+    or destroys the previous one. The staging directory `.NAME.tmp-HOST-PID-*` names its
+    owner, so a later export removes it if this process is killed (remove_stale_staging).
     """
     path = os.path.abspath(path)
+    remove_stale_staging(path)  # first: it may put back a previous artifact a killed export held
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists: pass --overwrite to replace it (after the new export verifies).")
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    workdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_HOST}-{os.getpid()}-", dir=parent)
     staged = os.path.join(workdir, os.path.basename(path))
     try:
         yield staged

@@ -4,16 +4,12 @@ onnxruntime's quantizer calibrates activation ranges on real images; the QDQ gra
 writes runs in onnxruntime (VNNI kernels on x86) and OpenVINO reads it as int8.
 
 Only the convolutions and their ReLUs are quantized (QUANTIZED_OPS): they hold all but a
-sliver of the work, while quantizing the pooling and classifier as well clips the logits.
-Measured on a RepVGG-A0 trained to 92.85% on Fashion-MNIST (2,000 test images, 64
-calibration images; python -m bench.int8_agreement): top-1 agreement with fp32 94.95% with
-every op quantized, 99.15% with Conv + Relu (accuracy 91.05% -> 92.80%). Leaving the ReLUs
-out (Conv only) cost 24% of the int8 speed in onnxruntime (173 against 228 img/s, A0 224) (ReLU ran in float between
-quantize/dequantize pairs) and agreed less (98.95%). The rest of the gap is RepVGG's own: the fused 3x3 kernels
-carry the identity and 1x1 branches in their centre taps, so per-channel int8 weights
-lose precision on the other taps (the quantization problem QARepVGG addresses in training).
-The same model trained with QARepVGG blocks (`train --quant_friendly`) agrees 99.60% with this
-graph on all 10,000 test images (train/results/qarepvgg/int8.md).
+sliver of the work, while quantizing the pooling and classifier as well clips the logits. The
+ReLUs go with the convs so that they fold into the int8 conv instead of running in float
+between quantize/dequantize pairs. What is left of the gap to fp32 is RepVGG's own: the fused
+3x3 kernels carry the identity and 1x1 branches in their centre taps, so per-channel int8
+weights lose precision on the other taps; QARepVGG blocks (`train --quant_friendly`) address
+that in training. Measurements: docs/int8.md.
 """
 
 import numpy as np

@@ -6,7 +6,7 @@ The deploy model goes through our ONNX exporter (NCHW input `images`, dynamic ba
 OpenVINO converts that to its IR; --quantize int8 first quantizes the ONNX graph
 (QDQ, per-channel, calibrated on real images). Verification compiles the IR with the
 precision given by --precision (default: bf16 where the CPU runs it natively, else fp32,
-as `repvgg_keras.inference` does) and compares with the Keras model. The directory also
+as `export.fast_predictor` does) and compares with the Keras model. The directory also
 holds runtime.json: the settings it was verified with.
 
 OpenVINO takes NCHW input: transpose NHWC batches with x.transpose(0, 3, 1, 2).
@@ -90,7 +90,7 @@ def main(argv):
                         overwrite=FLAGS.overwrite, tolerance=FLAGS.tolerance)
         return FLAGS.output
 
-    return common.run_exporter(export)
+    return common.run_exporter(export, FLAGS.output, checks=[common.check_calibration_flags])
 
 
 if __name__ == "__main__":

@@ -54,11 +54,11 @@ def check(report):
     """Print the report; raise VerificationError when it is out of tolerance."""
     print(report.line(), flush=True)
     if report.precision == "int8" and report.top1_agreement < INT8_HINT_BELOW:
-        print(f"note: int8 keeps the top-1 class on {report.top1_agreement:.2%} of the verification images. "
-              "Fused RepVGG kernels lose precision in int8: unless this model was trained with `python -m "
-              "train --quant_friendly` (QARepVGG blocks, same deploy model: 99.5-99.6% agreement where "
-              "standard blocks gave 99.1%, README 'int8 on trained weights'), consider that; else "
-              "calibrate on more images or ship bf16/float16.", flush=True)
+        # A deploy model looks the same whether it was trained with QARepVGG blocks or not, so the
+        # hint names every remedy without guessing which one was already taken.
+        print(f"note: int8 keeps the top-1 class on {report.top1_agreement:.2%} of the verification images.\n"
+              "  To keep more: calibrate on more images like the real inputs, train with `python -m train "
+              "--quant_friendly` (QARepVGG blocks) if this model was not, or ship bf16/float16.", flush=True)
     if not report.ok:
         raise VerificationError(
             f"{report.artifact} differs from the Keras model by {report.max_rel:.3e} (relative), "

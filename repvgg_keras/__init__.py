@@ -3,11 +3,13 @@
     import repvgg_keras as rk
     model = rk.RepVGG_A0()            # training form
     plain = rk.to_deploy(model)       # fused, built-in layers only
+    model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in its own form
 """
 
 from repvgg_keras.deploy import is_deploy_form, to_deploy
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
+from repvgg_keras.sources import SourceError, model_from_source, read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
 __version__ = "0.1.0"
@@ -25,6 +27,9 @@ __all__ = [
     "is_deploy_form",
     "list_models",
     "load_weights",
+    "model_from_source",
+    "read_source",
+    "SourceError",
     "to_deploy",
     *BUILDERS,
 ]

@@ -15,6 +15,7 @@ import re
 import numpy as np
 
 from repvgg_keras.layers import RepVGGBlock, contains_blocks
+from repvgg_keras.sources import ClassifierMismatchError, MissingDependencyError, SourceError, SourceNotFoundError
 
 # timm name -> authors' name, applied in order as regular expressions on whole keys.
 TIMM_TO_AUTHORS = (
@@ -43,11 +44,17 @@ def read_state_dict(path):
     """{name: float32 numpy array} from a .pth/.pt/.bin (torch) or .safetensors file."""
     path = os.fspath(path)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"Checkpoint {path!r} does not exist.")
+        raise SourceNotFoundError(f"Checkpoint {path!r} does not exist.")
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
 
-        state = load_file(path)
+        try:
+            state = load_file(path)
+        except Exception as error:  # SafetensorError, or OSError for an unreadable file
+            raise SourceError(
+                f"{path!r} is not a readable .safetensors file ({str(error).strip().splitlines()[0]}); "
+                "it may be truncated or corrupted: download or convert it again."
+            ) from error
     else:
         state = _torch_load(path)
     return unwrap(state)
@@ -57,14 +64,14 @@ def _torch_load(path):
     try:
         import torch
     except ImportError as error:
-        raise ImportError(
+        raise MissingDependencyError(
             f"Reading {path!r} needs PyTorch (it is a pickle). Install the CPU build, e.g. "
             "`pip install torch==2.13.0`, or use timm's .safetensors file, which does not."
         ) from error
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # UnpicklingError for anything but tensors and containers
-        raise ValueError(
+        raise SourceError(
             f"Refused to load {path!r}: it is not a plain state_dict of tensors "
             f"(torch.load(weights_only=True) said: {str(error).splitlines()[0]}). "
             "Checkpoints that need arbitrary code to unpickle are never loaded."
@@ -90,7 +97,7 @@ def unwrap(state):
         if isinstance(value, np.ndarray):
             arrays[name[len("module."):] if name.startswith("module.") else name] = value
     if not arrays:
-        raise ValueError("The checkpoint holds no tensors.")
+        raise SourceError("The checkpoint holds no tensors.")
     return arrays
 
 
@@ -102,7 +109,7 @@ def detect_format(keys):
     elif any(k.startswith("stage0.") for k in keys):
         family = "authors"
     else:
-        raise ValueError(
+        raise SourceError(
             "Unrecognised checkpoint: expected the authors' RepVGG keys ('stage0.rbr_dense...') or "
             f"timm's ('stem.conv_kxk...'); found e.g. {keys[:3]}."
         )
@@ -154,7 +161,7 @@ def expected_tensors(model):
     for name, layer in layers.items():
         if isinstance(layer, RepVGGBlock):
             if layer.quant_friendly:
-                raise ValueError(
+                raise SourceError(
                     f"Block {name!r} is a quant_friendly (QARepVGG) block: the RepVGG checkpoint formats "
                     "(authors', timm) have no such layout. Load Keras weights (.weights.h5/.keras) into it, "
                     "or load the checkpoint into a model built with quant_friendly=False.")
@@ -193,22 +200,27 @@ def load_checkpoint(model, path_or_state):
     state = to_authors_names(state)
     targets = expected_tensors(model)
     if not targets:
-        raise ValueError(f"Model {model.name!r} has no RepVGG layers to load a checkpoint into.")
+        raise SourceError(f"Model {model.name!r} has no RepVGG layers to load a checkpoint into.")
     model_is_deploy = not contains_blocks(model)
     if form.endswith("deploy") != model_is_deploy:
         hint = "deploy=True" if form.endswith("deploy") else "deploy=False (then rk.to_deploy)"
-        raise ValueError(
+        raise SourceError(
             f"The checkpoint is in {form.split('-')[1]} form but the model is in "
             f"{'deploy' if model_is_deploy else 'training'} form: build the model with {hint}."
         )
     has_head = "predictions" in {l.name for l in model.layers}
     if not has_head:  # include_top=False: the classifier is dropped on purpose
         state = {k: v for k, v in state.items() if not k.startswith("linear.")}
+    elif "linear.weight" not in state and "linear.weight" in targets:
+        raise ClassifierMismatchError(
+            "The checkpoint has no classifier (linear.weight) but the model has one: build with "
+            "include_top=False and put your own head on top."
+        )
     elif "linear.weight" in state and "linear.weight" in targets:
         ckpt_classes = state["linear.weight"].shape[0]
         model_classes = targets["linear.weight"][0].shape[-1]
         if ckpt_classes != model_classes:
-            raise ValueError(
+            raise ClassifierMismatchError(
                 f"The checkpoint's classifier has {ckpt_classes} classes but the model has "
                 f"{model_classes}. Build with classes={ckpt_classes}, or include_top=False to "
                 "drop the classifier and put your own head on top."
@@ -223,7 +235,7 @@ def load_checkpoint(model, path_or_state):
         if tuple(value.shape) != tuple(variable.shape):
             mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}")
     if missing or unexpected or mismatched:
-        raise ValueError(
+        raise SourceError(
             f"Checkpoint ({form}) does not match model {model.name!r}; nothing was loaded.\n"
             + _listing("missing from the checkpoint", missing)
             + _listing("unexpected in the checkpoint", unexpected)
@@ -259,7 +271,7 @@ def imagenet_weights_path(model_name, cache_dir=None):
     import keras
 
     if model_name in UNPUBLISHED:
-        raise ValueError(
+        raise SourceError(
             f"No ImageNet weights are published for {model_name} (timm republished the authors' "
             "weights except the g2 variants). Use RepVGG_B1g4/B2g4/B3g4, or pass a checkpoint path."
         )
@@ -268,9 +280,15 @@ def imagenet_weights_path(model_name, cache_dir=None):
     cache_dir = cache_dir or os.environ.get(CACHE_DIR_ENV)
     if cache_dir:
         os.makedirs(cache_dir, exist_ok=True)  # get_file falls back to /tmp for a missing dir
-    path = keras.utils.get_file(
-        fname=f"{timm_name}.safetensors", origin=url, cache_dir=cache_dir, cache_subdir="repvgg_keras"
-    )
+    try:
+        path = keras.utils.get_file(
+            fname=f"{timm_name}.safetensors", origin=url, cache_dir=cache_dir, cache_subdir="repvgg_keras"
+        )
+    except Exception as error:  # URLError, HTTPError, OSError: one message naming the URL
+        raise SourceError(
+            f"Could not download the ImageNet weights of {model_name} from {url} ({error}). Check the "
+            f"network, set {BASE_URL_ENV} to a mirror, or pass a downloaded checkpoint path."
+        ) from error
     _check_recorded_hash(path)
     return path
 
@@ -295,7 +313,7 @@ def _check_recorded_hash(path):
     with open(record) as f:
         expected = f.read().strip()
     if expected != actual:
-        raise ValueError(
+        raise SourceError(
             f"Cached weights {path} changed since they were downloaded (SHA-256 {actual} != {expected}). "
             "Delete the file and its .sha256 to download it again."
         )

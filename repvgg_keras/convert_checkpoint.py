@@ -20,41 +20,49 @@ FLAGS = flags.FLAGS
 def convert(model_name, checkpoint, output, classes=1000, include_top=True, overwrite=False):
     """Load `checkpoint` strictly into `model_name` and save `output`; returns (form, max diff)."""
     import repvgg_keras as rk
-    from repvgg_keras import checkpoints
+    from repvgg_keras import sources
     from repvgg_keras.parity import max_relative_difference
 
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end with .weights.h5, got {output!r}.")
     if os.path.exists(output) and not overwrite:
         raise FileExistsError(f"{output} exists: pass --overwrite to replace it.")
-    state = checkpoints.read_state_dict(checkpoint)
-    deploy = checkpoints.detect_format(state).endswith("deploy")
-    kwargs = dict(deploy=deploy, include_top=include_top)
+    source = sources.read_source(checkpoint)
+    if source.kind != "checkpoint":
+        raise ValueError(f"--checkpoint {checkpoint!r} is not a .pth/.pt/.bin/.safetensors checkpoint "
+                         "(Keras files load directly with weights=...).")
+    kwargs = dict(include_top=include_top)
     if include_top:
         kwargs["classes"] = classes
-    model = rk.get_model(model_name, **kwargs)
-    form = checkpoints.load_checkpoint(model, state)
+    model = rk.model_from_source(model_name, source, **kwargs)
+    kwargs["deploy"] = source.deploy
     directory = os.path.dirname(os.path.abspath(output))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        staged = os.path.join(tmp, os.path.basename(output))
-        model.save_weights(staged)
-        reloaded = rk.get_model(model_name, weights=staged, **kwargs)
-        size = model.input_shape[1]
-        images = np.random.default_rng(0).normal(size=(2, size, size, model.input_shape[-1])).astype("float32")
-        diff = max_relative_difference(reloaded(images, training=False), model(images, training=False))
-        if diff != 0.0:
-            raise RuntimeError(f"The saved weights do not reproduce the model (max relative difference {diff:.3e}).")
-        os.replace(staged, output)
-    return form, diff
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=directory) as tmp:
+            staged = os.path.join(tmp, os.path.basename(output))
+            model.save_weights(staged)
+            reloaded = rk.get_model(model_name, weights=staged, **kwargs)
+            size = model.input_shape[1]
+            images = np.random.default_rng(0).normal(size=(2, size, size, model.input_shape[-1])).astype("float32")
+            diff = max_relative_difference(reloaded(images, training=False), model(images, training=False))
+            if diff != 0.0:
+                raise RuntimeError(
+                    f"The saved weights do not reproduce the model (max relative difference {diff:.3e}).")
+            os.replace(staged, output)
+    except OSError as error:  # the staging directory is ours: name the user's path instead
+        raise ValueError(f"Cannot write --output {output}: {error.strerror or error}.") from error
+    return source.format, diff
 
 
 def main(argv):
     del argv
     try:
+        if FLAGS.classes < 1:
+            raise ValueError(f"--classes must be at least 1 (the checkpoint's classifier width), got {FLAGS.classes}.")
         form, diff = convert(FLAGS.model, FLAGS.checkpoint, FLAGS.output, FLAGS.classes,
                              FLAGS.include_top, FLAGS.overwrite)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError covers FileExists/NotFound
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"checkpoint format: {form}; saved {FLAGS.output}; reload max relative difference {diff:.1e}")

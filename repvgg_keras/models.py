@@ -5,14 +5,12 @@ directly), `output_stride` (dilate late stages for dense prediction) and
 `features_only` (return every stage's output, strides 2..32).
 """
 
-import os
-import warnings
-
 import keras
 from keras import layers
 
+from repvgg_keras import sources
 from repvgg_keras import specs as specs_lib
-from repvgg_keras.layers import PlainBlock, RepVGGBlock, contains_blocks
+from repvgg_keras.layers import PlainBlock, RepVGGBlock
 
 MIN_INPUT_SIZE = 32
 INPUT_NAME = "images"
@@ -40,16 +38,17 @@ def _check_input_shape(input_shape, spec):
 
 
 def _resolve_head_args(include_top, pooling, classes):
+    # Checked whatever include_top says: a typo must not pass silently because it is unused.
+    if pooling not in (None, "avg", "max"):
+        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}.")
     if include_top:
-        return 1000 if classes is None else int(classes)
+        return 1000 if classes is None else sources.check_classes(classes)
     if classes is not None:
         raise ValueError(
             f"classes={classes} was given with include_top=False: the class count only "
             "sets the classifier, which include_top=False leaves out. Drop `classes` or "
             "set include_top=True."
         )
-    if pooling not in (None, "avg", "max"):
-        raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}.")
     return None
 
 
@@ -158,12 +157,8 @@ def RepVGG(
         outputs = x
 
     model = keras.Model(inputs, outputs, name=name or spec.name)
-    if weights == "imagenet":
-        from repvgg_keras import checkpoints
-
-        weights = checkpoints.imagenet_weights_path(spec.name)
-    if weights is not None:
-        load_weights(model, weights)
+    if weights is not None:  # into this form and these options: see sources.model_from_source otherwise
+        sources.load_into(model, weights, variant=spec.name)
     return model
 
 
@@ -172,42 +167,10 @@ def load_weights(model, path):
 
     `path`: a Keras `.weights.h5`/`.keras` file of the same architecture and form, a
     PyTorch/timm checkpoint (`.pth`, `.pt`, `.bin`, `.safetensors`; see checkpoints.py),
-    or "imagenet" (timm's published weights, downloaded once and cached).
+    or "imagenet" (timm's published weights, downloaded once and cached). Raises
+    `sources.SourceError`; `model_from_source` builds the model in the file's form instead.
     """
-    from repvgg_keras import checkpoints
-
-    if path == "imagenet":
-        path = checkpoints.imagenet_weights_path(model.name)
-    path = os.fspath(path)
-    if checkpoints.is_checkpoint_path(path):
-        checkpoints.load_checkpoint(model, path)
-        return
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f"Weights file {path!r} does not exist. Pass None for random initialisation "
-            "or a path to a .weights.h5 or .keras file."
-        )
-    if not (path.endswith(".weights.h5") or path.endswith(".keras")):
-        raise ValueError(
-            f"Unsupported weights file {path!r}: expected a Keras '.weights.h5' or '.keras' "
-            "file, a .pth/.pt/.bin/.safetensors checkpoint, or 'imagenet'."
-        )
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            model.load_weights(path)
-        skipped = [str(w.message) for w in caught if "freshly-initialized" in str(w.message)]
-        if skipped:  # Keras loaded only part of the model: never accept that silently
-            raise ValueError(skipped[0])
-    except Exception as error:  # Keras raises ValueError/KeyError with internal detail
-        form = "training (three-branch)" if contains_blocks(model) else "deploy (plain)"
-        detail = "\n".join(str(error).strip().splitlines()[:3])
-        raise ValueError(
-            f"Weights file {path!r} does not fit model {model.name!r} in {form} form.\n"
-            "The file must come from the same variant, the same form (training-form files "
-            "need deploy=False, files saved from to_deploy(...) need deploy=True), the same "
-            f"include_top/classes and the same input channels. Keras said: {detail}"
-        ) from error
+    sources.load_into(model, path)
 
 
 def list_models():

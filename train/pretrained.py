@@ -5,37 +5,34 @@ classes), otherwise it stays freshly initialised. A block the source lacks or ha
 shape is an error: a silently half-initialised backbone would just look like a bad run.
 """
 
-import os
-
-import keras
-
-from repvgg_keras import checkpoints
+from repvgg_keras import sources
 
 
 def load_donor(source, build):
-    """The model to copy from: a saved `.keras` model as it is; else `build(include_top)` (a model
-    without weights) loaded with the checkpoint (\"imagenet\" or an authors'/timm file), read once:
-    with its classifier when that fits the model's classes, else without."""
-    if isinstance(source, str) and source.endswith(".keras"):
-        if not os.path.exists(source):
-            raise FileNotFoundError(f"--init_weights {source!r} does not exist.")
-        return keras.saving.load_model(source, compile=False)
+    """The model to copy from, read through the library's one source path (`repvgg_keras.sources`):
+    a saved `.keras` model as it is; else `build(include_top)` (a model without weights) loaded
+    with the checkpoint ("imagenet" or an authors'/timm file, read once): with its classifier when
+    that fits the model's classes, else without. Sources in deploy (fused) form are refused: they
+    cannot be trained."""
     if isinstance(source, str) and source.endswith(".weights.h5"):
-        raise ValueError(
+        raise sources.SourceError(
             f"--init_weights {source!r}: a .weights.h5 file has no architecture to read the classifier from; "
             "pass the .keras model it came from, a .pth/.safetensors checkpoint or 'imagenet'."
         )
-    if source != "imagenet" and not checkpoints.is_checkpoint_path(source):
-        raise ValueError(f"--init_weights {source!r}: expected 'imagenet', a .pth/.pt/.bin/.safetensors checkpoint "
-                         "or a .keras model.")
+    src = sources.read_source(source)
+    if src.deploy:
+        raise sources.SourceError(
+            f"--init_weights {src.describe()} holds a deploy-form (fused) model, which cannot be trained: "
+            "pass the training-form file (model_train.keras, or a training-form checkpoint)."
+        )
+    if src.kind == "keras_model":
+        return src.saved_model
     donor = build(include_top=True)
-    path = checkpoints.imagenet_weights_path(donor.name) if source == "imagenet" else source
-    state = checkpoints.read_state_dict(path)
     try:
-        checkpoints.load_checkpoint(donor, state)
-    except ValueError:  # another class count (checkpoint loading is strict): blocks only
+        sources.load_into(donor, src)
+    except sources.ClassifierMismatchError:  # another class count (loading is strict): blocks only
         donor = build(include_top=False)
-        checkpoints.load_checkpoint(donor, state)
+        sources.load_into(donor, src)
     return donor
 
 

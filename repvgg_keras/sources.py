@@ -1,0 +1,264 @@
+"""One way from a model source to a model, with one family of errors.
+
+A *source* is what a user names to get weights from:
+
+- "imagenet": timm's published weights for the variant (downloaded once, hash-checked);
+- an authors' or timm checkpoint (`.pth`, `.pt`, `.bin`, `.safetensors`), training or
+  deploy form (detected from the keys);
+- a Keras `.weights.h5` file (form and block options read from its layout);
+- a saved `.keras` model, training form (possibly QARepVGG or ablation blocks) or deploy form.
+
+`model_from_source` builds the variant in the source's form and block options and loads it
+strictly; `read_source` + `load_into` are its two halves, for callers that build the model
+themselves (the builders' `weights=`, fine-tuning's donor). A file is read once, and every
+problem is a `SourceError` (a ValueError) worded the same for every caller.
+"""
+
+import dataclasses
+import numbers
+import os
+import warnings
+import zipfile
+
+KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")
+SUFFIXES = "a .keras or .weights.h5 file, a .pth/.pt/.bin/.safetensors checkpoint, or 'imagenet'"
+
+
+class SourceError(ValueError):
+    """A model source that cannot be read, or does not fit the model asked for."""
+
+
+class SourceNotFoundError(SourceError, FileNotFoundError):
+    """The named file does not exist (also a FileNotFoundError)."""
+
+
+class MissingDependencyError(SourceError, ImportError):
+    """Reading the source needs a package that is not installed (also an ImportError)."""
+
+
+class ClassifierMismatchError(SourceError):
+    """Everything fits but the classifier's class count: callers may drop the classifier."""
+
+
+@dataclasses.dataclass
+class Source:
+    """A source read once: what it is, its form and, for files, its content."""
+
+    kind: str  # one of KINDS
+    path: str = None  # None for "imagenet" (resolved per variant at load time)
+    state: dict = None  # checkpoint tensors by name (kind "checkpoint")
+    format: str = None  # "timm-train", "authors-deploy", ... (checkpoints)
+    saved_model: object = None  # the loaded keras.Model (kind "keras_model")
+    deploy: bool = None  # deploy (plain) form; None when the file does not say
+    block_options: dict = dataclasses.field(default_factory=dict)  # quant_friendly, use_1x1, use_identity
+
+    @property
+    def form(self):
+        return {True: "deploy", False: "training", None: "unknown"}[self.deploy]
+
+    def describe(self):
+        return "'imagenet'" if self.path is None else repr(self.path)
+
+
+def read_source(source):
+    """Read `source` (see the module docstring) once into a `Source`; a `Source` passes through."""
+    from repvgg_keras import checkpoints
+    from repvgg_keras.layers import contains_blocks
+
+    if isinstance(source, Source):
+        return source
+    if isinstance(source, str) and source == "imagenet":
+        return Source("imagenet", deploy=False)
+    if not isinstance(source, (str, os.PathLike)):
+        raise SourceError(f"A model source is {SUFFIXES}; got {type(source).__name__} {source!r}.")
+    path = os.fspath(source)
+    if not os.path.exists(path):
+        raise SourceNotFoundError(
+            f"Weights file {path!r} does not exist. Pass {SUFFIXES} (or no weights for random initialisation)."
+        )
+    if os.path.isdir(path):
+        raise SourceError(f"{path!r} is a directory; a model source is {SUFFIXES}.")
+    if not os.access(path, os.R_OK):
+        raise SourceError(f"{path!r} cannot be read (permission denied).")
+    if checkpoints.is_checkpoint_path(path):
+        state = checkpoints.read_state_dict(path)
+        form = checkpoints.detect_format(state)
+        return Source("checkpoint", path, state=state, format=form, deploy=form.endswith("deploy"))
+    if path.endswith(".weights.h5"):
+        deploy, options = _weights_file_layout(path)
+        return Source("keras_weights", path, deploy=deploy, block_options=options)
+    if path.endswith(".keras"):
+        model = _load_keras_model(path)
+        return Source("keras_model", path, saved_model=model, deploy=not contains_blocks(model),
+                      block_options=block_options(model))
+    raise SourceError(f"Unsupported weights file {path!r}: expected {SUFFIXES}.")
+
+
+def block_options(model):
+    """The builder options (quant_friendly, use_1x1, use_identity) of a training-form model's blocks."""
+    from repvgg_keras.layers import RepVGGBlock
+
+    blocks = [l for l in model._flatten_layers(include_self=False) if isinstance(l, RepVGGBlock)]
+    if not blocks:
+        return {}
+    return dict(quant_friendly=any(b.quant_friendly for b in blocks), use_1x1=any(b.use_1x1 for b in blocks),
+                use_identity=any(b.use_identity for b in blocks))
+
+
+def _load_keras_model(path):
+    import keras
+
+    # Keras reports any unreadable archive as "File not found", even when the file exists.
+    if not zipfile.is_zipfile(path):
+        raise SourceError(
+            f"{path!r} is not a valid .keras file (not the zip archive model.save writes); it may be "
+            "truncated or corrupted: save or copy it again."
+        )
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as error:  # Keras raises many types with internal detail; one message instead
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise SourceError(f"Could not load the saved model {path!r}: {detail}") from error
+
+
+def _weights_file_layout(path):
+    """(deploy, block options) of a .weights.h5 file saved from a builder's model; (None, {}) when
+    its layout is not a builder's (e.g. a nested model): the model decides then."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            if "layers" not in f:
+                return None, {}
+            groups = {name: set(f["layers"][name].keys()) if isinstance(f["layers"][name], h5py.Group) else set()
+                      for name in f["layers"]}
+    except OSError as error:
+        raise SourceError(
+            f"{path!r} is not a valid .weights.h5 file ({error}); it may be truncated or corrupted: save it again."
+        ) from error
+    blocks = [parts for name, parts in groups.items() if name.startswith("rep_vgg_block")]
+    if blocks:
+        options = dict(quant_friendly=any("post_bn" in b for b in blocks),
+                       use_1x1=any("pointwise_conv" in b for b in blocks))
+        if not options["quant_friendly"]:  # a QARepVGG identity branch has no weights: the caller says
+            options["use_identity"] = any("identity_bn" in b for b in blocks)
+        return False, options
+    if any(name.startswith("conv2d") for name in groups):
+        return True, {}
+    return None, {}
+
+
+def load_into(model, source, variant=None):
+    """Load `source` into the built `model`, strictly (nothing is loaded unless everything fits).
+
+    `variant` names the ImageNet weights for "imagenet" (default: `model.name`). Returns the `Source`.
+    Raises `SourceError` (ClassifierMismatchError when only the class count differs).
+    """
+    from repvgg_keras import checkpoints
+
+    src = read_source(source)
+    if src.kind == "imagenet":
+        path = checkpoints.imagenet_weights_path(variant or model.name)
+        checkpoints.load_checkpoint(model, checkpoints.read_state_dict(path))
+    elif src.kind == "checkpoint":
+        checkpoints.load_checkpoint(model, src.state)
+    elif src.kind == "keras_weights":
+        _load_weights_file(model, src)
+    else:
+        _copy_saved_model(model, src)
+    return src
+
+
+def _model_form(model):
+    from repvgg_keras.layers import contains_blocks
+
+    return "training (three-branch)" if contains_blocks(model) else "deploy (plain)"
+
+
+def _does_not_fit(model, src, detail):
+    from repvgg_keras.layers import contains_blocks
+
+    hint = ""
+    if src.deploy is not None and src.deploy == contains_blocks(model):
+        hint = (f" The file holds the {src.form} form: build with deploy={src.deploy}"
+                + (" (then rk.to_deploy)." if not src.deploy else "."))
+    return SourceError(
+        f"Weights file {src.path!r} does not fit model {model.name!r} in {_model_form(model)} form.{hint}\n"
+        "The file must come from the same variant, the same form (training-form files need deploy=False, "
+        "files saved from to_deploy(...) need deploy=True), the same block options (quant_friendly, "
+        f"use_1x1/use_identity), the same include_top/classes and the same input channels. {detail}"
+    )
+
+
+def _load_weights_file(model, src):
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.load_weights(src.path)
+        skipped = [str(w.message) for w in caught if "freshly-initialized" in str(w.message)]
+        if skipped:  # Keras loaded only part of the model: never accept that silently
+            raise ValueError(skipped[0])
+    except Exception as error:  # Keras raises ValueError/KeyError with internal detail
+        detail = "\n".join(str(error).strip().splitlines()[:3])
+        raise _does_not_fit(model, src, f"Keras said: {detail}") from error
+
+
+def _copy_saved_model(model, src):
+    ours, theirs = model.weights, src.saved_model.weights
+    mismatched = [f"{a.path} {tuple(a.shape)} vs file {tuple(b.shape)}"
+                  for a, b in zip(ours, theirs) if tuple(a.shape) != tuple(b.shape)]
+    if len(ours) != len(theirs) or mismatched:
+        counts = f"model has {len(ours)} weights, file {len(theirs)}" if len(ours) != len(theirs) else ""
+        raise _does_not_fit(model, src, "; ".join(filter(None, [counts] + mismatched[:3])))
+    model.set_weights(src.saved_model.get_weights())
+
+
+def model_from_source(spec, source=None, *, form=None, **kwargs):
+    """Build variant `spec` (a name or RepVGGSpec) with the weights of `source`, in the source's form.
+
+    Args:
+        spec: a variant name (`list_models()`) or a `RepVGGSpec`.
+        source: None (random weights), "imagenet", a checkpoint (.pth/.pt/.bin/.safetensors,
+            authors' or timm naming, training or deploy form), a `.weights.h5` file or a saved
+            `.keras` model (see the module docstring), or a `Source` from `read_source`.
+        form: None (the source's form), "training" or "deploy": the form the caller needs; a
+            source in the other form is an error (a fused model cannot be trained).
+        **kwargs: `RepVGG`'s other arguments (input_shape, include_top, classes, pooling, ...).
+            `deploy` and `weights` come from the source; so do the block options
+            (quant_friendly, use_1x1, use_identity) of a `.keras` file and those a
+            `.weights.h5` file shows (all but use_identity of QARepVGG blocks, which has no
+            weights: pass it when it was False).
+
+    The file is read once (a checkpoint's tensors stay in memory, its form comes from its
+    keys); the model is built in that form and loaded strictly. Raises `SourceError`
+    (a ValueError) with the same wording whichever caller asked.
+    """
+    from repvgg_keras import models, specs
+
+    for reserved in ("weights", "deploy"):
+        if reserved in kwargs:
+            raise TypeError(f"model_from_source takes no {reserved!r}: the source decides it.")
+    if form not in (None, "training", "deploy"):
+        raise ValueError(f"form must be None, 'training' or 'deploy', got {form!r}.")
+    if isinstance(spec, str):
+        spec = specs.get_spec(spec)
+    if source is None:
+        return models.RepVGG(spec, deploy=form == "deploy", **kwargs)
+    src = read_source(source)
+    deploy = src.deploy if src.deploy is not None else form == "deploy"
+    if form is not None and deploy != (form == "deploy"):
+        raise SourceError(
+            f"{src.describe()} holds a {src.form}-form model, but the {form} form is needed here"
+            + (": fused (deploy-form) weights cannot be trained; use the training-form file "
+               "(e.g. model_train.keras) or checkpoint." if form == "training" else ".")
+        )
+    model = models.RepVGG(spec, deploy=deploy, **{**kwargs, **src.block_options})
+    load_into(model, src, variant=spec.name)
+    return model
+
+
+def check_classes(classes):
+    """`classes` as an int >= 1, or a ValueError naming it (Keras's own error names `units`)."""
+    if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 1:
+        raise ValueError(f"classes must be a positive integer (the classifier's width), got {classes!r}.")
+    return int(classes)
