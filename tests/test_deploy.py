@@ -120,3 +120,32 @@ def test_subclassed_model_is_a_clear_error():
 def test_not_a_model_is_a_type_error():
     with pytest.raises(TypeError, match="keras.Model"):
         rk.to_deploy(rk.RepVGGBlock(4))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [("bfloat16", 3e-2), ("float16", 5e-3)])
+def test_low_precision_deploy_form_casts_once(dtype, tolerance):
+    """to_deploy(dtype=...): fused blocks hold and compute `dtype`, the classifier stays float32,
+    and the traced graph casts at the boundaries only (not at every layer, as mixed policies do)."""
+    import tensorflow as tf
+
+    model = randomize_batchnorm(rk.RepVGG_A0(input_shape=(64, 48, 3), classes=10))
+    x = np.random.default_rng(0).normal(size=(4, 64, 48, 3)).astype("float32")
+    reference = np.asarray(model(x, training=False))
+    low = rk.to_deploy(model, dtype=dtype)
+    assert low.get_layer("stage3_5_reparam").kernel.dtype == dtype
+    assert low.get_layer("predictions").kernel.dtype == "float32"
+    out = low(x, training=False)
+    assert out.dtype == "float32"
+    assert 0 < max_relative_difference(out, reference) < tolerance
+    again = rk.to_deploy(rk.to_deploy(model), dtype=dtype)  # from the fp32 deploy form: same model
+    np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(out))
+
+    graph = tf.function(lambda t: low(t, training=False)).get_concrete_function(
+        tf.TensorSpec((None, 64, 48, 3), tf.float32)).graph
+    casts = [op for op in graph.get_operations() if op.type == "Cast"]
+    assert len(casts) <= 3, [op.name for op in casts]
+
+
+def test_to_deploy_refuses_an_unknown_precision():
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        rk.to_deploy(rk.RepVGG_A0(input_shape=(32, 32, 3), classes=4), dtype="int8")
