@@ -19,6 +19,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q --no-deps "timm>=1.0.20"
 	$(PY) -m pip install -q huggingface_hub pyyaml pillow
+	# kimm: the Keras peer in `python -m bench` (pure Python; its only dependency is keras).
+	$(PY) -m pip install -q --no-deps "kimm==0.2.5"
 	touch $(STAMP)
 
 # Real images for the export and training tests (Debian package, works offline afterwards).

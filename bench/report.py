@@ -47,6 +47,13 @@ def _ok(records, **where):
     return [r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in where.items())]
 
 
+PEER_RUNTIMES = ("timm", "kimm")  # other implementations of RepVGG (PyTorch, Keras), not ours
+
+
+def is_peer(runtime):
+    return runtime.startswith(PEER_RUNTIMES)
+
+
 def _speed(records, model, batch, runtime, precision="fp32"):
     found = _ok(records, model=model, batch=batch, runtime=runtime, precision=precision)
     return found[0]["images_per_s"] if found else None
@@ -62,6 +69,10 @@ def ratios(records, min_agreement=0.995):
             train, deploy = (_speed(records, model, batch, name) for name in ("keras-train", "keras-deploy"))
             if train and deploy:
                 out.append((model, batch, "Keras deploy / training form speed", deploy / train, "tf.function both"))
+            kimm = _speed(records, model, batch, "kimm-reparam")
+            if deploy and kimm:
+                out.append((model, batch, "Keras deploy form / kimm reparameterized", deploy / kimm,
+                            "same weights, tf.function both"))
             memory = {r["runtime"]: r.get("peak_rss_mb") for r in _ok(records, model=model, batch=batch)}
             if memory.get("keras-train") and memory.get("keras-deploy"):
                 out.append((model, batch, "peak RSS deploy / training form",
@@ -71,7 +82,7 @@ def ratios(records, min_agreement=0.995):
             if not peers:
                 continue
             peer = max(peers, key=lambda r: r["images_per_s"])
-            ours = [r for r in _ok(records, model=model, batch=batch) if not r["runtime"].startswith("timm")]
+            ours = [r for r in _ok(records, model=model, batch=batch) if not is_peer(r["runtime"])]
             best_fp32 = max((r for r in ours if r["precision"] == "fp32"), key=lambda r: r["images_per_s"], default=None)
             reduced = [r for r in ours if r["precision"] != "fp32"
                        and (r.get("top1_agreement") or 0) >= min_agreement]
@@ -86,7 +97,7 @@ def ratios(records, min_agreement=0.995):
         if a0 and resnet:
             out.append(("RepVGG_A0", batch, "RepVGG-A0 / ResNet-18 (timm, fp32, best layout each)", a0 / resnet, "PyTorch"))
         ours = max((r["images_per_s"] for r in _ok(records, model="RepVGG_A0", batch=batch, precision="fp32")
-                    if not r["runtime"].startswith("timm")), default=None)
+                    if not is_peer(r["runtime"])), default=None)
         if ours and resnet:
             out.append(("RepVGG_A0", batch, "RepVGG-A0 ours best fp32 / ResNet-18 timm", ours / resnet, ""))
     return out
@@ -161,7 +172,7 @@ def chart_bars(records, model, batch, baselines=()):
     bars = []
     for r in own + others:
         group = precision_class(r["precision"])
-        kind = "baseline" if r["model"] != model else "timm" if r["runtime"].startswith("timm") else "ours"
+        kind = "baseline" if r["model"] != model else "timm" if is_peer(r["runtime"]) else "ours"
         label = r["runtime"] if kind != "baseline" else f"{r['model']} {r['runtime']}"
         if r["precision"] != group:
             label += f" {r['precision']}"
@@ -298,7 +309,7 @@ def chart(records, path, meta=None, min_agreement=0.995):
     title, detail = _chart_title(records, meta)
     figure.suptitle(title + ("\n" + detail if detail else ""), fontsize=11)
     handles = [Patch(color=PRECISION_COLOURS[name], label=f"{name}, ours") for name, _ in PRECISION_CLASSES]
-    handles += [Patch(facecolor="white", edgecolor="#555555", hatch="////", label="timm RepVGG (PyTorch)"),
+    handles += [Patch(facecolor="white", edgecolor="#555555", hatch="////", label="peers: timm RepVGG (PyTorch), kimm RepVGG (Keras)"),
                 Line2D([], [], color="#333333", linestyle="--",
                        label="timm's best reparameterized RepVGG, same precision; (1.05x) = ours / that line")]
     if baselines:

@@ -54,16 +54,33 @@ def keras_deploy_xla(subject, threads):
     return Predictor(keras_function(subject.keras_deploy, xla=True), note="tf.function(jit_compile=True)")
 
 
-def savedmodel(subject, threads):
-    import tensorflow as tf
+def keras_deploy_low(dtype):
+    """The deploy form with its blocks in `dtype` (rk.to_deploy(model, dtype=...)), tf.function."""
+    def build(subject, threads):
+        import repvgg_keras as rk
 
-    from export.savedmodel import save_serving_model
+        return Predictor(keras_function(rk.to_deploy(subject.keras_train, dtype=dtype)), note=f"to_deploy(dtype={dtype})")
 
-    path = os.path.join(subject.workdir, "savedmodel")
-    if not os.path.exists(path):
-        save_serving_model(subject.keras_deploy, path)
-    signature = tf.saved_model.load(path).signatures["serving_default"]
-    return Predictor(lambda x: signature(images=tf.constant(x))["logits"].numpy(), note="serving_default")
+    return build
+
+
+def _savedmodel(dtype=None):
+    """What TF Serving runs: the exported SavedModel called through its serving_default signature."""
+    def build(subject, threads):
+        import tensorflow as tf
+
+        import repvgg_keras as rk
+        from export.savedmodel import save_serving_model
+
+        path = os.path.join(subject.workdir, f"savedmodel-{dtype or 'float32'}")
+        if not os.path.exists(path):
+            save_serving_model(rk.to_deploy(subject.keras_train, dtype=dtype), path)
+        signature = tf.saved_model.load(path).signatures["serving_default"]
+        return Predictor(lambda x: signature(images=tf.constant(x))["logits"].numpy(),
+                         note="serving_default" + (f", blocks in {dtype}" if dtype else ""))
+
+    return build
+
 
 
 # --- TFLite (XNNPACK) ---------------------------------------------------------------------
@@ -127,6 +144,23 @@ def _openvino(precision):
     return build
 
 
+# --- Keras peer (kimm) --------------------------------------------------------------------
+
+def _kimm(reparameterized):
+    def build(subject, threads):
+        try:
+            from bench import kimm_peer
+
+            model = kimm_peer.build(subject.keras_train, subject.name, reparameterized)
+        except ImportError:
+            raise Unavailable("kimm is not installed (pip install kimm)") from None
+        except KeyError as why:
+            raise Unavailable(str(why).strip("'\"")) from None
+        return Predictor(keras_function(model), note="tf.function")
+
+    return build
+
+
 # --- PyTorch peers (timm) -----------------------------------------------------------------
 
 def _torch_predictor(module, channels_last=False, bf16=False):
@@ -177,7 +211,10 @@ RUNTIMES = (
     RuntimeSpec("keras-deploy-eager", "fp32", keras_deploy_eager, "ours"),
     RuntimeSpec("keras-deploy", "fp32", keras_deploy, "ours"),
     RuntimeSpec("keras-deploy-xla", "fp32", keras_deploy_xla, "ours"),
-    RuntimeSpec("savedmodel", "fp32", savedmodel, "ours"),
+    RuntimeSpec("keras-deploy", "bf16", keras_deploy_low("bfloat16"), "ours"),
+    RuntimeSpec("savedmodel", "fp32", _savedmodel(), "ours"),
+    RuntimeSpec("savedmodel", "bf16", _savedmodel("bfloat16"), "ours"),
+    RuntimeSpec("savedmodel", "fp16", _savedmodel("float16"), "ours"),
     RuntimeSpec("tflite", "fp32", _tflite("none"), "ours"),
     RuntimeSpec("tflite", "fp16", _tflite("float16"), "ours"),
     RuntimeSpec("tflite", "int8", _tflite("int8"), "ours"),  # float pooling + classifier
@@ -188,6 +225,8 @@ RUNTIMES = (
     RuntimeSpec("openvino", "fp32", _openvino("fp32"), "ours"),
     RuntimeSpec("openvino", "bf16", _openvino("bf16"), "ours"),
     RuntimeSpec("openvino", "int8", _openvino("int8"), "ours"),
+    RuntimeSpec("kimm-train", "fp32", _kimm(reparameterized=False), "peer"),
+    RuntimeSpec("kimm-reparam", "fp32", _kimm(reparameterized=True), "peer"),
     RuntimeSpec("timm-train", "fp32", _timm(reparam=False), "peer"),
     RuntimeSpec("timm-reparam", "fp32", _timm(reparam=True), "peer"),
     RuntimeSpec("timm-reparam-cl", "fp32", _timm(reparam=True, channels_last=True), "peer"),

@@ -11,6 +11,27 @@ import os
 import numpy as np
 
 
+def _checked(x, expected, runtime):
+    """`x` as float32 if its shape fits `expected` (None: any size), else a ValueError naming both.
+
+    The runtimes answer a wrong shape with their internal errors (XNNPACK "failed to
+    prepare") or not at all: a TFLite interpreter resizes to whatever it is given, so one
+    image without its batch axis came back as rows of logits.
+    """
+    x = np.asarray(x, np.float32)
+    if expected is None:  # a file that does not say
+        return x
+    fits = x.ndim == len(expected) and all(size is None or size == got
+                                           for size, got in zip(expected, x.shape))
+    if fits and x.ndim and x.shape[0] > 0:
+        return x
+    wanted = ", ".join("N" if axis == 0 and size is None else "?" if size is None else str(size)
+                       for axis, size in enumerate(expected))
+    problem = "an empty batch" if fits else "the wrong shape"
+    raise ValueError(f"{runtime} model expects input of shape [{wanted}] (N >= 1 images), "
+                     f"received {problem}: {list(x.shape)}.")
+
+
 def onnxruntime(path, threads=None):
     """onnxruntime CPU session: all graph optimisations, `threads` intra-op (None: all cores)."""
     import onnxruntime as ort
@@ -21,17 +42,25 @@ def onnxruntime(path, threads=None):
     options.inter_op_num_threads = 1  # one model, one stream of batches
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+    model_input = session.get_inputs()[0]
     output_name = session.get_outputs()[0].name
-    return lambda x: session.run([output_name], {input_name: np.asarray(x, np.float32)})[0]
+    # Dynamic axes are None or a name ("N", "unk__12"); fixed ones are ints.
+    expected = [size if isinstance(size, int) and size > 0 else None for size in model_input.shape]
+    return lambda x: session.run([output_name],
+                                 {model_input.name: _checked(x, expected, "ONNX")})[0]
 
 
 def openvino(path, precision="fp32", threads=None):
     """OpenVINO CPU request (LATENCY hint) for an ONNX or IR file at `precision`."""
     from export.openvino_runtime import compile_model
 
-    request = compile_model(path, precision, threads).create_infer_request()
-    return lambda x: np.array(request.infer({0: np.ascontiguousarray(x, np.float32)})[0])
+    compiled = compile_model(path, precision, threads)
+    shape = compiled.input(0).get_partial_shape()
+    expected = (None if shape.rank.is_dynamic
+                else [d.get_length() if d.is_static else None for d in shape])
+    request = compiled.create_infer_request()
+    run = lambda x: request.infer({0: np.ascontiguousarray(_checked(x, expected, "OpenVINO"))})
+    return lambda x: np.array(run(x)[0])
 
 
 def tflite(path_or_bytes, threads=None):
@@ -45,9 +74,13 @@ def tflite(path_or_bytes, threads=None):
     (input_detail,) = interpreter.get_input_details()
     output_index = interpreter.get_output_details()[0]["index"]
     allocated = [None]
+    signature = input_detail.get("shape_signature")
+    signature = input_detail["shape"] if signature is None or len(signature) == 0 else signature
+    # -1: dynamic; the batch axis is resized below whatever the file says.
+    expected = [None if axis == 0 or size < 0 else int(size) for axis, size in enumerate(signature)]
 
     def run(x):
-        x = np.asarray(x, np.float32)
+        x = _checked(x, expected, "TFLite")
         if allocated[0] != x.shape:
             interpreter.resize_tensor_input(input_detail["index"], x.shape)
             interpreter.allocate_tensors()

@@ -22,21 +22,75 @@ FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
 
 
+def _shape_text(shape):
+    """A shape tensor as "[1, 32, 32, 3]" for error messages."""
+    import tensorflow as tf
+
+    joined = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
+    return tf.strings.join(["[", joined, "]"])
+
+
+def _checked(images, expected, description, finite=False):
+    """`images`, passed on only after the graph has checked it: InvalidArgument otherwise.
+
+    TF Serving feeds a request's tensor to the graph by name without checking it against the
+    signature's shape, and a tensor of another rank reaching a oneDNN convolution aborts
+    the whole process. So the shape is checked here, as a control dependency of everything
+    after it. `expected` is the shape wanted, None for the batch.
+    `finite`: also reject NaN and Inf (a float request with them has no meaningful answer,
+    and they would come back as NaN logits that look like a model fault).
+    """
+    import tensorflow as tf
+
+    shape = tf.raw_ops.Shape(input=images, out_type=tf.int32)
+    rank = tf.raw_ops.Rank(input=images)
+    fixed = [(axis, size) for axis, size in enumerate(expected) if size is not None]
+    # Pad so that the lookups below exist whatever the rank; the rank test rejects the padding.
+    padded = tf.concat([shape, tf.zeros([len(expected)], tf.int32)], 0)
+    ok = tf.equal(rank, len(expected))
+    for axis, size in fixed:
+        ok = tf.logical_and(ok, tf.equal(padded[axis], size))
+    wanted = "[" + ", ".join("N" if size is None else str(size) for size in expected) + "]"
+    message = tf.strings.join(
+        [f"{description}: expected shape {wanted}, received shape ", _shape_text(shape)])
+    shape_check = tf.debugging.Assert(ok, [message])
+    checks = [shape_check]
+    if finite:
+        with tf.control_dependencies([shape_check]):  # a wrong shape is reported first
+            checks.append(tf.debugging.Assert(
+                tf.reduce_all(tf.math.is_finite(images)),
+                [f"{description}: received NaN or Inf values; expected finite numbers"]))
+    with tf.control_dependencies(checks):
+        images = tf.identity(images)
+    images.set_shape(expected)  # no EnsureShape op: its error would not name what was expected
+    return images
+
+
 def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing_included=False):
     """Write a SavedModel of `model` with the three serving signatures to `path`.
 
     Uses tf.saved_model.save on a tf.Module rather than keras.export.ExportArchive:
-    with Keras 3.15 the archive stores every variable twice (measured: 54 MB instead of
-    27 MB of variables for RepVGG-A0 with 10 classes).
+    with Keras 3.15 the archive stores every variable twice.
+
+    Every signature checks its input inside the graph before any convolution runs (see
+    `_checked`): a request of the wrong rank, size or channel count, float NaN/Inf, or a
+    string that is not an image, fails with InvalidArgument naming what was expected and
+    received, and the server stays up. Any batch size is accepted; an empty batch gives
+    empty [0, classes] outputs.
     """
     import tensorflow as tf
 
     from repvgg_keras import preprocessing
 
     _, height, width, channels = model.input_shape
+    image_shape = (None, height, width, channels)
 
     def outputs(model_input):
-        logits = model(model_input, training=False)
+        count = tf.raw_ops.Shape(input=model_input, out_type=tf.int32)[0]
+        # oneDNN convolutions fail on an empty batch: run one blank image and return none of it.
+        batch = tf.cond(count > 0, lambda: model_input,
+                        lambda: tf.zeros((1, height, width, channels), model_input.dtype))
+        logits = model(batch, training=False)[:count]
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
     def from_pixels(pixels):
@@ -46,20 +100,42 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
         return outputs(pixels)
 
     def decode(encoded):
-        image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
+        # A string that is not an image fails here with decode's InvalidArgument ("Unknown
+        # image file format ..."); `channels=` turns grey or RGBA images into `channels`.
+        empty = tf.debugging.Assert(tf.strings.length(encoded) > 0, [
+            "serving_bytes images: received an empty string; expected an encoded JPEG, PNG, "
+            "GIF, BMP or WebP image"])
+        with tf.control_dependencies([empty]):
+            image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
         image = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
         return tf.ensure_shape(image, (height, width, channels))
 
-    image_spec = lambda dtype: tf.TensorSpec((None, height, width, channels), dtype, name="images")
+    def serving_default(images):
+        return outputs(_checked(images, image_shape, "serving_default float32 images", finite=True))
+
+    def serving_uint8(images):
+        return from_pixels(_checked(images, image_shape, "serving_uint8 uint8 images"))
+
+    def serving_bytes(images):
+        images = _checked(images, (None,), "serving_bytes images (one encoded image each)")
+        image_spec = tf.TensorSpec((height, width, channels), tf.float32)
+        decoded = tf.map_fn(decode, images, fn_output_signature=image_spec)
+        return from_pixels(decoded)
+
+    # Inputs of unknown shape: Grappler takes a declared shape as a promise and folds checks
+    # of the rank or of known dimensions away, while TF Serving never enforces that promise.
+    # The shapes wanted are in the checks' error messages.
+    any_shape = lambda dtype: tf.TensorSpec(None, dtype, name="images")
     module = tf.Module()
-    module.model = model
+    # The tf.Variables themselves, not the Keras model: TF Serving's loader (and any TF1
+    # Session) restores only variables the SavedModel's saver knows as tf.Variables, and a
+    # Keras 3 model's wrapped variables are left unset ("Could not find variable ...").
+    # Tracking the model as well would store every variable twice.
+    module.serving_variables = [v.value for v in model.variables]
     signatures = {
-        "serving_default": tf.function(outputs, input_signature=[image_spec(tf.float32)]),
-        "serving_uint8": tf.function(from_pixels, input_signature=[image_spec(tf.uint8)]),
-        "serving_bytes": tf.function(
-            lambda images: from_pixels(tf.map_fn(decode, images, fn_output_signature=tf.float32)),
-            input_signature=[tf.TensorSpec((None,), tf.string, name="images")],
-        ),
+        "serving_default": tf.function(serving_default, input_signature=[any_shape(tf.float32)]),
+        "serving_uint8": tf.function(serving_uint8, input_signature=[any_shape(tf.uint8)]),
+        "serving_bytes": tf.function(serving_bytes, input_signature=[any_shape(tf.string)]),
     }
     tf.saved_model.save(module, path, signatures=signatures)
 
@@ -74,7 +150,7 @@ def write_warmup(export_path, model_name, pixels):
     os.makedirs(extra, exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(extra, "tf_serving_warmup_requests")) as writer:
         for log in predict_requests.warmup_logs(model_name, pixels):
-            writer.write(log.SerializeToString())
+            writer.write(log)
 
 
 def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
@@ -116,24 +192,35 @@ def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
     return report
 
 
+def check_serving_flags():
+    """TF Serving loads the version directories named by a non-negative integer (0 included) and
+    ignores others, so --version must be >= 0; --export_dir is the directory above them."""
+    if FLAGS.version < 0:
+        raise ValueError(f"--version must be a non-negative integer (TF Serving's version directories), "
+                         f"got {FLAGS.version}.")
+    if os.path.exists(FLAGS.export_dir) and not os.path.isdir(FLAGS.export_dir):
+        raise ValueError(f"--export_dir {FLAGS.export_dir} is a file: it must be a directory (the version "
+                         "subdirectory goes below it).")
+
+
 def main(argv):
     del argv
+    version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
 
     def export(shipped, reference, to_input, pixels):
-        version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
         export_savedmodel(shipped, version_dir, preprocessing_mode=FLAGS.preprocessing,
                           preprocessing_included=FLAGS.include_preprocessing, verify_pixels=pixels,
                           model_name=FLAGS.serving_name or FLAGS.model.lower(), reference=reference,
                           overwrite=FLAGS.overwrite)
         return version_dir
 
-    return common.run_exporter(export)
+    return common.run_exporter(export, version_dir, checks=[check_serving_flags])
 
 
 if __name__ == "__main__":
     common.define_model_flags()
     flags.DEFINE_string("export_dir", None, "TF Serving model base directory; the version goes below it.")
-    flags.DEFINE_integer("version", 1, "Model version (the subdirectory TF Serving loads).")
+    flags.DEFINE_integer("version", 1, "Model version (the subdirectory TF Serving loads): an integer >= 0.")
     flags.DEFINE_string("serving_name", None, "Model name in TF Serving (default: the variant, lower case).")
     flags.mark_flag_as_required("export_dir")
     app.run(lambda argv: sys.exit(main(argv)))

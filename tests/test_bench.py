@@ -58,7 +58,8 @@ def test_quick_every_runtime_gives_a_number(quick_run):
 def test_quick_outputs_agree_with_keras(quick_run):
     _, records, _, _ = quick_run
     checked = [r for r in records if r["status"] == "ok" and r["model"] == "RepVGG_A0"]
-    assert {r["runtime"] for r in checked} >= {"keras-deploy", "tflite", "onnxruntime-nchw", "timm-reparam"}
+    assert {r["runtime"] for r in checked} >= {"keras-deploy", "tflite", "onnxruntime-nchw", "timm-reparam", "kimm-reparam",
+                                               "savedmodel"}
     for r in checked:
         # timm gets the same weights (imported by our checkpoint loader), so it is compared too.
         assert r["max_rel_diff"] <= TOLERANCE[r["precision"]], r
