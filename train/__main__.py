@@ -4,15 +4,19 @@
     python -m train --model RepVGG_A0 --dataset fashion_mnist --image_size 32 --epochs 5 --model_dir runs/fm
     python -m train --model RepVGG_A0 --dataset folder:photos --init_weights imagenet --model_dir runs/ft
 
-Writes to --model_dir: backup/ (checkpoints every --checkpoint_every steps and each epoch;
-rerunning the same command resumes), logs/ (TensorBoard), training_log.csv,
-training_curves.png, model_train.keras and model_deploy.keras (ready for the exporters).
+Writes to --model_dir: run_config.json (the flags that define the run), backup/ (checkpoints
+every --checkpoint_every steps and each epoch; rerunning the same command resumes), logs/
+(TensorBoard), training_log.csv, training_curves.png, model_train.keras and model_deploy.keras
+(ready for the exporters). A model_dir holding a run of another configuration is refused
+(--overwrite clears it); a finished run is reported, not trained again.
 The last line printed is `accuracy: training_form=<top-1> deploy_form=<top-1>`.
 """
 
 import dataclasses
 import json
+import math
 import os
+import shutil
 import sys
 
 from absl import app, flags, logging
@@ -25,17 +29,23 @@ flags.DEFINE_list("width_multipliers", None, "Override the width multipliers a,b
 flags.DEFINE_string("dataset", "fashion_mnist", "A TFDS name, 'folder:<root>' (root/<split>/<class>/<img>), or fashion_mnist.")
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_bool("download", False, "Let tfds download a dataset that is not prepared (off: fail fast).")
-flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the final models go.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the final models go. Rerunning the same "
+                    "command resumes an interrupted run there; on a finished run it reports the run's accuracy "
+                    "and leaves its models as they are. Another configuration there is refused (see --overwrite).")
+flags.DEFINE_bool("overwrite", False, "Clear the run in --model_dir (run_config.json, backup/, logs/, training_log.csv, "
+                  "training_curves.png, the .keras models; other files stay) and train from scratch.")
 flags.DEFINE_enum("recipe", "small", ["paper120", "paper200", "small"], "Training recipe (train/recipes.py).")
 flags.DEFINE_integer("image_size", None, "Training resolution (default: the variant's, 224).")
-flags.DEFINE_integer("epochs", None, "Override the recipe.")
+flags.DEFINE_integer("epochs", None, "Override the recipe. Part of the run's configuration: a finished run is "
+                     "not extended (train longer in another --model_dir, or --overwrite).")
 flags.DEFINE_integer("batch_size", None, "Global batch size (override); the lr scales with it.")
 flags.DEFINE_float("base_lr", None, "Learning rate at batch 256 (override).")
 flags.DEFINE_float("weight_decay", None, "Override.")
 flags.DEFINE_float("warmup_epochs", None, "Override.")
 flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
-flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area.")
+flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area (default: the recipe's; "
+                   "at most 64 px inputs crop at least 0.9 of the image, see train/recipes.py).")
 flags.DEFINE_enum("augment", None, ["basic", "randaugment"], "Override: crop + flip, or also RandAugment.")
 flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disables.")
 flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent kernel instead of plain "
@@ -49,7 +59,7 @@ flags.DEFINE_string("init_weights", None, "Fine-tune: start from 'imagenet', an 
 flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
 flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
                   "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.")
-flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint every N steps (and at each epoch end).")
+flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint every N steps (and at each epoch end); may change on resume.")
 flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.")
 flags.DEFINE_integer("train_take", None, "Use only the first N training examples (quick runs).")
 flags.DEFINE_integer("eval_take", None, "Use only the first N evaluation examples.")
@@ -61,6 +71,150 @@ flags.DEFINE_float("progress_every", 60, "With --verbose 2: seconds between prog
 flags.mark_flag_as_required("model_dir")
 
 ABLATIONS = {"full": (True, True), "no_identity": (False, True), "no_1x1": (True, False), "plain": (False, False)}
+RUN_CONFIG = "run_config.json"
+# What a run writes into --model_dir (and --overwrite removes); worker_<i>/ folders belong to other processes.
+RUN_FILES = (RUN_CONFIG, "backup", "logs", "training_log.csv", "training_curves.png", "model_train.keras",
+             "model_deploy.keras", "last_step")
+# Left by a run of an older version, which recorded no configuration: never resumed or replaced silently.
+UNRECORDED_RUN_FILES = ("backup", "model_train.keras", "model_deploy.keras", "training_log.csv")
+
+
+class UsageError(ValueError):
+    """Bad flags or a model_dir that does not fit them: one `error:` line, exit status 1."""
+
+
+def flag_problems():
+    """Every numeric flag out of its range, and malformed lists, as short phrases (checked before
+    TensorFlow loads: a nonsense value must not train, or save, an untrained model)."""
+    problems = []
+
+    def check(name, low=None, high=None, low_open=False, high_open=False, integer=False):
+        value = getattr(FLAGS, name)
+        if value is None:
+            return
+        ok = math.isfinite(value)
+        if ok and low is not None:
+            ok = value > low if low_open else value >= low
+        if ok and high is not None:
+            ok = value < high if high_open else value <= high
+        if not ok:
+            low_text = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+            high_text = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+            wanted = " and ".join(t for t in (low_text, high_text) if t)
+            problems.append(f"--{name} must be {wanted}, not {value:{'d' if integer else 'g'}}")
+
+    for name in ("epochs", "batch_size", "checkpoint_every", "steps_per_epoch", "train_take", "eval_take"):
+        check(name, low=1, integer=True)
+    check("image_size", low=32, integer=True)  # five stride-2 stages: 32 px end at 1 x 1
+    check("seed", low=0, high=2**32 - 1, integer=True)
+    for name in ("base_lr", "weight_decay", "warmup_epochs", "mixup", "progress_every"):
+        check(name, low=0)
+    check("label_smoothing", low=0, high=1, high_open=True)
+    check("ema_momentum", low=0, high=1, high_open=True)
+    check("min_area", low=0, high=1, low_open=True)
+    check("eval_crop", low=0, high=1, low_open=True)
+    if FLAGS.verbose not in (0, 1, 2):
+        problems.append(f"--verbose must be 0, 1 or 2, not {FLAGS.verbose}")
+    for name, count, kind, low in (("num_blocks", 4, int, 1), ("width_multipliers", 2, float, 0)):
+        values = getattr(FLAGS, name)
+        if not values:
+            continue
+        try:
+            parsed = [kind(v) for v in values]
+            ok = len(parsed) == count and all(math.isfinite(v) and v >= max(low, 1e-9) for v in parsed)
+        except ValueError:
+            ok = False
+        if not ok:
+            what = "positive integers" if kind is int else "positive numbers"
+            problems.append(f"--{name} takes {count} {what} separated by commas, not {','.join(values)!r}")
+    if not FLAGS.model_dir:
+        problems.append("--model_dir is empty")
+    if FLAGS.dataset == "folder:" or not FLAGS.dataset:
+        problems.append("--dataset is empty (a TFDS name, folder:<root> or fashion_mnist)")
+    return problems
+
+
+def run_config(spec, image_size, recipe):
+    """The flags that define the model, the data and the schedule, resolved (recipe defaults filled
+    in). --verbose, --progress_every, --checkpoint_every, --data_dir, --download and --tpu may change
+    between the runs of one model_dir: they do not change what is trained."""
+    import repvgg_keras as rk
+
+    dataset = FLAGS.dataset
+    if dataset.startswith("folder:"):
+        dataset = "folder:" + os.path.abspath(dataset[len("folder:"):])
+    config = {
+        "model": rk.get_spec(FLAGS.model).name, "num_blocks": list(spec.num_blocks),
+        "width_multipliers": list(spec.width_multipliers), "quant_friendly": FLAGS.quant_friendly,
+        "ablation": FLAGS.ablation, "init_weights": FLAGS.init_weights, "dataset": dataset,
+        "image_size": image_size, "train_take": FLAGS.train_take, "eval_take": FLAGS.eval_take,
+        "steps_per_epoch": FLAGS.steps_per_epoch, "recipe": FLAGS.recipe,
+        "mixed_precision": FLAGS.mixed_precision, "seed": FLAGS.seed,
+    }
+    for field in ("epochs", "batch_size", "base_lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup",
+                  "min_area", "augment", "ema_momentum", "custom_l2", "eval_crop"):
+        config[field] = getattr(recipe, field)
+    return json.loads(json.dumps(config))  # as it reads back from the file
+
+
+def _write_json(path, content):
+    staged = path + ".tmp"
+    with open(staged, "w") as f:
+        json.dump(content, f, indent=1)
+    os.replace(staged, path)
+
+
+def _clear_run(model_dir):
+    for name in RUN_FILES:
+        target = os.path.join(model_dir, name)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        elif os.path.lexists(target):
+            os.remove(target)
+
+
+def prepare_model_dir(model_dir, config, overwrite):
+    """Check --model_dir against this run's configuration before anything is written there.
+
+    Returns the recorded run_config.json content when it holds a finished run of this configuration
+    (nothing to train), else None after recording the configuration. Raises UsageError for another
+    configuration, or for a run whose configuration was never recorded, unless `overwrite`, which
+    removes the run's files (RUN_FILES) first. A run that stopped before its first checkpoint (no
+    backup/, log or model) holds nothing to resume and is replaced.
+    """
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+    except OSError as error:
+        raise UsageError(f"cannot create --model_dir {model_dir!r}: {error.strerror or error}.") from None
+    path = os.path.join(model_dir, RUN_CONFIG)
+    progress = [name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))]
+    if overwrite:
+        _clear_run(model_dir)
+    elif os.path.exists(path):
+        try:
+            with open(path) as f:
+                recorded = json.load(f)
+            recorded_flags = recorded["flags"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise UsageError(f"{path} is unreadable ({error}): pass --overwrite to clear this run and start over, "
+                             "or another --model_dir.") from None
+        differences = [f"--{name}: recorded {recorded_flags.get(name)!r}, given {value!r}"
+                       for name, value in config.items() if recorded_flags.get(name) != value]
+        if differences and not progress and not recorded.get("finished"):
+            _clear_run(model_dir)  # it stopped before its first checkpoint (say, on a wrong data path)
+        elif differences:
+            raise UsageError(
+                f"--model_dir {model_dir} holds a run of another configuration ({'; '.join(differences)}): "
+                "pass the recorded values to resume it, another --model_dir, or --overwrite to clear it and start over.")
+        if recorded.get("finished"):
+            return recorded
+    elif progress:
+        raise UsageError(
+            f"--model_dir {model_dir} holds {', '.join(progress)} but no {RUN_CONFIG} (a run of an older version): "
+            "its configuration is unknown, so it is neither resumed nor replaced. Pass another --model_dir, "
+            "or --overwrite to clear it and start over.")
+    _write_json(path, {"flags": config, "finished": False})
+    return None
 
 
 def make_strategy(tpu=None):
@@ -139,21 +293,30 @@ def train():
     from train import callbacks as cb, data, distributed, recipes
 
     keras.utils.set_random_seed(FLAGS.seed)
+    spec = build_spec()
+    image_size = FLAGS.image_size or spec.default_size
     recipe = recipes.get_recipe(
-        FLAGS.recipe, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
+        FLAGS.recipe, image_size=image_size, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
         weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs,
         label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area, augment=FLAGS.augment,
         ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop, custom_l2=FLAGS.custom_l2,
     )
+    is_chief, task_index = worker_role()
+    model_dir = FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
+    finished = prepare_model_dir(model_dir, run_config(spec, image_size, recipe), FLAGS.overwrite)
+    if finished is not None:
+        print(f"{model_dir} holds a finished run of this configuration ({recipe.epochs} epochs); its models are "
+              "kept as they are. Pass --overwrite to train it again, or another --model_dir.")
+        missing = [n for n in ("model_train.keras", "model_deploy.keras") if not os.path.exists(os.path.join(model_dir, n))]
+        if missing:
+            raise UsageError(f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
+                             "train it again.")
+        print(finished.get("accuracy", ""), flush=True)
+        return 0.0
     precision = pick_precision(FLAGS.mixed_precision)
     if precision != "none":
         keras.mixed_precision.set_global_policy(precision)
     strategy = make_strategy(FLAGS.tpu)
-    is_chief, task_index = worker_role()
-    model_dir = FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
-    os.makedirs(model_dir, exist_ok=True)
-    spec = build_spec()
-    image_size = FLAGS.image_size or spec.default_size
 
     train_ds, eval_ds, info = data.load(
         FLAGS.dataset, image_size=image_size, batch_size=recipe.batch_size, data_dir=FLAGS.data_dir,
@@ -190,7 +353,10 @@ def train():
     csv_path = os.path.join(model_dir, "training_log.csv")
     nan_stopper = cb.NaNStopper()
     callbacks = [
-        cb.BackupEveryStepsAndEpoch(os.path.join(model_dir, "backup"), save_freq=FLAGS.checkpoint_every),
+        # Kept after fit: a run killed before it is recorded as finished resumes from the last epoch
+        # instead of training again; removed once run_config.json says finished.
+        cb.BackupEveryStepsAndEpoch(os.path.join(model_dir, "backup"), save_freq=FLAGS.checkpoint_every,
+                                    delete_checkpoint=False),
         cb.ResumeReporter(os.path.join(model_dir, "last_step")),
         nan_stopper,
         cb.LearningRateLogger(),
@@ -211,8 +377,7 @@ def train():
     if nan_stopper.stopped_at is not None:
         raise FloatingPointError(
             f"The loss became NaN/inf at step {nan_stopper.stopped_at}; training stopped. "
-            f"Lower --base_lr or check the data; checkpoints up to then are in {model_dir}/backup "
-            "(delete it to start afresh)."
+            "Lower --base_lr or check the data, then rerun with --overwrite to start afresh."
         )
 
     model.save(os.path.join(model_dir, "model_train.keras"))
@@ -231,21 +396,46 @@ def train():
     print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
     print(f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
           f"deploy form {deploy_acc:.4f}")
-    print(f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}", flush=True)
+    accuracy = f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}"
+    _write_json(os.path.join(model_dir, RUN_CONFIG),
+                {"flags": run_config(spec, image_size, recipe), "finished": True, "accuracy": accuracy})
+    shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)
+    print(accuracy, flush=True)
     return np.abs(train_acc - deploy_acc)
 
 
 def main(argv):
     del argv
+    problems = flag_problems()
+    if problems:
+        print(f"error: {'; '.join(problems)}.", file=sys.stderr)
+        return 1
+    import tensorflow as tf
+
     from train import data
 
     logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it constructs
     try:
         train()
-    except (data.DatasetNotFound, ValueError, FileNotFoundError, FloatingPointError) as error:
+    except (data.DatasetNotFound, ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
-        print(f"error: {error}", file=sys.stderr)
+        if isinstance(error, OSError) and error.filename and error.strerror:
+            message = f"{error.strerror}: {error.filename}"
+        else:
+            message = " ".join(str(error).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+    except tf.errors.ResourceExhaustedError:
+        if os.environ.get("REPVGG_TRACEBACK"):
+            raise
+        print(f"error: out of memory with --batch_size {FLAGS.batch_size or 'default'} at --image_size "
+              f"{FLAGS.image_size or 'default'}: lower one of them.", file=sys.stderr)
+        return 1
+    except tf.errors.OpError as error:  # e.g. a file that vanished or cannot be read mid-run
+        if os.environ.get("REPVGG_TRACEBACK"):
+            raise
+        print(f"error: {type(error).__name__}: {error.message.strip().splitlines()[0]}", file=sys.stderr)
         return 1
     return 0
 

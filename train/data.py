@@ -4,11 +4,17 @@ Training: random-resized-crop + horizontal flip, plus RandAugment with augment="
 (the 200-epoch recipe's stronger augmentation). Evaluation: resize to image_size / 0.875
 then centre crop (the paper's 256 -> 224, scaled). Grayscale becomes 3 channels, pixels
 are normalised like the pretrained weights (ImageNet mean/std). Datasets that are not
-present raise at once: nothing here downloads unless asked to.
+present raise at once: nothing here downloads unless asked to. An image folder is checked when
+it is loaded: every image is decoded once, unreadable ones are skipped with a warning naming
+them, and empty splits or classes are refused.
 """
 
+import concurrent.futures
 import dataclasses
+import difflib
 import os
+import random
+import sys
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -30,20 +36,35 @@ class DatasetNotFound(FileNotFoundError):
     pass
 
 
+OUR_NAMES = ("fashion_mnist", "folder:")
+
+
+def _check_known(name):
+    """Raise DatasetNotFound for a name tfds does not know, with the closest known names (one line:
+    tfds's own error lists its whole catalogue)."""
+    base = name.split(":")[0].split("/")[0]
+    known = list(tfds.list_builders(with_community_datasets=False))  # offline: no community index
+    if base in known:
+        return
+    close = difflib.get_close_matches(name, sorted(set(known) | set(OUR_NAMES)), n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    raise DatasetNotFound(f"Unknown dataset {name!r}: {hint}Pass a TFDS name (tfds.list_builders()), "
+                          "folder:<root> for root/<split>/<class>/<image>, or fashion_mnist.")
+
+
 def _builder(name, data_dir, download):
     """A prepared tfds builder for `name`, or a DatasetNotFound saying how to get it."""
-    if name.startswith("folder:"):
-        root = name[len("folder:"):]
-        if not os.path.isdir(root):
-            raise DatasetNotFound(f"Image folder {root!r} does not exist (expected {root}/<split>/<class>/<image>).")
-        return tfds.folder_dataset.ImageFolder(root)
+    _check_known(name)
     if name == "fashion_mnist":
         from train import fashion_mnist_debian
 
         official = tfds.builder("fashion_mnist", data_dir=data_dir)
         if not _is_prepared(official) and fashion_mnist_debian.available():
             name = "fashion_mnist_debian"
-    builder = tfds.builder(name, data_dir=data_dir)
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:  # e.g. an unknown config
+        raise DatasetNotFound(f"Dataset {name!r}: {str(error).strip().splitlines()[0]}") from None
     if not _is_prepared(builder):
         if name == "fashion_mnist_debian" or download:
             builder.download_and_prepare()
@@ -76,6 +97,107 @@ def dataset_info(builder, eval_split=None):
         return int(builder.as_dataset(split=split).reduce(0, lambda n, _: n + 1))
 
     return DatasetInfo(label.num_classes, size("train"), size(eval_split), eval_split)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # as tfds's ImageFolder
+EVAL_SPLITS = ("validation", "test", "val")
+
+
+def decode_image(contents):
+    """JPEG/PNG bytes -> uint8 RGB (gray and alpha images too); the folder check uses the same op."""
+    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+
+@dataclasses.dataclass
+class ImageFolder:
+    """root/<split>/<class>/<image>: class names (sorted over all splits, as tfds labels them) and
+    each split's readable (path, label) examples in tfds's ImageFolder order."""
+
+    root: str
+    class_names: list
+    examples: dict  # split -> [(path, label)]
+    eval_split: str
+    unreadable: list
+
+    def as_dataset(self, split, shuffle=False, seed=None):
+        paths = [path for path, _ in self.examples[split]]
+        labels = [label for _, label in self.examples[split]]
+        dataset = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
+        if shuffle:
+            dataset = dataset.shuffle(len(paths), seed=seed)
+        return dataset.map(lambda path, label: (decode_image(tf.io.read_file(path)), label),
+                           num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def _subfolders(path):
+    return sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f)))
+
+
+def _readable(path):
+    try:
+        image = decode_image(tf.io.read_file(path))
+        return image.shape[0] > 0 and image.shape[1] > 0
+    except (tf.errors.OpError, OSError):
+        return False
+
+
+def _listing(names, limit=8):
+    names = list(names)
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def scan_image_folder(root, eval_split=None, warn=None):
+    """Check root/<split>/<class>/<image> and list its examples (ImageFolder).
+
+    Every .jpg/.jpeg/.png of the training and evaluation splits is decoded once: unreadable ones are
+    skipped, and named in one warning line on `warn`, so that training does not stop mid-epoch on
+    them. Raises DatasetNotFound for a missing root and ValueError naming the missing or empty split
+    folders and the class folders without a readable image.
+    """
+    expected = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or validation/, val/)"
+    if not os.path.isdir(root):
+        raise DatasetNotFound(f"Image folder {root!r} does not exist or is not a folder ({expected}).")
+    splits = _subfolders(root)
+    eval_split = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
+    if eval_split is None:
+        missing.append("test")
+    if missing:
+        found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
+        raise ValueError(f"Image folder {root!r} has no {' or '.join(s + '/' for s in missing)} ({found}); {expected}.")
+    class_names = sorted({c for split in splits for c in _subfolders(os.path.join(root, split))})
+    listed, empty = {}, []
+    for split in ("train", eval_split):
+        classes = _subfolders(os.path.join(root, split))
+        if not classes:
+            empty.append(f"{split}/ (no class folders)")
+        listed[split] = [
+            (os.path.join(root, split, c, f), class_names.index(c))
+            for c in classes for f in sorted(os.listdir(os.path.join(root, split, c)))
+            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, split, c, f))
+        ]
+    paths = [path for examples in listed.values() for path, _ in examples]
+    with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+        readable = dict(zip(paths, pool.map(_readable, paths)))
+    unreadable = [path for path in paths if not readable[path]]
+    examples = {}
+    for split, split_examples in listed.items():
+        examples[split] = [(path, label) for path, label in split_examples if readable[path]]
+        counts = {label for _, label in examples[split]}
+        empty += [f"{split}/{c}/" for c in _subfolders(os.path.join(root, split)) if class_names.index(c) not in counts]
+        random.Random(split).shuffle(examples[split])  # tfds's ImageFolder order
+    untrained = [c for i, c in enumerate(class_names) if i not in {label for _, label in examples["train"]}
+                 and f"train/{c}/" not in empty]
+    if untrained:
+        empty += [f"train/{c}/ (missing)" for c in untrained]
+    if unreadable:
+        print(f"warning: skipped {len(unreadable)} unreadable image(s) of {len(paths)} in {root}: "
+              f"{_listing(os.path.relpath(p, root) for p in unreadable)}", file=warn or sys.stderr, flush=True)
+    if empty:
+        raise ValueError(f"Image folder {root!r}: no readable .jpg/.jpeg/.png image in {_listing(empty)}"
+                         f"{' (unreadable ones skipped)' if unreadable else ''}; every class needs at least one "
+                         "image in train/ and each split at least one class folder.")
+    return ImageFolder(root, class_names, examples, eval_split, unreadable)
 
 
 def random_resized_crop(image, size, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
@@ -165,9 +287,15 @@ def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_sp
     tightly framed images such as Fashion-MNIST trained with mild crops).
     augment: "basic" or "randaugment" (see make_pipeline).
     """
-    builder = _builder(name, data_dir, download)
-    info = dataset_info(builder, eval_split)
-    read = lambda split: builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == "train")
+    if name.startswith("folder:"):
+        folder = scan_image_folder(name[len("folder:"):], eval_split)
+        info = DatasetInfo(len(folder.class_names), len(folder.examples["train"]),
+                           len(folder.examples[folder.eval_split]), folder.eval_split)
+        read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+    else:
+        builder = _builder(name, data_dir, download)
+        info = dataset_info(builder, eval_split)
+        read = lambda split: builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == "train")
     train_raw, eval_raw = read("train"), read(info.eval_split)
     if train_take:
         train_raw = train_raw.take(train_take)
