@@ -24,8 +24,21 @@ from repvgg_keras import parity, preprocessing, structure  # noqa: E402
 
 OUTPUT = "demo_output"
 TRAIN_DIR = os.path.join(OUTPUT, "train")
-TRAIN_ARGS = ["--model", "RepVGG_A0", "--width_multipliers", "0.5,1.0", "--dataset", "fashion_mnist",
-              "--image_size", "32", "--epochs", "2", "--verbose", "2", "--quant_friendly"]
+TRAIN_ARGS = [
+    "--model",
+    "RepVGG_A0",
+    "--width_multipliers",
+    "0.5,1.0",
+    "--dataset",
+    "fashion_mnist",
+    "--image_size",
+    "32",
+    "--epochs",
+    "2",
+    "--verbose",
+    "2",
+    "--quant_friendly",
+]
 VERIFY_COUNT = 1000
 
 
@@ -39,15 +52,21 @@ def convert_and_check(size=224):
     print(f"\n{'form':<14}{'layers':>8}{'Conv2D':>8}{'BatchNorm':>10}{'params (M)':>12}")
     for label, m in (("training form", model), ("deploy form", plain)):
         c = structure.layer_counts(m)
-        print(f"{label:<14}{c['layers']:>8}{c['Conv2D']:>8}{c['BatchNormalization']:>10}{m.count_params() / 1e6:>12.3f}")
-    print(f"\nparity on 4 images: max relative difference {diff:.2e}; "
-          f"custom layers in deploy form: {structure.custom_layer_names(plain) or 'none'}")
+        print(
+            f"{label:<14}{c['layers']:>8}{c['Conv2D']:>8}{c['BatchNormalization']:>10}{m.count_params() / 1e6:>12.3f}"
+        )
+    print(
+        f"\nparity on 4 images: max relative difference {diff:.2e}; "
+        f"custom layers in deploy form: {structure.custom_layer_names(plain) or 'none'}"
+    )
     if diff > 1e-5:
         raise SystemExit(f"FAILED: deploy form differs from the training form by {diff:.2e}")
 
 
 def train():
-    print(f"\n== 2. Training a narrow RepVGG_A0 on Fashion-MNIST (python -m train {' '.join(TRAIN_ARGS)})")
+    print(
+        f"\n== 2. Training a narrow RepVGG_A0 on Fashion-MNIST (python -m train {' '.join(TRAIN_ARGS)})"
+    )
     shutil.rmtree(TRAIN_DIR, ignore_errors=True)
     command = [sys.executable, "-m", "train", "--model_dir", TRAIN_DIR, *TRAIN_ARGS]
     subprocess.run(command, check=True)
@@ -62,16 +81,22 @@ def test_images():
 
     raw, labels = images.fashion_mnist("t10k")
     rgb = tf.image.grayscale_to_rgb(tf.constant(raw[:VERIFY_COUNT, ..., None]))
-    pixels = tf.map_fn(lambda im: data.center_crop(im, 32, 1.0), rgb, fn_output_signature=tf.float32)
+    pixels = tf.map_fn(
+        lambda im: data.center_crop(im, 32, 1.0), rgb, fn_output_signature=tf.float32
+    )
     return np.clip(np.round(pixels.numpy()), 0, 255).astype(np.uint8), labels[:VERIFY_COUNT]
 
 
 def export_all():
     import keras
 
-    from export import onnx as onnx_export, openvino as openvino_export, savedmodel, tflite
+    from export import onnx as onnx_export
+    from export import openvino as openvino_export
+    from export import savedmodel, tflite
 
-    print(f"\n== 3. Exporting the trained deploy model to {OUTPUT}/, verified on {VERIFY_COUNT} test images")
+    print(
+        f"\n== 3. Exporting the trained deploy model to {OUTPUT}/, verified on {VERIFY_COUNT} test images"
+    )
     model = keras.saving.load_model(os.path.join(TRAIN_DIR, "model_train.keras"))
     plain = keras.saving.load_model(os.path.join(TRAIN_DIR, "model_deploy.keras"))
     pixels, labels = test_images()
@@ -79,36 +104,75 @@ def export_all():
     calibration = inputs[-200:]  # int8 calibration uses the last 200, never the verified ones
     keep = slice(0, VERIFY_COUNT - 200)
     inputs, pixels, labels = inputs[keep], pixels[keep], labels[keep]
-    reports = [savedmodel.export_savedmodel(plain, f"{OUTPUT}/repvgg_fm/1", verify_pixels=pixels,
-                                            reference=model, model_name="repvgg_fm", overwrite=True)]
+    reports = [
+        savedmodel.export_savedmodel(
+            plain,
+            f"{OUTPUT}/repvgg_fm/1",
+            verify_pixels=pixels,
+            reference=model,
+            model_name="repvgg_fm",
+            overwrite=True,
+        )
+    ]
     outputs = {reports[0].artifact: savedmodel_logits(f"{OUTPUT}/repvgg_fm/1", pixels)}
     for quantize in tflite.QUANTIZATIONS:
         path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
-        reports.append(tflite.export_tflite(plain, path, quantize=quantize, verify_inputs=inputs,
-                                            calibration=calibration, reference=model, overwrite=True))
+        reports.append(
+            tflite.export_tflite(
+                plain,
+                path,
+                quantize=quantize,
+                verify_inputs=inputs,
+                calibration=calibration,
+                reference=model,
+                overwrite=True,
+            )
+        )
         outputs[reports[-1].artifact] = tflite.run(path, inputs)
     path = f"{OUTPUT}/repvgg_fm.onnx"
-    reports.append(onnx_export.export_onnx(plain, path, verify_inputs=inputs, reference=model, overwrite=True))
-    outputs[reports[-1].artifact] = onnx_export.run(path, np.transpose(inputs, (0, 3, 1, 2)))  # NCHW input
+    reports.append(
+        onnx_export.export_onnx(plain, path, verify_inputs=inputs, reference=model, overwrite=True)
+    )
+    outputs[reports[-1].artifact] = onnx_export.run(
+        path, np.transpose(inputs, (0, 3, 1, 2))
+    )  # NCHW input
     for quantize in openvino_export.QUANTIZATIONS:  # fp32, or bf16 where the CPU has it; int8
         path = f"{OUTPUT}/repvgg_fm_openvino_{quantize}"
         precision = openvino_export.default_precision(quantize)
-        reports.append(openvino_export.export_openvino(plain, path, quantize=quantize, verify_inputs=inputs,
-                                                       calibration=calibration, reference=model, overwrite=True))
+        reports.append(
+            openvino_export.export_openvino(
+                plain,
+                path,
+                quantize=quantize,
+                verify_inputs=inputs,
+                calibration=calibration,
+                reference=model,
+                overwrite=True,
+            )
+        )
         outputs[reports[-1].artifact] = openvino_export.run(path, inputs, precision)
     keras_accuracy = float(np.mean(np.argmax(model(inputs, training=False), -1) == labels))
     print(f"\nKeras training form: accuracy {keras_accuracy:.4f} on {len(labels)} test images")
-    print(f"{'artifact':<36}{'precision':<10}{'size MB':>9}{'max abs':>11}{'max rel':>11}{'top-1 agr':>10}{'accuracy':>10}  status")
+    print(
+        f"{'artifact':<36}{'precision':<10}{'size MB':>9}{'max abs':>11}{'max rel':>11}"
+        f"{'top-1 agr':>10}{'accuracy':>10}  status"
+    )
     for r in reports:
         accuracy = float(np.mean(np.argmax(outputs[r.artifact], -1) == labels))
-        print(f"{r.artifact:<36}{r.precision:<10}{r.size_mb:>9.2f}{r.max_abs:>11.2e}{r.max_rel:>11.2e}"
-              f"{r.top1_agreement:>10.4f}{accuracy:>10.4f}  {'OK' if r.ok else 'FAILED'}")
+        print(
+            f"{r.artifact:<36}{r.precision:<10}{r.size_mb:>9.2f}{r.max_abs:>11.2e}{r.max_rel:>11.2e}"
+            f"{r.top1_agreement:>10.4f}{accuracy:>10.4f}  {'OK' if r.ok else 'FAILED'}"
+        )
 
 
 def savedmodel_logits(path, pixels):
     import tensorflow as tf
 
-    return tf.saved_model.load(path).signatures["serving_uint8"](images=tf.constant(pixels))["logits"].numpy()
+    return (
+        tf.saved_model.load(path)
+        .signatures["serving_uint8"](images=tf.constant(pixels))["logits"]
+        .numpy()
+    )
 
 
 def main():

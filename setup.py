@@ -4,7 +4,14 @@ from setuptools import find_packages, setup
 
 # tensorflow-serving-api (for the gRPC client and warm-up records) pins the full
 # `tensorflow` wheel; `make install` adds it with --no-deps next to tensorflow-cpu.
-EXPORT = ["tf2onnx>=1.17", "onnx>=1.16", "onnxruntime>=1.20", "ai-edge-litert>=2.0", "grpcio", "openvino>=2024.0"]
+EXPORT = [
+    "tf2onnx>=1.17",
+    "onnx>=1.16",
+    "onnxruntime>=1.20",
+    "ai-edge-litert>=2.0",
+    "grpcio",
+    "openvino>=2024.0",
+]
 TRAIN = ["tensorflow-datasets>=4.9.10", "importlib_resources", "tensorboard", "matplotlib"]
 
 setup(
@@ -25,6 +32,8 @@ setup(
         # Reading the authors' .pth checkpoints (timm's .safetensors need no torch).
         "torch": ["torch"],
         "train": TRAIN,
-        "test": ["tensorflow-cpu>=2.21,<2.22", "pytest>=8", "jax[cpu]", "ruff==0.17.6"] + EXPORT + TRAIN,
+        "test": ["tensorflow-cpu>=2.21,<2.22", "pytest>=8", "jax[cpu]", "ruff==0.17.6"]
+        + EXPORT
+        + TRAIN,
     },
 )

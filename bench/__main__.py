@@ -22,25 +22,48 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["RepVGG_A0", "RepVGG_B1g4"], "RepVGG variants to measure.")
-flags.DEFINE_list("baselines", ["ResNet-18", "ResNet-50"], "The paper's baselines (timm, random weights); empty for none.")
+flags.DEFINE_list(
+    "baselines",
+    ["ResNet-18", "ResNet-50"],
+    "The paper's baselines (timm, random weights); empty for none.",
+)
 flags.DEFINE_list("batch", ["1", "32"], "Batch sizes.")
 flags.DEFINE_integer("image_size", 224, "Input height and width.")
 flags.DEFINE_integer("classes", 1000, "Classifier width.")
 flags.DEFINE_integer("threads", os.cpu_count(), "Threads for every runtime (intra-op).")
-flags.DEFINE_list("runtimes", None, "Only these runtimes ('name' or 'name:precision'); default all.")
-flags.DEFINE_list("weights", None, "Model=path pairs (a trained training-form file); default timm's init.")
-flags.DEFINE_string("images", "fashion_mnist", "Real images for agreement and int8 calibration (see export.images).")
+flags.DEFINE_list(
+    "runtimes", None, "Only these runtimes ('name' or 'name:precision'); default all."
+)
+flags.DEFINE_list(
+    "weights", None, "Model=path pairs (a trained training-form file); default timm's init."
+)
+flags.DEFINE_string(
+    "images", "fashion_mnist", "Real images for agreement and int8 calibration (see export.images)."
+)
 flags.DEFINE_integer("image_count", 64, "How many of them.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (the median is reported).")
 flags.DEFINE_float("chunk_seconds", 1.0, "Length of one timed chunk per case and round.")
 flags.DEFINE_bool("memory", True, "Measure peak RSS of the Keras forms in separate processes.")
-flags.DEFINE_bool("quick", False, "Smoke run: A0 and ResNet-18 at 64px, batch 1 and 2, short timings.")
-flags.DEFINE_string("out", None, "Output directory (default: bench/results/<machine>, e.g. amd-epyc-2c: one "
-                    "current result set per machine).")
+flags.DEFINE_bool(
+    "quick", False, "Smoke run: A0 and ResNet-18 at 64px, batch 1 and 2, short timings."
+)
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (default: bench/results/<machine>, e.g. amd-epyc-2c: one "
+    "current result set per machine).",
+)
 
 BASELINES = {"ResNet-18": "resnet18", "ResNet-50": "resnet50"}
-QUICK = dict(models=["RepVGG_A0"], baselines=["ResNet-18"], batch=["1", "2"], image_size=64, rounds=2,
-             chunk_seconds=0.05, image_count=8)
+QUICK = dict(
+    models=["RepVGG_A0"],
+    baselines=["ResNet-18"],
+    batch=["1", "2"],
+    image_size=64,
+    rounds=2,
+    chunk_seconds=0.05,
+    image_count=8,
+)
 
 
 def apply_quick():
@@ -54,7 +77,9 @@ def configure_threads(threads):
 
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     tf.config.threading.set_inter_op_parallelism_threads(1)
-    tf.get_logger().setLevel("ERROR")  # one trace per batch size is expected, not a retracing problem
+    tf.get_logger().setLevel(
+        "ERROR"
+    )  # one trace per batch size is expected, not a retracing problem
     try:
         import torch
 
@@ -86,38 +111,76 @@ def check_against_reference(outputs, reference):
 
 def prepare_model(name, weights, batches, workdir):
     """(cases, records-in-progress) for one RepVGG variant: every runtime built and checked."""
-    from bench import runtimes, subject as subject_lib, timing
+    from bench import runtimes, timing
+    from bench import subject as subject_lib
     from bench.runtimes import Unavailable
 
-    print(f"{name}: building both forms and the exports ({FLAGS.image_size}px, {FLAGS.classes} classes)", flush=True)
-    subject = subject_lib.build(name, FLAGS.image_size, FLAGS.classes, weights, FLAGS.images,
-                                FLAGS.image_count, os.path.join(workdir, name))
+    print(
+        f"{name}: building both forms and the exports ({FLAGS.image_size}px, {FLAGS.classes} classes)",
+        flush=True,
+    )
+    subject = subject_lib.build(
+        name,
+        FLAGS.image_size,
+        FLAGS.classes,
+        weights,
+        FLAGS.images,
+        FLAGS.image_count,
+        os.path.join(workdir, name),
+    )
     reference = runtimes.keras_train(subject, FLAGS.threads).predict(subject.images)
     macs = subject.macs
     cases, records = [], []
     for spec in runtimes.select(FLAGS.runtimes):
-        base = {"model": name, "runtime": spec.runtime, "precision": spec.precision, "weights": subject.weights,
-                "image_size": FLAGS.image_size, "threads": FLAGS.threads, "macs": macs}
+        base = {
+            "model": name,
+            "runtime": spec.runtime,
+            "precision": spec.precision,
+            "weights": subject.weights,
+            "image_size": FLAGS.image_size,
+            "threads": FLAGS.threads,
+            "macs": macs,
+        }
         try:
             predictor = spec.build(subject, FLAGS.threads)
             checked = {}
-            if not spec.runtime.startswith("timm") or subject.timm_matches:  # kimm always holds our weights
-                checked = check_against_reference(predict_in_chunks(predictor, subject.images, max(batches)), reference)
+            if (
+                not spec.runtime.startswith("timm") or subject.timm_matches
+            ):  # kimm always holds our weights
+                checked = check_against_reference(
+                    predict_in_chunks(predictor, subject.images, max(batches)), reference
+                )
         except Unavailable as why:
             records.append(dict(base, status="skipped", reason=str(why)))
             print(f"  {spec.runtime} {spec.precision}: skipped ({why})", flush=True)
             continue
-        except Exception as error:  # noqa: BLE001: one broken runtime must not stop the others
+        except Exception as error:  # one broken runtime must not stop the others
             traceback.print_exc()
             records.append(dict(base, status="error", reason=f"{type(error).__name__}: {error}"))
             continue
-        print(f"  {spec.runtime} {spec.precision}: ready" + (
-            f", top-1 agreement {checked['top1_agreement']:.4f}, max rel diff {checked['max_rel_diff']:.2e}"
-            if checked else "") + _memory_note(), flush=True)
+        print(
+            f"  {spec.runtime} {spec.precision}: ready"
+            + (
+                f", top-1 agreement {checked['top1_agreement']:.4f}, max rel diff {checked['max_rel_diff']:.2e}"
+                if checked
+                else ""
+            )
+            + _memory_note(),
+            flush=True,
+        )
         for batch in batches:
             images = subject.images[[i % len(subject.images) for i in range(batch)]]
-            record = dict(base, batch=batch, layout=predictor.layout, note=predictor.note, status="ok", **checked)
-            cases.append(timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images)))
+            record = dict(
+                base,
+                batch=batch,
+                layout=predictor.layout,
+                note=predictor.note,
+                status="ok",
+                **checked,
+            )
+            cases.append(
+                timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images))
+            )
     return cases, records
 
 
@@ -126,8 +189,12 @@ def predict_in_chunks(predictor, images, size):
     to the largest batch they see, so checking 64 images at once would inflate the peak."""
     import numpy as np
 
-    return np.concatenate([predictor.predict(predictor.feed(images[i:i + size]))
-                           for i in range(0, len(images), size)])
+    return np.concatenate(
+        [
+            predictor.predict(predictor.feed(images[i : i + size]))
+            for i in range(0, len(images), size)
+        ]
+    )
 
 
 def _memory_note():
@@ -135,30 +202,58 @@ def _memory_note():
     from bench.memory import rss_mb
 
     now, peak = rss_mb(), rss_mb("VmHWM")
-    return f" (bench RSS {now:.0f} MB, peak {peak:.0f} MB)" if now is not None and peak is not None else ""
+    return (
+        f" (bench RSS {now:.0f} MB, peak {peak:.0f} MB)"
+        if now is not None and peak is not None
+        else ""
+    )
 
 
 def prepare_baseline(name, batches):
     """ResNet cases from timm (NCHW and channels_last), random weights: speed only."""
     import numpy as np
 
-    from bench import flops, runtimes, subject as subject_lib, timing
+    from bench import flops, runtimes, timing
+    from bench import subject as subject_lib
 
     timm = subject_lib.import_timm()
     if timm is None:
-        return [], [{"model": name, "runtime": "timm", "precision": "fp32", "status": "skipped",
-                     "reason": "torch/timm are not installed"}]
+        return [], [
+            {
+                "model": name,
+                "runtime": "timm",
+                "precision": "fp32",
+                "status": "skipped",
+                "reason": "torch/timm are not installed",
+            }
+        ]
     module = timm.create_model(BASELINES[name], num_classes=FLAGS.classes).eval()
     macs = flops.torch_multiply_adds(module, FLAGS.image_size)
     cases = []
     for runtime, channels_last in (("timm", False), ("timm-cl", True)):
         predictor = runtimes._torch_predictor(module, channels_last)
         for batch in batches:
-            images = np.random.default_rng(0).normal(size=(batch, FLAGS.image_size, FLAGS.image_size, 3)).astype("float32")
-            record = {"model": name, "runtime": runtime, "precision": "fp32", "batch": batch, "layout": "NCHW",
-                      "note": predictor.note, "status": "ok", "weights": "random", "image_size": FLAGS.image_size,
-                      "threads": FLAGS.threads, "macs": macs}
-            cases.append(timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images)))
+            images = (
+                np.random.default_rng(0)
+                .normal(size=(batch, FLAGS.image_size, FLAGS.image_size, 3))
+                .astype("float32")
+            )
+            record = {
+                "model": name,
+                "runtime": runtime,
+                "precision": "fp32",
+                "batch": batch,
+                "layout": "NCHW",
+                "note": predictor.note,
+                "status": "ok",
+                "weights": "random",
+                "image_size": FLAGS.image_size,
+                "threads": FLAGS.threads,
+                "macs": macs,
+            }
+            cases.append(
+                timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images))
+            )
     return cases, []
 
 
@@ -168,15 +263,20 @@ def measure_cases(cases, batches, peak_gflops):
 
     for batch in batches:
         batch_cases = [c for c in cases if c.key["batch"] == batch]
-        print(f"Timing batch {batch}: {len(batch_cases)} cases x {FLAGS.rounds} rounds "
-              f"of {FLAGS.chunk_seconds}s", flush=True)
+        print(
+            f"Timing batch {batch}: {len(batch_cases)} cases x {FLAGS.rounds} rounds "
+            f"of {FLAGS.chunk_seconds}s",
+            flush=True,
+        )
         timing.measure(batch_cases, FLAGS.rounds, FLAGS.chunk_seconds)
     records = []
     for case in cases:
         record = dict(case.key, **case.summary())
         record["gflops"] = 2 * record["macs"] * record["images_per_s"] / 1e9
         # fp16 here means fp16 weights: XNNPACK computes in fp32 on CPUs without native fp16.
-        reference_peak = peak_gflops.get(record["precision"] if record["precision"] in ("bf16", "int8") else "fp32")
+        reference_peak = peak_gflops.get(
+            record["precision"] if record["precision"] in ("bf16", "int8") else "fp32"
+        )
         record["peak_fraction"] = record["gflops"] / reference_peak if reference_peak else None
         records.append(record)
     return records
@@ -226,15 +326,24 @@ def run(batches, weights):
     workdir = tempfile.mkdtemp(prefix="bench-work-")
     print(f"Measuring this CPU's matmul peak ({FLAGS.threads} threads)...", flush=True)
     peak_gflops = peak.measure(FLAGS.threads, FLAGS.quick)
-    print("  " + ", ".join(f"{k} {peak_gflops[k]:.0f} GFLOP/s ({peak_gflops[k + '_library']})"
-                           for k in ("fp32", "bf16", "int8") if k in peak_gflops), flush=True)
+    print(
+        "  "
+        + ", ".join(
+            f"{k} {peak_gflops[k]:.0f} GFLOP/s ({peak_gflops[k + '_library']})"
+            for k in ("fp32", "bf16", "int8")
+            if k in peak_gflops
+        ),
+        flush=True,
+    )
 
     records, structure = [], []
     # One model at a time: build its runtimes, time them, free them (holding every runtime of
     # every model at once peaked at 24 GB). The baselines share the first model's rounds, so
     # the RepVGG-A0 / ResNet-18 ratio is still measured side by side.
     for index, name in enumerate(FLAGS.models or [None]):
-        cases, notes = prepare_model(name, weights.get(name), batches, workdir) if name else ([], [])
+        cases, notes = (
+            prepare_model(name, weights.get(name), batches, workdir) if name else ([], [])
+        )
         records += notes
         for baseline in FLAGS.baselines if index == 0 else []:
             found, notes = prepare_baseline(baseline, batches)
@@ -248,25 +357,39 @@ def run(batches, weights):
         for name in FLAGS.models:
             for batch in batches:
                 for form, runtime in (("train", "keras-train"), ("deploy", "keras-deploy")):
-                    print(f"Peak memory: {name} {form} form, batch {batch} (own process)", flush=True)
-                    measured = memory.measure_in_subprocess(name, form, batch, FLAGS.image_size, FLAGS.classes,
-                                                            FLAGS.threads)
+                    print(
+                        f"Peak memory: {name} {form} form, batch {batch} (own process)", flush=True
+                    )
+                    measured = memory.measure_in_subprocess(
+                        name, form, batch, FLAGS.image_size, FLAGS.classes, FLAGS.threads
+                    )
                     if batch == batches[0]:
                         structure.append(measured)
                     for record in records:
-                        if (record["model"], record.get("batch"), record["runtime"]) == (name, batch, runtime):
+                        if (record["model"], record.get("batch"), record["runtime"]) == (
+                            name,
+                            batch,
+                            runtime,
+                        ):
                             record["peak_rss_mb"] = measured["peak_rss_mb"]
                             record["model_rss_mb"] = measured["model_rss_mb"]
 
     meta = {
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores",
-        "isa": isa_extensions(), "versions": library_versions(),
-        "threads": FLAGS.threads, "image_size": FLAGS.image_size, "classes": FLAGS.classes,
+        "isa": isa_extensions(),
+        "versions": library_versions(),
+        "threads": FLAGS.threads,
+        "image_size": FLAGS.image_size,
+        "classes": FLAGS.classes,
         "command": "python -m bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "peak_gflops": peak_gflops, "peak_size": "512" if FLAGS.quick else "2048",
-        "images": FLAGS.images, "image_count": FLAGS.image_count,
-        "weights": ", ".join(sorted({r.get("weights", "") for r in records if r["model"].startswith("RepVGG")})),
+        "peak_gflops": peak_gflops,
+        "peak_size": "512" if FLAGS.quick else "2048",
+        "images": FLAGS.images,
+        "image_count": FLAGS.image_count,
+        "weights": ", ".join(
+            sorted({r.get("weights", "") for r in records if r["model"].startswith("RepVGG")})
+        ),
         "structure": structure,
         "bench_peak_rss_mb": memory.peak_rss_mb(),  # this process, all runtimes of one model at a time
     }
@@ -280,18 +403,45 @@ def run(batches, weights):
     return 1 if failed else 0
 
 
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16",
-             "amx_int8", "asimd", "sve")
-LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "onnxruntime", "openvino", "ai-edge-litert", "tf2onnx",
-             "torch", "timm", "numpy")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+    "asimd",
+    "sve",
+)
+LIBRARIES = (
+    "tensorflow",
+    "tensorflow-cpu",
+    "keras",
+    "onnxruntime",
+    "openvino",
+    "ai-edge-litert",
+    "tf2onnx",
+    "torch",
+    "timm",
+    "numpy",
+)
 
 
 def isa_extensions():
     """The vector/matrix extensions the speed of each precision depends on (from /proc/cpuinfo)."""
     try:
         with open("/proc/cpuinfo") as f:
-            present = next((line.split(":", 1)[1].split() for line in f
-                            if line.startswith(("flags", "Features"))), [])
+            present = next(
+                (
+                    line.split(":", 1)[1].split()
+                    for line in f
+                    if line.startswith(("flags", "Features"))
+                ),
+                [],
+            )
     except OSError:
         return []
     return [flag for flag in ISA_FLAGS if flag in present]

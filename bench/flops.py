@@ -27,7 +27,15 @@ def torch_multiply_adds(module, image_size):
 
     def conv_hook(conv, inputs, output):
         kernel_h, kernel_w = conv.kernel_size
-        total[0] += output.shape[2] * output.shape[3] * kernel_h * kernel_w * conv.in_channels // conv.groups * conv.out_channels
+        total[0] += (
+            output.shape[2]
+            * output.shape[3]
+            * kernel_h
+            * kernel_w
+            * conv.in_channels
+            // conv.groups
+            * conv.out_channels
+        )
 
     def linear_hook(linear, inputs, output):
         total[0] += linear.in_features * linear.out_features

@@ -35,13 +35,30 @@ flags.DEFINE_list("batch", ["1", "32", "256"], "Batch sizes.")
 flags.DEFINE_integer("image_size", 224, "Input height and width.")
 flags.DEFINE_integer("rounds", 7, "Interleaved timing rounds (the median is reported).")
 flags.DEFINE_float("chunk_seconds", 0.5, "Length of one timed chunk per case and round.")
-flags.DEFINE_bool("compile", True, "Also time timm under torch.compile (the peer's fastest eager-free path).")
-flags.DEFINE_bool("tf32", True, "Let float32 convolutions use TF32 (both frameworks' default on GPUs).")
-flags.DEFINE_bool("quick", False, "Smoke run: A0 at 64px, batch 1 and 2, short timings, no torch.compile.")
-flags.DEFINE_string("out", None, "Output directory (results.json, meta.json, results.md); default "
-                    "bench/results/<gpu>, e.g. nvidia-h200.")
+flags.DEFINE_bool(
+    "compile", True, "Also time timm under torch.compile (the peer's fastest eager-free path)."
+)
+flags.DEFINE_bool(
+    "tf32", True, "Let float32 convolutions use TF32 (both frameworks' default on GPUs)."
+)
+flags.DEFINE_bool(
+    "quick", False, "Smoke run: A0 at 64px, batch 1 and 2, short timings, no torch.compile."
+)
+flags.DEFINE_string(
+    "out",
+    None,
+    "Output directory (results.json, meta.json, results.md); default "
+    "bench/results/<gpu>, e.g. nvidia-h200.",
+)
 
-QUICK = dict(models=["RepVGG_A0"], batch=["1", "2"], image_size=64, rounds=2, chunk_seconds=0.05, compile=False)
+QUICK = dict(
+    models=["RepVGG_A0"],
+    batch=["1", "2"],
+    image_size=64,
+    rounds=2,
+    chunk_seconds=0.05,
+    compile=False,
+)
 CLASSES = 1000
 
 
@@ -49,8 +66,10 @@ def check_backend():
     import keras
 
     if keras.backend.backend() != "jax":
-        raise SystemExit(f"bench.gpu measures Keras's JAX backend: run it with KERAS_BACKEND=jax "
-                         f"(this process has {keras.backend.backend()!r}).")
+        raise SystemExit(
+            f"bench.gpu measures Keras's JAX backend: run it with KERAS_BACKEND=jax "
+            f"(this process has {keras.backend.backend()!r})."
+        )
 
 
 def torch_device():
@@ -61,23 +80,30 @@ def torch_device():
 
 # --- the models under test ---------------------------------------------------------------
 
+
 def build_models(name, image_size):
     """timm's training form and our two Keras forms, holding the same weights."""
     import keras
 
     import repvgg_keras as rk
     from bench.subject import TIMM_NAMES
-    from repvgg_keras import checkpoints
     from bench.timm_import import import_timm, randomize_torch_batchnorm
+    from repvgg_keras import checkpoints
 
-    timm_model = randomize_torch_batchnorm(import_timm().create_model(TIMM_NAMES[name], num_classes=CLASSES).eval())
+    timm_model = randomize_torch_batchnorm(
+        import_timm().create_model(TIMM_NAMES[name], num_classes=CLASSES).eval()
+    )
     keras_train = rk.get_model(name, input_shape=(image_size, image_size, 3), classes=CLASSES)
-    checkpoints.load_checkpoint(keras_train, {k: v.detach().numpy() for k, v in timm_model.state_dict().items()})
+    checkpoints.load_checkpoint(
+        keras_train, {k: v.detach().numpy() for k, v in timm_model.state_dict().items()}
+    )
     keras_deploy = rk.to_deploy(keras_train)
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        keras_bf16 = rk.get_model(name, input_shape=(image_size, image_size, 3), classes=CLASSES, deploy=True)
+        keras_bf16 = rk.get_model(
+            name, input_shape=(image_size, image_size, 3), classes=CLASSES, deploy=True
+        )
     finally:
         keras.config.set_dtype_policy(previous)
     keras_bf16.set_weights(keras_deploy.get_weights())
@@ -90,7 +116,9 @@ def jax_predictor(model):
 
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    function = jax.jit(lambda x: model.stateless_call(trainable, non_trainable, x, training=False)[0])
+    function = jax.jit(
+        lambda x: model.stateless_call(trainable, non_trainable, x, training=False)[0]
+    )
     return function
 
 
@@ -123,11 +151,22 @@ def runtimes(timm_model, keras_train, keras_deploy, keras_bf16):
     yield "timm-reparam-cl", "fp32", "torch", torch_predictor(copy.deepcopy(reparam))
     yield "timm-reparam-cl", "bf16", "torch", torch_predictor(copy.deepcopy(reparam), bf16=True)
     if FLAGS.compile:
-        yield "timm-reparam-compile", "fp32", "torch", torch_predictor(copy.deepcopy(reparam), compiled=True)
-        yield "timm-reparam-compile", "bf16", "torch", torch_predictor(copy.deepcopy(reparam), bf16=True, compiled=True)
+        yield (
+            "timm-reparam-compile",
+            "fp32",
+            "torch",
+            torch_predictor(copy.deepcopy(reparam), compiled=True),
+        )
+        yield (
+            "timm-reparam-compile",
+            "bf16",
+            "torch",
+            torch_predictor(copy.deepcopy(reparam), bf16=True, compiled=True),
+        )
 
 
 # --- timing ------------------------------------------------------------------------------
+
 
 def make_case(key, framework, predictor, images):
     """A bench.timing.Case whose predict runs on the device and waits for it."""
@@ -146,8 +185,11 @@ def make_case(key, framework, predictor, images):
         import torch
 
         device = torch_device()
-        batch = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))).to(device).to(
-            memory_format=torch.channels_last)
+        batch = (
+            torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+            .to(device)
+            .to(memory_format=torch.channels_last)
+        )
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
         def predict(x):
@@ -187,23 +229,45 @@ def measure_model(name, batches, rounds, chunk_seconds, image_size, peaks, progr
 
     timm_model, keras_train, keras_deploy, keras_bf16 = build_models(name, image_size)
     macs = multiply_adds(keras_deploy)
-    images = np.random.default_rng(0).standard_normal((max(batches), image_size, image_size, 3)).astype(np.float32)
-    reference = np.asarray(keras_train(images, training=False), np.float32)  # eager fp32 on the device
+    images = (
+        np.random.default_rng(0)
+        .standard_normal((max(batches), image_size, image_size, 3))
+        .astype(np.float32)
+    )
+    reference = np.asarray(
+        keras_train(images, training=False), np.float32
+    )  # eager fp32 on the device
     cases, records = [], []
-    for runtime, precision, framework, predictor in runtimes(timm_model, keras_train, keras_deploy, keras_bf16):
+    for runtime, precision, framework, predictor in runtimes(
+        timm_model, keras_train, keras_deploy, keras_bf16
+    ):
         for batch in batches:
             progress(f"{name}: preparing {runtime} {precision} batch {batch}")
-            base = {"model": name, "runtime": runtime, "precision": precision, "batch": batch, "framework": framework}
+            base = {
+                "model": name,
+                "runtime": runtime,
+                "precision": precision,
+                "batch": batch,
+                "framework": framework,
+            }
             try:  # the first call compiles (XLA, torch.compile): one failure must not end a one-shot GPU run
-                case = make_case((name, runtime, precision, batch), framework, predictor, images[:batch])
+                case = make_case(
+                    (name, runtime, precision, batch), framework, predictor, images[:batch]
+                )
                 got = case.to_numpy(case.predict(case.batch))
             except Exception as error:  # noqa: BLE001
                 traceback.print_exc()
-                records.append(dict(base, status="error", reason=f"{type(error).__name__}: {error}"))
+                records.append(
+                    dict(base, status="error", reason=f"{type(error).__name__}: {error}")
+                )
                 continue
             expected = reference[:batch]
-            case.record = dict(base, status="ok", max_rel_diff=max_relative_difference(got, expected),
-                               top1_agreement=float(np.mean(got.argmax(-1) == expected.argmax(-1))))
+            case.record = dict(
+                base,
+                status="ok",
+                max_rel_diff=max_relative_difference(got, expected),
+                top1_agreement=float(np.mean(got.argmax(-1) == expected.argmax(-1))),
+            )
             cases.append(case)
     measure(cases, rounds, chunk_seconds, progress)
     for case in cases:
@@ -216,27 +280,54 @@ def measure_model(name, batches, rounds, chunk_seconds, image_size, peaks, progr
 
 # --- output ------------------------------------------------------------------------------
 
+
 def markdown(records, meta):
     from bench.report import text_table
 
-    lines = [f"# GPU benchmark: {meta['date']}", "", f"Device: {meta['device']}; TF32 {meta['tf32']}; "
-             f"image size {meta['image_size']}; weights: timm init (random, trained-like BN statistics); "
-             "inputs on the device, synchronised after every call.", "",
-             f"Command: `{meta['command']}`", "",
-             "Matmul peak (jnp.matmul, square " + str(meta["peak_size"]) + "): " +
-             ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in meta["peak_tflops"].items()), "",
-             "```", text_table(records), "```", ""]
+    lines = [
+        f"# GPU benchmark: {meta['date']}",
+        "",
+        f"Device: {meta['device']}; TF32 {meta['tf32']}; "
+        f"image size {meta['image_size']}; weights: timm init (random, trained-like BN statistics); "
+        "inputs on the device, synchronised after every call.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
+        "Matmul peak (jnp.matmul, square "
+        + str(meta["peak_size"])
+        + "): "
+        + ", ".join(f"{k} {v:.1f} TFLOP/s" for k, v in meta["peak_tflops"].items()),
+        "",
+        "```",
+        text_table(records),
+        "```",
+        "",
+    ]
     nan = float("nan")
     for model in sorted({r["model"] for r in records}):
         for batch in sorted({r["batch"] for r in records}):
-            speeds = {(r["runtime"], r["precision"]): r["images_per_s"] for r in records
-                      if r["model"] == model and r["batch"] == batch and r["status"] == "ok"}
-            peer = {p: max([v for (runtime, q), v in speeds.items() if runtime.startswith("timm-reparam") and q == p]
-                           or [nan]) for p in ("fp32", "bf16")}
+            speeds = {
+                (r["runtime"], r["precision"]): r["images_per_s"]
+                for r in records
+                if r["model"] == model and r["batch"] == batch and r["status"] == "ok"
+            }
+            peer = {
+                p: max(
+                    [
+                        v
+                        for (runtime, q), v in speeds.items()
+                        if runtime.startswith("timm-reparam") and q == p
+                    ]
+                    or [nan]
+                )
+                for p in ("fp32", "bf16")
+            }
             ours = {p: speeds.get(("keras-deploy-jax", p), nan) for p in ("fp32", "bf16")}
-            lines.append(f"- {model} batch {batch}: deploy/train (JAX) "
-                         f"{ours['fp32'] / speeds.get(('keras-train-jax', 'fp32'), nan):.2f}x; ours/best "
-                         f"timm-reparam fp32 {ours['fp32'] / peer['fp32']:.2f}x, bf16 {ours['bf16'] / peer['bf16']:.2f}x")
+            lines.append(
+                f"- {model} batch {batch}: deploy/train (JAX) "
+                f"{ours['fp32'] / speeds.get(('keras-train-jax', 'fp32'), nan):.2f}x; ours/best "
+                f"timm-reparam fp32 {ours['fp32'] / peer['fp32']:.2f}x, bf16 {ours['bf16'] / peer['bf16']:.2f}x"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -256,10 +347,16 @@ def main(argv):
     device = f"{jax.devices()[0].device_kind} (jax {jax.__version__}); torch {torch.__version__} on {torch_device()}"
     print(f"bench.gpu: {device}", flush=True)
     peak_size = 512 if FLAGS.quick else 8192
-    meta = {"date": datetime.date.today().isoformat(), "device": device, "machine": platform.machine(),
-            "tf32": FLAGS.tf32, "image_size": FLAGS.image_size, "peak_size": peak_size,
-            "peak_tflops": matmul_peak(peak_size),
-            "command": "python -m bench.gpu " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": device,
+        "machine": platform.machine(),
+        "tf32": FLAGS.tf32,
+        "image_size": FLAGS.image_size,
+        "peak_size": peak_size,
+        "peak_tflops": matmul_peak(peak_size),
+        "command": "python -m bench.gpu " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+    }
     records = []
     progress = lambda message: print(message, flush=True)
     if FLAGS.out is None:
@@ -267,12 +364,24 @@ def main(argv):
         FLAGS.out = os.path.join("bench", "results", slug)
     os.makedirs(FLAGS.out, exist_ok=True)
     for name in FLAGS.models:
-        records += measure_model(name, batches, FLAGS.rounds, FLAGS.chunk_seconds, FLAGS.image_size,
-                                 meta["peak_tflops"], progress)
+        records += measure_model(
+            name,
+            batches,
+            FLAGS.rounds,
+            FLAGS.chunk_seconds,
+            FLAGS.image_size,
+            meta["peak_tflops"],
+            progress,
+        )
         report = markdown(records, meta)
-        for file_name, text in (("results.json", json.dumps(records, indent=1)),
-                                ("meta.json", json.dumps(meta, indent=1)), ("results.md", report)):
-            with open(os.path.join(FLAGS.out, file_name), "w") as f:  # after each model: keep what ran
+        for file_name, text in (
+            ("results.json", json.dumps(records, indent=1)),
+            ("meta.json", json.dumps(meta, indent=1)),
+            ("results.md", report),
+        ):
+            with open(
+                os.path.join(FLAGS.out, file_name), "w"
+            ) as f:  # after each model: keep what ran
                 f.write(text)
     print(report, flush=True)
     return 1 if any(r["status"] == "error" for r in records) else 0

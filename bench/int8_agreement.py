@@ -14,11 +14,17 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model_file", None, "A trained .keras model (training or deploy form) with 10 classes.")
+flags.DEFINE_string(
+    "model_file", None, "A trained .keras model (training or deploy form) with 10 classes."
+)
 flags.DEFINE_integer("count", 2000, "Test images to check on.")
 flags.DEFINE_integer("calibration", 64, "Training images to calibrate on.")
-flags.DEFINE_float("confident_margin", 1.0, "fp32 top-2 logit margin above which a prediction counts as "
-                   "confident (the last column: agreement on those images only).")
+flags.DEFINE_float(
+    "confident_margin",
+    1.0,
+    "fp32 top-2 logit margin above which a prediction counts as "
+    "confident (the last column: agreement on those images only).",
+)
 flags.mark_flag_as_required("model_file")
 CHUNK = 250  # test images resized and checked at a time
 
@@ -67,30 +73,39 @@ def main(argv):
     model = keras.saving.load_model(FLAGS.model_file)
     deploy = model if rk.is_deploy_form(model) else rk.to_deploy(model)
     size = deploy.input_shape[1]
-    prepare = lambda pixels: preprocessing.normalize(images._resize(pixels, size, size, 3).astype(np.float32))
+    prepare = lambda pixels: preprocessing.normalize(
+        images._resize(pixels, size, size, 3).astype(np.float32)
+    )
     train_pixels, _ = images.fashion_mnist("train")
     test_pixels, labels = images.fashion_mnist("t10k")
-    calibration = prepare(train_pixels[:FLAGS.calibration])
-    test_pixels, labels = test_pixels[:FLAGS.count], labels[:FLAGS.count]
+    calibration = prepare(train_pixels[: FLAGS.calibration])
+    test_pixels, labels = test_pixels[: FLAGS.count], labels[: FLAGS.count]
     with tempfile.TemporaryDirectory() as workdir:
         paths = list(variants(deploy, calibration, workdir))
         # Images are resized and run a chunk at a time: 10,000 at 224px are 6 GB as float32,
         # and the runtimes' buffers for one such batch several times that.
         reference, outputs = [], {name: [] for name, _ in paths}
         for start in range(0, len(labels), CHUNK):
-            chunk = prepare(test_pixels[start:start + CHUNK])
+            chunk = prepare(test_pixels[start : start + CHUNK])
             reference.append(np.asarray(deploy.predict(chunk, verbose=0)))
             for name, run in paths:
                 outputs[name].append(run(chunk))
             print(f"checked {start + len(chunk)}/{len(labels)} images", file=sys.stderr, flush=True)
     reference = np.concatenate(reference)
     share = np.mean(confident(reference, FLAGS.confident_margin))
-    print(f"| int8 path | top-1 agreement with fp32 | accuracy | agreement where fp32 margin >= "
-          f"{FLAGS.confident_margin:g} ({share:.1%} of images) |\n|---|---|---|---|")
-    row = lambda name, stats: print(f"| {name} | " + " | ".join(f"{v:.4f}" for v in stats) + " |", flush=True)
+    print(
+        f"| int8 path | top-1 agreement with fp32 | accuracy | agreement where fp32 margin >= "
+        f"{FLAGS.confident_margin:g} ({share:.1%} of images) |\n|---|---|---|---|"
+    )
+    row = lambda name, stats: print(
+        f"| {name} | " + " | ".join(f"{v:.4f}" for v in stats) + " |", flush=True
+    )
     row("fp32 (Keras)", agreement_with_fp32(reference, reference, labels, FLAGS.confident_margin))
     for name, chunks in outputs.items():
-        row(name, agreement_with_fp32(reference, np.concatenate(chunks), labels, FLAGS.confident_margin))
+        row(
+            name,
+            agreement_with_fp32(reference, np.concatenate(chunks), labels, FLAGS.confident_margin),
+        )
     return 0
 
 

@@ -8,9 +8,15 @@ benchmark's agreement column checks that both compute the same function.
 
 import re
 
-KIMM_CLASSES = {"RepVGG_A0": "RepVGGA0", "RepVGG_A1": "RepVGGA1", "RepVGG_A2": "RepVGGA2",
-                "RepVGG_B0": "RepVGGB0", "RepVGG_B1": "RepVGGB1", "RepVGG_B2": "RepVGGB2",
-                "RepVGG_B3": "RepVGGB3"}
+KIMM_CLASSES = {
+    "RepVGG_A0": "RepVGGA0",
+    "RepVGG_A1": "RepVGGA1",
+    "RepVGG_A2": "RepVGGA2",
+    "RepVGG_B0": "RepVGGB0",
+    "RepVGG_B1": "RepVGGB1",
+    "RepVGG_B2": "RepVGGB2",
+    "RepVGG_B3": "RepVGGB3",
+}
 OUR_BRANCHES = {"dense": "kxk", "1x1": "scale", "identity": "skip"}
 
 
@@ -29,8 +35,11 @@ def _kimm_key(path):
     parts = path.split("/")
     if parts[0] == "classifier":
         return "classifier", ""
-    block = "stage0" if parts[0] == "stem" else re.sub(
-        r"stages_(\d+)_(\d+)", lambda m: f"stage{int(m[1]) + 1}_{m[2]}", parts[0])
+    block = (
+        "stage0"
+        if parts[0] == "stem"
+        else re.sub(r"stages_(\d+)_(\d+)", lambda m: f"stage{int(m[1]) + 1}_{m[2]}", parts[0])
+    )
     branch = re.search(r"_(kxk|scale|skip)", parts[1])[1]
     return block, branch
 
@@ -51,7 +60,11 @@ def build(keras_train, name, reparameterized):
     _, height, width, channels = keras_train.input_shape
     classes = keras_train.output_shape[-1]
     model = getattr(kimm.models, KIMM_CLASSES[name])(
-        weights=None, input_shape=(height, width, channels), classes=classes, classifier_activation=None)
+        weights=None,
+        input_shape=(height, width, channels),
+        classes=classes,
+        classifier_activation=None,
+    )
     ours, theirs = _grouped(keras_train.weights, _our_key), _grouped(model.weights, _kimm_key)
     if ours.keys() != theirs.keys():
         raise ValueError(f"kimm's {name} has other branches: {sorted(set(ours) ^ set(theirs))[:4]}")

@@ -44,15 +44,23 @@ def measure(model_name, form, batch, image_size, classes, threads):
     from repvgg_keras.structure import layer_counts
 
     baseline = peak_rss_mb()
-    model = rk.get_model(model_name, input_shape=(image_size, image_size, 3), classes=classes,
-                         deploy=form == "deploy")
+    model = rk.get_model(
+        model_name,
+        input_shape=(image_size, image_size, 3),
+        classes=classes,
+        deploy=form == "deploy",
+    )
     function = tf.function(lambda x: model(x, training=False))
-    x = tf.constant(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype("float32"))
+    x = tf.constant(
+        np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)).astype("float32")
+    )
     for _ in range(3):
         function(x).numpy()
     graph = function.get_concrete_function(x).graph
     return {
-        "model": model_name, "form": form, "batch": batch,
+        "model": model_name,
+        "form": form,
+        "batch": batch,
         "peak_rss_mb": round(peak_rss_mb(), 1),
         "model_rss_mb": round(peak_rss_mb() - baseline, 1),
         "layers": layer_counts(model)["layers"],
@@ -62,8 +70,17 @@ def measure(model_name, form, batch, image_size, classes, threads):
 
 
 def measure_in_subprocess(model_name, form, batch, image_size, classes, threads):
-    command = [sys.executable, "-m", "bench.memory", f"--model={model_name}", f"--form={form}",
-               f"--batch={batch}", f"--image_size={image_size}", f"--classes={classes}", f"--threads={threads}"]
+    command = [
+        sys.executable,
+        "-m",
+        "bench.memory",
+        f"--model={model_name}",
+        f"--form={form}",
+        f"--batch={batch}",
+        f"--image_size={image_size}",
+        f"--classes={classes}",
+        f"--threads={threads}",
+    ]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:

@@ -60,21 +60,34 @@ def _onnxruntime(dtype, size, threads):
     from onnx import TensorProto, helper
 
     graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])], "matmul_integer",
-        [helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
-         helper.make_tensor_value_info("b", TensorProto.INT8, [size, size])],
-        [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])])
+        [helper.make_node("MatMulInteger", ["a", "b"], ["c"])],
+        "matmul_integer",
+        [
+            helper.make_tensor_value_info("a", TensorProto.UINT8, [size, size]),
+            helper.make_tensor_value_info("b", TensorProto.INT8, [size, size]),
+        ],
+        [helper.make_tensor_value_info("c", TensorProto.INT32, [size, size])],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
     rng = np.random.default_rng(0)
-    feed = {"a": rng.integers(0, 255, (size, size), dtype=np.uint8),
-            "b": rng.integers(-127, 127, (size, size), dtype=np.int8)}
+    feed = {
+        "a": rng.integers(0, 255, (size, size), dtype=np.uint8),
+        "b": rng.integers(-127, 127, (size, size), dtype=np.int8),
+    }
     return lambda: session.run(["c"], feed)
 
 
-LIBRARIES = {"torch": _torch, "numpy": _numpy, "tensorflow": _tensorflow, "onnxruntime": _onnxruntime}
+LIBRARIES = {
+    "torch": _torch,
+    "numpy": _numpy,
+    "tensorflow": _tensorflow,
+    "onnxruntime": _onnxruntime,
+}
 
 
 def measure(threads, quick=False):

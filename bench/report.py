@@ -1,11 +1,25 @@
-"""Results out: results.json (records), meta.json (machine, command, peak), results.md (table + ratios), results.png (chart)."""
+"""Results out: results.json (records), meta.json (machine, command, peak), results.md (table and
+ratios), results.png (chart)."""
 
 import json
 import os
 import sys
 
-COLUMNS = ("model", "runtime", "precision", "batch", "images_per_s", "min", "max", "latency_ms",
-           "gflops", "peak_pct", "top1_agreement", "max_rel_diff", "peak_rss_mb")
+COLUMNS = (
+    "model",
+    "runtime",
+    "precision",
+    "batch",
+    "images_per_s",
+    "min",
+    "max",
+    "latency_ms",
+    "gflops",
+    "peak_pct",
+    "top1_agreement",
+    "max_rel_diff",
+    "peak_rss_mb",
+)
 
 
 def _fmt(value, digits=1):
@@ -19,15 +33,30 @@ def _fmt(value, digits=1):
 def rows(records):
     for r in records:
         if r.get("status") != "ok":
-            yield [r["model"], r["runtime"], r["precision"], _fmt(r.get("batch")), "skipped: " + r.get("reason", "")]
+            yield [
+                r["model"],
+                r["runtime"],
+                r["precision"],
+                _fmt(r.get("batch")),
+                "skipped: " + r.get("reason", ""),
+            ]
             continue
         yield [
-            r["model"], r["runtime"], r["precision"], str(r["batch"]),
-            _fmt(r["images_per_s"]), _fmt(r["images_per_s_min"]), _fmt(r["images_per_s_max"]),
-            _fmt(r["latency_ms"], 2), _fmt(r.get("gflops")),
+            r["model"],
+            r["runtime"],
+            r["precision"],
+            str(r["batch"]),
+            _fmt(r["images_per_s"]),
+            _fmt(r["images_per_s_min"]),
+            _fmt(r["images_per_s_max"]),
+            _fmt(r["latency_ms"], 2),
+            _fmt(r.get("gflops")),
             _fmt(None if r.get("peak_fraction") is None else 100 * r["peak_fraction"]),
-            _fmt(r.get("top1_agreement"), 4), _fmt(r.get("max_rel_diff"), 6) if r.get("max_rel_diff") is None
-            else f"{r['max_rel_diff']:.1e}", _fmt(r.get("peak_rss_mb")),
+            _fmt(r.get("top1_agreement"), 4),
+            _fmt(r.get("max_rel_diff"), 6)
+            if r.get("max_rel_diff") is None
+            else f"{r['max_rel_diff']:.1e}",
+            _fmt(r.get("peak_rss_mb")),
         ]
 
 
@@ -37,14 +66,25 @@ def text_table(records):
     lines = []
     for row in table:
         if len(row) < len(COLUMNS):  # a skipped runtime: one long cell
-            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+            lines.append(
+                "  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+            )
         else:
-            lines.append("  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+            lines.append(
+                "  ".join(
+                    cell.rjust(w) if i >= 3 else cell.ljust(w)
+                    for i, (cell, w) in enumerate(zip(row, widths))
+                )
+            )
     return "\n".join(lines)
 
 
 def _ok(records, **where):
-    return [r for r in records if r.get("status") == "ok" and all(r.get(k) == v for k, v in where.items())]
+    return [
+        r
+        for r in records
+        if r.get("status") == "ok" and all(r.get(k) == v for k, v in where.items())
+    ]
 
 
 PEER_RUNTIMES = ("timm", "kimm")  # other implementations of RepVGG (PyTorch, Keras), not ours
@@ -66,56 +106,134 @@ def ratios(records, min_agreement=0.995):
     batches = sorted({r["batch"] for r in _ok(records)})
     for model in models:
         for batch in batches:
-            train, deploy = (_speed(records, model, batch, name) for name in ("keras-train", "keras-deploy"))
+            train, deploy = (
+                _speed(records, model, batch, name) for name in ("keras-train", "keras-deploy")
+            )
             if train and deploy:
-                out.append((model, batch, "Keras deploy / training form speed", deploy / train, "tf.function both"))
+                out.append(
+                    (
+                        model,
+                        batch,
+                        "Keras deploy / training form speed",
+                        deploy / train,
+                        "tf.function both",
+                    )
+                )
             kimm = _speed(records, model, batch, "kimm-reparam")
             if deploy and kimm:
-                out.append((model, batch, "Keras deploy form / kimm reparameterized", deploy / kimm,
-                            "same weights, tf.function both"))
-            memory = {r["runtime"]: r.get("peak_rss_mb") for r in _ok(records, model=model, batch=batch)}
+                out.append(
+                    (
+                        model,
+                        batch,
+                        "Keras deploy form / kimm reparameterized",
+                        deploy / kimm,
+                        "same weights, tf.function both",
+                    )
+                )
+            memory = {
+                r["runtime"]: r.get("peak_rss_mb") for r in _ok(records, model=model, batch=batch)
+            }
             if memory.get("keras-train") and memory.get("keras-deploy"):
-                out.append((model, batch, "peak RSS deploy / training form",
-                            memory["keras-deploy"] / memory["keras-train"], "separate processes"))
-            peers = [r for r in _ok(records, model=model, batch=batch, precision="fp32")
-                     if r["runtime"].startswith("timm-reparam")]
+                out.append(
+                    (
+                        model,
+                        batch,
+                        "peak RSS deploy / training form",
+                        memory["keras-deploy"] / memory["keras-train"],
+                        "separate processes",
+                    )
+                )
+            peers = [
+                r
+                for r in _ok(records, model=model, batch=batch, precision="fp32")
+                if r["runtime"].startswith("timm-reparam")
+            ]
             if not peers:
                 continue
             peer = max(peers, key=lambda r: r["images_per_s"])
             ours = [r for r in _ok(records, model=model, batch=batch) if not is_peer(r["runtime"])]
-            best_fp32 = max((r for r in ours if r["precision"] == "fp32"), key=lambda r: r["images_per_s"], default=None)
-            reduced = [r for r in ours if r["precision"] != "fp32"
-                       and (r.get("top1_agreement") or 0) >= min_agreement]
+            best_fp32 = max(
+                (r for r in ours if r["precision"] == "fp32"),
+                key=lambda r: r["images_per_s"],
+                default=None,
+            )
+            reduced = [
+                r
+                for r in ours
+                if r["precision"] != "fp32" and (r.get("top1_agreement") or 0) >= min_agreement
+            ]
             best_reduced = max(reduced, key=lambda r: r["images_per_s"], default=None)
-            for label, best in (("best fp32", best_fp32), (f"best reduced precision (agreement >= {min_agreement})", best_reduced)):
+            for label, best in (
+                ("best fp32", best_fp32),
+                (f"best reduced precision (agreement >= {min_agreement})", best_reduced),
+            ):
                 if best:
-                    out.append((model, batch, f"{label} / {peer['runtime']} fp32", best["images_per_s"] / peer["images_per_s"],
-                                f"{best['runtime']} {best['precision']}"))
+                    out.append(
+                        (
+                            model,
+                            batch,
+                            f"{label} / {peer['runtime']} fp32",
+                            best["images_per_s"] / peer["images_per_s"],
+                            f"{best['runtime']} {best['precision']}",
+                        )
+                    )
     for batch in batches:
-        a0 = _speed(records, "RepVGG_A0", batch, "timm-reparam-cl") or _speed(records, "RepVGG_A0", batch, "timm-reparam")
-        resnet = max((r["images_per_s"] for r in _ok(records, model="ResNet-18", batch=batch, precision="fp32")), default=None)
+        a0 = _speed(records, "RepVGG_A0", batch, "timm-reparam-cl") or _speed(
+            records, "RepVGG_A0", batch, "timm-reparam"
+        )
+        resnet = max(
+            (
+                r["images_per_s"]
+                for r in _ok(records, model="ResNet-18", batch=batch, precision="fp32")
+            ),
+            default=None,
+        )
         if a0 and resnet:
-            out.append(("RepVGG_A0", batch, "RepVGG-A0 / ResNet-18 (timm, fp32, best layout each)", a0 / resnet, "PyTorch"))
-        ours = max((r["images_per_s"] for r in _ok(records, model="RepVGG_A0", batch=batch, precision="fp32")
-                    if not is_peer(r["runtime"])), default=None)
+            out.append(
+                (
+                    "RepVGG_A0",
+                    batch,
+                    "RepVGG-A0 / ResNet-18 (timm, fp32, best layout each)",
+                    a0 / resnet,
+                    "PyTorch",
+                )
+            )
+        ours = max(
+            (
+                r["images_per_s"]
+                for r in _ok(records, model="RepVGG_A0", batch=batch, precision="fp32")
+                if not is_peer(r["runtime"])
+            ),
+            default=None,
+        )
         if ours and resnet:
-            out.append(("RepVGG_A0", batch, "RepVGG-A0 ours best fp32 / ResNet-18 timm", ours / resnet, ""))
+            out.append(
+                ("RepVGG_A0", batch, "RepVGG-A0 ours best fp32 / ResNet-18 timm", ours / resnet, "")
+            )
     return out
 
 
 def markdown(records, meta):
     lines = [
-        f"# Benchmark: {meta['date']}", "",
+        f"# Benchmark: {meta['date']}",
+        "",
         f"Machine: {meta['machine']}; {meta['threads']} threads for every runtime; image size "
-        f"{meta['image_size']}; weights: {meta['weights']}.", "",
-        f"Command: `{meta['command']}`", "",
+        f"{meta['image_size']}; weights: {meta['weights']}.",
+        "",
+        f"Command: `{meta['command']}`",
+        "",
         f"CPU peak (best square matmul of size {meta['peak_size']} over the libraries at hand): "
-        + ", ".join(f"{k} {_fmt(meta['peak_gflops'][k])} GFLOP/s ({meta['peak_gflops'][k + '_library']})"
-                    for k in ("fp32", "bf16", "int8") if k in meta["peak_gflops"])
+        + ", ".join(
+            f"{k} {_fmt(meta['peak_gflops'][k])} GFLOP/s ({meta['peak_gflops'][k + '_library']})"
+            for k in ("fp32", "bf16", "int8")
+            if k in meta["peak_gflops"]
+        )
         + ". `gflops`: 2 x the model's multiply-adds x images/s; `peak_pct`: that as a percentage of "
-        "the peak of its precision (fp32 for fp16-weight runs, which XNNPACK computes in fp32 here).", "",
+        "the peak of its precision (fp32 for fp16-weight runs, which XNNPACK computes in fp32 here).",
+        "",
         "Images/s: median over interleaved rounds (min, max). `top1_agreement` and `max_rel_diff`: "
-        f"against the Keras training form in fp32 on {meta['image_count']} real images ({meta['images']}).", "",
+        f"against the Keras training form in fp32 on {meta['image_count']} real images ({meta['images']}).",
+        "",
         "| " + " | ".join(COLUMNS) + " |",
         "|" + "---|" * len(COLUMNS),
     ]
@@ -123,12 +241,30 @@ def markdown(records, meta):
         lines.append("| " + " | ".join(row + [""] * (len(COLUMNS) - len(row))) + " |")
     found = ratios(records)
     if found:
-        lines += ["", "## Ratios (same run)", "", "| model | batch | ratio | value | detail |", "|---|---|---|---|---|"]
-        lines += [f"| {m} | {b} | {what} | {value:.2f}x | {detail} |" for m, b, what, value, detail in found]
+        lines += [
+            "",
+            "## Ratios (same run)",
+            "",
+            "| model | batch | ratio | value | detail |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {m} | {b} | {what} | {value:.2f}x | {detail} |"
+            for m, b, what, value, detail in found
+        ]
     structure = meta.get("structure")
     if structure:
-        lines += ["", "## Structure", "", "| model | form | layers | graph nodes | parameters |", "|---|---|---|---|---|"]
-        lines += [f"| {s['model']} | {s['form']} | {s['layers']} | {s['graph_nodes']} | {s['parameters']:,} |" for s in structure]
+        lines += [
+            "",
+            "## Structure",
+            "",
+            "| model | form | layers | graph nodes | parameters |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {s['model']} | {s['form']} | {s['layers']} | {s['graph_nodes']} | {s['parameters']:,} |"
+            for s in structure
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -137,7 +273,9 @@ PRECISION_CLASSES = (("fp32", ("fp32",)), ("bf16/fp16", ("bf16", "fp16")), ("int
 PRECISION_COLOURS = {"fp32": "#1f77b4", "bf16/fp16": "#e67e22", "int8": "#2ca02c"}
 OTHER_COLOUR = "#8c564b"  # a precision outside the three classes
 BASELINE_COLOUR = "#b3b3b3"
-PEER_PREFIX = "timm-reparam"  # timm's reparameterized RepVGG: the peer every runtime of ours is held against
+PEER_PREFIX = (
+    "timm-reparam"  # timm's reparameterized RepVGG: the peer every runtime of ours is held against
+)
 
 
 def precision_class(precision):
@@ -167,7 +305,9 @@ def chart_bars(records, model, batch, baselines=()):
     peers = {}
     for r in own:
         group = precision_class(r["precision"])
-        if r["runtime"].startswith(PEER_PREFIX) and (group not in peers or r["images_per_s"] > peers[group]["images_per_s"]):
+        if r["runtime"].startswith(PEER_PREFIX) and (
+            group not in peers or r["images_per_s"] > peers[group]["images_per_s"]
+        ):
             peers[group] = r
     bars = []
     for r in own + others:
@@ -177,11 +317,22 @@ def chart_bars(records, model, batch, baselines=()):
         if r["precision"] != group:
             label += f" {r['precision']}"
         peer = peers.get(group)
-        bars.append({
-            "label": label, "value": r["images_per_s"], "group": group, "kind": kind, "record": r,
-            "colour": BASELINE_COLOUR if kind == "baseline" else PRECISION_COLOURS.get(group, OTHER_COLOUR),
-            "ratio": r["images_per_s"] / peer["images_per_s"] if kind == "ours" and peer else None,
-            "peer": r is peer})
+        bars.append(
+            {
+                "label": label,
+                "value": r["images_per_s"],
+                "group": group,
+                "kind": kind,
+                "record": r,
+                "colour": BASELINE_COLOUR
+                if kind == "baseline"
+                else PRECISION_COLOURS.get(group, OTHER_COLOUR),
+                "ratio": r["images_per_s"] / peer["images_per_s"]
+                if kind == "ours" and peer
+                else None,
+                "peer": r is peer,
+            }
+        )
     bars.sort(key=lambda b: (_class_order(b["group"]), -b["value"]))
     return bars, peers
 
@@ -199,11 +350,20 @@ def _number(value):
 
 def _chart_title(records, meta):
     meta = meta or {}
-    size = meta.get("image_size") or next((r.get("image_size") for r in _ok(records) if r.get("image_size")), None)
-    parts = [meta.get("machine"), f"{meta['threads']} threads" if meta.get("threads") else None,
-             f"{size}x{size} images" if size else None]
+    size = meta.get("image_size") or next(
+        (r.get("image_size") for r in _ok(records) if r.get("image_size")), None
+    )
+    parts = [
+        meta.get("machine"),
+        f"{meta['threads']} threads" if meta.get("threads") else None,
+        f"{size}x{size} images" if size else None,
+    ]
     title = "Inference throughput (images/s, higher is better): " + ", ".join(p for p in parts if p)
-    detail = "; ".join(p for p in (meta.get("date"), f"weights: {meta['weights']}" if meta.get("weights") else None) if p)
+    detail = "; ".join(
+        p
+        for p in (meta.get("date"), f"weights: {meta['weights']}" if meta.get("weights") else None)
+        if p
+    )
     return title, detail
 
 
@@ -235,35 +395,72 @@ def _draw_panel(axis, bars, peers, min_agreement, extent):
     label_box = {"facecolor": "white", "edgecolor": "none", "pad": 0.6, "alpha": 0.85}
     for position, bar in zip(positions, bars):
         timm = bar["kind"] == "timm"
-        axis.barh(position, bar["value"], height=0.72, color="white" if timm else bar["colour"], edgecolor=bar["colour"],
-                  hatch="////" if timm else None, linewidth=1.0)
+        axis.barh(
+            position,
+            bar["value"],
+            height=0.72,
+            color="white" if timm else bar["colour"],
+            edgecolor=bar["colour"],
+            hatch="////" if timm else None,
+            linewidth=1.0,
+        )
         text = _number(bar["value"])
         if bar["ratio"] is not None:
             text += f"  ({bar['ratio']:.2f}x)"
         agreement = bar["record"].get("top1_agreement")
         if bar["kind"] == "ours" and agreement is not None and agreement < min_agreement:
             text += f"  top-1 agreement {agreement:.3f}"
-        axis.text(bar["value"] + top * 0.008, position, text, va="center", fontsize=7.5, zorder=4, bbox=label_box,
-                  color="#555555" if bar["kind"] == "baseline" else "black",
-                  fontweight="bold" if bar["peer"] else "normal")
+        axis.text(
+            bar["value"] + top * 0.008,
+            position,
+            text,
+            va="center",
+            fontsize=7.5,
+            zorder=4,
+            bbox=label_box,
+            color="#555555" if bar["kind"] == "baseline" else "black",
+            fontweight="bold" if bar["peer"] else "normal",
+        )
     for group, (header, last) in spans.items():
         peer = peers.get(group)
         if peer is None:
             if any(b["kind"] == "ours" for b in bars if b["group"] == group):
-                axis.text(top * 0.008, header, f"no timm {group} to compare with", va="center", fontsize=7.5,
-                          color="#333333", style="italic")
+                axis.text(
+                    top * 0.008,
+                    header,
+                    f"no timm {group} to compare with",
+                    va="center",
+                    fontsize=7.5,
+                    color="#333333",
+                    style="italic",
+                )
             continue
-        axis.plot([peer["images_per_s"]] * 2, [header + 0.1, last + 0.5], linestyle="--", linewidth=1.2,
-                  color="#333333", zorder=3)
-        axis.text(peer["images_per_s"] + top * 0.008, header, f"timm best {_number(peer['images_per_s'])}",
-                  va="center", fontsize=7.5, color="#333333", style="italic")
+        axis.plot(
+            [peer["images_per_s"]] * 2,
+            [header + 0.1, last + 0.5],
+            linestyle="--",
+            linewidth=1.2,
+            color="#333333",
+            zorder=3,
+        )
+        axis.text(
+            peer["images_per_s"] + top * 0.008,
+            header,
+            f"timm best {_number(peer['images_per_s'])}",
+            va="center",
+            fontsize=7.5,
+            color="#333333",
+            style="italic",
+        )
     axis.set_yticks(ticks, tick_labels, fontsize=7.5)
     for label, colour in zip(axis.get_yticklabels(), tick_colours):
         label.set_color(colour)
         if colour not in ("black", "#555555"):
             label.set_fontweight("bold")
     axis.tick_params(axis="y", length=0)
-    axis.set_ylim(max(y, extent) - 0.4, -0.6)  # the row's tallest panel sets the slots: equal bar heights
+    axis.set_ylim(
+        max(y, extent) - 0.4, -0.6
+    )  # the row's tallest panel sets the slots: equal bar heights
     axis.set_xlim(0, top * 1.3)
     axis.grid(axis="x", color="#e6e6e6", linewidth=0.8)
     axis.set_axisbelow(True)
@@ -293,36 +490,75 @@ def chart(records, path, meta=None, min_agreement=0.995):
         subjects, batches, panels = ["(no results)"], [None], {("(no results)", None): ([], {})}
     extents = [max(_panel_extent(panels[m, b][0]) for b in batches) for m in subjects]
     slots = [extent + 3 for extent in extents]  # + title and axis
-    figure, axes = plt.subplots(len(subjects), len(batches), squeeze=False,
-                                figsize=(6.8 * len(batches) + 0.6, 0.2 * sum(slots) + 1.6),
-                                gridspec_kw={"height_ratios": slots})
+    figure, axes = plt.subplots(
+        len(subjects),
+        len(batches),
+        squeeze=False,
+        figsize=(6.8 * len(batches) + 0.6, 0.2 * sum(slots) + 1.6),
+        gridspec_kw={"height_ratios": slots},
+    )
     for row, model in enumerate(subjects):
         for column, batch in enumerate(batches):
             axis = axes[row, column]
             bars, peers = panels[model, batch]
             if not bars:
                 axis.set_axis_off()
-                axis.text(0.5, 0.5, "no results", ha="center", va="center", transform=axis.transAxes)
+                axis.text(
+                    0.5, 0.5, "no results", ha="center", va="center", transform=axis.transAxes
+                )
                 continue
             _draw_panel(axis, bars, peers, min_agreement, extents[row])
             axis.set_title(f"{model}, batch {batch}", fontsize=10, fontweight="bold", loc="left")
     title, detail = _chart_title(records, meta)
     figure.suptitle(title + ("\n" + detail if detail else ""), fontsize=11)
-    handles = [Patch(color=PRECISION_COLOURS[name], label=f"{name}, ours") for name, _ in PRECISION_CLASSES]
-    handles += [Patch(facecolor="white", edgecolor="#555555", hatch="////", label="peers: timm RepVGG (PyTorch), kimm RepVGG (Keras)"),
-                Line2D([], [], color="#333333", linestyle="--",
-                       label="timm's best reparameterized RepVGG, same precision; (1.05x) = ours / that line")]
+    handles = [
+        Patch(color=PRECISION_COLOURS[name], label=f"{name}, ours") for name, _ in PRECISION_CLASSES
+    ]
+    handles += [
+        Patch(
+            facecolor="white",
+            edgecolor="#555555",
+            hatch="////",
+            label="peers: timm RepVGG (PyTorch), kimm RepVGG (Keras)",
+        ),
+        Line2D(
+            [],
+            [],
+            color="#333333",
+            linestyle="--",
+            label="timm's best reparameterized RepVGG, same precision; (1.05x) = ours / that line",
+        ),
+    ]
     if baselines:
-        handles.insert(-1, Patch(color=BASELINE_COLOUR, label="baselines: timm " + ", ".join(baselines)))
-    figure.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False,
-                  bbox_to_anchor=(0.5, 0.25 / figure.get_figheight()))
+        handles.insert(
+            -1, Patch(color=BASELINE_COLOUR, label="baselines: timm " + ", ".join(baselines))
+        )
+    figure.legend(
+        handles=handles,
+        loc="lower center",
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+        bbox_to_anchor=(0.5, 0.25 / figure.get_figheight()),
+    )
     legend_inches = 0.95
     skipped = [r for r in records if r.get("status") != "ok"]
     if skipped:
-        note = "; ".join(f"{r['model']} {r['runtime']} {r['precision']}" + (f" ({r['reason'][:60]})" if r.get("reason") else "")
-                         for r in skipped)
-        figure.text(0.5, 0.06 / figure.get_figheight(), "not run: " + (note if len(note) < 400 else note[:400] + " ..."),
-                    ha="center", va="bottom", fontsize=7, color="#555555", wrap=True)
+        note = "; ".join(
+            f"{r['model']} {r['runtime']} {r['precision']}"
+            + (f" ({r['reason'][:60]})" if r.get("reason") else "")
+            for r in skipped
+        )
+        figure.text(
+            0.5,
+            0.06 / figure.get_figheight(),
+            "not run: " + (note if len(note) < 400 else note[:400] + " ..."),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="#555555",
+            wrap=True,
+        )
     figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -348,7 +584,9 @@ def regenerate(out_dir, png_only=False):
             with open(path) as f:
                 loaded.append(json.load(f))
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot read {path} ({error}); pass a directory written by `python -m bench`") from None
+            raise ValueError(
+                f"cannot read {path} ({error}); pass a directory written by `python -m bench`"
+            ) from None
     records, meta = loaded
     if not png_only:
         with open(os.path.join(out_dir, "results.md"), "w") as f:
@@ -366,10 +604,15 @@ def main(argv):
     try:
         regenerate(dirs[0], png_only="--png-only" in argv)
     except (ValueError, KeyError) as error:
-        print(f"error: {error if isinstance(error, ValueError) else f'missing field {error} in the results'}",
-              file=sys.stderr)
+        print(
+            f"error: {error if isinstance(error, ValueError) else f'missing field {error} in the results'}",
+            file=sys.stderr,
+        )
         return 1
-    print(f"wrote {os.path.join(dirs[0], 'results.png')}" + ("" if "--png-only" in argv else " and results.md"))
+    print(
+        f"wrote {os.path.join(dirs[0], 'results.png')}"
+        + ("" if "--png-only" in argv else " and results.md")
+    )
     return 0
 
 

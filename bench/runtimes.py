@@ -9,7 +9,7 @@ the CPU lacks the precision; the benchmark records the reason instead of a numbe
 
 import dataclasses
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,10 +25,13 @@ class Predictor:
     note: str = ""
 
     def feed(self, batch):
-        return np.ascontiguousarray(np.transpose(batch, (0, 3, 1, 2)) if self.layout == "NCHW" else batch)
+        return np.ascontiguousarray(
+            np.transpose(batch, (0, 3, 1, 2)) if self.layout == "NCHW" else batch
+        )
 
 
 # --- Keras / TensorFlow -----------------------------------------------------------------
+
 
 def keras_function(model, xla=False):
     import tensorflow as tf
@@ -51,21 +54,28 @@ def keras_deploy(subject, threads):
 
 
 def keras_deploy_xla(subject, threads):
-    return Predictor(keras_function(subject.keras_deploy, xla=True), note="tf.function(jit_compile=True)")
+    return Predictor(
+        keras_function(subject.keras_deploy, xla=True), note="tf.function(jit_compile=True)"
+    )
 
 
 def keras_deploy_low(dtype):
     """The deploy form with its blocks in `dtype` (rk.to_deploy(model, dtype=...)), tf.function."""
+
     def build(subject, threads):
         import repvgg_keras as rk
 
-        return Predictor(keras_function(rk.to_deploy(subject.keras_train, dtype=dtype)), note=f"to_deploy(dtype={dtype})")
+        return Predictor(
+            keras_function(rk.to_deploy(subject.keras_train, dtype=dtype)),
+            note=f"to_deploy(dtype={dtype})",
+        )
 
     return build
 
 
 def _savedmodel(dtype=None):
     """What TF Serving runs: the exported SavedModel called through its serving_default signature."""
+
     def build(subject, threads):
         import tensorflow as tf
 
@@ -76,14 +86,16 @@ def _savedmodel(dtype=None):
         if not os.path.exists(path):
             save_serving_model(rk.to_deploy(subject.keras_train, dtype=dtype), path)
         signature = tf.saved_model.load(path).signatures["serving_default"]
-        return Predictor(lambda x: signature(images=tf.constant(x))["logits"].numpy(),
-                         note="serving_default" + (f", blocks in {dtype}" if dtype else ""))
+        return Predictor(
+            lambda x: signature(images=tf.constant(x))["logits"].numpy(),
+            note="serving_default" + (f", blocks in {dtype}" if dtype else ""),
+        )
 
     return build
 
 
-
 # --- TFLite (XNNPACK) ---------------------------------------------------------------------
+
 
 def _tflite(quantize):
     def build(subject, threads):
@@ -106,10 +118,13 @@ def _tflite(quantize):
 
 # --- ONNX: onnxruntime and OpenVINO -----------------------------------------------------
 
+
 def onnx_path(subject, nchw=True, int8=False):
     from export.runners import onnx_file
 
-    return onnx_file(subject.keras_deploy, subject.workdir, nchw=nchw, int8=int8, calibration=subject.calibration)
+    return onnx_file(
+        subject.keras_deploy, subject.workdir, nchw=nchw, int8=int8, calibration=subject.calibration
+    )
 
 
 def _onnxruntime(nchw, int8=False):
@@ -120,8 +135,11 @@ def _onnxruntime(nchw, int8=False):
             raise Unavailable("onnxruntime is not installed") from error
         from export import runners
 
-        return Predictor(runners.onnxruntime(onnx_path(subject, nchw, int8), threads), "NCHW" if nchw else "NHWC",
-                         note="QDQ int8" if int8 else "")
+        return Predictor(
+            runners.onnxruntime(onnx_path(subject, nchw, int8), threads),
+            "NCHW" if nchw else "NHWC",
+            note="QDQ int8" if int8 else "",
+        )
 
     return build
 
@@ -137,14 +155,16 @@ def _openvino(precision):
 
         if not supports(precision):
             raise Unavailable(f"this CPU has no native {precision} support in OpenVINO")
-        predict = runners.openvino(onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads)
-        return Predictor(predict, "NCHW",
-                         note="reads the QDQ ONNX" if precision == "int8" else "")
+        predict = runners.openvino(
+            onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads
+        )
+        return Predictor(predict, "NCHW", note="reads the QDQ ONNX" if precision == "int8" else "")
 
     return build
 
 
 # --- Keras peer (kimm) --------------------------------------------------------------------
+
 
 def _kimm(reparameterized):
     def build(subject, threads):
@@ -162,6 +182,7 @@ def _kimm(reparameterized):
 
 
 # --- PyTorch peers (timm) -----------------------------------------------------------------
+
 
 def _torch_predictor(module, channels_last=False, bf16=False):
     import torch
@@ -230,7 +251,9 @@ RUNTIMES = (
     RuntimeSpec("timm-train", "fp32", _timm(reparam=False), "peer"),
     RuntimeSpec("timm-reparam", "fp32", _timm(reparam=True), "peer"),
     RuntimeSpec("timm-reparam-cl", "fp32", _timm(reparam=True, channels_last=True), "peer"),
-    RuntimeSpec("timm-reparam-cl", "bf16", _timm(reparam=True, channels_last=True, bf16=True), "peer"),
+    RuntimeSpec(
+        "timm-reparam-cl", "bf16", _timm(reparam=True, channels_last=True, bf16=True), "peer"
+    ),
 )
 
 

@@ -91,7 +91,20 @@ def build(name, image_size, classes, weights, images_source, image_count, workdi
         )
     keras_deploy = rk.to_deploy(keras_train)
     pixels = images.load_images(images_source, 2 * image_count, image_size, image_size, 3)
-    normalised = np.asarray(preprocessing.normalize(pixels.astype(np.float32), "imagenet", 3), np.float32)
+    normalised = np.asarray(
+        preprocessing.normalize(pixels.astype(np.float32), "imagenet", 3), np.float32
+    )
     # Calibrate int8 on other images than those the agreement is measured on.
-    return Subject(name, image_size, classes, keras_train, keras_deploy, normalised[image_count:],
-                   normalised[:image_count], workdir, source, timm_model, timm_matches)
+    return Subject(
+        name,
+        image_size,
+        classes,
+        keras_train,
+        keras_deploy,
+        normalised[image_count:],
+        normalised[:image_count],
+        workdir,
+        source,
+        timm_model,
+        timm_matches,
+    )

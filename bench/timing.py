@@ -7,7 +7,7 @@ timed chunk runs enough calls to last `chunk_seconds`, after warm-up calls.
 import dataclasses
 import statistics
 import time
-from typing import Callable, List
+from collections.abc import Callable
 
 import numpy as np
 
@@ -18,7 +18,7 @@ class Case:
     predict: Callable
     batch: np.ndarray
     calls: int = 1
-    throughputs: List[float] = dataclasses.field(default_factory=list)  # images/s per round
+    throughputs: list[float] = dataclasses.field(default_factory=list)  # images/s per round
 
     def warm_up(self, chunk_seconds, warmup_calls=2):
         for _ in range(warmup_calls):
@@ -52,7 +52,7 @@ def measure(cases, rounds, chunk_seconds, progress=print):
     for case in cases:
         case.warm_up(chunk_seconds)
     for round_index in range(rounds):
-        order = cases[round_index % len(cases):] + cases[:round_index % len(cases)]  # rotate
+        order = cases[round_index % len(cases) :] + cases[: round_index % len(cases)]  # rotate
         for case in order:
             case.run_chunk()
         progress(f"  round {round_index + 1}/{rounds} done")

@@ -29,9 +29,17 @@ class ClientError(Exception):
 
 def _is_image(data):
     """Whether `data` starts like a format the server's decode_image reads."""
-    return (data.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM",
-                             b"\xff\x0a", b"\x00\x00\x00\x0cJXL \r\n\x87\n"))
-            or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"))
+    return data.startswith(
+        (
+            b"\xff\xd8\xff",
+            b"\x89PNG\r\n\x1a\n",
+            b"GIF87a",
+            b"GIF89a",
+            b"BM",
+            b"\xff\x0a",
+            b"\x00\x00\x00\x0cJXL \r\n\x87\n",
+        )
+    ) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def read_images(paths):
@@ -62,12 +70,15 @@ def predict_rest(host, port, model_name, encoded_images, timeout=30.0):
         with urllib.request.urlopen(request, timeout=timeout) as response:
             text = response.read().decode()
     except urllib.error.HTTPError as error:  # before URLError, its base class
-        raise ClientError(f"TF Serving at {host}:{port} answered HTTP {error.code}: "
-                          f"{_rest_error(error)}") from None
+        raise ClientError(
+            f"TF Serving at {host}:{port} answered HTTP {error.code}: {_rest_error(error)}"
+        ) from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise ClientError(f"cannot reach TF Serving's REST API at {host}:{port} ({reason}): is the "
-                          "server running there? (--host, --port)") from None
+        raise ClientError(
+            f"cannot reach TF Serving's REST API at {host}:{port} ({reason}): is the "
+            "server running there? (--host, --port)"
+        ) from None
     try:
         return predict_requests.parse_rest_response(text)
     except (ValueError, KeyError, IndexError, TypeError):
@@ -78,7 +89,7 @@ def _rest_error(error):
     """TF Serving's {"error": "..."} body, first line; else the HTTP reason."""
     try:
         return _first_line(json.loads(error.read().decode())["error"])
-    except Exception:  # noqa: BLE001: not TF Serving's JSON; the status line says enough
+    except Exception:  # not TF Serving's JSON; the status line says enough
         return str(error.reason)
 
 
@@ -87,8 +98,10 @@ def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
     except ImportError as error:
-        raise ClientError(f"--protocol grpc needs the grpcio and tensorflow-serving-api packages "
-                          f"({error}); or use --protocol rest.") from None
+        raise ClientError(
+            f"--protocol grpc needs the grpcio and tensorflow-serving-api packages "
+            f"({error}); or use --protocol rest."
+        ) from None
 
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
@@ -98,11 +111,13 @@ def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
         except grpc.RpcError as error:
             code = error.code()
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise ClientError(f"cannot reach TF Serving's gRPC API at {host}:{port} "
-                                  f"({code.name}): is the server running there? (--host, --port)"
-                                  ) from None
-            raise ClientError(f"TF Serving at {host}:{port} answered {code.name}: "
-                              f"{_first_line(error.details())}") from None
+                raise ClientError(
+                    f"cannot reach TF Serving's gRPC API at {host}:{port} "
+                    f"({code.name}): is the server running there? (--host, --port)"
+                ) from None
+            raise ClientError(
+                f"TF Serving at {host}:{port} answered {code.name}: {_first_line(error.details())}"
+            ) from None
         return predict_requests.parse_predict_response(response)
 
 
@@ -119,14 +134,17 @@ def classify(paths, host, port, protocol, model_name, timeout):
         outputs = predict(host, port, model_name, encoded, timeout=timeout)
     except ClientError:
         raise
-    except Exception as error:  # noqa: BLE001: anything else still gets one line, not a traceback
-        raise ClientError(f"request to {host}:{port} failed: {type(error).__name__}: "
-                          f"{_first_line(error)}") from None
+    except Exception as error:  # anything else still gets one line, not a traceback
+        raise ClientError(
+            f"request to {host}:{port} failed: {type(error).__name__}: {_first_line(error)}"
+        ) from None
     probabilities = np.asarray(outputs.get("probabilities", []))
     if probabilities.ndim != 2 or len(probabilities) != len(paths):
-        raise ClientError(f"TF Serving at {host}:{port} answered without one row of probabilities "
-                          f"per image (got shape {list(probabilities.shape)}): is --model_name "
-                          f"{model_name} a RepVGG export with a serving_bytes signature?")
+        raise ClientError(
+            f"TF Serving at {host}:{port} answered without one row of probabilities "
+            f"per image (got shape {list(probabilities.shape)}): is --model_name "
+            f"{model_name} a RepVGG export with a serving_bytes signature?"
+        )
     return probabilities
 
 
@@ -134,8 +152,9 @@ def main(argv):
     del argv
     port = FLAGS.port or (8501 if FLAGS.protocol == "rest" else 8500)
     try:
-        rows = classify(FLAGS.image, FLAGS.host, port, FLAGS.protocol, FLAGS.model_name,
-                        FLAGS.timeout)
+        rows = classify(
+            FLAGS.image, FLAGS.host, port, FLAGS.protocol, FLAGS.model_name, FLAGS.timeout
+        )
     except ClientError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

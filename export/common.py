@@ -10,9 +10,9 @@ import sys
 import tempfile
 import time
 
+import keras
 from absl import flags, logging
 
-import keras
 import repvgg_keras as rk
 from repvgg_keras import preprocessing
 from repvgg_keras.models import MIN_INPUT_SIZE
@@ -22,29 +22,42 @@ logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write 
 
 
 def define_model_flags():
-    flags.DEFINE_string("model", "RepVGG_A0", f"Variant to export, one of: {', '.join(rk.list_models())}.")
     flags.DEFINE_string(
-        "weights", None,
+        "model", "RepVGG_A0", f"Variant to export, one of: {', '.join(rk.list_models())}."
+    )
+    flags.DEFINE_string(
+        "weights",
+        None,
         "A .keras or .weights.h5 file, an authors' .pth or timm .safetensors checkpoint "
         "(training or deploy form, detected), or 'imagenet'. Default: random weights "
         "(useful only to test the pipeline).",
     )
-    flags.DEFINE_integer("image_size", None, "Input height and width (default: the variant's own, 224 or 320).")
+    flags.DEFINE_integer(
+        "image_size", None, "Input height and width (default: the variant's own, 224 or 320)."
+    )
     flags.DEFINE_integer("classes", 1000, "Classifier width; must match --weights.")
     flags.DEFINE_integer("channels", 3, "Input channels (1 for grayscale models).")
     flags.DEFINE_enum(
-        "preprocessing", "imagenet", list(preprocessing.MODES),
+        "preprocessing",
+        "imagenet",
+        list(preprocessing.MODES),
         "Normalisation of 0..255 pixels the model expects (used by the uint8/bytes inputs and "
         "by --include_preprocessing).",
     )
     flags.DEFINE_bool(
-        "include_preprocessing", False,
+        "include_preprocessing",
+        False,
         "Put the normalisation inside the exported model, so its float input takes 0..255 pixels.",
     )
-    flags.DEFINE_bool("no_fuse", False, "Export the three-branch training form as it is (slower; for debugging).")
-    flags.DEFINE_bool("overwrite", False, "Replace an existing export (only after the new one verified).")
+    flags.DEFINE_bool(
+        "no_fuse", False, "Export the three-branch training form as it is (slower; for debugging)."
+    )
+    flags.DEFINE_bool(
+        "overwrite", False, "Replace an existing export (only after the new one verified)."
+    )
     flags.DEFINE_string(
-        "verify_images", "sample",
+        "verify_images",
+        "sample",
         "Images the export is verified on: 'sample' (64 photos shipped with the package), 'fashion_mnist' "
         "(Debian package dataset-fashion-mnist), 'random', 'tfds:<name>:<split>', or a folder of JPEG/PNG files.",
     )
@@ -94,9 +107,13 @@ def check_model_flags():
             "or more (or leave it unset for the variant's own size)."
         )
     if FLAGS.classes < 1:
-        raise ValueError(f"--classes must be at least 1 (the classifier's width), got {FLAGS.classes}.")
+        raise ValueError(
+            f"--classes must be at least 1 (the classifier's width), got {FLAGS.classes}."
+        )
     if FLAGS.channels < 1:
-        raise ValueError(f"--channels must be at least 1 (3 for RGB, 1 for grayscale), got {FLAGS.channels}.")
+        raise ValueError(
+            f"--channels must be at least 1 (3 for RGB, 1 for grayscale), got {FLAGS.channels}."
+        )
     if FLAGS.verify_count < 1:
         raise ValueError(f"--verify_count must be at least 1, got {FLAGS.verify_count}.")
 
@@ -105,14 +122,18 @@ def check_output(path, overwrite=False, flag="--output"):
     """Refuse an output path that cannot be written before the model is loaded and converted."""
     path = os.path.abspath(path)
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass --overwrite to replace it (after the new export verifies).")
+        raise FileExistsError(
+            f"{path} already exists: pass --overwrite to replace it (after the new export verifies)."
+        )
     ancestor = os.path.dirname(path)
     while not os.path.exists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
         raise ValueError(f"Cannot write {flag} {path}: {ancestor} is a file, not a directory.")
     if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise ValueError(f"Cannot write {flag} {path}: {ancestor} is not writable. Choose another location.")
+        raise ValueError(
+            f"Cannot write {flag} {path}: {ancestor} is not writable. Choose another location."
+        )
 
 
 def run_exporter(export, output=None, checks=()):
@@ -131,14 +152,24 @@ def run_exporter(export, output=None, checks=()):
         model = model_from_flags()
         _, height, width, channels = model.input_shape
         shipped, reference, to_input = prepare_from_flags(model)
-        pixels = images.load_images(FLAGS.verify_images, FLAGS.verify_count, height, width, channels)
+        pixels = images.load_images(
+            FLAGS.verify_images, FLAGS.verify_count, height, width, channels
+        )
         output = export(shipped, reference, to_input, pixels)
-    except (ValueError, FileExistsError, FileNotFoundError, ImportError, verify.VerificationError) as error:
+    except (
+        ValueError,
+        FileExistsError,
+        FileNotFoundError,
+        ImportError,
+        verify.VerificationError,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except OSError as error:  # disk full, permissions changed mid-export, ...: name the user's path
         where = f"writing {output}" if output is not None else "exporting"
-        print(f"error: {error.strerror or error} while {where}; nothing was written.", file=sys.stderr)
+        print(
+            f"error: {error.strerror or error} while {where}; nothing was written.", file=sys.stderr
+        )
         return 1
     print(f"exported {output}")
     return 0
@@ -146,11 +177,16 @@ def run_exporter(export, output=None, checks=()):
 
 def define_calibration_flags():
     """--calibration_data, --calibration_count and --tolerance (the TFLite and OpenVINO CLIs)."""
-    flags.DEFINE_string("calibration_data", "sample",
-                        "int8 calibration images: 'sample' (64 shipped photos), 'fashion_mnist', 'random', "
-                        "'tfds:<name>:<split>' or a folder. Calibrate on images like the ones the model will see.")
+    flags.DEFINE_string(
+        "calibration_data",
+        "sample",
+        "int8 calibration images: 'sample' (64 shipped photos), 'fashion_mnist', 'random', "
+        "'tfds:<name>:<split>' or a folder. Calibrate on images like the ones the model will see.",
+    )
     flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
-    flags.DEFINE_float("tolerance", None, "Max relative difference allowed (default: per precision).")
+    flags.DEFINE_float(
+        "tolerance", None, "Max relative difference allowed (default: per precision)."
+    )
 
 
 def check_calibration_flags():
@@ -158,7 +194,9 @@ def check_calibration_flags():
     if FLAGS.calibration_count < 1:
         raise ValueError(f"--calibration_count must be at least 1, got {FLAGS.calibration_count}.")
     if FLAGS.tolerance is not None and not FLAGS.tolerance > 0:
-        raise ValueError(f"--tolerance must be a positive relative difference (e.g. 0.01), got {FLAGS.tolerance}.")
+        raise ValueError(
+            f"--tolerance must be a positive relative difference (e.g. 0.01), got {FLAGS.tolerance}."
+        )
 
 
 def calibration_from_flags(shipped, to_input):
@@ -169,7 +207,9 @@ def calibration_from_flags(shipped, to_input):
     if not FLAGS.quantize.startswith("int8"):
         return None
     _, height, width, channels = shipped.input_shape
-    return to_input(images.load_images(FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels))
+    return to_input(
+        images.load_images(FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels)
+    )
 
 
 def model_from_flags():
@@ -252,10 +292,14 @@ def atomic_output(path, overwrite=False):
     path = os.path.abspath(path)
     remove_stale_staging(path)  # first: it may put back a previous artifact a killed export held
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} already exists: pass --overwrite to replace it (after the new export verifies).")
+        raise FileExistsError(
+            f"{path} already exists: pass --overwrite to replace it (after the new export verifies)."
+        )
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    workdir = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-{_HOST}-{os.getpid()}-", dir=parent)
+    workdir = tempfile.mkdtemp(
+        prefix=f".{os.path.basename(path)}.tmp-{_HOST}-{os.getpid()}-", dir=parent
+    )
     staged = os.path.join(workdir, os.path.basename(path))
     try:
         yield staged

@@ -15,7 +15,7 @@ model on the check images is at least `min_agreement`.
 import dataclasses
 import os
 import tempfile
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -50,16 +50,22 @@ class VerifiedPredictor:
         return self._run(x)
 
     def describe(self):
-        return (f"{self.runtime} {self.precision}, {self.threads} threads, {self.layout}; checked on "
-                f"{self.checked_on} images: max relative difference {self.max_rel_diff:.2e}, "
-                f"top-1 agreement {self.top1_agreement:.4f}")
+        return (
+            f"{self.runtime} {self.precision}, {self.threads} threads, {self.layout}; checked on "
+            f"{self.checked_on} images: max relative difference {self.max_rel_diff:.2e}, "
+            f"top-1 agreement {self.top1_agreement:.4f}"
+        )
 
 
 def _installed(runtime):
     import importlib.util
 
-    module = {"openvino": "openvino", "tflite": "ai_edge_litert", "onnxruntime": "onnxruntime",
-              "keras": "tensorflow"}[runtime]
+    module = {
+        "openvino": "openvino",
+        "tflite": "ai_edge_litert",
+        "onnxruntime": "onnxruntime",
+        "keras": "tensorflow",
+    }[runtime]
     return importlib.util.find_spec(module) is not None
 
 
@@ -89,14 +95,24 @@ def _build(runtime, precision, deploy, calibration, threads, workdir):
 
         flatbuffer = tflite.convert(deploy, "int8" if precision == "int8" else "none", calibration)
         return runners.tflite(flatbuffer, threads), "NHWC"
-    path = runners.onnx_file(deploy, workdir, nchw=True, int8=precision == "int8", calibration=calibration)
+    path = runners.onnx_file(
+        deploy, workdir, nchw=True, int8=precision == "int8", calibration=calibration
+    )
     if runtime == "openvino":
         return runners.openvino(path, precision, threads), "NCHW"
     return runners.onnxruntime(path, threads), "NCHW"
 
 
-def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None, calibration_images=None,
-                   threads=None, min_agreement=0.995):
+def fast_predictor(
+    model,
+    *,
+    precision="auto",
+    runtime="auto",
+    check_images=None,
+    calibration_images=None,
+    threads=None,
+    min_agreement=0.995,
+):
     """The fastest verified way to run `model` (training or deploy form) on this CPU.
 
     precision: "auto" (int8 if `calibration_images` are given, then bf16 where native, then
@@ -107,9 +123,14 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
     """
     import repvgg_keras as rk
 
-    if (runtime != "auto" and runtime not in RUNTIME_CHOICES) or precision not in ("auto", *FASTEST):
-        raise ValueError(f"runtime must be 'auto' or one of {RUNTIME_CHOICES}, precision 'auto' or one of "
-                         f"{tuple(FASTEST)}; got runtime={runtime!r}, precision={precision!r}.")
+    if (runtime != "auto" and runtime not in RUNTIME_CHOICES) or precision not in (
+        "auto",
+        *FASTEST,
+    ):
+        raise ValueError(
+            f"runtime must be 'auto' or one of {RUNTIME_CHOICES}, precision 'auto' or one of "
+            f"{tuple(FASTEST)}; got runtime={runtime!r}, precision={precision!r}."
+        )
     if precision == "int8" and calibration_images is None:
         raise ValueError("precision='int8' needs calibration_images (normalised real images).")
     precisions = (("int8",) if calibration_images is not None else ()) + ("bf16", "fp32")
@@ -126,19 +147,45 @@ def fast_predictor(model, *, precision="auto", runtime="auto", check_images=None
     tried = []
     with tempfile.TemporaryDirectory() as workdir:
         for candidate_precision in precisions:
-            for candidate_runtime in FASTEST[candidate_precision] if runtime == "auto" else (runtime,):
-                if not (_installed(candidate_runtime) and _native(candidate_runtime, candidate_precision)):
+            for candidate_runtime in (
+                FASTEST[candidate_precision] if runtime == "auto" else (runtime,)
+            ):
+                if not (
+                    _installed(candidate_runtime)
+                    and _native(candidate_runtime, candidate_precision)
+                ):
                     continue
-                run, layout = _build(candidate_runtime, candidate_precision, deploy, calibration_images,
-                                     threads, workdir)
-                predictor = VerifiedPredictor(candidate_runtime, candidate_precision, threads, 0.0, 0.0,
-                                      len(check_images), run, layout)
+                run, layout = _build(
+                    candidate_runtime,
+                    candidate_precision,
+                    deploy,
+                    calibration_images,
+                    threads,
+                    workdir,
+                )
+                predictor = VerifiedPredictor(
+                    candidate_runtime,
+                    candidate_precision,
+                    threads,
+                    0.0,
+                    0.0,
+                    len(check_images),
+                    run,
+                    layout,
+                )
                 outputs = predictor(check_images)
                 predictor.max_rel_diff = max_relative_difference(outputs, reference)
-                predictor.top1_agreement = float(np.mean(outputs.argmax(-1) == reference.argmax(-1)))
-                if (predictor.max_rel_diff <= TOLERANCES[candidate_precision]
-                        and predictor.top1_agreement >= min_agreement):
+                predictor.top1_agreement = float(
+                    np.mean(outputs.argmax(-1) == reference.argmax(-1))
+                )
+                if (
+                    predictor.max_rel_diff <= TOLERANCES[candidate_precision]
+                    and predictor.top1_agreement >= min_agreement
+                ):
                     return predictor
                 tried.append(predictor.describe())
-    raise ValueError("No runtime met the accuracy requirement on the check images: " + "; ".join(tried)
-                     if tried else f"Runtime {runtime!r} cannot run precision {precision!r} on this CPU.")
+    raise ValueError(
+        "No runtime met the accuracy requirement on the check images: " + "; ".join(tried)
+        if tried
+        else f"Runtime {runtime!r} cannot run precision {precision!r} on this CPU."
+    )

@@ -10,7 +10,10 @@ FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 # Real photographs shipped with the package (public domain / CC0, see its LICENSE.md), so that every
 # export verifies on real images with nothing else installed.
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sample_images")
-SOURCES_HELP = "'sample' (photos shipped with the package), 'fashion_mnist', 'random', 'tfds:<name>:<split>' or a folder"
+SOURCES_HELP = (
+    "'sample' (photos shipped with the package), 'fashion_mnist', 'random', "
+    "'tfds:<name>:<split>' or a folder"
+)
 
 
 def fashion_mnist(split="t10k", directory=FASHION_MNIST_DIR):
@@ -36,7 +39,11 @@ def _resize(images, height, width, channels):
     if images.shape.rank == 3:
         images = images[..., None]
     if images.shape[-1] != channels:
-        images = tf.image.grayscale_to_rgb(images) if channels == 3 else tf.image.rgb_to_grayscale(images)
+        images = (
+            tf.image.grayscale_to_rgb(images)
+            if channels == 3
+            else tf.image.rgb_to_grayscale(images)
+        )
     resized = tf.image.resize(tf.cast(images, tf.float32), (height, width), method="bilinear")
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 
@@ -56,8 +63,10 @@ def _decode_files(files, height, width, channels):
         try:
             image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
         except (tf.errors.OpError, OSError) as error:
-            raise ValueError(f"Cannot read image {path}: {str(error).splitlines()[0]}. "
-                             "Remove it or point at another folder.") from None
+            raise ValueError(
+                f"Cannot read image {path}: {str(error).splitlines()[0]}. "
+                "Remove it or point at another folder."
+            ) from None
         decoded.append(_resize(image[None], height, width, channels)[0])
     return np.stack(decoded)
 
@@ -85,7 +94,8 @@ def load_images(source, count, height, width, channels=3, seed=0):
         return _resize(pixels, height, width, channels)
     if os.path.isdir(source):
         files = sorted(
-            f for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
+            f
+            for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
             if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif"))
         )[:count]
         if not files:

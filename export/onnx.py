@@ -24,8 +24,10 @@ OPSETS = range(14, 19)  # what tf2onnx 1.16+ converts to (its README); onnxrunti
 
 def check_opset(opset):
     if opset not in OPSETS:
-        raise ValueError(f"--opset {opset} is not supported: choose {OPSETS.start}..{OPSETS.stop - 1} "
-                         "(the opsets tf2onnx converts to; default 17).")
+        raise ValueError(
+            f"--opset {opset} is not supported: choose {OPSETS.start}..{OPSETS.stop - 1} "
+            "(the opsets tf2onnx converts to; default 17)."
+        )
 
 
 @contextlib.contextmanager
@@ -60,7 +62,9 @@ def convert(model, opset=17, nchw=False):
     import tf2onnx
 
     spec = (tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32, name="images"),)
-    function = tf.function(lambda images: {"logits": model(images, training=False)}, input_signature=spec)
+    function = tf.function(
+        lambda images: {"logits": model(images, training=False)}, input_signature=spec
+    )
     with _grouped_convs_without_xla():
         proto, _ = tf2onnx.convert.from_function(
             function, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None
@@ -78,7 +82,9 @@ def run(path, inputs):
     return runners.onnxruntime(path)(inputs)
 
 
-def export_onnx(model, output, *, opset=17, nchw=True, verify_inputs, reference=None, overwrite=False):
+def export_onnx(
+    model, output, *, opset=17, nchw=True, verify_inputs, reference=None, overwrite=False
+):
     reference = reference or model
     check_opset(opset)
     with common.atomic_output(output, overwrite=overwrite) as staged:
@@ -88,8 +94,11 @@ def export_onnx(model, output, *, opset=17, nchw=True, verify_inputs, reference=
         expected = np.asarray(reference(verify_inputs, training=False))
         feed = np.transpose(verify_inputs, (0, 3, 1, 2)) if nchw else verify_inputs
         report = verify.compare(
-            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""), "fp32",
-            run(staged, feed), expected, os.path.getsize(staged) / 2**20,
+            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""),
+            "fp32",
+            run(staged, feed),
+            expected,
+            os.path.getsize(staged) / 2**20,
         )
         verify.check(report)
     return report
@@ -99,8 +108,15 @@ def main(argv):
     del argv
 
     def export(shipped, reference, to_input, pixels):
-        export_onnx(shipped, FLAGS.output, opset=FLAGS.opset, nchw=FLAGS.nchw,
-                    verify_inputs=to_input(pixels), reference=reference, overwrite=FLAGS.overwrite)
+        export_onnx(
+            shipped,
+            FLAGS.output,
+            opset=FLAGS.opset,
+            nchw=FLAGS.nchw,
+            verify_inputs=to_input(pixels),
+            reference=reference,
+            overwrite=FLAGS.overwrite,
+        )
         return FLAGS.output
 
     return common.run_exporter(export, FLAGS.output, checks=[lambda: check_opset(FLAGS.opset)])
@@ -110,7 +126,11 @@ if __name__ == "__main__":
     common.define_model_flags()
     flags.DEFINE_string("output", None, "Path of the .onnx file to write.")
     flags.DEFINE_integer("opset", 17, "ONNX opset.")
-    flags.DEFINE_bool("nchw", True, "NCHW input (channels first; faster in onnxruntime/OpenVINO). "
-                      "--nonchw: NHWC, as the Keras model takes.")
+    flags.DEFINE_bool(
+        "nchw",
+        True,
+        "NCHW input (channels first; faster in onnxruntime/OpenVINO). "
+        "--nonchw: NHWC, as the Keras model takes.",
+    )
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -31,7 +31,10 @@ class _Images:
 # minmax reduces each image's tensors as it goes; the histogram methods keep far more in
 # memory (percentile on RepVGG-B1g4 at 224: 8.3 GB for 4 images, past 24 GB for 64).
 QUANTIZED_OPS = ["Conv", "Relu"]  # Relu too: ORT and OpenVINO fold it into the int8 conv
-EXTRA_OPTIONS = {"percentile": {"CalibMaxIntermediateOutputs": 8}, "entropy": {"CalibMaxIntermediateOutputs": 8}}
+EXTRA_OPTIONS = {
+    "percentile": {"CalibMaxIntermediateOutputs": 8},
+    "entropy": {"CalibMaxIntermediateOutputs": 8},
+}
 
 
 def quantize(source, target, calibration_images, method="minmax", op_types=QUANTIZED_OPS):
@@ -43,13 +46,21 @@ def quantize(source, target, calibration_images, method="minmax", op_types=QUANT
     if len(calibration_images) == 0:
         raise ValueError("int8 quantization needs calibration images.")
     (graph_input,) = onnx.load(source, load_external_data=False).graph.input
-    methods = {"minmax": q.CalibrationMethod.MinMax, "percentile": q.CalibrationMethod.Percentile,
-               "entropy": q.CalibrationMethod.Entropy}
+    methods = {
+        "minmax": q.CalibrationMethod.MinMax,
+        "percentile": q.CalibrationMethod.Percentile,
+        "entropy": q.CalibrationMethod.Entropy,
+    }
     q.quantize_static(
-        source, target, _Images(graph_input.name, calibration_images),
-        quant_format=q.QuantFormat.QDQ, per_channel=True,
-        activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-        calibrate_method=methods[method], op_types_to_quantize=op_types,
+        source,
+        target,
+        _Images(graph_input.name, calibration_images),
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QUInt8,
+        weight_type=q.QuantType.QInt8,
+        calibrate_method=methods[method],
+        op_types_to_quantize=op_types,
         extra_options=EXTRA_OPTIONS.get(method, {}),
     )
     return target

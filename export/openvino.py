@@ -42,14 +42,18 @@ def convert(model, directory, quantize="none", calibration=None):
     from export.runners import onnx_file
 
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+        raise ValueError(
+            f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}."
+        )
     if quantize == "int8" and (calibration is None or len(calibration) == 0):
         raise ValueError("--quantize int8 needs calibration images (--calibration_data).")
     os.makedirs(directory, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         source = onnx_file(model, tmp, nchw=True, int8=quantize == "int8", calibration=calibration)
         # fp32 weights in the file: bf16 is chosen at compile time, where the CPU supports it.
-        ov.save_model(ov.convert_model(source), os.path.join(directory, "model.xml"), compress_to_fp16=False)
+        ov.save_model(
+            ov.convert_model(source), os.path.join(directory, "model.xml"), compress_to_fp16=False
+        )
     return os.path.join(directory, "model.xml")
 
 
@@ -60,8 +64,18 @@ def run(directory, inputs_nhwc, precision="fp32", threads=None):
     return runners.openvino(os.path.join(directory, "model.xml"), precision, threads)(batch)
 
 
-def export_openvino(model, output, *, quantize="none", precision=None, verify_inputs, calibration=None,
-                    reference=None, overwrite=False, tolerance=None):
+def export_openvino(
+    model,
+    output,
+    *,
+    quantize="none",
+    precision=None,
+    verify_inputs,
+    calibration=None,
+    reference=None,
+    overwrite=False,
+    tolerance=None,
+):
     """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
     reference = reference or model
     precision = precision or default_precision(quantize)
@@ -69,14 +83,26 @@ def export_openvino(model, output, *, quantize="none", precision=None, verify_in
         convert(model, staged, quantize, calibration)
         expected = np.asarray(reference(verify_inputs, training=False))
         report = verify.compare(
-            f"OpenVINO {os.path.basename(os.path.normpath(output))}", precision,
-            run(staged, verify_inputs, precision), expected, verify.directory_size_mb(staged), tolerance,
+            f"OpenVINO {os.path.basename(os.path.normpath(output))}",
+            precision,
+            run(staged, verify_inputs, precision),
+            expected,
+            verify.directory_size_mb(staged),
+            tolerance,
         )
         verify.check(report)
         with open(os.path.join(staged, "runtime.json"), "w") as f:
-            json.dump({"precision": precision, "input": "images", "layout": "NCHW",
-                       "verified_max_rel_diff": report.max_rel, "verified_top1_agreement": report.top1_agreement},
-                      f, indent=1)
+            json.dump(
+                {
+                    "precision": precision,
+                    "input": "images",
+                    "layout": "NCHW",
+                    "verified_max_rel_diff": report.max_rel,
+                    "verified_top1_agreement": report.top1_agreement,
+                },
+                f,
+                indent=1,
+            )
     return report
 
 
@@ -85,9 +111,17 @@ def main(argv):
 
     def export(shipped, reference, to_input, pixels):
         calibration = common.calibration_from_flags(shipped, to_input)
-        export_openvino(shipped, FLAGS.output, quantize=FLAGS.quantize, precision=FLAGS.precision,
-                        verify_inputs=to_input(pixels), calibration=calibration, reference=reference,
-                        overwrite=FLAGS.overwrite, tolerance=FLAGS.tolerance)
+        export_openvino(
+            shipped,
+            FLAGS.output,
+            quantize=FLAGS.quantize,
+            precision=FLAGS.precision,
+            verify_inputs=to_input(pixels),
+            calibration=calibration,
+            reference=reference,
+            overwrite=FLAGS.overwrite,
+            tolerance=FLAGS.tolerance,
+        )
         return FLAGS.output
 
     return common.run_exporter(export, FLAGS.output, checks=[common.check_calibration_flags])
@@ -97,8 +131,12 @@ if __name__ == "__main__":
     common.define_model_flags()
     flags.DEFINE_string("output", None, "Directory to write (model.xml, model.bin, runtime.json).")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "int8: QDQ-quantize before converting.")
-    flags.DEFINE_enum("precision", None, ["fp32", "bf16", "int8"],
-                      "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).")
+    flags.DEFINE_enum(
+        "precision",
+        None,
+        ["fp32", "bf16", "int8"],
+        "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).",
+    )
     common.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

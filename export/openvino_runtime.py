@@ -24,7 +24,9 @@ def compile_model(path, precision="fp32", threads=None, latency=True):
     import openvino as ov
 
     if precision not in PRECISION_HINTS:
-        raise ValueError(f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_HINTS)}.")
+        raise ValueError(
+            f"Unknown precision {precision!r}: choose one of {', '.join(PRECISION_HINTS)}."
+        )
     config = {
         "INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision],
         "PERFORMANCE_HINT": "LATENCY" if latency else "THROUGHPUT",

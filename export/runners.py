@@ -21,15 +21,20 @@ def _checked(x, expected, runtime):
     x = np.asarray(x, np.float32)
     if expected is None:  # a file that does not say
         return x
-    fits = x.ndim == len(expected) and all(size is None or size == got
-                                           for size, got in zip(expected, x.shape))
+    fits = x.ndim == len(expected) and all(
+        size is None or size == got for size, got in zip(expected, x.shape)
+    )
     if fits and x.ndim and x.shape[0] > 0:
         return x
-    wanted = ", ".join("N" if axis == 0 and size is None else "?" if size is None else str(size)
-                       for axis, size in enumerate(expected))
+    wanted = ", ".join(
+        "N" if axis == 0 and size is None else "?" if size is None else str(size)
+        for axis, size in enumerate(expected)
+    )
     problem = "an empty batch" if fits else "the wrong shape"
-    raise ValueError(f"{runtime} model expects input of shape [{wanted}] (N >= 1 images), "
-                     f"received {problem}: {list(x.shape)}.")
+    raise ValueError(
+        f"{runtime} model expects input of shape [{wanted}] (N >= 1 images), "
+        f"received {problem}: {list(x.shape)}."
+    )
 
 
 def onnxruntime(path, threads=None):
@@ -46,8 +51,9 @@ def onnxruntime(path, threads=None):
     output_name = session.get_outputs()[0].name
     # Dynamic axes are None or a name ("N", "unk__12"); fixed ones are ints.
     expected = [size if isinstance(size, int) and size > 0 else None for size in model_input.shape]
-    return lambda x: session.run([output_name],
-                                 {model_input.name: _checked(x, expected, "ONNX")})[0]
+    return lambda x: session.run([output_name], {model_input.name: _checked(x, expected, "ONNX")})[
+        0
+    ]
 
 
 def openvino(path, precision="fp32", threads=None):
@@ -56,8 +62,9 @@ def openvino(path, precision="fp32", threads=None):
 
     compiled = compile_model(path, precision, threads)
     shape = compiled.input(0).get_partial_shape()
-    expected = (None if shape.rank.is_dynamic
-                else [d.get_length() if d.is_static else None for d in shape])
+    expected = (
+        None if shape.rank.is_dynamic else [d.get_length() if d.is_static else None for d in shape]
+    )
     request = compiled.create_infer_request()
     run = lambda x: request.infer({0: np.ascontiguousarray(_checked(x, expected, "OpenVINO"))})
     return lambda x: np.array(run(x)[0])
@@ -138,12 +145,18 @@ def _convert_in_child(deploy, path, nchw):
 
     source = path + ".source.keras"
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    )
     try:
         deploy.save(source)
-        result = subprocess.run([sys.executable, "-c", _CHILD, source, path + ".partial", "nchw" if nchw else "nhwc"],
-                                env=env, capture_output=True, text=True)
-    except Exception:  # noqa: BLE001: saving failed; convert here
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, source, path + ".partial", "nchw" if nchw else "nhwc"],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
+    except Exception:  # saving failed; convert here
         return False
     finally:
         if os.path.exists(source):

@@ -52,14 +52,18 @@ def _checked(images, expected, description, finite=False):
         ok = tf.logical_and(ok, tf.equal(padded[axis], size))
     wanted = "[" + ", ".join("N" if size is None else str(size) for size in expected) + "]"
     message = tf.strings.join(
-        [f"{description}: expected shape {wanted}, received shape ", _shape_text(shape)])
+        [f"{description}: expected shape {wanted}, received shape ", _shape_text(shape)]
+    )
     shape_check = tf.debugging.Assert(ok, [message])
     checks = [shape_check]
     if finite:
         with tf.control_dependencies([shape_check]):  # a wrong shape is reported first
-            checks.append(tf.debugging.Assert(
-                tf.reduce_all(tf.math.is_finite(images)),
-                [f"{description}: received NaN or Inf values; expected finite numbers"]))
+            checks.append(
+                tf.debugging.Assert(
+                    tf.reduce_all(tf.math.is_finite(images)),
+                    [f"{description}: received NaN or Inf values; expected finite numbers"],
+                )
+            )
     with tf.control_dependencies(checks):
         images = tf.identity(images)
     images.set_shape(expected)  # no EnsureShape op: its error would not name what was expected
@@ -88,8 +92,11 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     def outputs(model_input):
         count = tf.raw_ops.Shape(input=model_input, out_type=tf.int32)[0]
         # oneDNN convolutions fail on an empty batch: run one blank image and return none of it.
-        batch = tf.cond(count > 0, lambda: model_input,
-                        lambda: tf.zeros((1, height, width, channels), model_input.dtype))
+        batch = tf.cond(
+            count > 0,
+            lambda: model_input,
+            lambda: tf.zeros((1, height, width, channels), model_input.dtype),
+        )
         logits = model(batch, training=False)[:count]
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
@@ -102,9 +109,13 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     def decode(encoded):
         # A string that is not an image fails here with decode's InvalidArgument ("Unknown
         # image file format ..."); `channels=` turns grey or RGBA images into `channels`.
-        empty = tf.debugging.Assert(tf.strings.length(encoded) > 0, [
-            "serving_bytes images: received an empty string; expected an encoded JPEG, PNG, "
-            "GIF, BMP or WebP image"])
+        empty = tf.debugging.Assert(
+            tf.strings.length(encoded) > 0,
+            [
+                "serving_bytes images: received an empty string; expected an encoded JPEG, PNG, "
+                "GIF, BMP or WebP image"
+            ],
+        )
         with tf.control_dependencies([empty]):
             image = tf.io.decode_image(encoded, channels=channels, expand_animations=False)
         image = tf.image.resize(tf.cast(image, tf.float32), (height, width), method="bilinear")
@@ -153,9 +164,17 @@ def write_warmup(export_path, model_name, pixels):
             writer.write(log)
 
 
-def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
-                      preprocessing_included=False, verify_pixels=None, model_name="repvgg",
-                      reference=None, overwrite=False):
+def export_savedmodel(
+    model,
+    version_dir,
+    *,
+    preprocessing_mode="imagenet",
+    preprocessing_included=False,
+    verify_pixels=None,
+    model_name="repvgg",
+    reference=None,
+    overwrite=False,
+):
     """Export `model` (already in the form to ship) to `version_dir`, verified, atomically.
 
     `reference` is the Keras model whose outputs the export must reproduce (default:
@@ -177,13 +196,18 @@ def export_savedmodel(model, version_dir, *, preprocessing_mode="imagenet",
         if missing:
             raise verify.VerificationError(f"SavedModel lacks signatures {sorted(missing)}.")
         model_input = (
-            verify_pixels.astype(np.float32) if preprocessing_included
-            else preprocessing.normalize(verify_pixels.astype(np.float32), preprocessing_mode, channels)
+            verify_pixels.astype(np.float32)
+            if preprocessing_included
+            else preprocessing.normalize(
+                verify_pixels.astype(np.float32), preprocessing_mode, channels
+            )
         )
         expected = np.asarray(reference(model_input, training=False))
         size = verify.directory_size_mb(staged)
         got = loaded.signatures["serving_default"](images=tf.constant(model_input))["logits"]
-        report = verify.check(verify.compare("SavedModel serving_default", "fp32", got, expected, size))
+        report = verify.check(
+            verify.compare("SavedModel serving_default", "fp32", got, expected, size)
+        )
         got = loaded.signatures["serving_uint8"](images=tf.constant(verify_pixels))["logits"]
         verify.check(verify.compare("SavedModel serving_uint8", "fp32", got, expected, size))
         encoded = tf.stack([tf.io.encode_png(p) for p in verify_pixels])
@@ -196,11 +220,15 @@ def check_serving_flags():
     """TF Serving loads the version directories named by a non-negative integer (0 included) and
     ignores others, so --version must be >= 0; --export_dir is the directory above them."""
     if FLAGS.version < 0:
-        raise ValueError(f"--version must be a non-negative integer (TF Serving's version directories), "
-                         f"got {FLAGS.version}.")
+        raise ValueError(
+            f"--version must be a non-negative integer (TF Serving's version directories), "
+            f"got {FLAGS.version}."
+        )
     if os.path.exists(FLAGS.export_dir) and not os.path.isdir(FLAGS.export_dir):
-        raise ValueError(f"--export_dir {FLAGS.export_dir} is a file: it must be a directory (the version "
-                         "subdirectory goes below it).")
+        raise ValueError(
+            f"--export_dir {FLAGS.export_dir} is a file: it must be a directory (the version "
+            "subdirectory goes below it)."
+        )
 
 
 def main(argv):
@@ -208,10 +236,16 @@ def main(argv):
     version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
 
     def export(shipped, reference, to_input, pixels):
-        export_savedmodel(shipped, version_dir, preprocessing_mode=FLAGS.preprocessing,
-                          preprocessing_included=FLAGS.include_preprocessing, verify_pixels=pixels,
-                          model_name=FLAGS.serving_name or FLAGS.model.lower(), reference=reference,
-                          overwrite=FLAGS.overwrite)
+        export_savedmodel(
+            shipped,
+            version_dir,
+            preprocessing_mode=FLAGS.preprocessing,
+            preprocessing_included=FLAGS.include_preprocessing,
+            verify_pixels=pixels,
+            model_name=FLAGS.serving_name or FLAGS.model.lower(),
+            reference=reference,
+            overwrite=FLAGS.overwrite,
+        )
         return version_dir
 
     return common.run_exporter(export, version_dir, checks=[check_serving_flags])
@@ -219,8 +253,14 @@ def main(argv):
 
 if __name__ == "__main__":
     common.define_model_flags()
-    flags.DEFINE_string("export_dir", None, "TF Serving model base directory; the version goes below it.")
-    flags.DEFINE_integer("version", 1, "Model version (the subdirectory TF Serving loads): an integer >= 0.")
-    flags.DEFINE_string("serving_name", None, "Model name in TF Serving (default: the variant, lower case).")
+    flags.DEFINE_string(
+        "export_dir", None, "TF Serving model base directory; the version goes below it."
+    )
+    flags.DEFINE_integer(
+        "version", 1, "Model version (the subdirectory TF Serving loads): an integer >= 0."
+    )
+    flags.DEFINE_string(
+        "serving_name", None, "Model name in TF Serving (default: the variant, lower case)."
+    )
     flags.mark_flag_as_required("export_dir")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -25,8 +25,17 @@ from export import common, verify
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
-PRECISION = {"none": "fp32", "float16": "fp16", "dynamic": "dynamic", "int8": "int8", "int8_full": "int8"}
-FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]  # a sliver of the work, and quantizing them clips logits
+PRECISION = {
+    "none": "fp32",
+    "float16": "fp16",
+    "dynamic": "dynamic",
+    "int8": "int8",
+    "int8_full": "int8",
+}
+FLOAT_OPS_IN_INT8 = [
+    "MEAN",
+    "FULLY_CONNECTED",
+]  # a sliver of the work, and quantizing them clips logits
 
 
 def convert(model, quantize="none", calibration=None):
@@ -34,7 +43,9 @@ def convert(model, quantize="none", calibration=None):
     import tensorflow as tf
 
     if quantize not in QUANTIZATIONS:
-        raise ValueError(f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}.")
+        raise ValueError(
+            f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}."
+        )
     if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
         raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
     with tempfile.TemporaryDirectory() as tmp:
@@ -42,7 +53,9 @@ def convert(model, quantize="none", calibration=None):
         # Keras's own exporter: a SavedModel from tf.saved_model.save(tf.Module) converts
         # to a weightless (NaN) flatbuffer here, as from_concrete_functions does.
         model.export(saved, format="tf_saved_model", verbose=False)
-        converter = tf.lite.TFLiteConverter.from_saved_model(saved, signature_keys=["serving_default"])
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            saved, signature_keys=["serving_default"]
+        )
         if quantize != "none":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
@@ -52,11 +65,17 @@ def convert(model, quantize="none", calibration=None):
             converter.representative_dataset = lambda: ([s[None]] for s in samples)
         if quantize == "int8":
             # LiteRT's selective quantization: calibrate once, then quantize all but these ops.
-            with warnings.catch_warnings():  # the debugger opens its own (deprecated) tf.lite.Interpreter
+            with (
+                warnings.catch_warnings()
+            ):  # the debugger opens its own (deprecated) tf.lite.Interpreter
                 warnings.simplefilter("ignore", UserWarning)
                 debugger = tf.lite.experimental.QuantizationDebugger(
-                    converter=converter, debug_dataset=converter.representative_dataset,
-                    debug_options=tf.lite.experimental.QuantizationDebugOptions(denylisted_ops=FLOAT_OPS_IN_INT8))
+                    converter=converter,
+                    debug_dataset=converter.representative_dataset,
+                    debug_options=tf.lite.experimental.QuantizationDebugOptions(
+                        denylisted_ops=FLOAT_OPS_IN_INT8
+                    ),
+                )
                 return debugger.get_nondebug_quantized_model()
         if quantize == "int8_full":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
@@ -70,8 +89,17 @@ def run(path_or_bytes, inputs):
     return runners.tflite(path_or_bytes)(inputs)
 
 
-def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=None,
-                  reference=None, overwrite=False, tolerance=None):
+def export_tflite(
+    model,
+    output,
+    *,
+    quantize="none",
+    verify_inputs,
+    calibration=None,
+    reference=None,
+    overwrite=False,
+    tolerance=None,
+):
     """Convert, verify against `reference` (default `model`), then move into `output`."""
     reference = reference or model
     with common.atomic_output(output, overwrite=overwrite) as staged:
@@ -80,8 +108,12 @@ def export_tflite(model, output, *, quantize="none", verify_inputs, calibration=
             f.write(flatbuffer)
         expected = np.asarray(reference(verify_inputs, training=False))
         report = verify.compare(
-            f"TFLite {os.path.basename(output)}", PRECISION[quantize], run(staged, verify_inputs),
-            expected, len(flatbuffer) / 2**20, tolerance,
+            f"TFLite {os.path.basename(output)}",
+            PRECISION[quantize],
+            run(staged, verify_inputs),
+            expected,
+            len(flatbuffer) / 2**20,
+            tolerance,
         )
         verify.check(report)
     return report
@@ -92,9 +124,16 @@ def main(argv):
 
     def export(shipped, reference, to_input, pixels):
         calibration = common.calibration_from_flags(shipped, to_input)
-        export_tflite(shipped, FLAGS.output, quantize=FLAGS.quantize, verify_inputs=to_input(pixels),
-                      calibration=calibration, reference=reference, overwrite=FLAGS.overwrite,
-                      tolerance=FLAGS.tolerance)
+        export_tflite(
+            shipped,
+            FLAGS.output,
+            quantize=FLAGS.quantize,
+            verify_inputs=to_input(pixels),
+            calibration=calibration,
+            reference=reference,
+            overwrite=FLAGS.overwrite,
+            tolerance=FLAGS.tolerance,
+        )
         return FLAGS.output
 
     return common.run_exporter(export, FLAGS.output, checks=[common.check_calibration_flags])

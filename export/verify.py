@@ -38,7 +38,9 @@ def compare(artifact, precision, actual, reference, size_mb=float("nan"), tolera
     actual = np.asarray(actual, np.float64)
     reference = np.asarray(reference, np.float64)
     if actual.shape != reference.shape:
-        raise ValueError(f"{artifact}: output shape {actual.shape} != Keras output shape {reference.shape}.")
+        raise ValueError(
+            f"{artifact}: output shape {actual.shape} != Keras output shape {reference.shape}."
+        )
     max_abs = float(np.max(np.abs(actual - reference)))
     scale = float(np.max(np.abs(reference))) or 1.0
     top1 = float(np.mean(actual.argmax(-1) == reference.argmax(-1)))
@@ -56,9 +58,12 @@ def check(report):
     if report.precision == "int8" and report.top1_agreement < INT8_HINT_BELOW:
         # A deploy model looks the same whether it was trained with QARepVGG blocks or not, so the
         # hint names every remedy without guessing which one was already taken.
-        print(f"note: int8 keeps the top-1 class on {report.top1_agreement:.2%} of the verification images.\n"
-              "  To keep more: calibrate on more images like the real inputs, train with `python -m train "
-              "--quant_friendly` (QARepVGG blocks) if this model was not, or ship bf16/float16.", flush=True)
+        print(
+            f"note: int8 keeps the top-1 class on {report.top1_agreement:.2%} of the verification images.\n"
+            "  To keep more: calibrate on more images like the real inputs, train with `python -m train "
+            "--quant_friendly` (QARepVGG blocks) if this model was not, or ship bf16/float16.",
+            flush=True,
+        )
     if not report.ok:
         raise VerificationError(
             f"{report.artifact} differs from the Keras model by {report.max_rel:.3e} (relative), "
@@ -70,6 +75,11 @@ def check(report):
 def directory_size_mb(path):
     if os.path.isfile(path):
         return os.path.getsize(path) / 2**20
-    return sum(
-        os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files
-    ) / 2**20
+    return (
+        sum(
+            os.path.getsize(os.path.join(root, f))
+            for root, _, files in os.walk(path)
+            for f in files
+        )
+        / 2**20
+    )

@@ -1,9 +1,9 @@
 """RepVGG for Keras 3: train with three-branch blocks, deploy as a plain 3x3 conv stack.
 
-    import repvgg_keras as rk
-    model = rk.RepVGG_A0()            # training form
-    plain = rk.to_deploy(model)       # fused, built-in layers only
-    model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in its own form
+import repvgg_keras as rk
+model = rk.RepVGG_A0()            # training form
+plain = rk.to_deploy(model)       # fused, built-in layers only
+model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in its own form
 """
 
 from repvgg_keras.deploy import is_deploy_form, to_deploy

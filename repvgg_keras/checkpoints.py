@@ -15,7 +15,12 @@ import re
 import numpy as np
 
 from repvgg_keras.layers import RepVGGBlock, contains_blocks
-from repvgg_keras.sources import ClassifierMismatchError, MissingDependencyError, SourceError, SourceNotFoundError
+from repvgg_keras.sources import (
+    ClassifierMismatchError,
+    MissingDependencyError,
+    SourceError,
+    SourceNotFoundError,
+)
 
 # timm name -> authors' name, applied in order as regular expressions on whole keys.
 TIMM_TO_AUTHORS = (
@@ -31,7 +36,12 @@ TIMM_TO_AUTHORS = (
 )
 
 # Our layer attribute / suffix <- authors' sub-key, per form. (variable, transform)
-BN_VARIABLES = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
+BN_VARIABLES = {
+    "weight": "gamma",
+    "bias": "beta",
+    "running_mean": "moving_mean",
+    "running_var": "moving_variance",
+}
 IGNORED_SUFFIXES = ("num_batches_tracked",)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 
@@ -83,7 +93,11 @@ def _tensors_to_numpy(value):
     if isinstance(value, dict):
         return {k: _tensors_to_numpy(v) for k, v in value.items()}
     if hasattr(value, "detach"):
-        return value.detach().cpu().float().numpy() if value.is_floating_point() else value.cpu().numpy()
+        return (
+            value.detach().cpu().float().numpy()
+            if value.is_floating_point()
+            else value.cpu().numpy()
+        )
     return value
 
 
@@ -95,7 +109,7 @@ def unwrap(state):
     arrays = {}
     for name, value in state.items():
         if isinstance(value, np.ndarray):
-            arrays[name[len("module."):] if name.startswith("module.") else name] = value
+            arrays[name[len("module.") :] if name.startswith("module.") else name] = value
     if not arrays:
         raise SourceError("The checkpoint holds no tensors.")
     return arrays
@@ -164,7 +178,8 @@ def expected_tensors(model):
                 raise SourceError(
                     f"Block {name!r} is a quant_friendly (QARepVGG) block: the RepVGG checkpoint formats "
                     "(authors', timm) have no such layout. Load Keras weights (.weights.h5/.keras) into it, "
-                    "or load the checkpoint into a model built with quant_friendly=False.")
+                    "or load the checkpoint into a model built with quant_friendly=False."
+                )
             prefix = _block_prefix(name)
             add_conv(f"{prefix}.rbr_dense.conv", layer.dense_conv, bias=False)
             add_bn(f"{prefix}.rbr_dense.bn", layer.dense_bn)
@@ -195,7 +210,11 @@ def _block_name_pattern(name):
 
 def load_checkpoint(model, path_or_state):
     """Load a checkpoint (path or state dict) into `model`, strictly. Returns the format."""
-    state = read_state_dict(path_or_state) if isinstance(path_or_state, (str, os.PathLike)) else unwrap(path_or_state)
+    state = (
+        read_state_dict(path_or_state)
+        if isinstance(path_or_state, (str, os.PathLike))
+        else unwrap(path_or_state)
+    )
     form = detect_format(state)
     state = to_authors_names(state)
     targets = expected_tensors(model)
@@ -233,7 +252,9 @@ def load_checkpoint(model, path_or_state):
         variable, transform = targets[key]
         value = transform(relevant[key])
         if tuple(value.shape) != tuple(variable.shape):
-            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}")
+            mismatched.append(
+                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}"
+            )
     if missing or unexpected or mismatched:
         raise SourceError(
             f"Checkpoint ({form}) does not match model {model.name!r}; nothing was loaded.\n"
@@ -250,7 +271,9 @@ def load_checkpoint(model, path_or_state):
 def _listing(title, items, limit=12):
     if not items:
         return ""
-    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+    shown = ", ".join(items[:limit]) + (
+        f", ... ({len(items) - limit} more)" if len(items) > limit else ""
+    )
     return f"  {title} ({len(items)}): {shown}\n"
 
 
@@ -282,7 +305,10 @@ def imagenet_weights_path(model_name, cache_dir=None):
         os.makedirs(cache_dir, exist_ok=True)  # get_file falls back to /tmp for a missing dir
     try:
         path = keras.utils.get_file(
-            fname=f"{timm_name}.safetensors", origin=url, cache_dir=cache_dir, cache_subdir="repvgg_keras"
+            fname=f"{timm_name}.safetensors",
+            origin=url,
+            cache_dir=cache_dir,
+            cache_subdir="repvgg_keras",
         )
     except Exception as error:  # URLError, HTTPError, OSError: one message naming the URL
         raise SourceError(

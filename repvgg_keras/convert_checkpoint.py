@@ -29,8 +29,10 @@ def convert(model_name, checkpoint, output, classes=1000, include_top=True, over
         raise FileExistsError(f"{output} exists: pass --overwrite to replace it.")
     source = sources.read_source(checkpoint)
     if source.kind != "checkpoint":
-        raise ValueError(f"--checkpoint {checkpoint!r} is not a .pth/.pt/.bin/.safetensors checkpoint "
-                         "(Keras files load directly with weights=...).")
+        raise ValueError(
+            f"--checkpoint {checkpoint!r} is not a .pth/.pt/.bin/.safetensors checkpoint "
+            "(Keras files load directly with weights=...)."
+        )
     kwargs = dict(include_top=include_top)
     if include_top:
         kwargs["classes"] = classes
@@ -44,11 +46,18 @@ def convert(model_name, checkpoint, output, classes=1000, include_top=True, over
             model.save_weights(staged)
             reloaded = rk.get_model(model_name, weights=staged, **kwargs)
             size = model.input_shape[1]
-            images = np.random.default_rng(0).normal(size=(2, size, size, model.input_shape[-1])).astype("float32")
-            diff = max_relative_difference(reloaded(images, training=False), model(images, training=False))
+            images = (
+                np.random.default_rng(0)
+                .normal(size=(2, size, size, model.input_shape[-1]))
+                .astype("float32")
+            )
+            diff = max_relative_difference(
+                reloaded(images, training=False), model(images, training=False)
+            )
             if diff != 0.0:
                 raise RuntimeError(
-                    f"The saved weights do not reproduce the model (max relative difference {diff:.3e}).")
+                    f"The saved weights do not reproduce the model (max relative difference {diff:.3e})."
+                )
             os.replace(staged, output)
     except OSError as error:  # the staging directory is ours: name the user's path instead
         raise ValueError(f"Cannot write --output {output}: {error.strerror or error}.") from error
@@ -59,13 +68,28 @@ def main(argv):
     del argv
     try:
         if FLAGS.classes < 1:
-            raise ValueError(f"--classes must be at least 1 (the checkpoint's classifier width), got {FLAGS.classes}.")
-        form, diff = convert(FLAGS.model, FLAGS.checkpoint, FLAGS.output, FLAGS.classes,
-                             FLAGS.include_top, FLAGS.overwrite)
-    except (ValueError, OSError, ImportError, RuntimeError) as error:  # OSError covers FileExists/NotFound
+            raise ValueError(
+                f"--classes must be at least 1 (the checkpoint's classifier width), got {FLAGS.classes}."
+            )
+        form, diff = convert(
+            FLAGS.model,
+            FLAGS.checkpoint,
+            FLAGS.output,
+            FLAGS.classes,
+            FLAGS.include_top,
+            FLAGS.overwrite,
+        )
+    except (
+        ValueError,
+        OSError,
+        ImportError,
+        RuntimeError,
+    ) as error:  # OSError covers FileExists/NotFound
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(f"checkpoint format: {form}; saved {FLAGS.output}; reload max relative difference {diff:.1e}")
+    print(
+        f"checkpoint format: {form}; saved {FLAGS.output}; reload max relative difference {diff:.1e}"
+    )
     return 0
 
 

@@ -13,7 +13,8 @@ from repvgg_keras.layers import PlainBlock, RepVGGBlock, contains_blocks
 def is_deploy_form(model):
     """True when `model` holds no RepVGGBlock but plain RepVGG convs (`*_reparam`)."""
     return not contains_blocks(model) and any(
-        isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam") for l in model._flatten_layers()
+        isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam")
+        for l in model._flatten_layers()
     )
 
 
@@ -70,7 +71,9 @@ class _Converter:
 
     def convert_plain(self, model):
         """A deploy-form model again, its plain block layers in `self.dtype`."""
-        return keras.models.clone_model(model, clone_function=self._clone_plain, call_function=self._call)
+        return keras.models.clone_model(
+            model, clone_function=self._clone_plain, call_function=self._call
+        )
 
     def _clone_plain(self, layer):
         if isinstance(layer, keras.Model):

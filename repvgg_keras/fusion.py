@@ -61,5 +61,7 @@ def fuse_branches(branches, post_batchnorm=None):
     if post_batchnorm is not None:
         # bn(Wx + b) = bn'(Wx) where bn' has mean (mean - b): fold it like any BN.
         gamma, beta, mean, variance, epsilon = post_batchnorm
-        kernel, bias = fold_batchnorm(kernel, gamma, beta, np.asarray(mean, np.float64) - bias, variance, epsilon)
+        kernel, bias = fold_batchnorm(
+            kernel, gamma, beta, np.asarray(mean, np.float64) - bias, variance, epsilon
+        )
     return np.asarray(kernel, np.float32), np.asarray(bias, np.float32)

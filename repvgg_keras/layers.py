@@ -25,12 +25,8 @@ def _conv_padding(strides):
 
 
 def _se_convs(filters, se_channels, name, dtype):
-    reduce = layers.Conv2D(
-        se_channels, 1, activation="relu", name=f"{name}_se_reduce", dtype=dtype
-    )
-    expand = layers.Conv2D(
-        filters, 1, activation="sigmoid", name=f"{name}_se_expand", dtype=dtype
-    )
+    reduce = layers.Conv2D(se_channels, 1, activation="relu", name=f"{name}_se_reduce", dtype=dtype)
+    expand = layers.Conv2D(filters, 1, activation="sigmoid", name=f"{name}_se_expand", dtype=dtype)
     return reduce, expand
 
 
@@ -78,8 +74,10 @@ class RepVGGBlock(layers.Layer):
     ):
         super().__init__(**kwargs)
         if quant_friendly and kernel_l2:
-            raise ValueError("RepVGGBlock: quant_friendly (QARepVGG) blocks train with plain weight decay; "
-                             "set kernel_l2=0 (train: drop --custom_l2).")
+            raise ValueError(
+                "RepVGGBlock: quant_friendly (QARepVGG) blocks train with plain weight decay; "
+                "set kernel_l2=0 (train: drop --custom_l2)."
+            )
         if strides not in (1, 2):
             raise ValueError(f"RepVGGBlock strides must be 1 or 2, got {strides!r}.")
         if strides != 1 and dilation_rate != 1:
@@ -104,8 +102,11 @@ class RepVGGBlock(layers.Layer):
 
         name, dtype = self.name, self.dtype_policy
         bn = lambda suffix: layers.BatchNormalization(
-            epsilon=self.bn_epsilon, momentum=self.bn_momentum, synchronized=self.bn_synchronized,
-            name=f"{name}_{suffix}", dtype=dtype,
+            epsilon=self.bn_epsilon,
+            momentum=self.bn_momentum,
+            synchronized=self.bn_synchronized,
+            name=f"{name}_{suffix}",
+            dtype=dtype,
         )
         conv = lambda size, suffix, strides=self.strides, **kw: layers.Conv2D(
             self.filters,
@@ -130,7 +131,9 @@ class RepVGGBlock(layers.Layer):
         # Stride-2 1x1 branch as "every other pixel, then a stride-1 1x1 conv": the same sums, and it
         # avoids TF 2.21's oneDNN stride-2 1x1 backward-weights kernel, which corrupts the heap on the
         # 224px RGB stem (tests/test_train.py::test_stem_trains_at_224_without_crashing).
-        self.pointwise_conv = conv(1, "1x1_conv", padding="valid", strides=1) if self.use_1x1 else None
+        self.pointwise_conv = (
+            conv(1, "1x1_conv", padding="valid", strides=1) if self.use_1x1 else None
+        )
         self.pointwise_bn = bn("1x1_bn") if self.use_1x1 and not self.quant_friendly else None
         self.identity_bn = None  # created in build() once the input channels are known
         self.post_bn = bn("post_bn") if self.quant_friendly else None
@@ -190,7 +193,11 @@ class RepVGGBlock(layers.Layer):
         if self.pointwise_conv is not None:
             sampled = inputs[:, :: self.strides, :: self.strides, :] if self.strides > 1 else inputs
             pointwise = self.pointwise_conv(sampled)
-            out = out + (pointwise if self.pointwise_bn is None else self.pointwise_bn(pointwise, training=training))
+            out = out + (
+                pointwise
+                if self.pointwise_bn is None
+                else self.pointwise_bn(pointwise, training=training)
+            )
         if self.identity_bn is not None:
             out = out + self.identity_bn(inputs, training=training)
         elif self.adds_plain_identity:
@@ -236,11 +243,17 @@ class RepVGGBlock(layers.Layer):
         Exact in inference mode: BatchNorm uses its moving statistics.
         """
         if not self.built:
-            raise ValueError(f"RepVGGBlock {self.name} is not built yet: call it on an input first.")
+            raise ValueError(
+                f"RepVGGBlock {self.name} is not built yet: call it on an input first."
+            )
         branches = [_folded(self.dense_conv.kernel, self.dense_bn)]
         if self.pointwise_conv is not None:
             kernel = self.pointwise_conv.kernel
-            branches.append((_numpy(kernel), 0.0) if self.pointwise_bn is None else _folded(kernel, self.pointwise_bn))
+            branches.append(
+                (_numpy(kernel), 0.0)
+                if self.pointwise_bn is None
+                else _folded(kernel, self.pointwise_bn)
+            )
         identity = fusion.identity_kernel(self.filters, self.groups)
         if self.identity_bn is not None:
             branches.append(_folded(identity, self.identity_bn))
@@ -286,7 +299,13 @@ def _numpy(value):
 
 def _batchnorm_arrays(bn):
     """(gamma, beta, mean, variance, epsilon) of an inference-mode BatchNorm, as numpy."""
-    return (_numpy(bn.gamma), _numpy(bn.beta), _numpy(bn.moving_mean), _numpy(bn.moving_variance), bn.epsilon)
+    return (
+        _numpy(bn.gamma),
+        _numpy(bn.beta),
+        _numpy(bn.moving_mean),
+        _numpy(bn.moving_variance),
+        bn.epsilon,
+    )
 
 
 def _folded(kernel, bn):
@@ -307,9 +326,13 @@ class PlainBlock:
     built directly and one converted by `to_deploy` share one weight layout.
     """
 
-    def __init__(self, filters, strides=1, groups=1, dilation_rate=1, se_channels=0, name="block", dtype=None):
+    def __init__(
+        self, filters, strides=1, groups=1, dilation_rate=1, se_channels=0, name="block", dtype=None
+    ):
         self.pad = (
-            layers.ZeroPadding2D(dilation_rate, name=f"{name}_pad", dtype=dtype) if strides > 1 else None
+            layers.ZeroPadding2D(dilation_rate, name=f"{name}_pad", dtype=dtype)
+            if strides > 1
+            else None
         )
         self.conv = layers.Conv2D(
             filters,

@@ -21,9 +21,7 @@ def _check_input_shape(input_shape, spec):
         return (spec.default_size, spec.default_size, 3)
     input_shape = tuple(input_shape)
     if len(input_shape) != 3:
-        raise ValueError(
-            f"input_shape must be (height, width, channels), got {input_shape!r}."
-        )
+        raise ValueError(f"input_shape must be (height, width, channels), got {input_shape!r}.")
     height, width, channels = input_shape
     for label, size in (("height", height), ("width", width)):
         if size is not None and size < MIN_INPUT_SIZE:
@@ -147,8 +145,9 @@ def RepVGG(
         x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
         # Under a mixed policy the classifier runs in float32 (bf16 logits keep ~3 digits).
         head_dtype = "float32" if keras.config.dtype_policy().name.startswith("mixed_") else None
-        outputs = layers.Dense(num_classes, activation=classifier_activation, name="predictions",
-                               dtype=head_dtype)(x)
+        outputs = layers.Dense(
+            num_classes, activation=classifier_activation, name="predictions", dtype=head_dtype
+        )(x)
     elif pooling == "avg":
         outputs = layers.GlobalAveragePooling2D(name="avg_pool")(x)
     elif pooling == "max":
@@ -157,7 +156,9 @@ def RepVGG(
         outputs = x
 
     model = keras.Model(inputs, outputs, name=name or spec.name)
-    if weights is not None:  # into this form and these options: see sources.model_from_source otherwise
+    if (
+        weights is not None
+    ):  # into this form and these options: see sources.model_from_source otherwise
         sources.load_into(model, weights, variant=spec.name)
     return model
 

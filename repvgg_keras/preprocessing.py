@@ -70,7 +70,9 @@ def preprocess_for_eval(images, size=224, crop_pct=0.875, mode="imagenet"):
         new_h, new_w = scale_to, int(round(width * scale_to / height))
     else:
         new_h, new_w = int(round(height * scale_to / width)), scale_to
-    resized = keras.ops.image.resize(images, (new_h, new_w), interpolation="bilinear", antialias=True)
+    resized = keras.ops.image.resize(
+        images, (new_h, new_w), interpolation="bilinear", antialias=True
+    )
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    cropped = resized[:, top:top + size, left:left + size, :]
+    cropped = resized[:, top : top + size, left : left + size, :]
     return normalize(cropped, mode, images.shape[-1])

@@ -50,7 +50,9 @@ class Source:
     format: str = None  # "timm-train", "authors-deploy", ... (checkpoints)
     saved_model: object = None  # the loaded keras.Model (kind "keras_model")
     deploy: bool = None  # deploy (plain) form; None when the file does not say
-    block_options: dict = dataclasses.field(default_factory=dict)  # quant_friendly, use_1x1, use_identity
+    block_options: dict = dataclasses.field(
+        default_factory=dict
+    )  # quant_friendly, use_1x1, use_identity
 
     @property
     def form(self):
@@ -89,8 +91,13 @@ def read_source(source):
         return Source("keras_weights", path, deploy=deploy, block_options=options)
     if path.endswith(".keras"):
         model = _load_keras_model(path)
-        return Source("keras_model", path, saved_model=model, deploy=not contains_blocks(model),
-                      block_options=block_options(model))
+        return Source(
+            "keras_model",
+            path,
+            saved_model=model,
+            deploy=not contains_blocks(model),
+            block_options=block_options(model),
+        )
     raise SourceError(f"Unsupported weights file {path!r}: expected {SUFFIXES}.")
 
 
@@ -101,8 +108,11 @@ def block_options(model):
     blocks = [l for l in model._flatten_layers(include_self=False) if isinstance(l, RepVGGBlock)]
     if not blocks:
         return {}
-    return dict(quant_friendly=any(b.quant_friendly for b in blocks), use_1x1=any(b.use_1x1 for b in blocks),
-                use_identity=any(b.use_identity for b in blocks))
+    return dict(
+        quant_friendly=any(b.quant_friendly for b in blocks),
+        use_1x1=any(b.use_1x1 for b in blocks),
+        use_identity=any(b.use_identity for b in blocks),
+    )
 
 
 def _load_keras_model(path):
@@ -130,17 +140,25 @@ def _weights_file_layout(path):
         with h5py.File(path, "r") as f:
             if "layers" not in f:
                 return None, {}
-            groups = {name: set(f["layers"][name].keys()) if isinstance(f["layers"][name], h5py.Group) else set()
-                      for name in f["layers"]}
+            groups = {
+                name: set(f["layers"][name].keys())
+                if isinstance(f["layers"][name], h5py.Group)
+                else set()
+                for name in f["layers"]
+            }
     except OSError as error:
         raise SourceError(
             f"{path!r} is not a valid .weights.h5 file ({error}); it may be truncated or corrupted: save it again."
         ) from error
     blocks = [parts for name, parts in groups.items() if name.startswith("rep_vgg_block")]
     if blocks:
-        options = dict(quant_friendly=any("post_bn" in b for b in blocks),
-                       use_1x1=any("pointwise_conv" in b for b in blocks))
-        if not options["quant_friendly"]:  # a QARepVGG identity branch has no weights: the caller says
+        options = dict(
+            quant_friendly=any("post_bn" in b for b in blocks),
+            use_1x1=any("pointwise_conv" in b for b in blocks),
+        )
+        if not options[
+            "quant_friendly"
+        ]:  # a QARepVGG identity branch has no weights: the caller says
             options["use_identity"] = any("identity_bn" in b for b in blocks)
         return False, options
     if any(name.startswith("conv2d") for name in groups):
@@ -180,8 +198,9 @@ def _does_not_fit(model, src, detail):
 
     hint = ""
     if src.deploy is not None and src.deploy == contains_blocks(model):
-        hint = (f" The file holds the {src.form} form: build with deploy={src.deploy}"
-                + (" (then rk.to_deploy)." if not src.deploy else "."))
+        hint = f" The file holds the {src.form} form: build with deploy={src.deploy}" + (
+            " (then rk.to_deploy)." if not src.deploy else "."
+        )
     return SourceError(
         f"Weights file {src.path!r} does not fit model {model.name!r} in {_model_form(model)} form.{hint}\n"
         "The file must come from the same variant, the same form (training-form files need deploy=False, "
@@ -205,10 +224,15 @@ def _load_weights_file(model, src):
 
 def _copy_saved_model(model, src):
     ours, theirs = model.weights, src.saved_model.weights
-    mismatched = [f"{a.path} {tuple(a.shape)} vs file {tuple(b.shape)}"
-                  for a, b in zip(ours, theirs) if tuple(a.shape) != tuple(b.shape)]
+    mismatched = [
+        f"{a.path} {tuple(a.shape)} vs file {tuple(b.shape)}"
+        for a, b in zip(ours, theirs)
+        if tuple(a.shape) != tuple(b.shape)
+    ]
     if len(ours) != len(theirs) or mismatched:
-        counts = f"model has {len(ours)} weights, file {len(theirs)}" if len(ours) != len(theirs) else ""
+        counts = (
+            f"model has {len(ours)} weights, file {len(theirs)}" if len(ours) != len(theirs) else ""
+        )
         raise _does_not_fit(model, src, "; ".join(filter(None, [counts] + mismatched[:3])))
     model.set_weights(src.saved_model.get_weights())
 
@@ -249,8 +273,12 @@ def model_from_source(spec, source=None, *, form=None, **kwargs):
     if form is not None and deploy != (form == "deploy"):
         raise SourceError(
             f"{src.describe()} holds a {src.form}-form model, but the {form} form is needed here"
-            + (": fused (deploy-form) weights cannot be trained; use the training-form file "
-               "(e.g. model_train.keras) or checkpoint." if form == "training" else ".")
+            + (
+                ": fused (deploy-form) weights cannot be trained; use the training-form file "
+                "(e.g. model_train.keras) or checkpoint."
+                if form == "training"
+                else "."
+            )
         )
     model = models.RepVGG(spec, deploy=deploy, **{**kwargs, **src.block_options})
     load_into(model, src, variant=spec.name)
@@ -260,5 +288,7 @@ def model_from_source(spec, source=None, *, form=None, **kwargs):
 def check_classes(classes):
     """`classes` as an int >= 1, or a ValueError naming it (Keras's own error names `units`)."""
     if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 1:
-        raise ValueError(f"classes must be a positive integer (the classifier's width), got {classes!r}.")
+        raise ValueError(
+            f"classes must be a positive integer (the classifier's width), got {classes!r}."
+        )
     return int(classes)

@@ -6,7 +6,6 @@ architectures are just another `RepVGGSpec`.
 """
 
 import dataclasses
-from typing import Tuple
 
 # Layers 2, 4, ..., 26 (counted from 1 at stage 1's first block) are grouped in the
 # g2/g4 variants, as in the authors' repository.
@@ -35,10 +34,10 @@ class RepVGGSpec:
     """
 
     name: str
-    num_blocks: Tuple[int, int, int, int]
-    width_multipliers: Tuple[float, float]
+    num_blocks: tuple[int, int, int, int]
+    width_multipliers: tuple[float, float]
     groups: int = 1
-    grouped_layers: Tuple[int, ...] = DEFAULT_GROUPED_LAYERS
+    grouped_layers: tuple[int, ...] = DEFAULT_GROUPED_LAYERS
     use_se: bool = False
     se_ratio: float = 1.0 / 16.0
     default_size: int = 224
@@ -59,7 +58,7 @@ class RepVGGSpec:
             raise ValueError(f"RepVGGSpec.groups must be >= 1, got {self.groups!r}.")
 
     @property
-    def stage_widths(self) -> Tuple[int, int, int, int, int]:
+    def stage_widths(self) -> tuple[int, int, int, int, int]:
         """Output channels of stage 0 (stem) to stage 4."""
         a, b = self.width_multipliers
         return (
@@ -127,7 +126,7 @@ def get_spec(name: str) -> RepVGGSpec:
     )
 
 
-def _dilations_for(output_stride: int) -> Tuple[int, ...]:
+def _dilations_for(output_stride: int) -> tuple[int, ...]:
     """Dilation per stage 0..4: late strides become dilation (authors' PSPNet recipe)."""
     table = {32: (1, 1, 1, 1, 1), 16: (1, 1, 1, 1, 2), 8: (1, 1, 1, 2, 4)}
     if output_stride not in table:
@@ -140,9 +139,7 @@ def block_plan(spec: RepVGGSpec, output_stride: int = 32):
     dilations = _dilations_for(output_stride)
     widths = spec.stage_widths
     se_channels = lambda filters: max(1, int(filters * spec.se_ratio)) if spec.use_se else 0
-    plans = [
-        BlockPlan("stage0", 0, widths[0], 2, 1, 1, spec.use_se, se_channels(widths[0]), False)
-    ]
+    plans = [BlockPlan("stage0", 0, widths[0], 2, 1, 1, spec.use_se, se_channels(widths[0]), False)]
     layer_index = 1
     for stage, count in enumerate(spec.num_blocks, start=1):
         for i in range(count):

@@ -8,7 +8,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def _record(runtime, precision, speed, model="RepVGG_A0", batch=1, **extra):
-    return dict(model=model, runtime=runtime, precision=precision, batch=batch, images_per_s=speed, status="ok", **extra)
+    return dict(
+        model=model,
+        runtime=runtime,
+        precision=precision,
+        batch=batch,
+        images_per_s=speed,
+        status="ok",
+        **extra,
+    )
 
 
 RECORDS = [
@@ -23,26 +31,47 @@ RECORDS = [
     _record("timm-reparam-cl", "bf16", 80.0),
     _record("timm-cl", "fp32", 16.0, model="ResNet-18"),
     _record("keras-deploy", "fp32", 99.0, batch=32),  # another panel
-    {"model": "RepVGG_A0", "runtime": "openvino", "precision": "fp16", "batch": 1, "status": "skipped", "reason": "no fp16"},
+    {
+        "model": "RepVGG_A0",
+        "runtime": "openvino",
+        "precision": "fp16",
+        "batch": 1,
+        "status": "skipped",
+        "reason": "no fp16",
+    },
 ]
 
 
 def test_bars_are_grouped_by_precision_class_with_the_peer_marked():
     bars, peers = report.chart_bars(RECORDS, "RepVGG_A0", 1, baselines=["ResNet-18"])
     assert [b["label"] for b in bars] == [
-        "timm-train", "onnxruntime-nchw", "timm-reparam-cl", "keras-deploy", "timm-reparam", "ResNet-18 timm-cl",
-        "openvino bf16", "timm-reparam-cl bf16", "tflite fp16",
+        "timm-train",
+        "onnxruntime-nchw",
+        "timm-reparam-cl",
+        "keras-deploy",
+        "timm-reparam",
+        "ResNet-18 timm-cl",
+        "openvino bf16",
+        "timm-reparam-cl bf16",
+        "tflite fp16",
         "openvino",
     ]
     assert [b["group"] for b in bars] == ["fp32"] * 6 + ["bf16/fp16"] * 3 + ["int8"]
     assert {g: r["runtime"] + " " + r["precision"] for g, r in peers.items()} == {
-        "fp32": "timm-reparam-cl fp32", "bf16/fp16": "timm-reparam-cl bf16"}
+        "fp32": "timm-reparam-cl fp32",
+        "bf16/fp16": "timm-reparam-cl bf16",
+    }
     by_label = {b["label"]: b for b in bars}
-    assert [label for label, b in by_label.items() if b["peer"]] == ["timm-reparam-cl", "timm-reparam-cl bf16"]
+    assert [label for label, b in by_label.items() if b["peer"]] == [
+        "timm-reparam-cl",
+        "timm-reparam-cl bf16",
+    ]
     assert by_label["onnxruntime-nchw"]["ratio"] == 50 / 40
     assert by_label["openvino bf16"]["ratio"] == 120 / 80
     assert by_label["openvino"]["ratio"] is None  # no timm int8 to hold it against
-    assert by_label["timm-reparam"]["ratio"] is None and by_label["ResNet-18 timm-cl"]["ratio"] is None
+    assert (
+        by_label["timm-reparam"]["ratio"] is None and by_label["ResNet-18 timm-cl"]["ratio"] is None
+    )
     assert {b["kind"] for b in bars if b["label"].startswith("timm")} == {"timm"}
     assert by_label["ResNet-18 timm-cl"]["kind"] == "baseline"
     assert by_label["ResNet-18 timm-cl"]["colour"] == report.BASELINE_COLOUR
@@ -51,7 +80,13 @@ def test_bars_are_grouped_by_precision_class_with_the_peer_marked():
 
 
 def test_chart_and_cli_write_a_png(tmp_path, capsys):
-    meta = {"machine": "test machine", "threads": 2, "image_size": 32, "date": "2026-01-01", "weights": "random"}
+    meta = {
+        "machine": "test machine",
+        "threads": 2,
+        "image_size": 32,
+        "date": "2026-01-01",
+        "weights": "random",
+    }
     path = tmp_path / "chart.png"
     report.chart(RECORDS, str(path), meta)
     assert path.read_bytes()[:8] == PNG_SIGNATURE

@@ -35,13 +35,16 @@ def _np_conv(x, kernel, stride, pad, groups=1, dilation=1):
     cout_g = cout // groups
     out = np.zeros((n, out_h, out_w, cout))
     for g in range(groups):
-        xg = x[..., g * cin_g:(g + 1) * cin_g]
-        kg = kernel[..., g * cout_g:(g + 1) * cout_g]
+        xg = x[..., g * cin_g : (g + 1) * cin_g]
+        kg = kernel[..., g * cout_g : (g + 1) * cout_g]
         for i in range(kh):
             for j in range(kw):
-                patch = xg[:, i * dilation:i * dilation + stride * (out_h - 1) + 1:stride,
-                           j * dilation:j * dilation + stride * (out_w - 1) + 1:stride]
-                out[..., g * cout_g:(g + 1) * cout_g] += patch @ kg[i, j]
+                patch = xg[
+                    :,
+                    i * dilation : i * dilation + stride * (out_h - 1) + 1 : stride,
+                    j * dilation : j * dilation + stride * (out_w - 1) + 1 : stride,
+                ]
+                out[..., g * cout_g : (g + 1) * cout_g] += patch @ kg[i, j]
     return out
 
 
@@ -64,7 +67,9 @@ BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("kwargs", BLOCK_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()))
+@pytest.mark.parametrize(
+    "kwargs", BLOCK_CASES, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items())
+)
 @pytest.mark.parametrize("spatial", [(10, 10), (9, 12)])
 def test_fused_block_equals_three_branch_block(rng, kwargs, spatial):
     block = RepVGGBlock(name="b", **kwargs)
@@ -90,9 +95,12 @@ def test_block_matches_pytorch_style_reference(rng, strides, groups):
     block = RepVGGBlock(8, strides=strides, groups=groups, name="r")
     _model_of(block, (8, 8, 8))
     x = rng.normal(size=(1, 8, 8, 8))
-    bn = lambda layer, y: (y - layer.moving_mean.numpy()) / np.sqrt(
-        layer.moving_variance.numpy() + layer.epsilon
-    ) * layer.gamma.numpy() + layer.beta.numpy()
+    bn = lambda layer, y: (
+        (y - layer.moving_mean.numpy())
+        / np.sqrt(layer.moving_variance.numpy() + layer.epsilon)
+        * layer.gamma.numpy()
+        + layer.beta.numpy()
+    )
     to_np = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64)
     dense = _np_conv(x, to_np(block.dense_conv.kernel), strides, 1, groups)
     pointwise = _np_conv(x, to_np(block.pointwise_conv.kernel), strides, 0, groups)
@@ -116,23 +124,33 @@ def test_quant_friendly_block_matches_qarepvgg_reference(rng, strides, groups):
     assert block.pointwise_bn is None and block.identity_bn is None and block.post_bn is not None
     x = rng.normal(size=(1, 8, 8, 8))
     to_np = lambda v: np.asarray(keras.ops.convert_to_numpy(v), np.float64)
-    bn = lambda layer, y: (y - to_np(layer.moving_mean)) / np.sqrt(
-        to_np(layer.moving_variance) + layer.epsilon) * to_np(layer.gamma) + to_np(layer.beta)
+    bn = lambda layer, y: (
+        (y - to_np(layer.moving_mean))
+        / np.sqrt(to_np(layer.moving_variance) + layer.epsilon)
+        * to_np(layer.gamma)
+        + to_np(layer.beta)
+    )
     out = bn(block.dense_bn, _np_conv(x, to_np(block.dense_conv.kernel), strides, 1, groups))
     out = out + _np_conv(x, to_np(block.pointwise_conv.kernel), strides, 0, groups)
     if strides == 1:
         out = out + x
     reference = np.maximum(bn(block.post_bn, out), 0)
-    assert max_relative_difference(np.asarray(block(x.astype("float32"), training=False)), reference) < 1e-5
+    assert (
+        max_relative_difference(np.asarray(block(x.astype("float32"), training=False)), reference)
+        < 1e-5
+    )
     kernel, bias = block.get_deploy_weights()
     fused = np.maximum(_np_conv(x, kernel.astype(np.float64), strides, 1, groups) + bias, 0)
     assert max_relative_difference(fused, reference) < 1e-5
 
 
 def test_identity_branch_only_where_shapes_allow():
-    cases = [((8, 8, 8), dict(filters=8), True), ((8, 8, 4), dict(filters=8), False),
-             ((8, 8, 8), dict(filters=8, strides=2), False),
-             ((8, 8, 8), dict(filters=8, use_identity=False), False)]
+    cases = [
+        ((8, 8, 8), dict(filters=8), True),
+        ((8, 8, 4), dict(filters=8), False),
+        ((8, 8, 8), dict(filters=8, strides=2), False),
+        ((8, 8, 8), dict(filters=8, use_identity=False), False),
+    ]
     for shape, kwargs, expected in cases:
         block = RepVGGBlock(**kwargs)
         block.build((None,) + shape)

@@ -16,31 +16,56 @@ from repvgg_keras.parity import max_relative_difference
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 # The reduced architecture of tests/fixtures/make_golden.py, in our terms.
-GOLDEN_SPEC = rk.RepVGGSpec("golden_tiny", num_blocks=(1, 1, 2, 1), width_multipliers=(0.125, 0.125),
-                            groups=2, grouped_layers=(4,), use_se=True)
+GOLDEN_SPEC = rk.RepVGGSpec(
+    "golden_tiny",
+    num_blocks=(1, 1, 2, 1),
+    width_multipliers=(0.125, 0.125),
+    groups=2,
+    grouped_layers=(4,),
+    use_se=True,
+)
 
 # The authors' naming, written out from the facts sheet (independent of checkpoints.py).
-AUTHORS_FROM_TIMM = [("stem.", "stage0."), ("stages.0.", "stage1."), ("stages.1.", "stage2."),
-                     ("stages.2.", "stage3."), ("stages.3.", "stage4."), (".conv_kxk.", ".rbr_dense."),
-                     (".conv_1x1.", ".rbr_1x1."), (".identity.", ".rbr_identity."), (".attn.fc1.", ".se.down."),
-                     (".attn.fc2.", ".se.up."), (".reparam_conv.", ".rbr_reparam."), ("head.fc.", "linear.")]
+AUTHORS_FROM_TIMM = [
+    ("stem.", "stage0."),
+    ("stages.0.", "stage1."),
+    ("stages.1.", "stage2."),
+    ("stages.2.", "stage3."),
+    ("stages.3.", "stage4."),
+    (".conv_kxk.", ".rbr_dense."),
+    (".conv_1x1.", ".rbr_1x1."),
+    (".identity.", ".rbr_identity."),
+    (".attn.fc1.", ".se.down."),
+    (".attn.fc2.", ".se.up."),
+    (".reparam_conv.", ".rbr_reparam."),
+    ("head.fc.", "linear."),
+]
 
 
 def _authors_key(key):
     for old, new in AUTHORS_FROM_TIMM:
         if key.startswith(old) or (old.startswith(".") and old in key):
-            key = new + key[len(old):] if key.startswith(old) else key.replace(old, new)
+            key = new + key[len(old) :] if key.startswith(old) else key.replace(old, new)
     return key
 
 
 # ---------------------------------------------------------------- torch-free golden parity
 
-@pytest.mark.parametrize("filename,deploy", [("golden_tiny.safetensors", False), ("golden_tiny_deploy.safetensors", True)])
+
+@pytest.mark.parametrize(
+    "filename,deploy",
+    [("golden_tiny.safetensors", False), ("golden_tiny_deploy.safetensors", True)],
+)
 def test_golden_fixture_parity_without_torch(filename, deploy):
     golden = np.load(os.path.join(FIXTURES, "golden_tiny.npz"))
     images, logits = golden["images"], golden["logits"]
-    model = rk.RepVGG(GOLDEN_SPEC, input_shape=images.shape[1:], classes=10, deploy=deploy,
-                      weights=os.path.join(FIXTURES, filename))
+    model = rk.RepVGG(
+        GOLDEN_SPEC,
+        input_shape=images.shape[1:],
+        classes=10,
+        deploy=deploy,
+        weights=os.path.join(FIXTURES, filename),
+    )
     assert max_relative_difference(model(images, training=False), logits) < 1e-4
     if not deploy:
         assert max_relative_difference(rk.to_deploy(model)(images), logits) < 1e-4
@@ -51,13 +76,19 @@ def test_golden_fixture_format_detection():
     deploy = checkpoints.read_state_dict(os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"))
     assert checkpoints.detect_format(train) == "timm-train"
     assert checkpoints.detect_format(deploy) == "timm-deploy"
-    assert checkpoints.detect_format({_authors_key(k): v for k, v in train.items()}) == "authors-train"
-    assert checkpoints.detect_format({_authors_key(k): v for k, v in deploy.items()}) == "authors-deploy"
+    assert (
+        checkpoints.detect_format({_authors_key(k): v for k, v in train.items()}) == "authors-train"
+    )
+    assert (
+        checkpoints.detect_format({_authors_key(k): v for k, v in deploy.items()})
+        == "authors-deploy"
+    )
 
 
 # ---------------------------------------------------------------- parity with timm itself
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _timm_reference(name):
     """(train state dict, deploy state dict, NHWC input, logits) of timm's model, BN randomised."""
     import torch
@@ -90,7 +121,11 @@ def test_parity_with_timm(tmp_path, name, form, naming):
     train, deploy, images, logits = _timm_reference(name)
     state = train if form == "train" else deploy
     if naming == "authors":  # the authors' .pth, wrapped and prefixed as their trainer saves it
-        state = {"state_dict": {"module." + _authors_key(k): torch.from_numpy(v) for k, v in state.items()}}
+        state = {
+            "state_dict": {
+                "module." + _authors_key(k): torch.from_numpy(v) for k, v in state.items()
+            }
+        }
         path = tmp_path / "checkpoint.pth"
         torch.save(state, path)
     else:
@@ -105,6 +140,7 @@ def test_parity_with_timm(tmp_path, name, form, naming):
 
 
 # ---------------------------------------------------------------- strictness
+
 
 @pytest.fixture(scope="module")
 def golden_state():
@@ -121,18 +157,26 @@ def test_missing_tensor_is_listed_and_nothing_is_loaded(golden_state):
     before = [w.copy() for w in model.get_weights()]
     state = dict(golden_state)
     del state["stages.2.1.conv_1x1.bn.running_var"]
-    with pytest.raises(ValueError, match=r"missing from the checkpoint \(1\): stage3\.1\.rbr_1x1\.bn\.running_var"):
+    with pytest.raises(
+        ValueError, match=r"missing from the checkpoint \(1\): stage3\.1\.rbr_1x1\.bn\.running_var"
+    ):
         checkpoints.load_checkpoint(model, state)
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
 
 
 def test_unexpected_and_mismatched_tensors_are_listed(golden_state):
     state = dict(golden_state, **{"stages.0.0.extra.weight": np.zeros(3, np.float32)})
-    with pytest.raises(ValueError, match=r"unexpected in the checkpoint \(1\): stage1\.0\.extra\.weight"):
+    with pytest.raises(
+        ValueError, match=r"unexpected in the checkpoint \(1\): stage1\.0\.extra\.weight"
+    ):
         checkpoints.load_checkpoint(_golden_model(), state)
-    wider = rk.RepVGGSpec("wider", (1, 1, 2, 1), (0.25, 0.125), groups=2, grouped_layers=(4,), use_se=True)
+    wider = rk.RepVGGSpec(
+        "wider", (1, 1, 2, 1), (0.25, 0.125), groups=2, grouped_layers=(4,), use_se=True
+    )
     with pytest.raises(ValueError, match="shape mismatches"):
-        checkpoints.load_checkpoint(rk.RepVGG(wider, input_shape=(40, 56, 3), classes=10), golden_state)
+        checkpoints.load_checkpoint(
+            rk.RepVGG(wider, input_shape=(40, 56, 3), classes=10), golden_state
+        )
 
 
 def test_class_count_and_form_must_match(golden_state):
@@ -149,7 +193,9 @@ def test_include_top_false_drops_the_head(golden_state):
     checkpoints.load_checkpoint(backbone, golden_state)
     pooled = np.asarray(backbone(golden["images"], training=False))
     head = full.get_layer("predictions")
-    np.testing.assert_allclose(pooled @ head.kernel.numpy() + head.bias.numpy(), golden["logits"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        pooled @ head.kernel.numpy() + head.bias.numpy(), golden["logits"], rtol=1e-4, atol=1e-5
+    )
 
 
 def test_unrecognised_checkpoint():
@@ -158,6 +204,7 @@ def test_unrecognised_checkpoint():
 
 
 # ---------------------------------------------------------------- safety
+
 
 class _RunsCode:
     def __init__(self, marker):
@@ -195,6 +242,7 @@ def test_missing_torch_gives_install_hint(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- weights="imagenet", offline
 
+
 class _CountingHandler(http.server.SimpleHTTPRequestHandler):
     hits = []
 
@@ -206,7 +254,9 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
-def test_imagenet_download_from_loopback_is_cached_and_hash_checked(tmp_path, monkeypatch, golden_state):
+def test_imagenet_download_from_loopback_is_cached_and_hash_checked(
+    tmp_path, monkeypatch, golden_state
+):
     from safetensors.numpy import save_file
 
     served = tmp_path / "served"
@@ -219,7 +269,10 @@ def test_imagenet_download_from_loopback_is_cached_and_hash_checked(tmp_path, mo
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        monkeypatch.setenv(checkpoints.BASE_URL_ENV, f"http://127.0.0.1:{server.server_port}/{{timm_name}}.safetensors")
+        monkeypatch.setenv(
+            checkpoints.BASE_URL_ENV,
+            f"http://127.0.0.1:{server.server_port}/{{timm_name}}.safetensors",
+        )
         monkeypatch.setenv(checkpoints.CACHE_DIR_ENV, str(tmp_path / "cache"))
         _CountingHandler.hits.clear()
         model = rk.RepVGG_A0(input_shape=images.shape[1:], weights="imagenet")
@@ -244,6 +297,7 @@ def test_unpublished_variant_says_so():
 
 # ---------------------------------------------------------------- CLI and preprocessing
 
+
 def test_convert_checkpoint_cli(tmp_path):
     import subprocess
     import sys
@@ -255,12 +309,28 @@ def test_convert_checkpoint_cli(tmp_path):
     from repvgg_keras import convert_checkpoint
 
     with pytest.raises(ValueError, match="does not match model"):
-        convert_checkpoint.convert("RepVGG_A0", os.path.join(FIXTURES, "golden_tiny.safetensors"), str(output), classes=10)
+        convert_checkpoint.convert(
+            "RepVGG_A0", os.path.join(FIXTURES, "golden_tiny.safetensors"), str(output), classes=10
+        )
     assert not output.exists()
     result = subprocess.run(
-        [sys.executable, "-m", "repvgg_keras.convert_checkpoint", "--model", "RepVGG_A0", "--checkpoint",
-         os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), "--output", str(output), "--classes", "10"],
-        capture_output=True, text=True, cwd=repo, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
+        [
+            sys.executable,
+            "-m",
+            "repvgg_keras.convert_checkpoint",
+            "--model",
+            "RepVGG_A0",
+            "--checkpoint",
+            os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"),
+            "--output",
+            str(output),
+            "--classes",
+            "10",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=repo,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"),
     )
     assert result.returncode == 1 and "shape mismatches" in result.stderr
 

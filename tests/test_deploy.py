@@ -8,8 +8,9 @@ import repvgg_keras as rk
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 from repvgg_keras.structure import custom_layer_names
 
-SPEC = rk.RepVGGSpec("tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2,
-                     grouped_layers=(2, 4))
+SPEC = rk.RepVGGSpec(
+    "tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2, grouped_layers=(2, 4)
+)
 
 
 def _backbone(**kwargs):
@@ -36,7 +37,9 @@ def test_classifier_on_nested_backbone(rng):
     _assert_same(model, plain, rng.normal(size=(2, 64, 64, 3)).astype("float32"))
     # The head is a copy with the same weights, not the same layer object.
     assert plain.get_layer("head") is not model.get_layer("head")
-    np.testing.assert_array_equal(plain.get_layer("head").get_weights()[0], model.get_layer("head").get_weights()[0])
+    np.testing.assert_array_equal(
+        plain.get_layer("head").get_weights()[0], model.get_layer("head").get_weights()[0]
+    )
 
 
 def test_segmentation_head_on_dilated_features(rng):
@@ -66,13 +69,15 @@ def test_blocks_used_directly_in_a_functional_graph_and_shared(rng):
 
 
 def test_sequential_model(rng):
-    model = keras.Sequential([
-        keras.Input((16, 16, 3)),
-        rk.RepVGGBlock(8, strides=2, name="a"),
-        rk.RepVGGBlock(8, name="b"),
-        keras.layers.Flatten(),
-        keras.layers.Dense(2),
-    ])
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            rk.RepVGGBlock(8, strides=2, name="a"),
+            rk.RepVGGBlock(8, name="b"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(2),
+        ]
+    )
     randomize_batchnorm(model)
     _assert_same(model, rk.to_deploy(model), rng.normal(size=(2, 16, 16, 3)).astype("float32"))
 
@@ -140,8 +145,11 @@ def test_low_precision_deploy_form_casts_once(dtype, tolerance):
     again = rk.to_deploy(rk.to_deploy(model), dtype=dtype)  # from the fp32 deploy form: same model
     np.testing.assert_array_equal(np.asarray(again(x)), np.asarray(out))
 
-    graph = tf.function(lambda t: low(t, training=False)).get_concrete_function(
-        tf.TensorSpec((None, 64, 48, 3), tf.float32)).graph
+    graph = (
+        tf.function(lambda t: low(t, training=False))
+        .get_concrete_function(tf.TensorSpec((None, 64, 48, 3), tf.float32))
+        .graph
+    )
     casts = [op for op in graph.get_operations() if op.type == "Cast"]
     assert len(casts) <= 3, [op.name for op in casts]
 

@@ -11,7 +11,8 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import common, fast_predictor, images, onnx as onnx_export, predict_requests, savedmodel, tflite, verify
+from export import common, fast_predictor, images, predict_requests, savedmodel, tflite, verify
+from export import onnx as onnx_export
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 
@@ -43,12 +44,14 @@ def _inputs(pixels):
 def exported_savedmodel(tmp_path_factory, models, pixels):
     model = models["RepVGG_A0"]
     path = str(tmp_path_factory.mktemp("serving") / "repvgg_a0" / "1")
-    report = savedmodel.export_savedmodel(rk.to_deploy(model), path, verify_pixels=pixels,
-                                          reference=model, model_name="repvgg_a0")
+    report = savedmodel.export_savedmodel(
+        rk.to_deploy(model), path, verify_pixels=pixels, reference=model, model_name="repvgg_a0"
+    )
     return path, report
 
 
 # ---------------------------------------------------------------- SavedModel
+
 
 def test_savedmodel_signatures_names_shapes_dtypes(exported_savedmodel):
     path, report = exported_savedmodel
@@ -57,7 +60,11 @@ def test_savedmodel_signatures_names_shapes_dtypes(exported_savedmodel):
     loaded = tf.saved_model.load(path)
     # Input shapes are left unknown on purpose: the graph checks them itself (a declared shape lets
     # Grappler drop the checks, and TF Serving does not enforce it; tests/test_serving_inputs.py).
-    expected_inputs = {"serving_default": tf.float32, "serving_uint8": tf.uint8, "serving_bytes": tf.string}
+    expected_inputs = {
+        "serving_default": tf.float32,
+        "serving_uint8": tf.uint8,
+        "serving_bytes": tf.string,
+    }
     for name, dtype in expected_inputs.items():
         signature = loaded.signatures[name]
         (spec,) = signature.structured_input_signature[1].values()
@@ -65,7 +72,9 @@ def test_savedmodel_signatures_names_shapes_dtypes(exported_savedmodel):
         assert set(signature.structured_outputs) == {"logits", "probabilities"}
         assert signature.structured_outputs["logits"].shape.as_list() == [None, 10]
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
-    shown = subprocess.run([cli, "show", "--dir", path, "--all"], capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        [cli, "show", "--dir", path, "--all"], capture_output=True, text=True, check=True
+    ).stdout
     for name, dtype in expected_inputs.items():
         block = shown.split(f"signature_def['{name}']")[1].split("signature_def[")[0]
         dt_name = {tf.float32: "DT_FLOAT", tf.uint8: "DT_UINT8", tf.string: "DT_STRING"}[dtype]
@@ -75,7 +84,9 @@ def test_savedmodel_signatures_names_shapes_dtypes(exported_savedmodel):
 def test_savedmodel_bytes_and_uint8_match_float(exported_savedmodel, models, pixels):
     loaded = tf.saved_model.load(exported_savedmodel[0])
     expected = np.asarray(models["RepVGG_A0"](_inputs(pixels[:4]), training=False))
-    as_float = loaded.signatures["serving_default"](images=tf.constant(_inputs(pixels[:4])))["logits"]
+    as_float = loaded.signatures["serving_default"](images=tf.constant(_inputs(pixels[:4])))[
+        "logits"
+    ]
     as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels[:4]))["logits"]
     encoded = tf.constant([tf.io.encode_png(p).numpy() for p in pixels[:4]])
     as_bytes = loaded.signatures["serving_bytes"](images=encoded)
@@ -88,8 +99,13 @@ def test_savedmodel_warmup_records_parse(exported_savedmodel):
     from tensorflow_serving.apis import prediction_log_pb2
 
     path = os.path.join(exported_savedmodel[0], "assets.extra", "tf_serving_warmup_requests")
-    logs = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in tf.data.TFRecordDataset(path)]
-    assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == sorted(savedmodel.SIGNATURES)
+    logs = [
+        prediction_log_pb2.PredictionLog.FromString(r.numpy())
+        for r in tf.data.TFRecordDataset(path)
+    ]
+    assert sorted(l.predict_log.request.model_spec.signature_name for l in logs) == sorted(
+        savedmodel.SIGNATURES
+    )
     loaded = tf.saved_model.load(exported_savedmodel[0])
     for log in logs:  # each warm-up request runs on its signature, as TF Serving replays it
         request = log.predict_log.request
@@ -107,7 +123,9 @@ def test_warmup_records_are_the_bytes_tensorflow_serving_writes(pixels):
     bodies = [pixels[:2].astype(np.float32) / 255.0, pixels[:2], encoded]
     for record, signature, body in zip(ours, savedmodel.SIGNATURES, bodies):
         request = predict_requests.predict_request("repvgg_a0", signature, body)
-        expected = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+        expected = prediction_log_pb2.PredictionLog(
+            predict_log=prediction_log_pb2.PredictLog(request=request)
+        )
         assert record == expected.SerializeToString(deterministic=True), signature
 
 
@@ -130,8 +148,13 @@ def _serve_rest(loaded, body):
     if isinstance(rows[0], dict) and "b64" in rows[0]:
         batch = tf.constant([base64.b64decode(r["b64"]) for r in rows])
     else:
-        batch = tf.constant(rows, dtype=tf.float32 if body["signature_name"] == "serving_default" else tf.uint8)
-    outputs = {k: v.numpy().tolist() for k, v in loaded.signatures[body["signature_name"]](images=batch).items()}
+        batch = tf.constant(
+            rows, dtype=tf.float32 if body["signature_name"] == "serving_default" else tf.uint8
+        )
+    outputs = {
+        k: v.numpy().tolist()
+        for k, v in loaded.signatures[body["signature_name"]](images=batch).items()
+    }
     return json.dumps({"predictions": [dict(zip(outputs, row)) for row in zip(*outputs.values())]})
 
 
@@ -144,14 +167,19 @@ def test_client_request_bodies_give_the_right_top1(exported_savedmodel, models, 
     grpc_request = predict_requests.predict_request("repvgg_a0", "serving_bytes", encoded)
     response = predict_pb2.PredictResponse.FromString(_serve_grpc(loaded, grpc_request))
     grpc_out = predict_requests.parse_predict_response(response)
-    rest_out = predict_requests.parse_rest_response(_serve_rest(loaded, predict_requests.rest_body("serving_bytes", encoded)))
-    uint8_out = predict_requests.parse_rest_response(_serve_rest(loaded, predict_requests.rest_body("serving_uint8", pixels[:3])))
+    rest_out = predict_requests.parse_rest_response(
+        _serve_rest(loaded, predict_requests.rest_body("serving_bytes", encoded))
+    )
+    uint8_out = predict_requests.parse_rest_response(
+        _serve_rest(loaded, predict_requests.rest_body("serving_uint8", pixels[:3]))
+    )
     for out in (grpc_out, rest_out, uint8_out):
         assert out["probabilities"].shape == (3, 10)
         np.testing.assert_array_equal(out["logits"].argmax(-1), expected)
 
 
 # ---------------------------------------------------------------- TFLite
+
 
 @pytest.mark.parametrize(
     "name,quantize,max_rel,min_top1",
@@ -169,9 +197,14 @@ def test_tflite_precisions(tmp_path, models, pixels, name, quantize, max_rel, mi
     model = models[name]
     inputs = _inputs(pixels)
     output = str(tmp_path / "model.tflite")
-    report = tflite.export_tflite(rk.to_deploy(model), output, quantize=quantize, verify_inputs=inputs,
-                                  calibration=_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[32:]),
-                                  reference=model)
+    report = tflite.export_tflite(
+        rk.to_deploy(model),
+        output,
+        quantize=quantize,
+        verify_inputs=inputs,
+        calibration=_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[32:]),
+        reference=model,
+    )
     got = tflite.run(output, inputs)
     expected = np.asarray(model(inputs, training=False))
     assert max_relative_difference(got, expected) <= max_rel
@@ -190,27 +223,38 @@ def test_tflite_int8_keeps_the_head_float_and_int8_full_does_not(models):
         interpreter = Interpreter(model_content=tflite.convert(deploy, quantize, calibration))
         dtypes = {t["index"]: t["dtype"] for t in interpreter.get_tensor_details()}
         ops = interpreter._get_ops_details()  # no public per-op listing in LiteRT
-        weight_dtypes = lambda name: {np.dtype(dtypes[op["inputs"][1]]) for op in ops if op["op_name"] == name}
+        weight_dtypes = lambda name, dtypes=dtypes, ops=ops: {
+            np.dtype(dtypes[op["inputs"][1]]) for op in ops if op["op_name"] == name
+        }
         assert weight_dtypes("CONV_2D") == {np.dtype(np.int8)}, quantize
         assert weight_dtypes("FULLY_CONNECTED") == {np.dtype(head_dtype)}, quantize
 
 
 def test_tflite_int8_without_calibration_is_an_error(tmp_path, models):
     with pytest.raises(ValueError, match="calibration"):
-        tflite.export_tflite(models["RepVGG_A0"], str(tmp_path / "m.tflite"), quantize="int8",
-                             verify_inputs=np.zeros((1, SIZE, SIZE, 3), np.float32))
+        tflite.export_tflite(
+            models["RepVGG_A0"],
+            str(tmp_path / "m.tflite"),
+            quantize="int8",
+            verify_inputs=np.zeros((1, SIZE, SIZE, 3), np.float32),
+        )
 
 
 # ---------------------------------------------------------------- ONNX
 
-@pytest.mark.parametrize("name,nchw", [("RepVGG_A0", False), ("RepVGG_A0", True), ("RepVGG_B1g4", False)])
+
+@pytest.mark.parametrize(
+    "name,nchw", [("RepVGG_A0", False), ("RepVGG_A0", True), ("RepVGG_B1g4", False)]
+)
 def test_onnx_matches_keras(tmp_path, models, pixels, name, nchw):
     import onnx
 
     model = models[name]
     output = str(tmp_path / "model.onnx")
     inputs = _inputs(pixels)
-    report = onnx_export.export_onnx(rk.to_deploy(model), output, nchw=nchw, verify_inputs=inputs, reference=model)
+    report = onnx_export.export_onnx(
+        rk.to_deploy(model), output, nchw=nchw, verify_inputs=inputs, reference=model
+    )
     assert report.max_rel < 1e-4 and report.top1_agreement == 1.0
     proto = onnx.load(output)
     onnx.checker.check_model(proto)
@@ -222,23 +266,34 @@ def test_onnx_matches_keras(tmp_path, models, pixels, name, nchw):
     groups = {a.i for n in convs for a in n.attribute if a.name == "group"}
     assert groups == ({1, 4} if name == "RepVGG_B1g4" else {1})
     feed = np.transpose(inputs[:5], (0, 3, 1, 2)) if nchw else inputs[:5]
-    assert max_relative_difference(onnx_export.run(output, feed), model(inputs[:5], training=False)) < 1e-4
+    assert (
+        max_relative_difference(onnx_export.run(output, feed), model(inputs[:5], training=False))
+        < 1e-4
+    )
 
 
 # ---------------------------------------------------------------- full size
+
 
 def test_full_size_224_all_formats(tmp_path):
     model = _trained("RepVGG_A0", size=224, seed=3)
     plain = rk.to_deploy(model)
     pix = images.load_images("fashion_mnist", 4, 224, 224, 3)
     inputs = _inputs(pix)
-    r1 = savedmodel.export_savedmodel(plain, str(tmp_path / "sm" / "1"), verify_pixels=pix, reference=model)
-    r2 = tflite.export_tflite(plain, str(tmp_path / "a0.tflite"), verify_inputs=inputs, reference=model)
-    r3 = onnx_export.export_onnx(plain, str(tmp_path / "a0.onnx"), verify_inputs=inputs, reference=model)
+    r1 = savedmodel.export_savedmodel(
+        plain, str(tmp_path / "sm" / "1"), verify_pixels=pix, reference=model
+    )
+    r2 = tflite.export_tflite(
+        plain, str(tmp_path / "a0.tflite"), verify_inputs=inputs, reference=model
+    )
+    r3 = onnx_export.export_onnx(
+        plain, str(tmp_path / "a0.onnx"), verify_inputs=inputs, reference=model
+    )
     assert all(r.max_rel < 1e-4 and r.top1_agreement == 1.0 for r in (r1, r2, r3))
 
 
 # ---------------------------------------------------------------- safety
+
 
 def test_existing_artifact_needs_overwrite_and_survives_a_failed_export(tmp_path, models, pixels):
     model = models["RepVGG_A0"]
@@ -249,7 +304,9 @@ def test_existing_artifact_needs_overwrite_and_survives_a_failed_export(tmp_path
     # Verification fails (the reference is another model): the old file stays, no temp files remain.
     other = _trained("RepVGG_A0", seed=99)
     with pytest.raises(verify.VerificationError, match="nothing was written"):
-        onnx_export.export_onnx(model, str(output), verify_inputs=_inputs(pixels[:2]), reference=other, overwrite=True)
+        onnx_export.export_onnx(
+            model, str(output), verify_inputs=_inputs(pixels[:2]), reference=other, overwrite=True
+        )
     assert output.read_bytes() == b"previous good export"
     assert sorted(os.listdir(tmp_path)) == ["a0.onnx"]
 
@@ -286,14 +343,34 @@ def test_interrupted_export_leaves_the_old_artifact(tmp_path):
 
 def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
 
 
 def test_cli_exports_weights_file_and_reports(tmp_path, models):
     weights = tmp_path / "a0.weights.h5"
     models["RepVGG_A0"].save_weights(weights)
-    result = _cli("export.onnx", "--model", "RepVGG_A0", "--weights", str(weights), "--image_size", str(SIZE),
-                  "--classes", "10", "--output", str(tmp_path / "a0.onnx"), "--verify_count", "4")
+    result = _cli(
+        "export.onnx",
+        "--model",
+        "RepVGG_A0",
+        "--weights",
+        str(weights),
+        "--image_size",
+        str(SIZE),
+        "--classes",
+        "10",
+        "--output",
+        str(tmp_path / "a0.onnx"),
+        "--verify_count",
+        "4",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "max_rel=" in result.stdout and " OK" in result.stdout
     assert (tmp_path / "a0.onnx").exists()
@@ -304,7 +381,10 @@ def test_cli_exports_weights_file_and_reports(tmp_path, models):
     [
         (["export.onnx", "--model", "RepVGG_Q7", "--output", "x.onnx"], "Unknown RepVGG model"),
         (["export.tflite", "--output", "x.tflite", "--quantize", "int4"], "--quantize"),
-        (["export.savedmodel", "--export_dir", "sm", "--weights", "missing.weights.h5"], "does not exist"),
+        (
+            ["export.savedmodel", "--export_dir", "sm", "--weights", "missing.weights.h5"],
+            "does not exist",
+        ),
     ],
 )
 def test_cli_bad_input(tmp_path, args, message):
@@ -319,36 +399,53 @@ def test_cli_takes_a_timm_checkpoint(tmp_path):
     model = common.load_model("RepVGG_A0", None, SIZE, 10)
     assert model.name == "RepVGG_A0"
     with pytest.raises(ValueError, match="does not match model"):
-        common.load_model("RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10)
+        common.load_model(
+            "RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10
+        )
 
 
-@pytest.mark.parametrize("options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)])
+@pytest.mark.parametrize(
+    "options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)]
+)
 def test_exporters_load_keras_files_of_qarepvgg_and_ablation_models(tmp_path, rng, options):
     """--weights model_train.keras from `train --quant_friendly` or `--ablation` rebuilds the same blocks."""
     from repvgg_keras.parity import randomize_batchnorm
 
-    trained = randomize_batchnorm(rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, **options), seed=2)
+    trained = randomize_batchnorm(
+        rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, **options), seed=2
+    )
     path = str(tmp_path / "model_train.keras")
     trained.save(path)
     loaded = common.load_model("RepVGG_A0", path, SIZE, 10)
     x = rng.normal(size=(2, SIZE, SIZE, 3)).astype("float32")
-    np.testing.assert_array_equal(np.asarray(loaded(x, training=False)), np.asarray(trained(x, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(loaded(x, training=False)), np.asarray(trained(x, training=False))
+    )
 
 
 def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
     model = models["RepVGG_A0"]
     with_pre = common.prepare(model, include_preprocessing=True)
     expected = np.asarray(model(_inputs(pixels[:4]), training=False))
-    assert max_relative_difference(with_pre(pixels[:4].astype(np.float32)), expected) < 1e-5  # 0..255 in
+    assert (
+        max_relative_difference(with_pre(pixels[:4].astype(np.float32)), expected) < 1e-5
+    )  # 0..255 in
     assert not any(isinstance(l, rk.RepVGGBlock) for l in with_pre._flatten_layers())
     unfused = common.prepare(model, fuse=False)
     assert any(isinstance(l, rk.RepVGGBlock) for l in unfused._flatten_layers())
     path = str(tmp_path / "pre" / "1")
-    report = savedmodel.export_savedmodel(with_pre, path, verify_pixels=pixels[:4], preprocessing_included=True,
-                                          reference=common.prepare(model, fuse=False, include_preprocessing=True))
+    report = savedmodel.export_savedmodel(
+        with_pre,
+        path,
+        verify_pixels=pixels[:4],
+        preprocessing_included=True,
+        reference=common.prepare(model, fuse=False, include_preprocessing=True),
+    )
     assert report.max_rel < 1e-4
     loaded = tf.saved_model.load(path)
-    as_float = loaded.signatures["serving_default"](images=tf.constant(pixels[:4].astype(np.float32)))["logits"]
+    as_float = loaded.signatures["serving_default"](
+        images=tf.constant(pixels[:4].astype(np.float32))
+    )["logits"]
     as_uint8 = loaded.signatures["serving_uint8"](images=tf.constant(pixels[:4]))["logits"]
     assert max_relative_difference(as_float, expected) < 1e-4
     assert max_relative_difference(as_uint8, expected) < 1e-4
@@ -370,6 +467,7 @@ def test_calibration_images_from_a_folder_and_a_tfds_split(tmp_path, pixels):
 
 # ---------------------------------------------------------------- OpenVINO and the inference helper
 
+
 @pytest.mark.parametrize("name", ["RepVGG_A0", "RepVGG_B1g4"])
 def test_openvino_ir_matches_keras_in_fp32(tmp_path, models, pixels, name):
     from export import openvino as openvino_export
@@ -377,14 +475,18 @@ def test_openvino_ir_matches_keras_in_fp32(tmp_path, models, pixels, name):
     model = models[name]
     output = str(tmp_path / "ir")
     inputs = _inputs(pixels)
-    report = openvino_export.export_openvino(rk.to_deploy(model), output, precision="fp32",
-                                             verify_inputs=inputs, reference=model)
+    report = openvino_export.export_openvino(
+        rk.to_deploy(model), output, precision="fp32", verify_inputs=inputs, reference=model
+    )
     assert report.max_rel < 1e-4 and report.top1_agreement == 1.0
     assert sorted(os.listdir(output)) == ["model.bin", "model.xml", "runtime.json"]
     with open(os.path.join(output, "runtime.json")) as f:
         assert json.load(f)["precision"] == "fp32"
     batch = inputs[:3]  # another batch size than the verification: dynamic batch
-    assert max_relative_difference(openvino_export.run(output, batch), model(batch, training=False)) < 1e-4
+    assert (
+        max_relative_difference(openvino_export.run(output, batch), model(batch, training=False))
+        < 1e-4
+    )
 
 
 def test_openvino_reduced_precisions_keep_top1(tmp_path, models, pixels):
@@ -394,12 +496,22 @@ def test_openvino_reduced_precisions_keep_top1(tmp_path, models, pixels):
     model = models["RepVGG_A0"]
     inputs = _inputs(pixels)
     report = openvino_export.export_openvino(
-        rk.to_deploy(model), str(tmp_path / "int8"), quantize="int8", verify_inputs=inputs,
-        calibration=_inputs(images.load_images("fashion_mnist", 64, SIZE, SIZE, 3)), reference=model)
+        rk.to_deploy(model),
+        str(tmp_path / "int8"),
+        quantize="int8",
+        verify_inputs=inputs,
+        calibration=_inputs(images.load_images("fashion_mnist", 64, SIZE, SIZE, 3)),
+        reference=model,
+    )
     assert report.precision == "int8" and report.ok and report.top1_agreement >= 0.9
     if supports("bf16"):
-        report = openvino_export.export_openvino(rk.to_deploy(model), str(tmp_path / "bf16"), precision="bf16",
-                                                 verify_inputs=inputs, reference=model)
+        report = openvino_export.export_openvino(
+            rk.to_deploy(model),
+            str(tmp_path / "bf16"),
+            precision="bf16",
+            verify_inputs=inputs,
+            reference=model,
+        )
         assert report.ok and report.top1_agreement >= 0.95
 
 
@@ -408,15 +520,38 @@ def test_openvino_cli(tmp_path, models):
     models["RepVGG_A0"].save_weights(path)
     output = str(tmp_path / "a0_ir")
     done = subprocess.run(
-        [sys.executable, "-m", "export.openvino", "--model=RepVGG_A0", f"--weights={path}", f"--image_size={SIZE}",
-         "--classes=10", f"--output={output}", "--precision=fp32"],
-        cwd=REPO, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "export.openvino",
+            "--model=RepVGG_A0",
+            f"--weights={path}",
+            f"--image_size={SIZE}",
+            "--classes=10",
+            f"--output={output}",
+            "--precision=fp32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "OK" in done.stdout and os.path.exists(os.path.join(output, "model.xml"))
     again = subprocess.run(
-        [sys.executable, "-m", "export.openvino", "--model=RepVGG_A0", f"--weights={path}", f"--image_size={SIZE}",
-         "--classes=10", f"--output={output}"], cwd=REPO, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "export.openvino",
+            "--model=RepVGG_A0",
+            f"--weights={path}",
+            f"--image_size={SIZE}",
+            "--classes=10",
+            f"--output={output}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert again.returncode == 1 and "--overwrite" in again.stderr
 
 
@@ -424,26 +559,38 @@ def test_fast_predictor_picks_a_verified_runtime(models, pixels):
     model = models["RepVGG_A0"]
     inputs = _inputs(pixels)
     predictor = fast_predictor.fast_predictor(model, check_images=inputs)
-    assert predictor.runtime == fast_predictor.FASTEST[predictor.precision][0]  # the fastest installed one
+    assert (
+        predictor.runtime == fast_predictor.FASTEST[predictor.precision][0]
+    )  # the fastest installed one
     assert predictor.top1_agreement >= 0.995
     expected = np.asarray(model(inputs[:4], training=False))
     tolerance = verify.TOLERANCES[predictor.precision]
     assert max_relative_difference(predictor(inputs[:4]), expected) <= tolerance
     assert predictor.precision in predictor.describe()
 
-    exact = fast_predictor.fast_predictor(model, precision="fp32", runtime="keras", check_images=inputs)
+    exact = fast_predictor.fast_predictor(
+        model, precision="fp32", runtime="keras", check_images=inputs
+    )
     assert exact.max_rel_diff < 1e-4 and exact.layout == "NHWC"
 
 
 def test_fast_predictor_int8_in_tflite(models, pixels):
     model = models["RepVGG_A0"]
     calibration = _inputs(images.load_images("fashion_mnist", 48, SIZE, SIZE)[16:])
-    predictor = fast_predictor.fast_predictor(model, precision="int8", runtime="tflite", check_images=_inputs(pixels),
-                                            calibration_images=calibration, min_agreement=0.9)
+    predictor = fast_predictor.fast_predictor(
+        model,
+        precision="int8",
+        runtime="tflite",
+        check_images=_inputs(pixels),
+        calibration_images=calibration,
+        min_agreement=0.9,
+    )
     assert (predictor.runtime, predictor.precision, predictor.layout) == ("tflite", "int8", "NHWC")
     assert predictor.max_rel_diff <= verify.TOLERANCES["int8"]
     with pytest.raises(ValueError, match="cannot run precision 'bf16'"):
-        fast_predictor.fast_predictor(model, precision="bf16", runtime="tflite", check_images=_inputs(pixels))
+        fast_predictor.fast_predictor(
+            model, precision="bf16", runtime="tflite", check_images=_inputs(pixels)
+        )
 
 
 def test_fast_predictor_refuses_what_it_cannot_check(models):
@@ -462,7 +609,9 @@ def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models
     path = str(tmp_path / "child.onnx")
     assert runners._convert_in_child(plain, path, nchw=True)
     x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
-    assert verify.compare("child", "fp32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)).ok
+    assert verify.compare(
+        "child", "fp32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)
+    ).ok
 
     class Scale(tf.keras.layers.Layer):  # not registered: the child cannot load it
         def call(self, inputs):
@@ -472,5 +621,7 @@ def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models
     custom = tf.keras.Model(inputs, plain(Scale()(inputs)))
     assert not runners._convert_in_child(custom, str(tmp_path / "custom.onnx"), nchw=True)
     written = runners.onnx_file(custom, str(tmp_path), nchw=True)
-    assert verify.compare("here", "fp32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)).ok
+    assert verify.compare(
+        "here", "fp32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)
+    ).ok
     assert sorted(os.listdir(tmp_path)) == ["child.onnx", "model_nchw.onnx"]  # no leftovers

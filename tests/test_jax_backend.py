@@ -10,10 +10,23 @@ def test_block_suite_passes_under_jax():
     tests_dir = os.path.dirname(__file__)
     env = dict(os.environ, KERAS_BACKEND="jax", REPVGG_EXPECT_BACKEND="jax", JAX_PLATFORMS="cpu")
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         os.path.join(tests_dir, "test_block.py"), os.path.join(tests_dir, "test_fusion.py")],
-        env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            os.path.join(tests_dir, "test_block.py"),
+            os.path.join(tests_dir, "test_fusion.py"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     summary = result.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b[1-9]\d* passed", summary) and not re.search(r"\d+ (failed|error)", summary), summary
+    assert re.search(r"\b[1-9]\d* passed", summary) and not re.search(
+        r"\d+ (failed|error)", summary
+    ), summary

@@ -52,9 +52,19 @@ def test_exporter_defaults_need_no_dataset(tmp_path):
     and calibration images are the shipped photos."""
     output = tmp_path / "a0.tflite"
     done = subprocess.run(
-        [sys.executable, "-c", WITHOUT_FASHION_MNIST, "--model=RepVGG_A0", "--image_size=32", "--classes=10",
-         "--quantize=int8", f"--output={output}"],
-        cwd=tmp_path, capture_output=True, text=True,
+        [
+            sys.executable,
+            "-c",
+            WITHOUT_FASHION_MNIST,
+            "--model=RepVGG_A0",
+            "--image_size=32",
+            "--classes=10",
+            "--quantize=int8",
+            f"--output={output}",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
         env={**os.environ, "PYTHONPATH": REPO, "TF_CPP_MIN_LOG_LEVEL": "3"},
     )
     assert done.returncode == 0, done.stderr[-2000:]

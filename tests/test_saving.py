@@ -36,7 +36,9 @@ def test_weights_argument_loads_both_forms(tmp_path, trained, x):
     model.save_weights(tmp_path / "train.weights.h5")
     plain.save_weights(tmp_path / "deploy.weights.h5")
     again = rk.RepVGG_A0(weights=tmp_path / "train.weights.h5", **KW)
-    np.testing.assert_array_equal(np.asarray(again(x, training=False)), np.asarray(model(x, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(again(x, training=False)), np.asarray(model(x, training=False))
+    )
     deployed = rk.RepVGG_A0(deploy=True, weights=str(tmp_path / "deploy.weights.h5"), **KW)
     np.testing.assert_array_equal(np.asarray(deployed(x)), np.asarray(plain(x)))
 
@@ -45,14 +47,18 @@ def test_weights_from_a_keras_file(tmp_path, trained, x):
     model, _ = trained
     model.save(tmp_path / "m.keras")
     again = rk.get_model("RepVGG_A0", weights=tmp_path / "m.keras", **KW)
-    np.testing.assert_array_equal(np.asarray(again(x, training=False)), np.asarray(model(x, training=False)))
+    np.testing.assert_array_equal(
+        np.asarray(again(x, training=False)), np.asarray(model(x, training=False))
+    )
 
 
 @pytest.mark.parametrize(
     "build",
     [
         lambda w: rk.RepVGG_A1(weights=w["train"], **KW),  # another variant
-        lambda w: rk.RepVGG_A0(weights=w["train"], input_shape=(32, 40, 3), classes=7),  # other head
+        lambda w: rk.RepVGG_A0(
+            weights=w["train"], input_shape=(32, 40, 3), classes=7
+        ),  # other head
         lambda w: rk.RepVGG_A0(weights=w["deploy"], **KW),  # deploy weights, training model
         lambda w: rk.RepVGG_A0(weights=w["train"], deploy=True, **KW),  # and the reverse
     ],

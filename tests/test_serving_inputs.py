@@ -41,19 +41,27 @@ def served(tmp_path_factory):
     normalized = preprocessing.normalize(pixels.astype(np.float32))
     expected = np.asarray(model(normalized, training=False))
     encode = lambda image: tf.io.encode_png(image).numpy()
-    encoded = {"png": encode(pixels[0]), "png1": encode(pixels[1]),
-               "grey_png": encode(pixels[0][..., :1]),
-               "tall_png": encode(np.zeros((2 * SIZE, SIZE, 3), np.uint8)),
-               "jpeg": tf.io.encode_jpeg(pixels[0], quality=95).numpy()}
-    np.savez(os.path.join(os.path.dirname(path), "good.npz"), pixels=pixels, normalized=normalized,
-             expected=expected, **{k: np.array(v, object) for k, v in encoded.items()})
+    encoded = {
+        "png": encode(pixels[0]),
+        "png1": encode(pixels[1]),
+        "grey_png": encode(pixels[0][..., :1]),
+        "tall_png": encode(np.zeros((2 * SIZE, SIZE, 3), np.uint8)),
+        "jpeg": tf.io.encode_jpeg(pixels[0], quality=95).numpy(),
+    }
+    np.savez(
+        os.path.join(os.path.dirname(path), "good.npz"),
+        pixels=pixels,
+        normalized=normalized,
+        expected=expected,
+        **{k: np.array(v, object) for k, v in encoded.items()},
+    )
     return path, os.path.join(os.path.dirname(path), "good.npz")
 
 
 # The child loads the SavedModel as TF2 signatures (route "function": tf.saved_model.load) or
 # in a TF1 Session fed by tensor name, as TF Serving does (route "session"), and prints one
 # JSON line per case.
-_CHILD = r'''
+_CHILD = r"""
 import json, sys
 import numpy as np
 import tensorflow as tf
@@ -144,7 +152,7 @@ else:
 
     run("session", {name: session_call(name) for name in CASES})
 print(json.dumps({"done": True}))
-'''
+"""
 
 # Cases a signature must accept, and the output batch it must give.
 ACCEPTED = {"empty": 0, "larger_png_is_resized": 1, "grey_png": 1}
@@ -155,8 +163,13 @@ def child_results(served):
     path, good = served
     results, lines = [], []
     for route in ("function", "session"):
-        result = subprocess.run([sys.executable, "-c", _CHILD, path, good, route],
-                                capture_output=True, text=True, env=_env(), timeout=600)
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD, path, good, route],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
         results.append(result)
         lines += [json.loads(l) for l in result.stdout.splitlines() if l.startswith('{"')]
     return results, [l for l in lines if "case" in l]
@@ -207,8 +220,10 @@ def test_empty_batches_and_other_image_sizes_are_answered(child_results):
     assert len(accepted) == 2 * 5  # empty for each signature, two resized images, on both routes
     for line in accepted:
         assert line["status"] == "ok", line
-        assert line["shapes"] == {"logits": [ACCEPTED[line["case"]], CLASSES],
-                                  "probabilities": [ACCEPTED[line["case"]], CLASSES]}, line
+        assert line["shapes"] == {
+            "logits": [ACCEPTED[line["case"]], CLASSES],
+            "probabilities": [ACCEPTED[line["case"]], CLASSES],
+        }, line
 
 
 def test_a_good_request_works_after_each_bad_one(child_results):
@@ -223,8 +238,14 @@ def test_a_good_request_works_after_each_bad_one(child_results):
 
 
 def _client(*args):
-    return subprocess.run([sys.executable, "-m", "export.client", *args], capture_output=True,
-                          text=True, env=_env(), cwd=REPO, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "export.client", *args],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=REPO,
+        timeout=120,
+    )
 
 
 def _one_error_line(result):
@@ -255,8 +276,9 @@ def test_client_unreachable_server_is_one_error_line(jpeg):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    line = _one_error_line(_client("--image", jpeg, "--host", "127.0.0.1", "--port", str(port),
-                                   "--timeout", "3"))
+    line = _one_error_line(
+        _client("--image", jpeg, "--host", "127.0.0.1", "--port", str(port), "--timeout", "3")
+    )
     assert f"cannot reach TF Serving's REST API at 127.0.0.1:{port}" in line
 
 
@@ -275,8 +297,10 @@ def fake_server():
                 answer = {"predictions": [row] * len(body["instances"])}
             else:
                 status = 400
-                answer = {"error": "assertion failed: [serving_bytes images: received an empty "
-                                   "string]\n\t [[{{node Assert}}]]"}
+                answer = {
+                    "error": "assertion failed: [serving_bytes images: received an empty "
+                    "string]\n\t [[{{node Assert}}]]"
+                }
             data = json.dumps(answer).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
@@ -296,8 +320,7 @@ def fake_server():
 
 
 def test_client_server_error_is_one_error_line_and_answers_print(jpeg, fake_server):
-    common = ["--image", jpeg, "--host", "127.0.0.1", "--port", str(fake_server),
-              "--timeout", "10"]
+    common = ["--image", jpeg, "--host", "127.0.0.1", "--port", str(fake_server), "--timeout", "10"]
     line = _one_error_line(_client(*common, "--model_name", "other"))
     assert "answered HTTP 400: assertion failed: [serving_bytes images" in line
     assert "node" not in line  # the first line of the server's message only
@@ -317,8 +340,13 @@ def test_runner_rejects_a_wrong_input_shape_naming_both_shapes():
     run = runners.tflite(tflite.convert(model))
     assert run(np.zeros((2, SIZE, SIZE, 3))).shape == (2, CLASSES)
     wanted = f"expects input of shape [N, {SIZE}, {SIZE}, 3]"
-    for shape in [(SIZE, SIZE, 3), (1, SIZE, SIZE, 1), (1, 2 * SIZE, 2 * SIZE, 3),
-                  (1, 3, SIZE, SIZE), (0, SIZE, SIZE, 3)]:
+    for shape in [
+        (SIZE, SIZE, 3),
+        (1, SIZE, SIZE, 1),
+        (1, 2 * SIZE, 2 * SIZE, 3),
+        (1, 3, SIZE, SIZE),
+        (0, SIZE, SIZE, 3),
+    ]:
         with pytest.raises(ValueError) as raised:
             run(np.zeros(shape))
         assert wanted in str(raised.value) and str(list(shape)) in str(raised.value)

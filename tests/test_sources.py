@@ -15,8 +15,14 @@ from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
-GOLDEN_SPEC = rk.RepVGGSpec("golden_tiny", num_blocks=(1, 1, 2, 1), width_multipliers=(0.125, 0.125),
-                            groups=2, grouped_layers=(4,), use_se=True)
+GOLDEN_SPEC = rk.RepVGGSpec(
+    "golden_tiny",
+    num_blocks=(1, 1, 2, 1),
+    width_multipliers=(0.125, 0.125),
+    groups=2,
+    grouped_layers=(4,),
+    use_se=True,
+)
 TINY = rk.RepVGGSpec("tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.25))
 KW = dict(input_shape=(32, 32, 3), classes=4)
 
@@ -28,16 +34,26 @@ def x(rng):
 
 # ---------------------------------------------------------------- one path from a source to a model
 
-@pytest.mark.parametrize("filename,deploy", [("golden_tiny.safetensors", False), ("golden_tiny_deploy.safetensors", True)])
+
+@pytest.mark.parametrize(
+    "filename,deploy",
+    [("golden_tiny.safetensors", False), ("golden_tiny_deploy.safetensors", True)],
+)
 def test_model_from_source_builds_the_checkpoints_form(filename, deploy):
     golden = np.load(os.path.join(FIXTURES, "golden_tiny.npz"))
-    model = rk.model_from_source(GOLDEN_SPEC, os.path.join(FIXTURES, filename),
-                                 input_shape=golden["images"].shape[1:], classes=10)
+    model = rk.model_from_source(
+        GOLDEN_SPEC,
+        os.path.join(FIXTURES, filename),
+        input_shape=golden["images"].shape[1:],
+        classes=10,
+    )
     assert rk.is_deploy_form(model) == deploy
     assert max_relative_difference(model(golden["images"], training=False), golden["logits"]) < 1e-4
 
 
-@pytest.mark.parametrize("options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)])
+@pytest.mark.parametrize(
+    "options", [dict(quant_friendly=True), dict(use_1x1=False), dict(use_identity=False)]
+)
 def test_model_from_source_rebuilds_keras_files_with_their_form_and_blocks(tmp_path, x, options):
     """.keras and .weights.h5 files of QARepVGG/ablation models and of their deploy form load
     without the caller knowing how they were built."""
@@ -51,8 +67,9 @@ def test_model_from_source_rebuilds_keras_files_with_their_form_and_blocks(tmp_p
         for suffix in (".keras", ".weights.h5"):
             model = rk.model_from_source(TINY, str(tmp_path / f"{name}{suffix}"), **KW)
             assert rk.is_deploy_form(model) == (name == "d"), (name, suffix)
-            np.testing.assert_array_equal(np.asarray(model(x, training=False)),
-                                          np.asarray(reference(x, training=False)))
+            np.testing.assert_array_equal(
+                np.asarray(model(x, training=False)), np.asarray(reference(x, training=False))
+            )
             if name == "t":
                 assert sources.block_options(model) == sources.block_options(trained)
 
@@ -62,9 +79,13 @@ def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
 
     reads = []
     original = checkpoints.read_state_dict
-    monkeypatch.setattr(checkpoints, "read_state_dict", lambda path: reads.append(path) or original(path))
+    monkeypatch.setattr(
+        checkpoints, "read_state_dict", lambda path: reads.append(path) or original(path)
+    )
     with pytest.raises(sources.SourceError, match="does not match model"):
-        common.load_model("RepVGG_A0", os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), 32, 10)
+        common.load_model(
+            "RepVGG_A0", os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), 32, 10
+        )
     assert len(reads) == 1
 
 
@@ -90,16 +111,25 @@ def test_every_caller_reports_a_bad_source_the_same_way(tmp_path):
 def test_fine_tuning_refuses_a_deploy_form_source():
     from train import pretrained
 
-    build = lambda include_top: rk.RepVGG(GOLDEN_SPEC, input_shape=(None, None, 3), include_top=include_top,
-                                          classes=10 if include_top else None)
+    build = lambda include_top: rk.RepVGG(
+        GOLDEN_SPEC,
+        input_shape=(None, None, 3),
+        include_top=include_top,
+        classes=10 if include_top else None,
+    )
     with pytest.raises(sources.SourceError, match="deploy-form .* cannot be trained"):
         pretrained.load_donor(os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), build)
     with pytest.raises(sources.SourceError, match="training form is needed|training form"):
-        rk.model_from_source(GOLDEN_SPEC, os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"),
-                             form="training", classes=10)
+        rk.model_from_source(
+            GOLDEN_SPEC,
+            os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"),
+            form="training",
+            classes=10,
+        )
 
 
 # ---------------------------------------------------------------- bad input to the library
+
 
 @pytest.mark.parametrize(
     "kwargs,match",
@@ -124,7 +154,10 @@ def _truncated_safetensors(tmp_path):
 
 def test_corrupt_files_are_one_clear_source_error(tmp_path):
     cut = _truncated_safetensors(tmp_path)
-    with pytest.raises(sources.SourceError, match=r"'.*cut\.safetensors' is not a readable .safetensors file.*truncated"):
+    with pytest.raises(
+        sources.SourceError,
+        match=r"'.*cut\.safetensors' is not a readable .safetensors file.*truncated",
+    ):
         rk.RepVGG(GOLDEN_SPEC, classes=10, weights=cut)
     noise = tmp_path / "noise.keras"
     noise.write_bytes(np.random.default_rng(0).bytes(2000))
@@ -132,11 +165,14 @@ def test_corrupt_files_are_one_clear_source_error(tmp_path):
         rk.model_from_source(TINY, str(noise), **KW)
     h5 = tmp_path / "noise.weights.h5"
     h5.write_bytes(np.random.default_rng(1).bytes(2000))
-    with pytest.raises(sources.SourceError, match=r"noise\.weights\.h5' is not a valid .weights.h5 file"):
+    with pytest.raises(
+        sources.SourceError, match=r"noise\.weights\.h5' is not a valid .weights.h5 file"
+    ):
         rk.model_from_source(TINY, str(h5), **KW)
 
 
 # ---------------------------------------------------------------- export leftovers and messages
+
 
 def _dead_pid():
     child = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -151,7 +187,10 @@ def test_stale_staging_directories_are_removed_and_live_ones_kept(tmp_path):
     host = common._HOST
     dead = tmp_path / f".a.onnx.tmp-{host}-{_dead_pid()}-abc123de"
     live = tmp_path / f".a.onnx.tmp-{host}-{os.getpid()}-xyz789ab"
-    old_unnamed, fresh_unnamed = tmp_path / ".a.onnx.tmp-oldoldol", tmp_path / ".a.onnx.tmp-freshfre"
+    old_unnamed, fresh_unnamed = (
+        tmp_path / ".a.onnx.tmp-oldoldol",
+        tmp_path / ".a.onnx.tmp-freshfre",
+    )
     other_target = tmp_path / f".b.onnx.tmp-{host}-{_dead_pid()}-abc123de"
     for directory in (dead, live, old_unnamed, fresh_unnamed, other_target):
         directory.mkdir()
@@ -184,17 +223,24 @@ def test_int8_hint_holds_whatever_the_training(capsys):
     report = verify.Report("x.tflite", "int8", 0.1, 0.1, 0.9, 0.25)
     verify.check(report)
     out = capsys.readouterr().out
-    note = out[out.index("note:"):].strip().splitlines()
+    note = out[out.index("note:") :].strip().splitlines()
     assert len(note) <= 2 and "--quant_friendly" in out and "if this model was not" in out
     assert "unless this model was trained" not in out and "99.5" not in out
 
 
 # ---------------------------------------------------------------- CLIs: one error line, exit 1
 
+
 def _cli(*args):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
 
 
 def _assert_one_error_line(result, *fragments):
@@ -211,21 +257,65 @@ def _assert_one_error_line(result, *fragments):
 @pytest.mark.parametrize(
     "args,fragments",
     [
-        (["export.onnx", "--output", "{tmp}/a.onnx", "--image_size", "0"], ["--image_size 0 is too small"]),
-        (["export.onnx", "--output", "{tmp}/a.onnx", "--classes", "0"], ["--classes must be at least 1"]),
-        (["export.onnx", "--output", "{tmp}/a.onnx", "--opset", "3"], ["--opset 3 is not supported"]),
-        (["export.tflite", "--output", "{tmp}/a.tflite", "--calibration_count", "0"], ["--calibration_count"]),
-        (["export.savedmodel", "--export_dir", "{tmp}/sm", "--version", "-1"], ["--version must be a non-negative"]),
+        (
+            ["export.onnx", "--output", "{tmp}/a.onnx", "--image_size", "0"],
+            ["--image_size 0 is too small"],
+        ),
+        (
+            ["export.onnx", "--output", "{tmp}/a.onnx", "--classes", "0"],
+            ["--classes must be at least 1"],
+        ),
+        (
+            ["export.onnx", "--output", "{tmp}/a.onnx", "--opset", "3"],
+            ["--opset 3 is not supported"],
+        ),
+        (
+            ["export.tflite", "--output", "{tmp}/a.tflite", "--calibration_count", "0"],
+            ["--calibration_count"],
+        ),
+        (
+            ["export.savedmodel", "--export_dir", "{tmp}/sm", "--version", "-1"],
+            ["--version must be a non-negative"],
+        ),
         (["export.savedmodel", "--export_dir", "{tmp}/file"], ["is a file"]),
-        (["export.onnx", "--output", "/sys/repvgg_keras_test/a.onnx", "--image_size", "32"],
-         ["/sys/repvgg_keras_test/a.onnx"]),
-        (["export.onnx", "--output", "{tmp}/a.onnx", "--weights", "{tmp}/noise.keras"], ["not a valid .keras file"]),
-        (["export.openvino", "--output", "{tmp}/ov", "--weights", "{tmp}/cut.safetensors"],
-         ["cut.safetensors' is not a readable .safetensors file"]),
-        (["repvgg_keras.convert_checkpoint", "--model", "RepVGG_A0", "--checkpoint", "{tmp}/cut.safetensors",
-          "--output", "{tmp}/out.weights.h5"], ["cut.safetensors"]),
-        (["repvgg_keras.convert_checkpoint", "--model", "RepVGG_A0", "--checkpoint", "{tmp}/cut.safetensors",
-          "--output", "{tmp}/out.weights.h5", "--classes", "0"], ["--classes must be at least 1"]),
+        (
+            ["export.onnx", "--output", "/sys/repvgg_keras_test/a.onnx", "--image_size", "32"],
+            ["/sys/repvgg_keras_test/a.onnx"],
+        ),
+        (
+            ["export.onnx", "--output", "{tmp}/a.onnx", "--weights", "{tmp}/noise.keras"],
+            ["not a valid .keras file"],
+        ),
+        (
+            ["export.openvino", "--output", "{tmp}/ov", "--weights", "{tmp}/cut.safetensors"],
+            ["cut.safetensors' is not a readable .safetensors file"],
+        ),
+        (
+            [
+                "repvgg_keras.convert_checkpoint",
+                "--model",
+                "RepVGG_A0",
+                "--checkpoint",
+                "{tmp}/cut.safetensors",
+                "--output",
+                "{tmp}/out.weights.h5",
+            ],
+            ["cut.safetensors"],
+        ),
+        (
+            [
+                "repvgg_keras.convert_checkpoint",
+                "--model",
+                "RepVGG_A0",
+                "--checkpoint",
+                "{tmp}/cut.safetensors",
+                "--output",
+                "{tmp}/out.weights.h5",
+                "--classes",
+                "0",
+            ],
+            ["--classes must be at least 1"],
+        ),
     ],
 )
 def test_cli_bad_input_is_one_error_line(tmp_path, args, fragments):

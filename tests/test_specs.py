@@ -18,8 +18,7 @@ EXPECTED_WIDTHS = {
 
 def test_all_fourteen_variants_are_listed():
     assert sorted(specs.SPECS) == sorted(
-        "RepVGG_" + n
-        for n in "A0 A1 A2 B0 B1 B1g2 B1g4 B2 B2g2 B2g4 B3 B3g2 B3g4 D2se".split()
+        "RepVGG_" + n for n in "A0 A1 A2 B0 B1 B1g2 B1g4 B2 B2g2 B2g4 B3 B3g2 B3g4 D2se".split()
     )
 
 
@@ -40,7 +39,11 @@ def test_block_counts_and_strides():
     plans = specs.block_plan(specs.SPECS["RepVGG_D2se"])
     assert len(plans) == 1 + 8 + 14 + 24 + 1
     assert [p.name for p in plans if p.strides == 2] == [
-        "stage0", "stage1_0", "stage2_0", "stage3_0", "stage4_0"
+        "stage0",
+        "stage1_0",
+        "stage2_0",
+        "stage3_0",
+        "stage4_0",
     ]
     assert all(p.use_se and p.se_channels == p.filters // 16 for p in plans)
 

@@ -14,8 +14,20 @@ import tensorflow as tf
 from train import data, recipes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--model", "RepVGG_A0", "--num_blocks", "1,1,1,1", "--width_multipliers", "0.25,0.25",
-        "--image_size", "32", "--batch_size", "8", "--verbose", "2"]
+TINY = [
+    "--model",
+    "RepVGG_A0",
+    "--num_blocks",
+    "1,1,1,1",
+    "--width_multipliers",
+    "0.25,0.25",
+    "--image_size",
+    "32",
+    "--batch_size",
+    "8",
+    "--verbose",
+    "2",
+]
 
 
 def _env():
@@ -23,8 +35,20 @@ def _env():
 
 
 def _train(model_dir, dataset, *extra, timeout=600):
-    command = [sys.executable, "-m", "train", "--dataset", dataset, "--model_dir", str(model_dir), *TINY, *extra]
-    return subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--dataset",
+        dataset,
+        "--model_dir",
+        str(model_dir),
+        *TINY,
+        *extra,
+    ]
+    return subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def _one_error_line(result):
@@ -66,10 +90,15 @@ def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tin
     recorded = json.loads((model_dir / "run_config.json").read_text())
     assert recorded["finished"] and recorded["flags"]["width_multipliers"] == [0.25, 0.25]
     assert not (model_dir / "backup").exists()
-    models = {n: (model_dir / n).read_bytes() for n in ("model_train.keras", "model_deploy.keras", "training_log.csv")}
+    models = {
+        n: (model_dir / n).read_bytes()
+        for n in ("model_train.keras", "model_deploy.keras", "training_log.csv")
+    }
     stamps = {n: os.stat(model_dir / n).st_mtime_ns for n in models}
 
-    again = _train(model_dir, f"folder:{tiny_folder}", *args, "--verbose", "1", "--checkpoint_every", "7")
+    again = _train(
+        model_dir, f"folder:{tiny_folder}", *args, "--verbose", "1", "--checkpoint_every", "7"
+    )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "finished run of this configuration" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == accuracy  # the recorded result, not a new run
@@ -79,14 +108,23 @@ def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tin
     assert "--quant_friendly: recorded False, given True" in line and "--overwrite" in line, line
     longer = _train(model_dir, f"folder:{tiny_folder}", "--epochs", "3", "--steps_per_epoch", "2")
     assert "--epochs: recorded 1, given 3" in _one_error_line(longer)
-    for name, content in models.items():  # neither the rerun nor the refusals touched the finished run
-        assert (model_dir / name).read_bytes() == content and os.stat(model_dir / name).st_mtime_ns == stamps[name]
+    for (
+        name,
+        content,
+    ) in models.items():  # neither the rerun nor the refusals touched the finished run
+        assert (model_dir / name).read_bytes() == content and os.stat(
+            model_dir / name
+        ).st_mtime_ns == stamps[name]
 
     fresh = _train(model_dir, f"folder:{tiny_folder}", *args, "--quant_friendly", "--overwrite")
     assert fresh.returncode == 0, fresh.stdout[-2000:] + fresh.stderr[-2000:]
     assert "Resuming" not in fresh.stdout
-    assert len((model_dir / "training_log.csv").read_text().strip().splitlines()) == 2  # header + one epoch
-    assert json.loads((model_dir / "run_config.json").read_text())["flags"]["quant_friendly"] is True
+    assert (
+        len((model_dir / "training_log.csv").read_text().strip().splitlines()) == 2
+    )  # header + one epoch
+    assert (
+        json.loads((model_dir / "run_config.json").read_text())["flags"]["quant_friendly"] is True
+    )
 
 
 def test_run_of_an_older_version_is_refused_unless_overwrite(tmp_path):
@@ -97,27 +135,34 @@ def test_run_of_an_older_version_is_refused_unless_overwrite(tmp_path):
     (model_dir / "notes.txt").write_text("mine")
     line = _one_error_line(_train(model_dir, "folder:/nonexistent", "--epochs", "1"))
     assert "backup" in line and "run_config.json" in line and "--overwrite" in line, line
-    assert (model_dir / "backup" / "latest.weights.h5").exists() and not (model_dir / "run_config.json").exists()
+    assert (model_dir / "backup" / "latest.weights.h5").exists() and not (
+        model_dir / "run_config.json"
+    ).exists()
     # --overwrite clears the old run's files (and only those), then goes on to the data
     line = _one_error_line(_train(model_dir, "folder:/nonexistent", "--epochs", "1", "--overwrite"))
     assert "/nonexistent' does not exist" in line, line
     assert not (model_dir / "backup").exists() and (model_dir / "notes.txt").read_text() == "mine"
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--epochs", "0", "--epochs must be >= 1, not 0"),
-    ("--epochs", "-1", "--epochs must be >= 1, not -1"),
-    ("--batch_size", "0", "--batch_size must be >= 1"),
-    ("--image_size", "16", "--image_size must be >= 32"),
-    ("--base_lr", "-0.1", "--base_lr must be >= 0"),
-    ("--base_lr", "nan", "--base_lr must be >= 0, not nan"),
-    ("--min_area", "0", "--min_area must be > 0 and <= 1"),
-    ("--label_smoothing", "1", "--label_smoothing must be >= 0 and < 1"),
-    ("--steps_per_epoch", "0", "--steps_per_epoch must be >= 1"),
-    ("--num_blocks", "1,1", "--num_blocks takes 4 positive integers"),
-    ("--width_multipliers", "a,b", "--width_multipliers takes 2 positive numbers"),
-])
-def test_nonsense_flag_values_are_refused_before_anything_is_written(tmp_path, flag, value, message):
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--epochs", "0", "--epochs must be >= 1, not 0"),
+        ("--epochs", "-1", "--epochs must be >= 1, not -1"),
+        ("--batch_size", "0", "--batch_size must be >= 1"),
+        ("--image_size", "16", "--image_size must be >= 32"),
+        ("--base_lr", "-0.1", "--base_lr must be >= 0"),
+        ("--base_lr", "nan", "--base_lr must be >= 0, not nan"),
+        ("--min_area", "0", "--min_area must be > 0 and <= 1"),
+        ("--label_smoothing", "1", "--label_smoothing must be >= 0 and < 1"),
+        ("--steps_per_epoch", "0", "--steps_per_epoch must be >= 1"),
+        ("--num_blocks", "1,1", "--num_blocks takes 4 positive integers"),
+        ("--width_multipliers", "a,b", "--width_multipliers takes 2 positive numbers"),
+    ],
+)
+def test_nonsense_flag_values_are_refused_before_anything_is_written(
+    tmp_path, flag, value, message
+):
     model_dir = tmp_path / "run"
     line = _one_error_line(_train(model_dir, "fashion_mnist", flag, value, timeout=120))
     assert message in line, line
@@ -130,7 +175,9 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
     (root / "train" / "b" / "notes.txt").write_text("not an image")  # ignored, as tfds does
     train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
     warning = capsys.readouterr().err
-    assert "skipped 1 unreadable image(s) of 21" in warning and "train/a/broken.jpg" in warning, warning
+    assert "skipped 1 unreadable image(s) of 21" in warning and "train/a/broken.jpg" in warning, (
+        warning
+    )
     assert (info.num_classes, info.train_examples, info.eval_examples) == (2, 16, 4)
     batches = list(train.take(8))  # two passes over the training images: none fails to decode
     assert len(batches) == 8 and all(x.shape == (4, 32, 32, 3) for x, _ in batches)
@@ -149,7 +196,9 @@ def test_empty_folders_are_named(tmp_path):
     (root / "train" / "c").mkdir()
     (root / "train" / "c" / "readme.txt").write_text("no images yet")
     (root / "test" / "d").mkdir()
-    with pytest.raises(ValueError, match=r"no readable .* image in train/c/, test/d/, train/d/ \(missing\)"):
+    with pytest.raises(
+        ValueError, match=r"no readable .* image in train/c/, test/d/, train/d/ \(missing\)"
+    ):
         data.load(f"folder:{root}", image_size=32, batch_size=4)
 
 
@@ -164,7 +213,9 @@ def test_unknown_dataset_names_the_closest_ones_in_one_line():
     with pytest.raises(data.DatasetNotFound) as caught:
         data.load("fashon_mnist", image_size=32, batch_size=4)
     message = str(caught.value)
-    assert "did you mean fashion_mnist" in message and "\n" not in message and len(message) < 300, message
+    assert "did you mean fashion_mnist" in message and "\n" not in message and len(message) < 300, (
+        message
+    )
     with pytest.raises(data.DatasetNotFound, match="Unknown dataset 'no_such_name'"):
         data.load("no_such_name", image_size=32, batch_size=4)
 
@@ -173,15 +224,34 @@ def test_unknown_dataset_names_the_closest_ones_in_one_line():
 def test_cli_mistakes_end_in_one_error_line(tmp_path, case):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    args = {"dataset": ("fashon_mnist", tmp_path / "run", []),
-            "data_dir": ("fashion_mnist", tmp_path / "run", ["--data_dir", str(blocker / "tfds")]),
-            "model_dir": ("fashion_mnist", blocker / "run", [])}[case]
-    command = [sys.executable, "-m", "train", "--dataset", args[0], "--model_dir", str(args[1]), "--epochs", "1",
-               "--image_size", "32", *args[2]]
-    result = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    args = {
+        "dataset": ("fashon_mnist", tmp_path / "run", []),
+        "data_dir": ("fashion_mnist", tmp_path / "run", ["--data_dir", str(blocker / "tfds")]),
+        "model_dir": ("fashion_mnist", blocker / "run", []),
+    }[case]
+    command = [
+        sys.executable,
+        "-m",
+        "train",
+        "--dataset",
+        args[0],
+        "--model_dir",
+        str(args[1]),
+        "--epochs",
+        "1",
+        "--image_size",
+        "32",
+        *args[2],
+    ]
+    result = subprocess.run(
+        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    )
     line = _one_error_line(result)
-    expected = {"dataset": "did you mean fashion_mnist", "data_dir": f"Not a directory: {blocker}",
-                "model_dir": "cannot create --model_dir"}[case]
+    expected = {
+        "dataset": "did you mean fashion_mnist",
+        "data_dir": f"Not a directory: {blocker}",
+        "model_dir": "cannot create --model_dir",
+    }[case]
     assert expected in line, line
 
 
@@ -191,4 +261,6 @@ def test_small_inputs_get_a_milder_crop_by_default():
     assert recipes.get_recipe("paper120", image_size=64).min_area == recipes.SMALL_IMAGE_MIN_AREA
     assert recipes.get_recipe("small", image_size=224).min_area == 0.5
     assert recipes.get_recipe("paper120", image_size=224).min_area == 0.08
-    assert recipes.get_recipe("small", image_size=32, min_area=0.3).min_area == 0.3  # --min_area wins
+    assert (
+        recipes.get_recipe("small", image_size=32, min_area=0.3).min_area == 0.3
+    )  # --min_area wins

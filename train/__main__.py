@@ -24,57 +24,133 @@ from absl import app, flags, logging
 FLAGS = flags.FLAGS
 
 flags.DEFINE_string("model", "RepVGG_A0", "Variant name (repvgg_keras.list_models()).")
-flags.DEFINE_list("num_blocks", None, "Override blocks per stage 1-4 (a narrower/shallower custom spec).")
+flags.DEFINE_list(
+    "num_blocks", None, "Override blocks per stage 1-4 (a narrower/shallower custom spec)."
+)
 flags.DEFINE_list("width_multipliers", None, "Override the width multipliers a,b.")
-flags.DEFINE_string("dataset", "fashion_mnist", "A TFDS name, 'folder:<root>' (root/<split>/<class>/<img>), or fashion_mnist.")
+flags.DEFINE_string(
+    "dataset",
+    "fashion_mnist",
+    "A TFDS name, 'folder:<root>' (root/<split>/<class>/<img>), or fashion_mnist.",
+)
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
-flags.DEFINE_bool("download", False, "Let tfds download a dataset that is not prepared (off: fail fast).")
-flags.DEFINE_string("model_dir", None, "Where checkpoints, logs and the final models go. Rerunning the same "
-                    "command resumes an interrupted run there; on a finished run it reports the run's accuracy "
-                    "and leaves its models as they are. Another configuration there is refused (see --overwrite).")
-flags.DEFINE_bool("overwrite", False, "Clear the run in --model_dir (run_config.json, backup/, logs/, training_log.csv, "
-                  "training_curves.png, the .keras models; other files stay) and train from scratch.")
-flags.DEFINE_enum("recipe", "small", ["paper120", "paper200", "small"], "Training recipe (train/recipes.py).")
+flags.DEFINE_bool(
+    "download", False, "Let tfds download a dataset that is not prepared (off: fail fast)."
+)
+flags.DEFINE_string(
+    "model_dir",
+    None,
+    "Where checkpoints, logs and the final models go. Rerunning the same "
+    "command resumes an interrupted run there; on a finished run it reports the run's accuracy "
+    "and leaves its models as they are. Another configuration there is refused (see --overwrite).",
+)
+flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Clear the run in --model_dir (run_config.json, backup/, logs/, training_log.csv, "
+    "training_curves.png, the .keras models; other files stay) and train from scratch.",
+)
+flags.DEFINE_enum(
+    "recipe", "small", ["paper120", "paper200", "small"], "Training recipe (train/recipes.py)."
+)
 flags.DEFINE_integer("image_size", None, "Training resolution (default: the variant's, 224).")
-flags.DEFINE_integer("epochs", None, "Override the recipe. Part of the run's configuration: a finished run is "
-                     "not extended (train longer in another --model_dir, or --overwrite).")
+flags.DEFINE_integer(
+    "epochs",
+    None,
+    "Override the recipe. Part of the run's configuration: a finished run is "
+    "not extended (train longer in another --model_dir, or --overwrite).",
+)
 flags.DEFINE_integer("batch_size", None, "Global batch size (override); the lr scales with it.")
 flags.DEFINE_float("base_lr", None, "Learning rate at batch 256 (override).")
 flags.DEFINE_float("weight_decay", None, "Override.")
 flags.DEFINE_float("warmup_epochs", None, "Override.")
 flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
-flags.DEFINE_float("min_area", None, "Override the random-resized-crop smallest area (default: the recipe's; "
-                   "at most 64 px inputs crop at least 0.9 of the image, see train/recipes.py).")
-flags.DEFINE_enum("augment", None, ["basic", "randaugment"], "Override: crop + flip, or also RandAugment.")
+flags.DEFINE_float(
+    "min_area",
+    None,
+    "Override the random-resized-crop smallest area (default: the recipe's; "
+    "at most 64 px inputs crop at least 0.9 of the image, see train/recipes.py).",
+)
+flags.DEFINE_enum(
+    "augment", None, ["basic", "randaugment"], "Override: crop + flip, or also RandAugment."
+)
 flags.DEFINE_float("ema_momentum", None, "EMA of weights (e.g. 0.9999); 0 disables.")
-flags.DEFINE_bool("custom_l2", None, "The authors' custom L2 on the equivalent kernel instead of plain "
-                  "weight decay on the block kernels (coefficient: --weight_decay).")
-flags.DEFINE_float("eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop).")
-flags.DEFINE_bool("quant_friendly", False, "QARepVGG blocks (no BN on the 1x1 and identity branches, one BN "
-                  "after the sum): the same plain deploy model, much better int8 accuracy.")
-flags.DEFINE_string("init_weights", None, "Fine-tune: start from 'imagenet', an authors'/timm checkpoint or a "
-                    "training-form .keras model of the same variant; the classifier is kept when the class "
-                    "count matches, otherwise fresh.")
-flags.DEFINE_enum("ablation", "full", ["full", "no_identity", "no_1x1", "plain"], "Drop branches (the paper's ablation).")
-flags.DEFINE_enum("mixed_precision", "none", ["auto", "none", "mixed_bfloat16", "mixed_float16"],
-                  "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.")
-flags.DEFINE_integer("checkpoint_every", 200, "Checkpoint every N steps (and at each epoch end); may change on resume.")
+flags.DEFINE_bool(
+    "custom_l2",
+    None,
+    "The authors' custom L2 on the equivalent kernel instead of plain "
+    "weight decay on the block kernels (coefficient: --weight_decay).",
+)
+flags.DEFINE_float(
+    "eval_crop", None, "Evaluation centre-crop fraction (default: the recipe's; 1.0 = no crop)."
+)
+flags.DEFINE_bool(
+    "quant_friendly",
+    False,
+    "QARepVGG blocks (no BN on the 1x1 and identity branches, one BN "
+    "after the sum): the same plain deploy model, much better int8 accuracy.",
+)
+flags.DEFINE_string(
+    "init_weights",
+    None,
+    "Fine-tune: start from 'imagenet', an authors'/timm checkpoint or a "
+    "training-form .keras model of the same variant; the classifier is kept when the class "
+    "count matches, otherwise fresh.",
+)
+flags.DEFINE_enum(
+    "ablation",
+    "full",
+    ["full", "no_identity", "no_1x1", "plain"],
+    "Drop branches (the paper's ablation).",
+)
+flags.DEFINE_enum(
+    "mixed_precision",
+    "none",
+    ["auto", "none", "mixed_bfloat16", "mixed_float16"],
+    "auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else float32.",
+)
+flags.DEFINE_integer(
+    "checkpoint_every",
+    200,
+    "Checkpoint every N steps (and at each epoch end); may change on resume.",
+)
 flags.DEFINE_integer("steps_per_epoch", None, "Default: training examples // batch size.")
 flags.DEFINE_integer("train_take", None, "Use only the first N training examples (quick runs).")
 flags.DEFINE_integer("eval_take", None, "Use only the first N evaluation examples.")
 flags.DEFINE_string("tpu", None, "TPU name/address for TPUStrategy.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
-flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 1 progress bar, 2 one line per epoch (plus a progress "
-                     "line every --progress_every seconds).")
-flags.DEFINE_float("progress_every", 60, "With --verbose 2: seconds between progress lines inside an epoch (0: none).")
+flags.DEFINE_integer(
+    "verbose",
+    1,
+    "Keras fit verbosity: 1 progress bar, 2 one line per epoch (plus a progress "
+    "line every --progress_every seconds).",
+)
+flags.DEFINE_float(
+    "progress_every",
+    60,
+    "With --verbose 2: seconds between progress lines inside an epoch (0: none).",
+)
 flags.mark_flag_as_required("model_dir")
 
-ABLATIONS = {"full": (True, True), "no_identity": (False, True), "no_1x1": (True, False), "plain": (False, False)}
+ABLATIONS = {
+    "full": (True, True),
+    "no_identity": (False, True),
+    "no_1x1": (True, False),
+    "plain": (False, False),
+}
 RUN_CONFIG = "run_config.json"
 # What a run writes into --model_dir (and --overwrite removes); worker_<i>/ folders belong to other processes.
-RUN_FILES = (RUN_CONFIG, "backup", "logs", "training_log.csv", "training_curves.png", "model_train.keras",
-             "model_deploy.keras", "last_step")
+RUN_FILES = (
+    RUN_CONFIG,
+    "backup",
+    "logs",
+    "training_log.csv",
+    "training_curves.png",
+    "model_train.keras",
+    "model_deploy.keras",
+    "last_step",
+)
 # Left by a run of an older version, which recorded no configuration: never resumed or replaced silently.
 UNRECORDED_RUN_FILES = ("backup", "model_train.keras", "model_deploy.keras", "training_log.csv")
 
@@ -103,7 +179,14 @@ def flag_problems():
             wanted = " and ".join(t for t in (low_text, high_text) if t)
             problems.append(f"--{name} must be {wanted}, not {value:{'d' if integer else 'g'}}")
 
-    for name in ("epochs", "batch_size", "checkpoint_every", "steps_per_epoch", "train_take", "eval_take"):
+    for name in (
+        "epochs",
+        "batch_size",
+        "checkpoint_every",
+        "steps_per_epoch",
+        "train_take",
+        "eval_take",
+    ):
         check(name, low=1, integer=True)
     check("image_size", low=32, integer=True)  # five stride-2 stages: 32 px end at 1 x 1
     check("seed", low=0, high=2**32 - 1, integer=True)
@@ -121,12 +204,16 @@ def flag_problems():
             continue
         try:
             parsed = [kind(v) for v in values]
-            ok = len(parsed) == count and all(math.isfinite(v) and v >= max(low, 1e-9) for v in parsed)
+            ok = len(parsed) == count and all(
+                math.isfinite(v) and v >= max(low, 1e-9) for v in parsed
+            )
         except ValueError:
             ok = False
         if not ok:
             what = "positive integers" if kind is int else "positive numbers"
-            problems.append(f"--{name} takes {count} {what} separated by commas, not {','.join(values)!r}")
+            problems.append(
+                f"--{name} takes {count} {what} separated by commas, not {','.join(values)!r}"
+            )
     if not FLAGS.model_dir:
         problems.append("--model_dir is empty")
     if FLAGS.dataset == "folder:" or not FLAGS.dataset:
@@ -142,17 +229,37 @@ def run_config(spec, image_size, recipe):
 
     dataset = FLAGS.dataset
     if dataset.startswith("folder:"):
-        dataset = "folder:" + os.path.abspath(dataset[len("folder:"):])
+        dataset = "folder:" + os.path.abspath(dataset[len("folder:") :])
     config = {
-        "model": rk.get_spec(FLAGS.model).name, "num_blocks": list(spec.num_blocks),
-        "width_multipliers": list(spec.width_multipliers), "quant_friendly": FLAGS.quant_friendly,
-        "ablation": FLAGS.ablation, "init_weights": FLAGS.init_weights, "dataset": dataset,
-        "image_size": image_size, "train_take": FLAGS.train_take, "eval_take": FLAGS.eval_take,
-        "steps_per_epoch": FLAGS.steps_per_epoch, "recipe": FLAGS.recipe,
-        "mixed_precision": FLAGS.mixed_precision, "seed": FLAGS.seed,
+        "model": rk.get_spec(FLAGS.model).name,
+        "num_blocks": list(spec.num_blocks),
+        "width_multipliers": list(spec.width_multipliers),
+        "quant_friendly": FLAGS.quant_friendly,
+        "ablation": FLAGS.ablation,
+        "init_weights": FLAGS.init_weights,
+        "dataset": dataset,
+        "image_size": image_size,
+        "train_take": FLAGS.train_take,
+        "eval_take": FLAGS.eval_take,
+        "steps_per_epoch": FLAGS.steps_per_epoch,
+        "recipe": FLAGS.recipe,
+        "mixed_precision": FLAGS.mixed_precision,
+        "seed": FLAGS.seed,
     }
-    for field in ("epochs", "batch_size", "base_lr", "weight_decay", "warmup_epochs", "label_smoothing", "mixup",
-                  "min_area", "augment", "ema_momentum", "custom_l2", "eval_crop"):
+    for field in (
+        "epochs",
+        "batch_size",
+        "base_lr",
+        "weight_decay",
+        "warmup_epochs",
+        "label_smoothing",
+        "mixup",
+        "min_area",
+        "augment",
+        "ema_momentum",
+        "custom_l2",
+        "eval_crop",
+    ):
         config[field] = getattr(recipe, field)
     return json.loads(json.dumps(config))  # as it reads back from the file
 
@@ -185,9 +292,13 @@ def prepare_model_dir(model_dir, config, overwrite):
     try:
         os.makedirs(model_dir, exist_ok=True)
     except OSError as error:
-        raise UsageError(f"cannot create --model_dir {model_dir!r}: {error.strerror or error}.") from None
+        raise UsageError(
+            f"cannot create --model_dir {model_dir!r}: {error.strerror or error}."
+        ) from None
     path = os.path.join(model_dir, RUN_CONFIG)
-    progress = [name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))]
+    progress = [
+        name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))
+    ]
     if overwrite:
         _clear_run(model_dir)
     elif os.path.exists(path):
@@ -196,23 +307,32 @@ def prepare_model_dir(model_dir, config, overwrite):
                 recorded = json.load(f)
             recorded_flags = recorded["flags"]
         except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UsageError(f"{path} is unreadable ({error}): pass --overwrite to clear this run and start over, "
-                             "or another --model_dir.") from None
-        differences = [f"--{name}: recorded {recorded_flags.get(name)!r}, given {value!r}"
-                       for name, value in config.items() if recorded_flags.get(name) != value]
+            raise UsageError(
+                f"{path} is unreadable ({error}): pass --overwrite to clear this run and start over, "
+                "or another --model_dir."
+            ) from None
+        differences = [
+            f"--{name}: recorded {recorded_flags.get(name)!r}, given {value!r}"
+            for name, value in config.items()
+            if recorded_flags.get(name) != value
+        ]
         if differences and not progress and not recorded.get("finished"):
-            _clear_run(model_dir)  # it stopped before its first checkpoint (say, on a wrong data path)
+            _clear_run(
+                model_dir
+            )  # it stopped before its first checkpoint (say, on a wrong data path)
         elif differences:
             raise UsageError(
                 f"--model_dir {model_dir} holds a run of another configuration ({'; '.join(differences)}): "
-                "pass the recorded values to resume it, another --model_dir, or --overwrite to clear it and start over.")
+                "pass the recorded values to resume it, another --model_dir, or --overwrite to clear it and start over."
+            )
         if recorded.get("finished"):
             return recorded
     elif progress:
         raise UsageError(
             f"--model_dir {model_dir} holds {', '.join(progress)} but no {RUN_CONFIG} (a run of an older version): "
             "its configuration is unknown, so it is neither resumed nor replaced. Pass another --model_dir, "
-            "or --overwrite to clear it and start over.")
+            "or --overwrite to clear it and start over."
+        )
     _write_json(path, {"flags": config, "finished": False})
     return None
 
@@ -275,12 +395,21 @@ def init_from_pretrained(model, spec, image_size, use_identity, use_1x1):
     from train import pretrained
 
     build = lambda include_top: rk.RepVGG(
-        spec, include_top=include_top, input_shape=(image_size, image_size, 3),
+        spec,
+        include_top=include_top,
+        input_shape=(image_size, image_size, 3),
         classes=model.output_shape[-1] if include_top else None,
-        use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly)
+        use_identity=use_identity,
+        use_1x1=use_1x1,
+        quant_friendly=FLAGS.quant_friendly,
+    )
     donor = pretrained.load_donor(FLAGS.init_weights, build)
     fresh = pretrained.copy_weights(model, donor)
-    kept = "all weights" if not fresh else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
+    kept = (
+        "all weights"
+        if not fresh
+        else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
+    )
     print(f"initialised from {FLAGS.init_weights}: {kept}", flush=True)
 
 
@@ -290,27 +419,48 @@ def train():
     import tensorflow as tf
 
     import repvgg_keras as rk
-    from train import callbacks as cb, data, distributed, recipes
+    from train import callbacks as cb
+    from train import data, distributed, recipes
 
     keras.utils.set_random_seed(FLAGS.seed)
     spec = build_spec()
     image_size = FLAGS.image_size or spec.default_size
     recipe = recipes.get_recipe(
-        FLAGS.recipe, image_size=image_size, epochs=FLAGS.epochs, batch_size=FLAGS.batch_size, base_lr=FLAGS.base_lr,
-        weight_decay=FLAGS.weight_decay, warmup_epochs=FLAGS.warmup_epochs,
-        label_smoothing=FLAGS.label_smoothing, mixup=FLAGS.mixup, min_area=FLAGS.min_area, augment=FLAGS.augment,
-        ema_momentum=FLAGS.ema_momentum, eval_crop=FLAGS.eval_crop, custom_l2=FLAGS.custom_l2,
+        FLAGS.recipe,
+        image_size=image_size,
+        epochs=FLAGS.epochs,
+        batch_size=FLAGS.batch_size,
+        base_lr=FLAGS.base_lr,
+        weight_decay=FLAGS.weight_decay,
+        warmup_epochs=FLAGS.warmup_epochs,
+        label_smoothing=FLAGS.label_smoothing,
+        mixup=FLAGS.mixup,
+        min_area=FLAGS.min_area,
+        augment=FLAGS.augment,
+        ema_momentum=FLAGS.ema_momentum,
+        eval_crop=FLAGS.eval_crop,
+        custom_l2=FLAGS.custom_l2,
     )
     is_chief, task_index = worker_role()
-    model_dir = FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
+    model_dir = (
+        FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
+    )
     finished = prepare_model_dir(model_dir, run_config(spec, image_size, recipe), FLAGS.overwrite)
     if finished is not None:
-        print(f"{model_dir} holds a finished run of this configuration ({recipe.epochs} epochs); its models are "
-              "kept as they are. Pass --overwrite to train it again, or another --model_dir.")
-        missing = [n for n in ("model_train.keras", "model_deploy.keras") if not os.path.exists(os.path.join(model_dir, n))]
+        print(
+            f"{model_dir} holds a finished run of this configuration ({recipe.epochs} epochs); its models are "
+            "kept as they are. Pass --overwrite to train it again, or another --model_dir."
+        )
+        missing = [
+            n
+            for n in ("model_train.keras", "model_deploy.keras")
+            if not os.path.exists(os.path.join(model_dir, n))
+        ]
         if missing:
-            raise UsageError(f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
-                             "train it again.")
+            raise UsageError(
+                f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
+                "train it again."
+            )
         print(finished.get("accuracy", ""), flush=True)
         return 0.0
     precision = pick_precision(FLAGS.mixed_precision)
@@ -319,9 +469,18 @@ def train():
     strategy = make_strategy(FLAGS.tpu)
 
     train_ds, eval_ds, info = data.load(
-        FLAGS.dataset, image_size=image_size, batch_size=recipe.batch_size, data_dir=FLAGS.data_dir,
-        download=FLAGS.download, min_area=recipe.min_area, mixup=recipe.mixup, augment=recipe.augment,
-        train_take=FLAGS.train_take, eval_take=FLAGS.eval_take, seed=FLAGS.seed, eval_crop=recipe.eval_crop,
+        FLAGS.dataset,
+        image_size=image_size,
+        batch_size=recipe.batch_size,
+        data_dir=FLAGS.data_dir,
+        download=FLAGS.download,
+        min_area=recipe.min_area,
+        mixup=recipe.mixup,
+        augment=recipe.augment,
+        train_take=FLAGS.train_take,
+        eval_take=FLAGS.eval_take,
+        seed=FLAGS.seed,
+        eval_crop=recipe.eval_crop,
     )
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
@@ -331,23 +490,34 @@ def train():
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
-    print(f"{spec.name} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on {FLAGS.dataset}: {info.train_examples} train / "
-          f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
-          f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
-          f"(augment {recipe.augment}): "
-          f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, peak lr {peak_lr:g}",
-          flush=True)
+    print(
+        f"{spec.name} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
+        f"{FLAGS.dataset}: {info.train_examples} train / "
+        f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
+        f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
+        f"(augment {recipe.augment}): "
+        f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, peak lr {peak_lr:g}",
+        flush=True,
+    )
 
     with strategy.scope():
         model = rk.RepVGG(
-            spec, input_shape=(image_size, image_size, 3), classes=info.num_classes,
-            use_identity=use_identity, use_1x1=use_1x1, quant_friendly=FLAGS.quant_friendly,
+            spec,
+            input_shape=(image_size, image_size, 3),
+            classes=info.num_classes,
+            use_identity=use_identity,
+            use_1x1=use_1x1,
+            quant_friendly=FLAGS.quant_friendly,
             bn_synchronized=strategy.num_replicas_in_sync > 1,
         )
         if FLAGS.init_weights:
             init_from_pretrained(model, spec, image_size, use_identity, use_1x1)
-        optimizer = recipes.make_optimizer(recipe, model, total_steps=total_steps, warmup_steps=warmup_steps)
-        loss = keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=recipe.label_smoothing)
+        optimizer = recipes.make_optimizer(
+            recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
+        )
+        loss = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=recipe.label_smoothing
+        )
         model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
     csv_path = os.path.join(model_dir, "training_log.csv")
@@ -355,8 +525,11 @@ def train():
     callbacks = [
         # Kept after fit: a run killed before it is recorded as finished resumes from the last epoch
         # instead of training again; removed once run_config.json says finished.
-        cb.BackupEveryStepsAndEpoch(os.path.join(model_dir, "backup"), save_freq=FLAGS.checkpoint_every,
-                                    delete_checkpoint=False),
+        cb.BackupEveryStepsAndEpoch(
+            os.path.join(model_dir, "backup"),
+            save_freq=FLAGS.checkpoint_every,
+            delete_checkpoint=False,
+        ),
         cb.ResumeReporter(os.path.join(model_dir, "last_step")),
         nan_stopper,
         cb.LearningRateLogger(),
@@ -368,12 +541,27 @@ def train():
         callbacks.append(cb.ProgressLines(FLAGS.progress_every))
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
-        distributed.fit(model, train_ds, strategy=strategy, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch,
-                        global_batch=recipe.batch_size, validation_data=eval_ds, callbacks=callbacks,
-                        verbose=FLAGS.verbose)
+        distributed.fit(
+            model,
+            train_ds,
+            strategy=strategy,
+            epochs=recipe.epochs,
+            steps_per_epoch=steps_per_epoch,
+            global_batch=recipe.batch_size,
+            validation_data=eval_ds,
+            callbacks=callbacks,
+            verbose=FLAGS.verbose,
+        )
     else:
-        model.fit(train_ds, epochs=recipe.epochs, steps_per_epoch=steps_per_epoch, validation_data=eval_ds,
-                  callbacks=callbacks, verbose=FLAGS.verbose, shuffle=False)
+        model.fit(
+            train_ds,
+            epochs=recipe.epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=eval_ds,
+            callbacks=callbacks,
+            verbose=FLAGS.verbose,
+            shuffle=False,
+        )
     if nan_stopper.stopped_at is not None:
         raise FloatingPointError(
             f"The loss became NaN/inf at step {nan_stopper.stopped_at}; training stopped. "
@@ -383,7 +571,9 @@ def train():
     model.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():
         deploy = rk.to_deploy(model)
-    deploy.save(os.path.join(model_dir, "model_deploy.keras"))  # saved uncompiled: no optimizer state
+    deploy.save(
+        os.path.join(model_dir, "model_deploy.keras")
+    )  # saved uncompiled: no optimizer state
     with strategy.scope():
         deploy.compile(loss=loss, metrics=["accuracy"])
     if multi_worker:
@@ -394,11 +584,15 @@ def train():
         train_acc = model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
         deploy_acc = deploy.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
     print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
-    print(f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
-          f"deploy form {deploy_acc:.4f}")
+    print(
+        f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
+        f"deploy form {deploy_acc:.4f}"
+    )
     accuracy = f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}"
-    _write_json(os.path.join(model_dir, RUN_CONFIG),
-                {"flags": run_config(spec, image_size, recipe), "finished": True, "accuracy": accuracy})
+    _write_json(
+        os.path.join(model_dir, RUN_CONFIG),
+        {"flags": run_config(spec, image_size, recipe), "finished": True, "accuracy": accuracy},
+    )
     shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)
     print(accuracy, flush=True)
     return np.abs(train_acc - deploy_acc)
@@ -429,13 +623,19 @@ def main(argv):
     except tf.errors.ResourceExhaustedError:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
-        print(f"error: out of memory with --batch_size {FLAGS.batch_size or 'default'} at --image_size "
-              f"{FLAGS.image_size or 'default'}: lower one of them.", file=sys.stderr)
+        print(
+            f"error: out of memory with --batch_size {FLAGS.batch_size or 'default'} at --image_size "
+            f"{FLAGS.image_size or 'default'}: lower one of them.",
+            file=sys.stderr,
+        )
         return 1
     except tf.errors.OpError as error:  # e.g. a file that vanished or cannot be read mid-run
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
-        print(f"error: {type(error).__name__}: {error.message.strip().splitlines()[0]}", file=sys.stderr)
+        print(
+            f"error: {type(error).__name__}: {error.message.strip().splitlines()[0]}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -19,7 +19,16 @@ def run(model_dir, extra_args):
     rows = []
     for variant in VARIANTS:
         run_dir = os.path.join(model_dir, variant)
-        command = [sys.executable, "-m", "train", "--ablation", variant, "--model_dir", run_dir, *extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "train",
+            "--ablation",
+            variant,
+            "--model_dir",
+            run_dir,
+            *extra_args,
+        ]
         print(f"== {variant}: {' '.join(command[1:])}", flush=True)
         start = time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True)
@@ -33,7 +42,11 @@ def run(model_dir, extra_args):
         print(f"   {last} ({minutes:.1f} min)", flush=True)
     table = ["| block | training form top-1 | deploy form top-1 | minutes |", "|---|---|---|---|"]
     table += [f"| {v} | {t} | {d} | {m:.1f} |" for v, t, d, m in rows]
-    text = f"Command: python -m train.ablation --model_dir {model_dir} {' '.join(extra_args)}\n\n" + "\n".join(table) + "\n"
+    text = (
+        f"Command: python -m train.ablation --model_dir {model_dir} {' '.join(extra_args)}\n\n"
+        + "\n".join(table)
+        + "\n"
+    )
     os.makedirs(model_dir, exist_ok=True)
     with open(os.path.join(model_dir, "ablation.md"), "w") as f:
         f.write(text)
@@ -45,7 +58,7 @@ def main(argv):
         raise SystemExit("usage: python -m train.ablation --model_dir DIR [train flags...]")
     i = argv.index("--model_dir")
     model_dir = argv[i + 1]
-    extra = argv[:i] + argv[i + 2:]
+    extra = argv[:i] + argv[i + 2 :]
     defaults = ["--dataset", "fashion_mnist", "--image_size", "32", "--verbose", "2"]
     run(model_dir, defaults + extra)
 

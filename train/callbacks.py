@@ -48,7 +48,10 @@ class ResumeReporter(keras.callbacks.Callback):
         step = int(self.model.optimizer.iterations.numpy())
         epoch = getattr(self.model, "_initial_epoch", 0) or 0
         if step:
-            print(f"Resuming from the last checkpoint: epoch {epoch}, optimizer step {step}.", flush=True)
+            print(
+                f"Resuming from the last checkpoint: epoch {epoch}, optimizer step {step}.",
+                flush=True,
+            )
 
     def on_train_batch_end(self, batch, logs=None):
         staged = self.step_file + ".tmp"
@@ -77,11 +80,19 @@ class ProgressLines(keras.callbacks.Callback):
         if now - self._last_print < self.every_seconds:
             return
         self._last_print = now
-        done, steps = batch + 1, self.params["steps"]  # params: set by fit (and by train.distributed's loop)
+        done, steps = (
+            batch + 1,
+            self.params["steps"],
+        )  # params: set by fit (and by train.distributed's loop)
         per_step = (now - self._started) / done
-        metrics = "".join(f", {k} {float(v):.4f}" for k, v in (logs or {}).items() if k in ("loss", "accuracy"))
-        print(f"epoch {self._epoch + 1}/{self.params['epochs']} step {done}/{steps}{metrics}, "
-              f"{per_step:.2f} s/step, epoch ends in {per_step * (steps - done) / 60:.1f} min", flush=True)
+        metrics = "".join(
+            f", {k} {float(v):.4f}" for k, v in (logs or {}).items() if k in ("loss", "accuracy")
+        )
+        print(
+            f"epoch {self._epoch + 1}/{self.params['epochs']} step {done}/{steps}{metrics}, "
+            f"{per_step:.2f} s/step, epoch ends in {per_step * (steps - done) / 60:.1f} min",
+            flush=True,
+        )
 
 
 class LearningRateLogger(keras.callbacks.Callback):
@@ -130,7 +141,11 @@ def plot_curves(csv_path, png_path):
     if not rows:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]
-    panels = [("loss", ["loss", "val_loss"]), ("accuracy", ["accuracy", "val_accuracy"]), ("learning rate", ["learning_rate"])]
+    panels = [
+        ("loss", ["loss", "val_loss"]),
+        ("accuracy", ["accuracy", "val_accuracy"]),
+        ("learning rate", ["learning_rate"]),
+    ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for axis, (title, keys) in zip(axes, panels):
         for key in keys:

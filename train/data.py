@@ -48,8 +48,10 @@ def _check_known(name):
         return
     close = difflib.get_close_matches(name, sorted(set(known) | set(OUR_NAMES)), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise DatasetNotFound(f"Unknown dataset {name!r}: {hint}Pass a TFDS name (tfds.list_builders()), "
-                          "folder:<root> for root/<split>/<class>/<image>, or fashion_mnist.")
+    raise DatasetNotFound(
+        f"Unknown dataset {name!r}: {hint}Pass a TFDS name (tfds.list_builders()), "
+        "folder:<root> for root/<split>/<class>/<image>, or fashion_mnist."
+    )
 
 
 def _builder(name, data_dir, download):
@@ -63,7 +65,10 @@ def _builder(name, data_dir, download):
             name = "fashion_mnist_debian"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:  # e.g. an unknown config
+    except (
+        tfds.core.registered.DatasetNotFoundError,
+        ValueError,
+    ) as error:  # e.g. an unknown config
         raise DatasetNotFound(f"Dataset {name!r}: {str(error).strip().splitlines()[0]}") from None
     if not _is_prepared(builder):
         if name == "fashion_mnist_debian" or download:
@@ -88,7 +93,9 @@ def dataset_info(builder, eval_split=None):
     """Classes and split sizes; counts the examples when the builder has no split metadata."""
     splits = builder.info.splits
     known = list(splits.keys()) if splits else []
-    eval_split = eval_split or next((s for s in ("validation", "test", "val") if s in known), "test")
+    eval_split = eval_split or next(
+        (s for s in ("validation", "test", "val") if s in known), "test"
+    )
     label = builder.info.features["label"]
 
     def size(split):
@@ -125,8 +132,10 @@ class ImageFolder:
         dataset = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
         if shuffle:
             dataset = dataset.shuffle(len(paths), seed=seed)
-        return dataset.map(lambda path, label: (decode_image(tf.io.read_file(path)), label),
-                           num_parallel_calls=tf.data.AUTOTUNE)
+        return dataset.map(
+            lambda path, label: (decode_image(tf.io.read_file(path)), label),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
 
 
 def _subfolders(path):
@@ -143,7 +152,9 @@ def _readable(path):
 
 def _listing(names, limit=8):
     names = list(names)
-    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+    return ", ".join(names[:limit]) + (
+        f" and {len(names) - limit} more" if len(names) > limit else ""
+    )
 
 
 def scan_image_folder(root, eval_split=None, warn=None):
@@ -156,7 +167,9 @@ def scan_image_folder(root, eval_split=None, warn=None):
     """
     expected = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or validation/, val/)"
     if not os.path.isdir(root):
-        raise DatasetNotFound(f"Image folder {root!r} does not exist or is not a folder ({expected}).")
+        raise DatasetNotFound(
+            f"Image folder {root!r} does not exist or is not a folder ({expected})."
+        )
     splits = _subfolders(root)
     eval_split = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
     missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
@@ -164,7 +177,9 @@ def scan_image_folder(root, eval_split=None, warn=None):
         missing.append("test")
     if missing:
         found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
-        raise ValueError(f"Image folder {root!r} has no {' or '.join(s + '/' for s in missing)} ({found}); {expected}.")
+        raise ValueError(
+            f"Image folder {root!r} has no {' or '.join(s + '/' for s in missing)} ({found}); {expected}."
+        )
     class_names = sorted({c for split in splits for c in _subfolders(os.path.join(root, split))})
     listed, empty = {}, []
     for split in ("train", eval_split):
@@ -173,8 +188,10 @@ def scan_image_folder(root, eval_split=None, warn=None):
             empty.append(f"{split}/ (no class folders)")
         listed[split] = [
             (os.path.join(root, split, c, f), class_names.index(c))
-            for c in classes for f in sorted(os.listdir(os.path.join(root, split, c)))
-            if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(root, split, c, f))
+            for c in classes
+            for f in sorted(os.listdir(os.path.join(root, split, c)))
+            if f.lower().endswith(IMAGE_EXTENSIONS)
+            and os.path.isfile(os.path.join(root, split, c, f))
         ]
     paths = [path for examples in listed.values() for path, _ in examples]
     with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
@@ -184,27 +201,45 @@ def scan_image_folder(root, eval_split=None, warn=None):
     for split, split_examples in listed.items():
         examples[split] = [(path, label) for path, label in split_examples if readable[path]]
         counts = {label for _, label in examples[split]}
-        empty += [f"{split}/{c}/" for c in _subfolders(os.path.join(root, split)) if class_names.index(c) not in counts]
+        empty += [
+            f"{split}/{c}/"
+            for c in _subfolders(os.path.join(root, split))
+            if class_names.index(c) not in counts
+        ]
         random.Random(split).shuffle(examples[split])  # tfds's ImageFolder order
-    untrained = [c for i, c in enumerate(class_names) if i not in {label for _, label in examples["train"]}
-                 and f"train/{c}/" not in empty]
+    untrained = [
+        c
+        for i, c in enumerate(class_names)
+        if i not in {label for _, label in examples["train"]} and f"train/{c}/" not in empty
+    ]
     if untrained:
         empty += [f"train/{c}/ (missing)" for c in untrained]
     if unreadable:
-        print(f"warning: skipped {len(unreadable)} unreadable image(s) of {len(paths)} in {root}: "
-              f"{_listing(os.path.relpath(p, root) for p in unreadable)}", file=warn or sys.stderr, flush=True)
+        print(
+            f"warning: skipped {len(unreadable)} unreadable image(s) of {len(paths)} in {root}: "
+            f"{_listing(os.path.relpath(p, root) for p in unreadable)}",
+            file=warn or sys.stderr,
+            flush=True,
+        )
     if empty:
-        raise ValueError(f"Image folder {root!r}: no readable .jpg/.jpeg/.png image in {_listing(empty)}"
-                         f"{' (unreadable ones skipped)' if unreadable else ''}; every class needs at least one "
-                         "image in train/ and each split at least one class folder.")
+        raise ValueError(
+            f"Image folder {root!r}: no readable .jpg/.jpeg/.png image in {_listing(empty)}"
+            f"{' (unreadable ones skipped)' if unreadable else ''}; every class needs at least one "
+            "image in train/ and each split at least one class folder."
+        )
     return ImageFolder(root, class_names, examples, eval_split, unreadable)
 
 
 def random_resized_crop(image, size, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """Inception-style crop (random area and aspect), resized to size x size."""
     begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), tf.zeros((1, 0, 4)), min_object_covered=0.0,
-        aspect_ratio_range=ratio, area_range=area, max_attempts=10, use_image_if_no_bounding_boxes=True,
+        tf.shape(image),
+        tf.zeros((1, 0, 4)),
+        min_object_covered=0.0,
+        aspect_ratio_range=ratio,
+        area_range=area,
+        max_attempts=10,
+        use_image_if_no_bounding_boxes=True,
     )
     crop = tf.slice(image, begin, crop_size)
     return tf.image.resize(tf.cast(crop, tf.float32), (size, size), method="bilinear")
@@ -222,9 +257,22 @@ def center_crop(image, size, crop_fraction=EVAL_CROP):
 AUGMENTATIONS = ("basic", "randaugment")
 
 
-def make_pipeline(dataset, *, image_size, batch_size, training, num_classes, min_area=0.08,
-                  mixup=0.0, cache=True, seed=None, preprocessing_mode="imagenet", drop_remainder=False,
-                  eval_crop=EVAL_CROP, augment="basic"):
+def make_pipeline(
+    dataset,
+    *,
+    image_size,
+    batch_size,
+    training,
+    num_classes,
+    min_area=0.08,
+    mixup=0.0,
+    cache=True,
+    seed=None,
+    preprocessing_mode="imagenet",
+    drop_remainder=False,
+    eval_crop=EVAL_CROP,
+    augment="basic",
+):
     """(image, label) pairs -> batched, augmented, normalised (images, one-hot labels).
 
     augment: "basic" (random-resized-crop + flip) or "randaugment" (then keras.layers.RandAugment,
@@ -240,7 +288,9 @@ def make_pipeline(dataset, *, image_size, batch_size, training, num_classes, min
     if training and augment == "randaugment":
         import keras
 
-        rand_augment = keras.layers.RandAugment(value_range=(0, 255), num_ops=2, factor=0.5, seed=seed)
+        rand_augment = keras.layers.RandAugment(
+            value_range=(0, 255), num_ops=2, factor=0.5, seed=seed
+        )
     if cache:
         dataset = dataset.cache()
     if training:
@@ -274,13 +324,28 @@ def _mixup(images, labels, alpha):
     gamma1 = tf.random.gamma((), alpha)
     gamma2 = tf.random.gamma((), alpha)
     weight = gamma1 / (gamma1 + gamma2)
-    return (weight * images + (1 - weight) * tf.reverse(images, [0]),
-            weight * labels + (1 - weight) * tf.reverse(labels, [0]))
+    return (
+        weight * images + (1 - weight) * tf.reverse(images, [0]),
+        weight * labels + (1 - weight) * tf.reverse(labels, [0]),
+    )
 
 
-def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_split=None,
-         min_area=0.08, mixup=0.0, train_take=None, eval_take=None, seed=None, eval_crop=EVAL_CROP,
-         augment="basic"):
+def load(
+    name,
+    *,
+    image_size,
+    batch_size,
+    data_dir=None,
+    download=False,
+    eval_split=None,
+    min_area=0.08,
+    mixup=0.0,
+    train_take=None,
+    eval_take=None,
+    seed=None,
+    eval_crop=EVAL_CROP,
+    augment="basic",
+):
     """(train_ds, eval_ds, DatasetInfo) for a TFDS name, 'folder:<root>' or 'fashion_mnist'.
 
     eval_crop: the evaluation centre-crop fraction (0.875 as for ImageNet; 1.0 suits small,
@@ -288,14 +353,20 @@ def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_sp
     augment: "basic" or "randaugment" (see make_pipeline).
     """
     if name.startswith("folder:"):
-        folder = scan_image_folder(name[len("folder:"):], eval_split)
-        info = DatasetInfo(len(folder.class_names), len(folder.examples["train"]),
-                           len(folder.examples[folder.eval_split]), folder.eval_split)
+        folder = scan_image_folder(name[len("folder:") :], eval_split)
+        info = DatasetInfo(
+            len(folder.class_names),
+            len(folder.examples["train"]),
+            len(folder.examples[folder.eval_split]),
+            folder.eval_split,
+        )
         read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
     else:
         builder = _builder(name, data_dir, download)
         info = dataset_info(builder, eval_split)
-        read = lambda split: builder.as_dataset(split=split, as_supervised=True, shuffle_files=split == "train")
+        read = lambda split: builder.as_dataset(
+            split=split, as_supervised=True, shuffle_files=split == "train"
+        )
     train_raw, eval_raw = read("train"), read(info.eval_split)
     if train_take:
         train_raw = train_raw.take(train_take)
@@ -305,8 +376,17 @@ def load(name, *, image_size, batch_size, data_dir=None, download=False, eval_sp
         info.eval_examples = min(info.eval_examples, eval_take)
     # Large datasets (ImageNet) do not fit in memory: cache only small ones.
     cache = info.train_examples * image_size * image_size * 3 < 4e9
-    kwargs = dict(image_size=image_size, batch_size=batch_size, num_classes=info.num_classes, cache=cache)
-    train = make_pipeline(train_raw, training=True, min_area=min_area, mixup=mixup, seed=seed,
-                          augment=augment, **kwargs)
+    kwargs = dict(
+        image_size=image_size, batch_size=batch_size, num_classes=info.num_classes, cache=cache
+    )
+    train = make_pipeline(
+        train_raw,
+        training=True,
+        min_area=min_area,
+        mixup=mixup,
+        seed=seed,
+        augment=augment,
+        **kwargs,
+    )
     evaluation = make_pipeline(eval_raw, training=False, eval_crop=eval_crop, **kwargs)
     return train, evaluation, info

@@ -12,8 +12,18 @@ import numpy as np
 import tensorflow as tf
 
 
-def fit(model, train_ds, *, strategy, epochs, steps_per_epoch, global_batch, validation_data=None,
-        callbacks=(), verbose=1):
+def fit(
+    model,
+    train_ds,
+    *,
+    strategy,
+    epochs,
+    steps_per_epoch,
+    global_batch,
+    validation_data=None,
+    callbacks=(),
+    verbose=1,
+):
     loss_fn = model.loss
     per_example_loss = keras.losses.CategoricalCrossentropy(
         from_logits=True, label_smoothing=getattr(loss_fn, "label_smoothing", 0.0), reduction="none"
@@ -25,32 +35,45 @@ def fit(model, train_ds, *, strategy, epochs, steps_per_epoch, global_batch, val
         def replica_step(images, labels):
             with tf.GradientTape() as tape:
                 logits = model(images, training=True)
-                loss = tf.nn.compute_average_loss(per_example_loss(labels, logits), global_batch_size=global_batch)
+                loss = tf.nn.compute_average_loss(
+                    per_example_loss(labels, logits), global_batch_size=global_batch
+                )
                 if model.losses:  # e.g. the custom L2 (--custom_l2), once per replica: scale it
                     loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
             grads = tape.gradient(loss, model.trainable_variables)
             model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32))
+            correct = tf.reduce_sum(
+                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
+            )
             return loss, correct
 
         loss, correct = strategy.run(replica_step, args=next(iterator))
-        return (strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-                strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+        return (
+            strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+            strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+        )
 
     @tf.function
     def eval_step(images, labels):
         def replica_step(images, labels):
             logits = model(images, training=False)
             loss = tf.reduce_sum(per_example_loss(labels, logits))
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32))
+            correct = tf.reduce_sum(
+                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
+            )
             return loss, correct, tf.cast(tf.shape(labels)[0], tf.float32)
 
         out = strategy.run(replica_step, args=(images, labels))
         return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in out]
 
     callback_list = keras.callbacks.CallbackList(
-        list(callbacks), add_history=True, add_progbar=verbose != 0, model=model,
-        verbose=verbose, epochs=epochs, steps=steps_per_epoch,
+        list(callbacks),
+        add_history=True,
+        add_progbar=verbose != 0,
+        model=model,
+        verbose=verbose,
+        epochs=epochs,
+        steps=steps_per_epoch,
     )
     model.stop_training = False
     callback_list.on_train_begin()
@@ -63,7 +86,10 @@ def fit(model, train_ds, *, strategy, epochs, steps_per_epoch, global_batch, val
             loss, correct = train_step(train_iter)
             total_loss += float(loss)
             total_correct += float(correct)
-            logs = {"loss": total_loss / (step + 1), "accuracy": total_correct / ((step + 1) * global_batch)}
+            logs = {
+                "loss": total_loss / (step + 1),
+                "accuracy": total_correct / ((step + 1) * global_batch),
+            }
             callback_list.on_train_batch_end(step, logs)
             if model.stop_training:
                 break
@@ -82,7 +108,11 @@ def evaluate(strategy, eval_step, dataset):
     loss = correct = count = 0.0
     for images, labels in strategy.experimental_distribute_dataset(dataset):
         batch_loss, batch_correct, batch_count = eval_step(images, labels)
-        loss, correct, count = loss + float(batch_loss), correct + float(batch_correct), count + float(batch_count)
+        loss, correct, count = (
+            loss + float(batch_loss),
+            correct + float(batch_correct),
+            count + float(batch_count),
+        )
     return loss / max(count, 1.0), correct / max(count, 1.0)
 
 
@@ -93,7 +123,9 @@ def evaluate_model(model, dataset, strategy):
     def eval_step(images, labels):
         def replica_step(images, labels):
             logits = model(images, training=False)
-            correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32))
+            correct = tf.reduce_sum(
+                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
+            )
             return tf.constant(0.0), correct, tf.cast(tf.shape(labels)[0], tf.float32)
 
         out = strategy.run(replica_step, args=(images, labels))
@@ -104,4 +136,11 @@ def evaluate_model(model, dataset, strategy):
 
 def weights_digest(model):
     """A short fingerprint of every variable (weights and BN statistics), to compare workers."""
-    return float(np.sum([np.sum(np.asarray(v.numpy(), np.float64) * (i + 1)) for i, v in enumerate(model.variables)]))
+    return float(
+        np.sum(
+            [
+                np.sum(np.asarray(v.numpy(), np.float64) * (i + 1))
+                for i, v in enumerate(model.variables)
+            ]
+        )
+    )

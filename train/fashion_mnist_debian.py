@@ -23,7 +23,9 @@ class FashionMnistDebian(mnist.FashionMNIST):
             "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", 60000),
             "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz", 10000),
         }
-        missing = [f for f, _, _ in files.values() if not os.path.exists(os.path.join(DEBIAN_DIR, f))]
+        missing = [
+            f for f, _, _ in files.values() if not os.path.exists(os.path.join(DEBIAN_DIR, f))
+        ]
         if missing:
             raise FileNotFoundError(
                 f"Fashion-MNIST files {missing} not found in {DEBIAN_DIR}: "
@@ -32,7 +34,9 @@ class FashionMnistDebian(mnist.FashionMNIST):
         return [
             tfds.core.SplitGenerator(
                 name=split,
-                gen_kwargs=dict(num_examples=count, data_path=_unzipped(images), label_path=_unzipped(labels)),
+                gen_kwargs=dict(
+                    num_examples=count, data_path=_unzipped(images), label_path=_unzipped(labels)
+                ),
             )
             for split, (images, labels, count) in files.items()
         ]

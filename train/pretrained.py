@@ -57,7 +57,9 @@ def copy_weights(model, donor):
         elif source is None:
             problems.append(f"{layer.name}: not in the source")
         else:
-            problems.append(f"{layer.name}: source weights {source_shapes}, model weights {target_shapes}")
+            problems.append(
+                f"{layer.name}: source weights {source_shapes}, model weights {target_shapes}"
+            )
     if problems:
         listing = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
         raise ValueError(

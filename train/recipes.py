@@ -30,12 +30,25 @@ RECIPES = {
     "paper120": Recipe(epochs=120, batch_size=256, base_lr=0.1),
     # 200-epoch models add label smoothing 0.1, mixup and stronger augmentation (the authors use
     # AutoAugment's ImageNet policy; Keras ships RandAugment, its search-free successor).
-    "paper200": Recipe(epochs=200, batch_size=256, base_lr=0.1, label_smoothing=0.1, mixup=0.2,
-                       augment="randaugment"),
+    "paper200": Recipe(
+        epochs=200,
+        batch_size=256,
+        base_lr=0.1,
+        label_smoothing=0.1,
+        mixup=0.2,
+        augment="randaugment",
+    ),
     # Small-data recipe for Fashion-MNIST/CIFAR-sized runs on a CPU: short, mild augmentation.
     # eval_crop 1.0: a 0.875 crop of 28x28 Fashion-MNIST zooms in where training did not.
-    "small": Recipe(epochs=10, batch_size=128, base_lr=0.1, warmup_epochs=1.0, min_area=0.5,
-                    weight_decay=5e-5, eval_crop=1.0),
+    "small": Recipe(
+        epochs=10,
+        batch_size=128,
+        base_lr=0.1,
+        warmup_epochs=1.0,
+        min_area=0.5,
+        weight_decay=5e-5,
+        eval_crop=1.0,
+    ),
 }
 
 
@@ -74,12 +87,18 @@ def make_optimizer(recipe, model, *, total_steps, warmup_steps):
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     warmup_steps = min(warmup_steps, total_steps - 1)
     schedule = keras.optimizers.schedules.CosineDecay(
-        initial_learning_rate=0.0 if warmup_steps else peak_lr, decay_steps=total_steps - warmup_steps,
-        alpha=0.0, warmup_target=peak_lr if warmup_steps else None, warmup_steps=warmup_steps,
+        initial_learning_rate=0.0 if warmup_steps else peak_lr,
+        decay_steps=total_steps - warmup_steps,
+        alpha=0.0,
+        warmup_target=peak_lr if warmup_steps else None,
+        warmup_steps=warmup_steps,
     )
     optimizer = keras.optimizers.SGD(
-        learning_rate=schedule, momentum=recipe.momentum, weight_decay=recipe.weight_decay or None,
-        use_ema=recipe.ema_momentum > 0, ema_momentum=recipe.ema_momentum or 0.99,
+        learning_rate=schedule,
+        momentum=recipe.momentum,
+        weight_decay=recipe.weight_decay or None,
+        use_ema=recipe.ema_momentum > 0,
+        ema_momentum=recipe.ema_momentum or 0.99,
     )
     if recipe.custom_l2 and not recipe.weight_decay:
         raise ValueError("--custom_l2 takes its coefficient from --weight_decay, which is 0.")
@@ -99,7 +118,9 @@ def no_decay_variables(model):
         path = variable.path
         if path.endswith("predictions/bias") or path.endswith("/beta"):
             excluded.append(variable)
-        elif path.endswith("/gamma") and ("_dense_bn/" in path or "_1x1_bn/" in path or "_post_bn/" in path):
+        elif path.endswith("/gamma") and (
+            "_dense_bn/" in path or "_1x1_bn/" in path or "_post_bn/" in path
+        ):
             excluded.append(variable)
     return excluded
 
@@ -114,8 +135,10 @@ def use_custom_l2(model, coefficient):
     for layer in model._flatten_layers(include_self=False):
         if isinstance(layer, RepVGGBlock):
             if layer.quant_friendly:
-                raise ValueError("--custom_l2 does not apply to --quant_friendly (QARepVGG) blocks, which "
-                                 "train with plain weight decay: drop --custom_l2.")
+                raise ValueError(
+                    "--custom_l2 does not apply to --quant_friendly (QARepVGG) blocks, which "
+                    "train with plain weight decay: drop --custom_l2."
+                )
             layer.kernel_l2 = float(coefficient)
             excluded.append(layer.dense_conv.kernel)
             if layer.pointwise_conv is not None:

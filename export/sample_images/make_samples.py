@@ -1,7 +1,7 @@
 """Rebuild the sample images: random square crops (96x96 JPEG) of scikit-image's public-domain and CC0 photos.
 
-    pip download --no-deps scikit-image -d /tmp/sk && unzip -q /tmp/sk/*.whl "skimage/data/*" -d /tmp/sk
-    python export/sample_images/make_samples.py /tmp/sk/skimage/data export/sample_images
+pip download --no-deps scikit-image -d /tmp/sk && unzip -q /tmp/sk/*.whl "skimage/data/*" -d /tmp/sk
+python export/sample_images/make_samples.py /tmp/sk/skimage/data export/sample_images
 """
 
 import sys
@@ -9,9 +9,18 @@ import sys
 import numpy as np
 from PIL import Image
 
-SOURCES = [("astronaut.png", 8), ("chelsea.png", 8), ("coffee.png", 8), ("rocket.jpg", 8),
-           ("hubble_deep_field.jpg", 6), ("retina.jpg", 6), ("camera.png", 5), ("brick.png", 5),
-           ("grass.png", 5), ("gravel.png", 5)]
+SOURCES = [
+    ("astronaut.png", 8),
+    ("chelsea.png", 8),
+    ("coffee.png", 8),
+    ("rocket.jpg", 8),
+    ("hubble_deep_field.jpg", 6),
+    ("retina.jpg", 6),
+    ("camera.png", 5),
+    ("brick.png", 5),
+    ("grass.png", 5),
+    ("gravel.png", 5),
+]
 SIZE = 96
 
 
