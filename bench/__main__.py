@@ -20,6 +20,8 @@ import traceback
 
 from absl import app, flags
 
+from export import cpu_features
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["RepVGG_A0", "RepVGG_B1g4"], "RepVGG variants to measure.")
 flags.DEFINE_list(
@@ -376,8 +378,8 @@ def run(batches, weights):
 
     meta = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()} {cpu_name()}, {os.cpu_count()} cores",
-        "isa": isa_extensions(),
+        "machine": f"{platform.machine()} {cpu_features.cpu_name()}, {os.cpu_count()} cores",
+        "isa": cpu_features.isa_extensions(),
         "versions": library_versions(),
         "threads": FLAGS.threads,
         "image_size": FLAGS.image_size,
@@ -403,48 +405,10 @@ def run(batches, weights):
     return 1 if failed else 0
 
 
-ISA_FLAGS = (
-    "avx2",
-    "fma",
-    "avx512f",
-    "avx512_vnni",
-    "avx512_bf16",
-    "avx512_fp16",
-    "amx_tile",
-    "amx_bf16",
-    "amx_int8",
-    "asimd",
-    "sve",
-)
 LIBRARIES = (
-    "tensorflow",
-    "tensorflow-cpu",
-    "keras",
-    "onnxruntime",
-    "openvino",
-    "ai-edge-litert",
-    "tf2onnx",
-    "torch",
-    "timm",
-    "numpy",
-)
-
-
-def isa_extensions():
-    """The vector/matrix extensions the speed of each precision depends on (from /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            present = next(
-                (
-                    line.split(":", 1)[1].split()
-                    for line in f
-                    if line.startswith(("flags", "Features"))
-                ),
-                [],
-            )
-    except OSError:
-        return []
-    return [flag for flag in ISA_FLAGS if flag in present]
+    "tensorflow", "tensorflow-cpu", "keras", "onnxruntime", "openvino", "ai-edge-litert", "tf2onnx",
+    "torch", "timm", "kimm", "numpy",
+)  # fmt: skip
 
 
 def library_versions():
@@ -461,20 +425,11 @@ def library_versions():
 
 def machine_slug():
     """A folder name for this machine's results: CPU vendor and model words plus the core count."""
-    name = re.sub(r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", cpu_name().lower())
+    name = re.sub(
+        r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", cpu_features.cpu_name().lower()
+    )
     words = re.findall(r"[a-z0-9]+", name)[:4] or ["cpu"]
     return "-".join(words) + f"-{os.cpu_count()}c"
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 if __name__ == "__main__":

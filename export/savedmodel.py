@@ -174,11 +174,13 @@ def export_savedmodel(
     model_name="repvgg",
     reference=None,
     overwrite=False,
+    precision="fp32",
 ):
     """Export `model` (already in the form to ship) to `version_dir`, verified, atomically.
 
     `reference` is the Keras model whose outputs the export must reproduce (default:
-    `model`); returns the verification Report.
+    `model`); `precision` ("fp32", "bf16", "fp16": what `model` computes in, see
+    `rk.to_deploy(model, dtype=...)`) picks the tolerance. Returns the verification Report.
     """
     import tensorflow as tf
 
@@ -206,14 +208,47 @@ def export_savedmodel(
         size = verify.directory_size_mb(staged)
         got = loaded.signatures["serving_default"](images=tf.constant(model_input))["logits"]
         report = verify.check(
-            verify.compare("SavedModel serving_default", "fp32", got, expected, size)
+            verify.compare("SavedModel serving_default", precision, got, expected, size)
         )
         got = loaded.signatures["serving_uint8"](images=tf.constant(verify_pixels))["logits"]
-        verify.check(verify.compare("SavedModel serving_uint8", "fp32", got, expected, size))
+        verify.check(verify.compare("SavedModel serving_uint8", precision, got, expected, size))
         encoded = tf.stack([tf.io.encode_png(p) for p in verify_pixels])
         got = loaded.signatures["serving_bytes"](images=encoded)["logits"]
-        verify.check(verify.compare("SavedModel serving_bytes", "fp32", got, expected, size))
+        verify.check(verify.compare("SavedModel serving_bytes", precision, got, expected, size))
     return report
+
+
+PRECISIONS = {
+    "fp32": None,
+    "bf16": "bfloat16",
+    "fp16": "float16",
+}  # --precision -> to_deploy's dtype
+AUTO_MIN_AGREEMENT = 0.995  # bf16 is the automatic choice only if it keeps top-1 this often
+
+
+def choose_precision(requested, deploy_fp32, reference, model_input):
+    """(precision, reason): `requested` itself, or for "auto" bf16 where this CPU runs it natively
+    and it keeps the fp32 model's top-1 on the verification images, else fp32."""
+    import repvgg_keras as rk
+    from export import cpu_features
+
+    if requested != "auto":
+        return requested, "asked for"
+    isa = cpu_features.native_bf16()
+    if isa is None:
+        return "fp32", "auto: this CPU has no native bf16 (AMX, AVX512_BF16 or Arm BF16)"
+    expected = np.asarray(reference(model_input, training=False))
+    got = np.asarray(rk.to_deploy(deploy_fp32, dtype="bfloat16")(model_input, training=False))
+    report = verify.compare("bf16", "bf16", got, expected)
+    agreed = (
+        f"top-1 agreement {report.top1_agreement:.2%} on {len(model_input)} verification images"
+    )
+    if report.ok and report.top1_agreement >= AUTO_MIN_AGREEMENT:
+        return "bf16", f"auto: this CPU has {isa} and bf16 keeps fp32's top-1 ({agreed})"
+    return "fp32", (
+        f"auto: bf16 would change the answer ({agreed}, max relative difference "
+        f"{report.max_rel:.1e}); pass --precision bf16 to export it anyway"
+    )
 
 
 def check_serving_flags():
@@ -236,6 +271,17 @@ def main(argv):
     version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
 
     def export(shipped, reference, to_input, pixels):
+        if FLAGS.precision != "fp32" and FLAGS.no_fuse:
+            raise ValueError(
+                f"--precision {FLAGS.precision} exports the fused model in that precision: drop "
+                "--no_fuse, or pass --precision fp32."
+            )
+        precision, reason = choose_precision(FLAGS.precision, shipped, reference, to_input(pixels))
+        print(f"precision: {precision} ({reason})", flush=True)
+        if PRECISIONS[precision]:
+            import repvgg_keras as rk
+
+            shipped = rk.to_deploy(shipped, dtype=PRECISIONS[precision])
         export_savedmodel(
             shipped,
             version_dir,
@@ -245,6 +291,7 @@ def main(argv):
             model_name=FLAGS.serving_name or FLAGS.model.lower(),
             reference=reference,
             overwrite=FLAGS.overwrite,
+            precision=precision,
         )
         return version_dir
 
@@ -261,6 +308,15 @@ if __name__ == "__main__":
     )
     flags.DEFINE_string(
         "serving_name", None, "Model name in TF Serving (default: the variant, lower case)."
+    )
+    flags.DEFINE_enum(
+        "precision",
+        "auto",
+        ["auto", *PRECISIONS],
+        "What the convolutions compute in; images in and logits out stay float32, the classifier "
+        "float32. auto: bf16 where this CPU runs it natively (AMX, AVX512_BF16, Arm BF16) and it "
+        "keeps the fp32 model's top-1 on the verification images, else fp32. fp16: for GPUs "
+        "(verified here, slow on most CPUs).",
     )
     flags.mark_flag_as_required("export_dir")
     app.run(lambda argv: sys.exit(main(argv)))

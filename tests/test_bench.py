@@ -279,8 +279,20 @@ def test_results_go_to_one_folder_per_machine(monkeypatch):
 
     monkeypatch.setattr(bench_main.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(
-        bench_main, "cpu_name", lambda: "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
+        bench_main.cpu_features, "cpu_name", lambda: "Intel(R) Xeon(R) Platinum 8481C CPU @ 2.70GHz"
     )
     assert bench_main.machine_slug() == "intel-xeon-platinum-8481c-2c"
-    monkeypatch.setattr(bench_main, "cpu_name", lambda: "AMD EPYC 9B14 96-Core Processor")
+    monkeypatch.setattr(
+        bench_main.cpu_features, "cpu_name", lambda: "AMD EPYC 9B14 96-Core Processor"
+    )
     assert bench_main.machine_slug() == "amd-epyc-9b14-2c"
+
+
+def test_serving_batch_sweet_spot_is_where_doubling_stops_paying():
+    from bench.serving_batches import sweet_spot
+
+    rows = [
+        {"batch": b, "images_per_s": v} for b, v in ((1, 50), (2, 70), (4, 90), (8, 93), (16, 95))
+    ]
+    assert sweet_spot(rows) == 4  # 4 -> 8 adds 3%, under the 5% worth waiting for
+    assert sweet_spot(rows[:1]) == 1
