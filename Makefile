@@ -29,12 +29,15 @@ $(FASHION_MNIST):
 	(apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null || \
 	  (echo "Could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root." && exit 1)
 
+# Two workers, a test file each at a time (module fixtures are built once per file).
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+
 test: install $(FASHION_MNIST)
-	$(PY) -m pytest -q tests
+	$(PYTEST) tests
 
 # The unit tier for day-to-day work (tests marked `slow` left out); CI runs `make test`.
 test-fast: install $(FASHION_MNIST)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: install
 	$(PY) -m ruff check .

@@ -32,7 +32,13 @@ setup(
         # Reading the authors' .pth checkpoints (timm's .safetensors need no torch).
         "torch": ["torch"],
         "train": TRAIN,
-        "test": ["tensorflow-cpu>=2.21,<2.22", "pytest>=8", "jax[cpu]", "ruff==0.17.6"]
+        "test": [
+            "tensorflow-cpu>=2.21,<2.22",
+            "pytest>=8",
+            "pytest-xdist",
+            "jax[cpu]",
+            "ruff==0.17.6",
+        ]
         + EXPORT
         + TRAIN,
     },

@@ -13,13 +13,13 @@ max relative difference in every record).
 import datetime
 import os
 import platform
-import re
 import shlex
 import sys
 import traceback
 
 from absl import app, flags
 
+from bench import machine
 from export import cpu_features
 
 FLAGS = flags.FLAGS
@@ -323,7 +323,7 @@ def run(batches, weights):
     from bench import memory, peak, report
 
     configure_threads(FLAGS.threads)
-    FLAGS.out = FLAGS.out or os.path.join("bench", "results", machine_slug())
+    FLAGS.out = FLAGS.out or os.path.join("bench", "results", machine.machine_slug())
     os.makedirs(FLAGS.out, exist_ok=True)
     workdir = tempfile.mkdtemp(prefix="bench-work-")
     print(f"Measuring this CPU's matmul peak ({FLAGS.threads} threads)...", flush=True)
@@ -380,7 +380,7 @@ def run(batches, weights):
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()} {cpu_features.cpu_name()}, {os.cpu_count()} cores",
         "isa": cpu_features.isa_extensions(),
-        "versions": library_versions(),
+        "versions": machine.library_versions(),
         "threads": FLAGS.threads,
         "image_size": FLAGS.image_size,
         "classes": FLAGS.classes,
@@ -403,33 +403,6 @@ def run(batches, weights):
     print(f"wrote {os.path.join(FLAGS.out, 'results.json')}, results.md, results.png")
     failed = [r for r in records if r.get("status") == "error"]
     return 1 if failed else 0
-
-
-LIBRARIES = (
-    "tensorflow", "tensorflow-cpu", "keras", "onnxruntime", "openvino", "ai-edge-litert", "tf2onnx",
-    "torch", "timm", "kimm", "numpy",
-)  # fmt: skip
-
-
-def library_versions():
-    from importlib import metadata
-
-    versions = {}
-    for name in LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def machine_slug():
-    """A folder name for this machine's results: CPU vendor and model words plus the core count."""
-    name = re.sub(
-        r"\((r|tm)\)|\bcpu\b|\bprocessor\b|@.*$|\d+-core", " ", cpu_features.cpu_name().lower()
-    )
-    words = re.findall(r"[a-z0-9]+", name)[:4] or ["cpu"]
-    return "-".join(words) + f"-{os.cpu_count()}c"
 
 
 if __name__ == "__main__":

@@ -21,13 +21,6 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "RepVGG_A0", "Variant.")
-flags.DEFINE_integer("image_size", 224, "Input height and width.")
-flags.DEFINE_list("batches", ["1", "2", "4", "8", "16", "32", "64"], "Batch sizes.")
-flags.DEFINE_list("precisions", ["fp32", "bf16"], "SavedModel precisions (fp32, bf16, fp16).")
-flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median is reported).")
-flags.DEFINE_float("chunk_seconds", 1.0, "Length of one timed chunk per case and round.")
-flags.DEFINE_string("out", None, "Output directory (default: bench/results/<machine>).")
 
 DTYPES = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 # A batch size is worth allowing when it still adds this much throughput over the one before.
@@ -62,7 +55,7 @@ def main(argv):
 
     import repvgg_keras as rk
     from bench import timing
-    from bench.__main__ import library_versions, machine_slug
+    from bench.machine import library_versions, machine_slug
     from export import cpu_features
     from export.savedmodel import save_serving_model
     from repvgg_keras.parity import randomize_batchnorm
@@ -127,5 +120,16 @@ def main(argv):
     return 0
 
 
+def define_flags():
+    flags.DEFINE_string("model", "RepVGG_A0", "Variant.")
+    flags.DEFINE_integer("image_size", 224, "Input height and width.")
+    flags.DEFINE_list("batches", ["1", "2", "4", "8", "16", "32", "64"], "Batch sizes.")
+    flags.DEFINE_list("precisions", ["fp32", "bf16"], "SavedModel precisions (fp32, bf16, fp16).")
+    flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median is reported).")
+    flags.DEFINE_float("chunk_seconds", 1.0, "Length of one timed chunk per case and round.")
+    flags.DEFINE_string("out", None, "Output directory (default: bench/results/<machine>).")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(lambda argv: sys.exit(main(argv)))

@@ -275,7 +275,7 @@ def test_int8_agreement_separates_near_ties_from_confident_flips():
 
 def test_results_go_to_one_folder_per_machine(monkeypatch):
     """`python -m bench` writes to bench/results/<machine>: CPU model words and core count, no punctuation."""
-    from bench import __main__ as bench_main
+    from bench import machine as bench_main
 
     monkeypatch.setattr(bench_main.os, "cpu_count", lambda: 2)
     monkeypatch.setattr(
