@@ -178,8 +178,12 @@ def ratios(records, min_agreement=0.995):
                         )
                     )
     for batch in batches:
-        a0 = _speed(records, "RepVGG_A0", batch, "timm-reparam-cl") or _speed(
-            records, "RepVGG_A0", batch, "timm-reparam"
+        a0 = max(
+            (
+                _speed(records, "RepVGG_A0", batch, name) or 0
+                for name in ("timm-reparam", "timm-reparam-cl")
+            ),
+            default=0,
         )
         resnet = max(
             (
