@@ -115,6 +115,18 @@ def export_all():
         )
     ]
     outputs = {reports[0].artifact: savedmodel_logits(f"{OUTPUT}/repvgg_fm/1", pixels)}
+    bf16 = savedmodel.export_savedmodel(  # what `--precision auto` exports on CPUs with native bf16
+        rk.to_deploy(plain, dtype="bfloat16"),
+        f"{OUTPUT}/repvgg_fm_bf16/1",
+        verify_pixels=pixels,
+        reference=model,
+        model_name="repvgg_fm",
+        overwrite=True,
+        precision="bf16",
+    )
+    bf16.artifact = "SavedModel bf16 serving_default"
+    reports.append(bf16)
+    outputs[bf16.artifact] = savedmodel_logits(f"{OUTPUT}/repvgg_fm_bf16/1", pixels)
     for quantize in tflite.QUANTIZATIONS:
         path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
         reports.append(
