@@ -76,6 +76,10 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     Uses tf.saved_model.save on a tf.Module rather than keras.export.ExportArchive:
     with Keras 3.15 the archive stores every variable twice.
 
+    The weights are frozen into the graph as constants (one function, no variables): oneDNN then
+    prepares each convolution's weights once instead of at every call, which is most of the cost
+    of a bf16 model at batch 1, and TF Serving has no variables to restore.
+
     Every signature checks its input inside the graph before any convolution runs (see
     `_checked`): a request of the wrong rank, size or channel count, float NaN/Inf, or a
     string that is not an image, fails with InvalidArgument naming what was expected and
@@ -83,11 +87,16 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     empty [0, classes] outputs.
     """
     import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     from repvgg_keras import preprocessing
 
     _, height, width, channels = model.input_shape
     image_shape = (None, height, width, channels)
+    call = tf.function(lambda x: model(x, training=False))
+    frozen = convert_variables_to_constants_v2(
+        call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
+    )
 
     def outputs(model_input):
         count = tf.raw_ops.Shape(input=model_input, out_type=tf.int32)[0]
@@ -97,7 +106,7 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
             lambda: model_input,
             lambda: tf.zeros((1, height, width, channels), model_input.dtype),
         )
-        logits = model(batch, training=False)[:count]
+        logits = tf.nest.flatten(frozen(batch))[0][:count]
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
     def from_pixels(pixels):
@@ -137,12 +146,9 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     # of the rank or of known dimensions away, while TF Serving never enforces that promise.
     # The shapes wanted are in the checks' error messages.
     any_shape = lambda dtype: tf.TensorSpec(None, dtype, name="images")
+    # No variables at all: a Keras 3 model's wrapped variables are left unset by TF Serving's
+    # loader (and any TF1 Session: "Could not find variable ..."); frozen constants need no restore.
     module = tf.Module()
-    # The tf.Variables themselves, not the Keras model: TF Serving's loader (and any TF1
-    # Session) restores only variables the SavedModel's saver knows as tf.Variables, and a
-    # Keras 3 model's wrapped variables are left unset ("Could not find variable ...").
-    # Tracking the model as well would store every variable twice.
-    module.serving_variables = [v.value for v in model.variables]
     signatures = {
         "serving_default": tf.function(serving_default, input_signature=[any_shape(tf.float32)]),
         "serving_uint8": tf.function(serving_uint8, input_signature=[any_shape(tf.uint8)]),
