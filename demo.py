@@ -104,29 +104,25 @@ def export_all():
     calibration = inputs[-200:]  # int8 calibration uses the last 200, never the verified ones
     keep = slice(0, VERIFY_COUNT - 200)
     inputs, pixels, labels = inputs[keep], pixels[keep], labels[keep]
-    reports = [
-        savedmodel.export_savedmodel(
-            plain,
-            f"{OUTPUT}/repvgg_fm/1",
+    reports, outputs = [], {}
+    # fp32, and bf16: what `--precision auto` exports on CPUs with native bf16.
+    for precision, dtype, folder in (
+        ("fp32", None, "repvgg_fm"),
+        ("bf16", "bfloat16", "repvgg_fm_bf16"),
+    ):
+        report = savedmodel.export_savedmodel(
+            rk.to_deploy(plain, dtype=dtype),
+            f"{OUTPUT}/{folder}/1",
             verify_pixels=pixels,
             reference=model,
             model_name="repvgg_fm",
             overwrite=True,
+            precision=precision,
         )
-    ]
-    outputs = {reports[0].artifact: savedmodel_logits(f"{OUTPUT}/repvgg_fm/1", pixels)}
-    bf16 = savedmodel.export_savedmodel(  # what `--precision auto` exports on CPUs with native bf16
-        rk.to_deploy(plain, dtype="bfloat16"),
-        f"{OUTPUT}/repvgg_fm_bf16/1",
-        verify_pixels=pixels,
-        reference=model,
-        model_name="repvgg_fm",
-        overwrite=True,
-        precision="bf16",
-    )
-    bf16.artifact = "SavedModel bf16 serving_default"
-    reports.append(bf16)
-    outputs[bf16.artifact] = savedmodel_logits(f"{OUTPUT}/repvgg_fm_bf16/1", pixels)
+        if dtype:
+            report.artifact = f"SavedModel {precision} serving_default"
+        reports.append(report)
+        outputs[report.artifact] = savedmodel_logits(f"{OUTPUT}/{folder}/1", pixels)
     for quantize in tflite.QUANTIZATIONS:
         path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
         reports.append(

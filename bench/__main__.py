@@ -20,7 +20,7 @@ import traceback
 from absl import app, flags
 
 from bench import machine
-from export import cpu_features
+from repvgg_keras import cpu_features
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["RepVGG_A0", "RepVGG_B1g4"], "RepVGG variants to measure.")

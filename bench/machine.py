@@ -3,7 +3,7 @@
 import os
 import re
 
-from export import cpu_features
+from repvgg_keras import cpu_features
 
 LIBRARIES = (
     "tensorflow", "tensorflow-cpu", "keras", "onnxruntime", "openvino", "ai-edge-litert", "tf2onnx",

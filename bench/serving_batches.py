@@ -51,8 +51,8 @@ def main(argv):
     import repvgg_keras as rk
     from bench import timing
     from bench.machine import library_versions, machine_slug
-    from export import cpu_features
     from export.savedmodel import save_serving_model
+    from repvgg_keras import cpu_features
     from repvgg_keras.parity import randomize_batchnorm
 
     size = FLAGS.image_size

@@ -236,7 +236,7 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
     """(precision, reason): `requested` itself, or for "auto" bf16 where this CPU runs it natively
     and it keeps the fp32 model's top-1 on the verification images, else fp32."""
     import repvgg_keras as rk
-    from export import cpu_features
+    from repvgg_keras import cpu_features
 
     if requested != "auto":
         return requested, "asked for"

@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import cpu_features, images, savedmodel, verify
-from repvgg_keras import preprocessing
+from export import images, savedmodel, verify
+from repvgg_keras import cpu_features, preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -59,7 +59,7 @@ def served(tmp_path_factory):
 
 
 # The child loads the SavedModel as TF2 signatures (route "function": tf.saved_model.load) or
-# in a TF1 Session fed by tensor name, as TF Serving does (route "session"), and prints one
+# in a TF1 Session fed by tensor name, as TF Serving does (route "tf1"), and prints one
 # JSON line per case.
 _CHILD = r"""
 import json, sys
@@ -67,7 +67,7 @@ import numpy as np
 import tensorflow as tf
 
 path, good_file, ROUTE = sys.argv[1:4]
-if ROUTE == "session":
+if ROUTE == "tf1":
     tf.compat.v1.disable_eager_execution()
 good = np.load(good_file, allow_pickle=True)
 pixels, normalized, expected = good["pixels"], good["normalized"], good["expected"]
@@ -128,7 +128,7 @@ def good_still_works(call, signature):
 def run(route, calls):
     for signature, cases in CASES.items():
         for case, value in cases.items():
-            if route == "session" and case.startswith("dtype_"):
+            if route == "tf1" and case.startswith("dtype_"):
                 continue  # Python's Session.run casts feeds to the placeholder's dtype
             result = attempt(calls[signature], value)
             result.update(route=route, signature=signature, case=case,
@@ -150,7 +150,7 @@ else:
         fetch = {k: session.graph.get_tensor_by_name(v.name) for k, v in signature.outputs.items()}
         return lambda v: session.run(fetch, {feed: v})
 
-    run("session", {name: session_call(name) for name in CASES})
+    run("tf1", {name: session_call(name) for name in CASES})
 print(json.dumps({"done": True}))
 """
 
@@ -162,7 +162,7 @@ ACCEPTED = {"empty": 0, "larger_png_is_resized": 1, "grey_png": 1}
 def child_results(served):
     path, good = served
     results, lines = [], []
-    for route in ("function", "session"):
+    for route in ("function", "tf1"):
         result = subprocess.run(
             [sys.executable, "-c", _CHILD, path, good, route],
             capture_output=True,
@@ -180,7 +180,7 @@ def test_malformed_requests_leave_the_process_up(child_results):
     for result in results:
         assert result.returncode == 0, result.stderr[-3000:]
         assert '{"done": true}' in result.stdout
-    assert {l["route"] for l in lines} == {"function", "session"}
+    assert {l["route"] for l in lines} == {"function", "tf1"}
 
 
 def test_every_malformed_input_is_an_invalid_argument_naming_the_problem(child_results):
@@ -210,8 +210,8 @@ def test_every_malformed_input_is_an_invalid_argument_naming_the_problem(child_r
     received = {(l["route"], l["signature"], l["case"]): l.get("message", "") for l in lines}
     rank5 = received["function", "serving_default", "rank5"]
     assert f"received shape [1, 2, {SIZE}, {SIZE}, 3]" in rank5
-    assert "received shape [1, 32, 32, 1]" in received["session", "serving_uint8", "channels1"]
-    assert "received shape []" in received["session", "serving_bytes", "rank0"]
+    assert "received shape [1, 32, 32, 1]" in received["tf1", "serving_uint8", "channels1"]
+    assert "received shape []" in received["tf1", "serving_bytes", "rank0"]
 
 
 def test_empty_batches_and_other_image_sizes_are_answered(child_results):

@@ -367,13 +367,11 @@ def pick_precision(choice):
 
     if choice != "auto":
         return choice
+    from repvgg_keras import cpu_features
+
     if tf.config.list_physical_devices("GPU"):
         return "mixed_float16"
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "mixed_bfloat16" if "amx_bf16" in f.read() else "none"
-    except OSError:
-        return "none"
+    return "mixed_bfloat16" if "amx_bf16" in cpu_features.cpu_flags() else "none"
 
 
 def build_spec():
