@@ -4,11 +4,13 @@ import repvgg_keras as rk
 model = rk.RepVGG_A0()            # training form
 plain = rk.to_deploy(model)       # fused, built-in layers only
 model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in its own form
+seg = rk.PSPNet(backbone="RepVGG_A0", classes=19)            # semantic segmentation
 """
 
 from repvgg_keras.deploy import is_deploy_form, to_deploy
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
+from repvgg_keras.pspnet import PSPNet
 from repvgg_keras.sources import SourceError, model_from_source, read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
@@ -21,6 +23,7 @@ __all__ = [
     "RepVGGBlock",
     "RepVGGSpec",
     "PlainBlock",
+    "PSPNet",
     "SPECS",
     "get_model",
     "get_spec",

@@ -61,6 +61,7 @@ def RepVGG(
     classifier_activation=None,
     deploy=False,
     output_stride=32,
+    dilated_blocks=None,
     features_only=False,
     use_identity=True,
     use_1x1=True,
@@ -88,6 +89,8 @@ def RepVGG(
         deploy: build the plain inference form (3x3 Conv2D + ReLU stack) directly,
             e.g. to load deploy-form weights. Otherwise train-form blocks.
         output_stride: 32 (classification), 16 or 8 (late strides become dilation).
+        dilated_blocks: with output_stride 8/16, dilate only the last N blocks (5 gives the
+            paper's "-fast" segmentation backbones); None dilates all of the late stages.
         features_only: return a model whose outputs are the five stage outputs
             (stem and stages 1-4, strides 2, 4, 8, 16, 32 at output_stride 32).
         use_identity, use_1x1: keep these branches (the paper's ablation).
@@ -102,7 +105,7 @@ def RepVGG(
     if features_only and include_top:
         include_top = False
     num_classes = _resolve_head_args(include_top, pooling, classes)
-    plans = specs_lib.block_plan(spec, output_stride)
+    plans = specs_lib.block_plan(spec, output_stride, dilated_blocks)
 
     if input_tensor is None:
         input_shape = _check_input_shape(input_shape, spec)

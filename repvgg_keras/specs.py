@@ -134,9 +134,21 @@ def _dilations_for(output_stride: int) -> tuple[int, ...]:
     return table[output_stride]
 
 
-def block_plan(spec: RepVGGSpec, output_stride: int = 32):
-    """Return the BlockPlan of every block, stem first."""
+def block_plan(spec: RepVGGSpec, output_stride: int = 32, dilated_blocks: int | None = None):
+    """Return the BlockPlan of every block, stem first.
+
+    dilated_blocks: with output_stride 8 or 16, dilate only the last N blocks (the others keep
+    dilation 1 at the reduced stride); None dilates every block of the strided-out stages.
+    The paper's "-fast" PSPNets use 5 (the last four blocks of stage 3 and stage 4's one).
+    """
     dilations = _dilations_for(output_stride)
+    if dilated_blocks is not None and (
+        isinstance(dilated_blocks, bool)
+        or not isinstance(dilated_blocks, int)
+        or dilated_blocks < 0
+    ):
+        raise ValueError(f"dilated_blocks must be None or an integer >= 0, got {dilated_blocks!r}.")
+    total_blocks = 1 + sum(spec.num_blocks)
     widths = spec.stage_widths
     se_channels = lambda filters: max(1, int(filters * spec.se_ratio)) if spec.use_se else 0
     plans = [BlockPlan("stage0", 0, widths[0], 2, 1, 1, spec.use_se, se_channels(widths[0]), False)]
@@ -145,13 +157,18 @@ def block_plan(spec: RepVGGSpec, output_stride: int = 32):
         for i in range(count):
             nominal_stride = 2 if i == 0 else 1
             dilation = dilations[stage]
+            if dilated_blocks is not None and layer_index < total_blocks - dilated_blocks:
+                dilation_skipped = dilation > 1
+                dilation = 1
+            else:
+                dilation_skipped = False
             groups = spec.groups if layer_index in spec.grouped_layers else 1
             plans.append(
                 BlockPlan(
                     name=f"stage{stage}_{i}",
                     stage=stage,
                     filters=widths[stage],
-                    strides=nominal_stride if dilation == 1 else 1,
+                    strides=nominal_stride if dilation == 1 and not dilation_skipped else 1,
                     dilation_rate=dilation,
                     groups=groups,
                     use_se=spec.use_se,

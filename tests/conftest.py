@@ -42,7 +42,9 @@ def pytest_collection_modifyitems(items):
         module = item.path.name
         name = item.name
         slow = module in SLOW_MODULES or name.startswith(SLOW_TESTS.get(module, ()))
-        if name.startswith("test_every_variant_fuses_exactly") and not name.endswith(FAST_VARIANTS):
+        if name.startswith(("test_every_variant_fuses_exactly", "test_every_backbone_fuses")) and (
+            not name.endswith(FAST_VARIANTS)
+        ):
             slow = True
         if slow:
             item.add_marker(pytest.mark.slow)

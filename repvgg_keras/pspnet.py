@@ -1,0 +1,175 @@
+"""PSPNet (Zhao et al., CVPR 2017) on a dilated RepVGG backbone: the paper's segmentation model.
+
+    model = rk.PSPNet(backbone="RepVGG_B1g2", classes=19, input_shape=(512, 1024, 3))
+    plain = rk.to_deploy(model)          # backbone blocks fused, head unchanged
+
+Layout as in the authors' example_pspnet.py: the backbone at output stride 8 (stages 3
+and 4 dilated by 2 and 4), a pyramid pooling module (bins 1, 2, 3, 6: adaptive average
+pooling, 1x1 conv to C/4, BN, ReLU, bilinear upsampling, concatenated with the features),
+a 3x3 conv-BN-ReLU-dropout head and a 1x1 classifier, upsampled bilinearly to the input
+size. Bilinear resizes use half-pixel centres (the exporters' common mode), so any input
+size works, not only the 8k+1 sizes of align_corners=True. `aux_head=True` adds PSPNet's
+auxiliary classifier on stage 3 as a second output for training (`inference_model` drops it).
+"""
+
+import keras
+from keras import layers
+
+from repvgg_keras import models, sources
+from repvgg_keras import specs as specs_lib
+from repvgg_keras.layers import BN_EPSILON, BN_MOMENTUM
+from repvgg_keras.spatial import AdaptiveAveragePooling2D, ResizeLike
+
+PPM_BINS = (1, 2, 3, 6)
+FAST_DILATED_BLOCKS = 5  # the paper's "-fast": last four blocks of stage 3 and stage 4's one
+AUX_LOSS_WEIGHT = 0.4
+OUTPUT_NAME = "logits"
+AUX_OUTPUT_NAME = "aux_logits"
+
+
+def _conv_bn_relu(x, filters, kernel_size, name):
+    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    return layers.ReLU(name=f"{name}_relu")(x)
+
+
+def _pyramid_pooling(features, bins):
+    reduced = features.shape[-1] // len(bins)
+    branches = [features]
+    for b in bins:
+        x = AdaptiveAveragePooling2D(b, name=f"ppm{b}_pool")(features)
+        x = _conv_bn_relu(x, reduced, 1, name=f"ppm{b}")
+        branches.append(ResizeLike(name=f"ppm{b}_resize")([x, features]))
+    return layers.Concatenate(name="ppm_concat")(branches)
+
+
+def _classifier(x, images, channels, classes, dropout, name):
+    """3x3 conv-BN-ReLU, dropout, 1x1 classifier, resized to the input: float32 logits."""
+    x = _conv_bn_relu(x, channels, 3, name=name)
+    x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
+    x = layers.Conv2D(classes, 1, name=f"{name}_classifier", dtype="float32")(x)
+    output_name = OUTPUT_NAME if name == "head" else AUX_OUTPUT_NAME
+    return ResizeLike(name=output_name, dtype="float32")([x, images])
+
+
+def PSPNet(
+    backbone="RepVGG_A0",
+    classes=21,
+    input_shape=None,
+    output_stride=8,
+    fast=False,
+    backbone_weights=None,
+    bins=PPM_BINS,
+    head_channels=512,
+    aux_head=False,
+    aux_channels=256,
+    dropout=0.1,
+    quant_friendly=False,
+    bn_synchronized=False,
+    name=None,
+):
+    """Build PSPNet on a RepVGG backbone (training form; `rk.to_deploy` fuses it).
+
+    Args:
+        backbone: a variant name (`list_models()`) or a `RepVGGSpec`.
+        classes: number of classes (per-pixel logits).
+        input_shape: (height, width, channels); any size >= 32, or None entries for
+            any size at run time (TensorFlow backend). Default: the variant's size, square.
+        output_stride: 8 (the paper's) or 16: the backbone's late strides become dilation.
+        fast: the paper's "-fast" variant: dilation only in the last five blocks (the
+            other late blocks run at the same stride, undilated).
+        backbone_weights: None, "imagenet", an authors'/timm checkpoint, or a training-form
+            `.keras` classification model of the same variant (its classifier is dropped).
+        bins: pyramid pooling grid sizes.
+        head_channels, aux_channels: width of the 3x3 conv of the main and auxiliary heads.
+        aux_head: add the auxiliary classifier on stage 3 as a second output
+            (`[logits, aux_logits]`, both full size), for training with
+            `AUX_LOSS_WEIGHT`. `inference_model` returns the model without it.
+        dropout: spatial dropout rate before the classifiers.
+        quant_friendly, bn_synchronized: as for `RepVGG`.
+        name: model name (default `PSPNet_<variant>`, with `_fast` for `fast=True`).
+
+    Returns a functional keras.Model with input "images" and output "logits"
+    [N, H, W, classes] (float32), the backbone nested as a model named "backbone".
+    """
+    if isinstance(backbone, str):
+        backbone = specs_lib.get_spec(backbone)
+    classes = sources.check_classes(classes)
+    if output_stride not in (8, 16):
+        raise ValueError(f"output_stride must be 8 or 16 for PSPNet, got {output_stride!r}.")
+    if not bins or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bins):
+        raise ValueError(f"bins must be positive integers, got {bins!r}.")
+    if not 0 <= dropout < 1:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
+    input_shape = models._check_input_shape(
+        input_shape or (backbone.default_size, backbone.default_size, 3), backbone
+    )
+    trunk = models.RepVGG(
+        backbone,
+        input_shape=input_shape,
+        output_stride=output_stride,
+        dilated_blocks=FAST_DILATED_BLOCKS if fast else None,
+        features_only=True,
+        quant_friendly=quant_friendly,
+        bn_synchronized=bn_synchronized,
+        name="backbone",
+    )
+    if backbone_weights is not None:
+        load_backbone_weights(trunk, backbone_weights, backbone.name)
+
+    images = keras.Input(shape=input_shape, name=models.INPUT_NAME)
+    stage_outputs = trunk(images)
+    features = _pyramid_pooling(stage_outputs[4], bins)
+    outputs = _classifier(features, images, head_channels, classes, dropout, name="head")
+    if aux_head:
+        aux = _classifier(stage_outputs[3], images, aux_channels, classes, dropout, name="aux")
+        outputs = [outputs, aux]
+    default_name = f"PSPNet_{backbone.name}" + ("_fast" if fast else "")
+    return keras.Model(images, outputs, name=name or default_name)
+
+
+def inference_model(model):
+    """The model without its auxiliary head (same layers and weights), or `model` itself."""
+    if len(model.outputs) == 1:
+        return model
+    return keras.Model(model.inputs[0], model.get_layer(OUTPUT_NAME).output, name=model.name)
+
+
+def load_backbone_weights(trunk, source, variant):
+    """Load classification weights into the features-only backbone `trunk`.
+
+    Checkpoints and "imagenet" load directly (their classifier is left out); a `.keras`
+    model of the variant lends its block weights by layer name, so a network trained with
+    `python -m train` starts a segmentation run.
+    """
+    src = sources.read_source(source)
+    if src.deploy:
+        raise sources.SourceError(
+            f"{src.describe()} holds a deploy-form (fused) model: a segmentation backbone is "
+            "trained in the training form. Use the training-form file (e.g. model_train.keras) "
+            "or checkpoint."
+        )
+    if src.kind != "keras_model":
+        sources.load_into(trunk, src, variant=variant)
+        return
+    donor = {layer.name: layer for layer in src.saved_model._flatten_layers(include_self=False)}
+    problems = []
+    pairs = []
+    for layer in trunk.layers:
+        if not layer.weights:
+            continue
+        other = donor.get(layer.name)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if other is None or [tuple(w.shape) for w in other.weights] != shapes:
+            problems.append(layer.name)
+        else:
+            pairs.append((layer, other))
+    if problems:
+        raise sources.SourceError(
+            f"{src.describe()} does not fit the {variant} backbone: layers "
+            f"{', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''} are missing or "
+            "shaped differently. Pass a training-form model of the same variant and block "
+            "options (quant_friendly)."
+        )
+    for layer, other in pairs:
+        layer.set_weights(other.get_weights())
