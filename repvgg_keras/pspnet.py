@@ -52,6 +52,13 @@ def _classifier(x, images, channels, classes, dropout, name):
     return ResizeLike(name=output_name, dtype="float32")([x, images])
 
 
+def decoder(images, features, classes, bins=PPM_BINS, head_channels=512, dropout=0.1):
+    """PSPNet's head on any backbone's `features`: pyramid pooling, 3x3 conv-BN-ReLU, dropout,
+    1x1 classifier, upsampled to the size of `images`; returns the "logits" tensor."""
+    pooled = _pyramid_pooling(features, bins)
+    return _classifier(pooled, images, head_channels, classes, dropout, name="head")
+
+
 def PSPNet(
     backbone="RepVGG_A0",
     classes=21,
@@ -119,8 +126,7 @@ def PSPNet(
 
     images = keras.Input(shape=input_shape, name=models.INPUT_NAME)
     stage_outputs = trunk(images)
-    features = _pyramid_pooling(stage_outputs[4], bins)
-    outputs = _classifier(features, images, head_channels, classes, dropout, name="head")
+    outputs = decoder(images, stage_outputs[4], classes, bins, head_channels, dropout)
     if aux_head:
         aux = _classifier(stage_outputs[3], images, aux_channels, classes, dropout, name="aux")
         outputs = [outputs, aux]
