@@ -3,6 +3,7 @@
     python -m train --model RepVGG_A0 --dataset imagenet2012 --recipe paper120 --model_dir runs/a0
     python -m train --model RepVGG_A0 --dataset fashion_mnist --image_size 32 --epochs 5 --model_dir runs/fm
     python -m train --model RepVGG_A0 --dataset folder:photos --init_weights imagenet --model_dir runs/ft
+    python -m train --task segmentation --dataset fashion_mnist_scenes --image_size 64 --model_dir runs/seg
 
 Writes to --model_dir: run_config.json (the flags that define the run), backup/ (checkpoints
 every --checkpoint_every steps and each epoch; rerunning the same command resumes), logs/
@@ -10,6 +11,10 @@ every --checkpoint_every steps and each epoch; rerunning the same command resume
 (ready for the exporters). A model_dir holding a run of another configuration is refused
 (--overwrite clears it); a finished run is reported, not trained again.
 The last line printed is `accuracy: training_form=<top-1> deploy_form=<top-1>`.
+
+--task segmentation trains rk.PSPNet on the backbone (auxiliary head on stage 3 while training,
+per-pixel cross-entropy ignoring label 255), reports mean IoU and pixel accuracy, draws
+predictions.png, and ends with `miou: training_form=<mIoU> deploy_form=<mIoU>`.
 """
 
 import dataclasses
@@ -23,7 +28,17 @@ from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 
-flags.DEFINE_string("model", "RepVGG_A0", "Variant name (repvgg_keras.list_models()).")
+flags.DEFINE_enum(
+    "task",
+    "classification",
+    ["classification", "segmentation"],
+    "classification (RepVGG) or segmentation (PSPNet on the RepVGG backbone).",
+)
+flags.DEFINE_string(
+    "model",
+    "RepVGG_A0",
+    "Variant name (repvgg_keras.list_models()); the backbone's for segmentation.",
+)
 flags.DEFINE_list(
     "num_blocks", None, "Override blocks per stage 1-4 (a narrower/shallower custom spec)."
 )
@@ -31,7 +46,9 @@ flags.DEFINE_list("width_multipliers", None, "Override the width multipliers a,b
 flags.DEFINE_string(
     "dataset",
     "fashion_mnist",
-    "A TFDS name, 'folder:<root>' (root/<split>/<class>/<img>), or fashion_mnist.",
+    "A TFDS name, 'folder:<root>' (root/<split>/<class>/<img>), or fashion_mnist. Segmentation: "
+    "fashion_mnist_scenes, 'seg_folder:<root>' (root/<split>/images|masks/) or a prepared TFDS "
+    "dataset with image and segmentation_mask features.",
 )
 flags.DEFINE_string("data_dir", None, "tensorflow-datasets data directory.")
 flags.DEFINE_bool(
@@ -131,6 +148,19 @@ flags.DEFINE_float(
     60,
     "With --verbose 2: seconds between progress lines inside an epoch (0: none).",
 )
+flags.DEFINE_integer("output_stride", 8, "Segmentation: backbone output stride, 8 or 16.")
+flags.DEFINE_bool(
+    "fast", False, "Segmentation: the paper's -fast backbone (dilation in the last 5 blocks only)."
+)
+flags.DEFINE_integer("head_channels", 512, "Segmentation: width of the PSPNet head's 3x3 conv.")
+flags.DEFINE_float(
+    "aux_weight", 0.4, "Segmentation: weight of the auxiliary (stage 3) loss; 0 drops that head."
+)
+flags.DEFINE_bool(
+    "scale_augment",
+    True,
+    "Segmentation: random scale (0.5-2x), crop and flip of image and mask together.",
+)
 flags.mark_flag_as_required("model_dir")
 
 ABLATIONS = {
@@ -196,6 +226,23 @@ def flag_problems():
     check("ema_momentum", low=0, high=1, high_open=True)
     check("min_area", low=0, high=1, low_open=True)
     check("eval_crop", low=0, high=1, low_open=True)
+    check("head_channels", low=1, integer=True)
+    check("aux_weight", low=0)
+    if FLAGS.output_stride not in (8, 16):
+        problems.append(f"--output_stride must be 8 or 16, not {FLAGS.output_stride}")
+    if FLAGS.task == "segmentation":
+        classification_only = [
+            f"--{name}"
+            for name in ("mixup", "label_smoothing", "min_area", "eval_crop", "augment")
+            if getattr(FLAGS, name) is not None
+        ]
+        if FLAGS.ablation != "full":
+            classification_only.append("--ablation")
+        if classification_only:
+            problems.append(
+                f"{', '.join(classification_only)} apply to classification only, not to "
+                "--task segmentation (which augments with --scale_augment)"
+            )
     if FLAGS.verbose not in (0, 1, 2):
         problems.append(f"--verbose must be 0, 1 or 2, not {FLAGS.verbose}")
     for name, count, kind, low in (("num_blocks", 4, int, 1), ("width_multipliers", 2, float, 0)):
@@ -261,7 +308,19 @@ def run_config(spec, image_size, recipe):
         "eval_crop",
     ):
         config[field] = getattr(recipe, field)
+    if FLAGS.task == "segmentation":
+        config.update(segmentation_options(), task="segmentation")
     return json.loads(json.dumps(config))  # as it reads back from the file
+
+
+def segmentation_options():
+    return {
+        "output_stride": FLAGS.output_stride,
+        "fast": FLAGS.fast,
+        "head_channels": FLAGS.head_channels,
+        "aux_weight": FLAGS.aux_weight,
+        "scale_augment": FLAGS.scale_augment,
+    }
 
 
 def _write_json(path, content):
@@ -459,27 +518,52 @@ def train():
                 f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
                 "train it again."
             )
-        print(finished.get("accuracy", ""), flush=True)
+        print(finished.get("accuracy") or finished.get("miou", ""), flush=True)
         return 0.0
     precision = pick_precision(FLAGS.mixed_precision)
     if precision != "none":
         keras.mixed_precision.set_global_policy(precision)
     strategy = make_strategy(FLAGS.tpu)
 
-    train_ds, eval_ds, info = data.load(
-        FLAGS.dataset,
-        image_size=image_size,
-        batch_size=recipe.batch_size,
-        data_dir=FLAGS.data_dir,
-        download=FLAGS.download,
-        min_area=recipe.min_area,
-        mixup=recipe.mixup,
-        augment=recipe.augment,
-        train_take=FLAGS.train_take,
-        eval_take=FLAGS.eval_take,
-        seed=FLAGS.seed,
-        eval_crop=recipe.eval_crop,
-    )
+    segmentation = FLAGS.task == "segmentation"
+    if segmentation:
+        from train import segmentation_task as seg
+
+        train_ds, eval_ds, info = seg.load_data(
+            FLAGS.dataset,
+            image_size=image_size,
+            batch_size=recipe.batch_size,
+            data_dir=FLAGS.data_dir,
+            download=FLAGS.download,
+            train_take=FLAGS.train_take,
+            eval_take=FLAGS.eval_take,
+            seed=FLAGS.seed,
+            augment=FLAGS.scale_augment,
+        )
+    else:
+        train_ds, eval_ds, info = data.load(
+            FLAGS.dataset,
+            image_size=image_size,
+            batch_size=recipe.batch_size,
+            data_dir=FLAGS.data_dir,
+            download=FLAGS.download,
+            min_area=recipe.min_area,
+            mixup=recipe.mixup,
+            augment=recipe.augment,
+            train_take=FLAGS.train_take,
+            eval_take=FLAGS.eval_take,
+            seed=FLAGS.seed,
+            eval_crop=recipe.eval_crop,
+        )
+    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    if segmentation and multi_worker:
+        raise UsageError(
+            "--task segmentation trains on one machine (one or more GPUs) but not with TF_CONFIG "
+            "(several workers): unset TF_CONFIG."
+        )
+    segmentation_eval_ds = eval_ds
+    if segmentation and FLAGS.aux_weight > 0:
+        train_ds, eval_ds = seg.with_aux_targets(train_ds), seg.with_aux_targets(eval_ds)
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     train_ds, eval_ds = train_ds.with_options(options), eval_ds.with_options(options)
@@ -488,35 +572,61 @@ def train():
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
+    what = (
+        f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}{', fast' if FLAGS.fast else ''})"
+        if segmentation
+        else spec.name
+    )
+    augmentation = (
+        f"scale_augment {'on' if FLAGS.scale_augment else 'off'}"
+        if segmentation
+        else f"augment {recipe.augment}"
+    )
     print(
-        f"{spec.name} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
+        f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
         f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
-        f"(augment {recipe.augment}): "
+        f"({augmentation}): "
         f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, peak lr {peak_lr:g}",
         flush=True,
     )
 
     with strategy.scope():
-        model = rk.RepVGG(
-            spec,
-            input_shape=(image_size, image_size, 3),
-            classes=info.num_classes,
-            use_identity=use_identity,
-            use_1x1=use_1x1,
-            quant_friendly=FLAGS.quant_friendly,
-            bn_synchronized=strategy.num_replicas_in_sync > 1,
-        )
-        if FLAGS.init_weights:
-            init_from_pretrained(model, spec, image_size, use_identity, use_1x1)
-        optimizer = recipes.make_optimizer(
-            recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
-        )
-        loss = keras.losses.CategoricalCrossentropy(
-            from_logits=True, label_smoothing=recipe.label_smoothing
-        )
-        model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
+        if segmentation:
+            model = seg.build_model(
+                spec,
+                image_size,
+                info.num_classes,
+                options=segmentation_options(),
+                quant_friendly=FLAGS.quant_friendly,
+                bn_synchronized=strategy.num_replicas_in_sync > 1,
+            )
+            if FLAGS.init_weights:
+                seg.init_backbone(model, FLAGS.init_weights, spec.name)
+            optimizer = recipes.make_optimizer(
+                recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
+            )
+            seg.compile_model(model, optimizer, info.num_classes, FLAGS.aux_weight)
+        else:
+            model = rk.RepVGG(
+                spec,
+                input_shape=(image_size, image_size, 3),
+                classes=info.num_classes,
+                use_identity=use_identity,
+                use_1x1=use_1x1,
+                quant_friendly=FLAGS.quant_friendly,
+                bn_synchronized=strategy.num_replicas_in_sync > 1,
+            )
+            if FLAGS.init_weights:
+                init_from_pretrained(model, spec, image_size, use_identity, use_1x1)
+            optimizer = recipes.make_optimizer(
+                recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
+            )
+            loss = keras.losses.CategoricalCrossentropy(
+                from_logits=True, label_smoothing=recipe.label_smoothing
+            )
+            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
 
     csv_path = os.path.join(model_dir, "training_log.csv")
     nan_stopper = cb.NaNStopper()
@@ -537,7 +647,6 @@ def train():
     ]
     if FLAGS.verbose == 2 and FLAGS.progress_every > 0:
         callbacks.append(cb.ProgressLines(FLAGS.progress_every))
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
         distributed.fit(
             model,
@@ -565,6 +674,15 @@ def train():
             f"The loss became NaN/inf at step {nan_stopper.stopped_at}; training stopped. "
             "Lower --base_lr or check the data, then rerun with --overwrite to start afresh."
         )
+    if segmentation:
+        result, gap = seg.finish(model, model_dir, segmentation_eval_ds, info, strategy)
+        _write_json(
+            os.path.join(model_dir, RUN_CONFIG),
+            {"flags": run_config(spec, image_size, recipe), "finished": True, "miou": result},
+        )
+        shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)
+        print(result, flush=True)
+        return gap
 
     model.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():

@@ -118,7 +118,7 @@ class NaNStopper(keras.callbacks.TerminateOnNaN):
 
 
 class CurvePlotter(keras.callbacks.Callback):
-    """Writes training_curves.png (loss, accuracy, lr per epoch) from the CSV log."""
+    """Writes training_curves.png (loss, accuracy or mean IoU, lr per epoch) from the CSV log."""
 
     def __init__(self, csv_path, png_path):
         super().__init__()
@@ -141,9 +141,11 @@ def plot_curves(csv_path, png_path):
     if not rows:
         return
     epochs = [int(r["epoch"]) + 1 for r in rows]
+    # Segmentation logs its main output's scores as logits_miou (logits_* when there is an aux head).
+    score = next((k for k in ("accuracy", "miou", "logits_miou") if k in rows[0]), "accuracy")
     panels = [
         ("loss", ["loss", "val_loss"]),
-        ("accuracy", ["accuracy", "val_accuracy"]),
+        ("mean IoU" if score.endswith("miou") else "accuracy", [score, f"val_{score}"]),
         ("learning rate", ["learning_rate"]),
     ]
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))

@@ -1,0 +1,414 @@
+"""Input pipelines for semantic segmentation: Fashion-MNIST scenes, a folder of image/mask pairs,
+or a prepared TFDS dataset with `image` and `segmentation_mask` features.
+
+Training transforms image and mask jointly: a random scale of 0.5-2x the size that fits the
+shorter side to image_size, padding up to image_size (image with 0, mask with IGNORE_LABEL), one
+random crop and one random horizontal flip for both. Evaluation resizes the shorter side to
+image_size and crops the centre. Masks are always resized nearest-neighbour, so no label is
+invented; images bilinear. Grayscale becomes 3 channels and images are normalised like the
+pretrained weights (ImageNet mean/std), as in train.data. Nothing here downloads unless asked to.
+"""
+
+import concurrent.futures
+import dataclasses
+import os
+import sys
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from repvgg_keras import preprocessing
+from train import data, fashion_mnist_scenes
+from train.data import IMAGE_EXTENSIONS, DatasetNotFound
+
+CLASS_NAMES = fashion_mnist_scenes.CLASS_NAMES  # of fashion_mnist_scenes
+IGNORE_LABEL = 255
+SCALE_RANGE = (0.5, 2.0)
+SCENES = "fashion_mnist_scenes"
+FOLDER = "seg_folder:"
+MASK_MODES = ("L", "P", "1", "I;16", "I")  # one channel of class indices (P: palette indices)
+
+
+@dataclasses.dataclass
+class SegmentationInfo:
+    num_classes: int
+    train_examples: int
+    eval_examples: int
+    eval_split: str
+    class_names: list = None
+
+
+# --- seg_folder:<root> -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SegmentationFolder:
+    """root/<split>/images/<name>.(jpg|jpeg|png) with root/<split>/masks/<name>.png."""
+
+    root: str
+    num_classes: int
+    class_names: list  # from root/classes.txt, else None
+    examples: dict  # split -> [(image path, mask path)], sorted by name
+    eval_split: str
+    skipped: list  # (relative path, reason)
+
+    def as_dataset(self, split, shuffle=False, seed=None):
+        images = [image for image, _ in self.examples[split]]
+        masks = [mask for _, mask in self.examples[split]]
+        dataset = tf.data.Dataset.from_tensor_slices((images, masks))
+        if shuffle:
+            dataset = dataset.shuffle(len(images), seed=seed)
+        return dataset.map(_read_pair, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def read_mask(path):
+    """Class indices uint8/int32 [H, W] of a 1-channel or palette PNG (PIL keeps palette indices,
+    where TensorFlow's PNG decoder would turn them into colours)."""
+    from PIL import Image
+
+    with Image.open(path) as mask:
+        if mask.mode not in MASK_MODES:
+            raise ValueError(f"mode {mask.mode}, not a 1-channel or palette PNG")
+        return np.asarray(mask, np.int32)
+
+
+def _read_pair(image_path, mask_path):
+    image = data.decode_image(tf.io.read_file(image_path))
+    mask = tf.numpy_function(lambda p: read_mask(p.decode()), [mask_path], tf.int32)
+    return image, tf.ensure_shape(mask, (None, None))
+
+
+def _check_pair(image_path, mask_path):
+    """(mask's largest class index below IGNORE_LABEL or -1, None) or (None, reason to skip)."""
+    try:
+        image = data.decode_image(tf.io.read_file(image_path))
+    except (tf.errors.OpError, OSError):
+        return None, "unreadable image"
+    try:
+        mask = read_mask(mask_path)
+    except Exception as error:  # PIL raises several types for broken files
+        return None, f"unreadable mask ({str(error).splitlines()[0] if str(error) else 'broken'})"
+    if tuple(image.shape[:2]) != mask.shape:
+        return None, (
+            f"image {image.shape[1]}x{image.shape[0]} but mask {mask.shape[1]}x{mask.shape[0]}"
+        )
+    labels = mask[mask != IGNORE_LABEL]
+    return (int(labels.max()) if labels.size else -1), None
+
+
+def _files(folder, extensions):
+    if not os.path.isdir(folder):
+        return {}
+    return {
+        os.path.splitext(f)[0]: os.path.join(folder, f)
+        for f in sorted(os.listdir(folder))
+        if f.lower().endswith(extensions) and os.path.isfile(os.path.join(folder, f))
+    }
+
+
+def scan_segmentation_folder(root, eval_split=None, warn=None):
+    """Check root/<split>/images and root/<split>/masks once and list the usable pairs.
+
+    Every image and mask of the training and evaluation splits is decoded once. Images without a
+    mask, masks without an image, pairs of different sizes and unreadable files are skipped and
+    named in one warning line on `warn`. The class count is root/classes.txt's line count when
+    present, else the largest mask value below IGNORE_LABEL + 1 over the train and evaluation
+    masks (so that every evaluation label is a class the model has). Raises DatasetNotFound
+    for a missing root or missing split folders, ValueError for a split without usable pairs.
+    """
+    expected = (
+        f"expected {root}/train/images/<name>.png with {root}/train/masks/<name>.png, "
+        "and the same under test/ (or validation/, val/)"
+    )
+    if not os.path.isdir(root):
+        raise DatasetNotFound(
+            f"Segmentation folder {root!r} does not exist or is not a folder ({expected})."
+        )
+    splits = data._subfolders(root)
+    eval_split = eval_split or next((s for s in data.EVAL_SPLITS if s in splits), None)
+    missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
+    if eval_split is None:
+        missing.append("test")
+    if missing:
+        found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
+        raise DatasetNotFound(
+            f"Segmentation folder {root!r} has no {' or '.join(s + '/' for s in missing)} "
+            f"({found}); {expected}."
+        )
+    pairs, skipped = {}, []
+    for split in ("train", eval_split):
+        images = _files(os.path.join(root, split, "images"), IMAGE_EXTENSIONS)
+        masks = _files(os.path.join(root, split, "masks"), (".png",))
+        skipped += [(os.path.relpath(images[n], root), "no mask") for n in images if n not in masks]
+        skipped += [(os.path.relpath(masks[n], root), "no image") for n in masks if n not in images]
+        pairs[split] = [(images[n], masks[n]) for n in sorted(images) if n in masks]
+    listed = [pair for split_pairs in pairs.values() for pair in split_pairs]
+    with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
+        checked = dict(zip(listed, pool.map(lambda pair: _check_pair(*pair), listed)))
+    skipped += [
+        (os.path.relpath(pair[0], root), reason)
+        for pair, (_, reason) in checked.items()
+        if reason is not None
+    ]
+    examples = {
+        split: [pair for pair in split_pairs if checked[pair][1] is None]
+        for split, split_pairs in pairs.items()
+    }
+    if skipped:
+        print(
+            f"warning: skipped {len(skipped)} file(s) in {root}: "
+            f"{data._listing(f'{path} ({reason})' for path, reason in skipped)}",
+            file=warn or sys.stderr,
+            flush=True,
+        )
+    empty = [split for split in ("train", eval_split) if not examples[split]]
+    if empty:
+        raise ValueError(
+            f"Segmentation folder {root!r} has no usable image/mask pair in "
+            f"{' or '.join(s + '/' for s in empty)}"
+            f"{' (the skipped files are named above)' if skipped else ''}; {expected}."
+        )
+    largest = max(checked[pair][0] for split in examples.values() for pair in split)
+    class_names = _class_names(root)
+    if class_names is None:
+        num_classes = largest + 1
+        if num_classes < 2:
+            raise ValueError(
+                f"Segmentation folder {root!r}: every mask is 0 or {IGNORE_LABEL} (ignore); "
+                "masks need class indices 1, 2, ... or a classes.txt naming the classes."
+            )
+    else:
+        num_classes = len(class_names)
+        if largest >= num_classes:
+            raise ValueError(
+                f"Segmentation folder {root!r}: a mask has class index {largest} but "
+                f"classes.txt names {num_classes} classes (0..{num_classes - 1}); add the missing "
+                f"names or mark such pixels {IGNORE_LABEL} (ignore)."
+            )
+    return SegmentationFolder(root, num_classes, class_names, examples, eval_split, skipped)
+
+
+def _class_names(root):
+    path = os.path.join(root, "classes.txt")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    return names or None
+
+
+# --- TFDS datasets --------------------------------------------------------------------------------
+
+
+def _scenes_builder(data_dir):
+    """The Fashion-MNIST scenes builder, prepared offline on first use."""
+    builder = fashion_mnist_scenes.FashionMnistScenes(data_dir=data_dir)
+    if not data._is_prepared(builder):
+        builder.download_and_prepare()
+    return builder
+
+
+def _tfds_builder(name, data_dir, download):
+    builder = data._builder(name, data_dir, download)
+    features = builder.info.features
+    if not isinstance(features, tfds.features.FeaturesDict) or not {
+        "image",
+        "segmentation_mask",
+    } <= set(features.keys()):
+        raise DatasetNotFound(
+            f"Dataset {name!r} has no `image` and `segmentation_mask` features (it has "
+            f"{', '.join(features.keys()) if hasattr(features, 'keys') else features}); "
+            "pass a segmentation dataset, fashion_mnist_scenes or seg_folder:<root>."
+        )
+    return builder
+
+
+def _tfds_info(name, builder, eval_split, num_classes):
+    splits = builder.info.splits
+    known = list(splits.keys()) if splits else []
+    eval_split = eval_split or next((s for s in data.EVAL_SPLITS if s in known), "test")
+    for split in ("train", eval_split):
+        if split not in known:
+            raise DatasetNotFound(
+                f"Dataset {name!r} has no {split!r} split (it has {', '.join(known)}); "
+                "pass eval_split with one of those."
+            )
+    metadata = builder.info.metadata or {}
+    class_names = metadata.get("class_names")
+    num_classes = num_classes or metadata.get("num_classes")
+    if not num_classes:
+        raise ValueError(
+            f"Dataset {name!r} does not record its number of mask classes; pass num_classes "
+            "(the largest mask value + 1, leaving out the ignore value 255)."
+        )
+    return SegmentationInfo(
+        int(num_classes),
+        splits["train"].num_examples,
+        splits[eval_split].num_examples,
+        eval_split,
+        list(class_names) if class_names is not None else None,
+    )
+
+
+def _tfds_pairs(builder, split, shuffle):
+    dataset = builder.as_dataset(split=split, shuffle_files=shuffle)
+
+    def pair(example):
+        mask = tf.cast(example["segmentation_mask"], tf.int32)
+        if mask.shape.rank == 3:
+            mask = mask[..., 0]
+        return example["image"], mask
+
+    return dataset.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+# --- transforms -----------------------------------------------------------------------------------
+
+
+def _resize_pair(image, mask, height, width):
+    """Image bilinear, mask (rank 3, int32) nearest: nearest never makes a label up."""
+    size = tf.stack([height, width])
+    image = tf.image.resize(image, size, method="bilinear")
+    mask = tf.image.resize(mask, size, method="nearest")
+    return image, mask
+
+
+def _scaled_shape(image, size, factor=1.0):
+    shape = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = size / tf.reduce_min(shape) * factor
+    return tf.unstack(tf.maximum(tf.cast(tf.round(shape * scale), tf.int32), 1))
+
+
+def train_transform(image, mask, size, seed):
+    """Joint random scale, pad, crop and flip; seed: int32/int64 [2] for the stateless draws."""
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    factor = tf.random.stateless_uniform((), seeds[0], *SCALE_RANGE)
+    image, mask = _resize_pair(image, mask, *_scaled_shape(image, size, factor))
+    shape = tf.shape(image)
+    pad = [[0, tf.maximum(size - shape[0], 0)], [0, tf.maximum(size - shape[1], 0)], [0, 0]]
+    image = tf.pad(image, pad, constant_values=0.0)
+    mask = tf.pad(mask, pad, constant_values=IGNORE_LABEL)
+    # One tensor for both, so that crop and flip cannot drift apart.
+    both = tf.concat([image, tf.cast(mask, tf.float32)], axis=-1)
+    both = tf.image.stateless_random_crop(both, (size, size, 4), seeds[1])
+    both = tf.image.stateless_random_flip_left_right(both, seeds[2])
+    return both[..., :3], tf.cast(both[..., 3], tf.int32)
+
+
+def eval_transform(image, mask, size):
+    """Shorter side to size (mask nearest), centre crop size x size."""
+    image, mask = _resize_pair(image, mask, *_scaled_shape(image, size))
+    image = tf.image.resize_with_crop_or_pad(image, size, size)
+    mask = tf.image.resize_with_crop_or_pad(mask, size, size)
+    return image, mask[..., 0]
+
+
+def make_pipeline(
+    dataset,
+    *,
+    image_size,
+    batch_size,
+    training,
+    augment=True,
+    cache=True,
+    seed=None,
+    preprocessing_mode="imagenet",
+):
+    """(image uint8 [H, W, C], mask int [H, W]) pairs -> batched (images float32 [N, S, S, 3]
+    normalised, masks int32 [N, S, S] with IGNORE_LABEL kept).
+
+    Training repeats, shuffles (seeded) and drops the last partial batch; evaluation keeps it.
+    With augment=False training uses the evaluation transform.
+    """
+    if cache:
+        dataset = dataset.cache()
+    if training:
+        dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+    random = training and augment
+    if random:
+        # A stateless seed per example: the same seed gives the same crops whatever the
+        # parallelism of the map.
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
+
+    def transform(pair, example_seed=None):
+        image, mask = pair
+        image = tf.cast(image, tf.float32)
+        if image.shape.rank == 3 and image.shape[-1] == 1:
+            image = tf.image.grayscale_to_rgb(image)
+        mask = tf.cast(mask, tf.int32)[..., None]
+        if random:
+            image, mask = train_transform(image, mask, image_size, example_seed)
+        else:
+            image, mask = eval_transform(image, mask, image_size)
+        return (
+            tf.ensure_shape(image, (image_size, image_size, 3)),
+            tf.ensure_shape(mask, (image_size, image_size)),
+        )
+
+    if random:
+        dataset = dataset.map(
+            lambda pair, s: transform(pair, s), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    else:
+        dataset = dataset.map(
+            lambda image, mask: transform((image, mask)), num_parallel_calls=tf.data.AUTOTUNE
+        )
+    dataset = dataset.batch(batch_size, drop_remainder=training)
+    dataset = dataset.map(
+        lambda images, masks: (preprocessing.normalize(images, preprocessing_mode, 3), masks),
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def load(
+    name,
+    *,
+    image_size,
+    batch_size,
+    data_dir=None,
+    download=False,
+    eval_split=None,
+    train_take=None,
+    eval_take=None,
+    seed=None,
+    augment=True,
+    num_classes=None,
+):
+    """(train_ds, eval_ds, SegmentationInfo) for 'fashion_mnist_scenes', 'seg_folder:<root>' or a
+    prepared TFDS dataset with `image` and `segmentation_mask` features.
+
+    num_classes: only for TFDS datasets whose metadata does not record it (most do not; the
+    scenes and seg_folder count their own).
+    """
+    if name.startswith(FOLDER):
+        folder = scan_segmentation_folder(name[len(FOLDER) :], eval_split)
+        info = SegmentationInfo(
+            folder.num_classes,
+            len(folder.examples["train"]),
+            len(folder.examples[folder.eval_split]),
+            folder.eval_split,
+            folder.class_names,
+        )
+        read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+    else:
+        if name == SCENES:
+            builder = _scenes_builder(data_dir)
+        else:
+            builder = _tfds_builder(name, data_dir, download)
+        info = _tfds_info(name, builder, eval_split, num_classes)
+        read = lambda split: _tfds_pairs(builder, split, shuffle=split == "train")
+    train_raw, eval_raw = read("train"), read(info.eval_split)
+    if train_take:
+        train_raw = train_raw.take(train_take)
+        info.train_examples = min(info.train_examples, train_take)
+    if eval_take:
+        eval_raw = eval_raw.take(eval_take)
+        info.eval_examples = min(info.eval_examples, eval_take)
+    # Decoded examples are cached; large datasets (their source size unknown here) are not.
+    cache = info.train_examples * image_size * image_size * 4 < 4e9
+    kwargs = dict(image_size=image_size, batch_size=batch_size, cache=cache)
+    train = make_pipeline(train_raw, training=True, augment=augment, seed=seed, **kwargs)
+    evaluation = make_pipeline(eval_raw, training=False, **kwargs)
+    return train, evaluation, info
