@@ -21,6 +21,7 @@ SLOW_TESTS = {
         "test_convert_checkpoint_cli",
         "test_imagenet_download",
     ),
+    "test_bench_segmentation.py": ("test_small_run_",),
     "test_layering.py": ("test_library_imports",),
     "test_segmentation_metrics.py": ("test_replicas_sum_their_counts",),
     "test_models.py": ("test_full_size_224", "test_dilated_backbone", "test_d2se_defaults"),
