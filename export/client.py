@@ -6,13 +6,23 @@ Sends the encoded image to the `serving_bytes` signature (decode, resize and nor
 happen in the server's graph) and prints the top classes. Every failure (a file that is
 missing or not an image, a server that is down or answers an error) is one `error:` line
 and exit status 1.
+
+    python -m export.client --task segmentation --model_name seg --image street.jpg \
+        [--mask_png street_mask.png] [--class_names road,car,person]
+
+With --task segmentation (a model exported with `export.savedmodel --task segmentation`)
+it prints, per image, the share of the mask each class covers, largest first, and with
+--mask_png writes the mask in colour (PASCAL VOC's palette, at the model's input size).
 """
 
 import http.client
 import json
+import os
+import struct
 import sys
 import urllib.error
 import urllib.request
+import zlib
 
 import numpy as np
 from absl import app, flags
@@ -93,7 +103,7 @@ def _rest_error(error):
         return str(error.reason)
 
 
-def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
+def predict_grpc(host, port, model_name, encoded_images, timeout=30.0, output_filter=()):
     try:
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
@@ -105,7 +115,9 @@ def predict_grpc(host, port, model_name, encoded_images, timeout=30.0):
 
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        request = predict_requests.predict_request(model_name, "serving_bytes", encoded_images)
+        request = predict_requests.predict_request(
+            model_name, "serving_bytes", encoded_images, output_filter=output_filter
+        )
         try:
             response = stub.Predict(request, timeout=timeout)
         except grpc.RpcError as error:
@@ -126,32 +138,150 @@ def top_k(probabilities, k=5):
     return [(int(i), float(probabilities[i])) for i in order]
 
 
-def classify(paths, host, port, protocol, model_name, timeout):
-    """Probabilities [len(paths), classes] from the server; ClientError on any failure."""
+def _predict(paths, host, port, protocol, model_name, timeout, output_filter=()):
+    """The server's outputs for the images at `paths`, by name; ClientError on any failure."""
     encoded = read_images(paths)
-    predict = predict_rest if protocol == "rest" else predict_grpc
     try:
-        outputs = predict(host, port, model_name, encoded, timeout=timeout)
+        if protocol == "rest":  # TF Serving's REST API returns every output
+            return predict_rest(host, port, model_name, encoded, timeout=timeout)
+        return predict_grpc(host, port, model_name, encoded, timeout, output_filter)
     except ClientError:
         raise
     except Exception as error:  # anything else still gets one line, not a traceback
         raise ClientError(
             f"request to {host}:{port} failed: {type(error).__name__}: {_first_line(error)}"
         ) from None
+
+
+def classify(paths, host, port, protocol, model_name, timeout):
+    """Probabilities [len(paths), classes] from the server; ClientError on any failure."""
+    outputs = _predict(paths, host, port, protocol, model_name, timeout)
     probabilities = np.asarray(outputs.get("probabilities", []))
     if probabilities.ndim != 2 or len(probabilities) != len(paths):
+        hint = (
+            " It answered per-pixel classes: pass --task segmentation."
+            if np.ndim(outputs.get("classes", [])) == 3
+            else ""
+        )
         raise ClientError(
             f"TF Serving at {host}:{port} answered without one row of probabilities "
             f"per image (got shape {list(probabilities.shape)}): is --model_name "
-            f"{model_name} a RepVGG export with a serving_bytes signature?"
+            f"{model_name} a RepVGG export with a serving_bytes signature?{hint}"
         )
     return probabilities
+
+
+def segment(paths, host, port, protocol, model_name, timeout):
+    """Class masks, int [len(paths), H, W], from a segmentation export's `classes` output."""
+    outputs = _predict(paths, host, port, protocol, model_name, timeout, ["classes"])
+    classes = np.asarray(outputs.get("classes", []))
+    if classes.ndim != 3 or len(classes) != len(paths):
+        hint = (
+            " It answered class probabilities: drop --task segmentation."
+            if np.ndim(outputs.get("probabilities", [])) == 2
+            else ""
+        )
+        raise ClientError(
+            f"TF Serving at {host}:{port} answered without a mask of classes per image "
+            f"(got shape {list(classes.shape)}): is --model_name {model_name} a segmentation "
+            f"export (export.savedmodel --task segmentation)?{hint}"
+        )
+    return classes.astype(np.int64)
+
+
+def area_summary(mask, class_names=None, top_k=5):
+    """One line: the mask's size and the share of it each class covers, largest first
+    (`top_k` classes, the rest summed)."""
+    from repvgg_keras import masks  # here: the package imports Keras, which classifying skips
+
+    areas = masks.class_areas(mask, class_names)
+    label = lambda index, name: f"class {index}" if class_names is None else f"{name} ({index})"
+    parts = [f"{label(i, name)}: {share:.1%}" for i, name, _, share in areas[:top_k]]
+    rest = sum(share for *_, share in areas[top_k:])
+    if rest:
+        parts.append(f"{len(areas) - top_k} other classes: {rest:.1%}")
+    height, width = np.shape(mask)
+    return f"{height}x{width} mask, " + ", ".join(parts)
+
+
+def png_bytes(rgb):
+    """A PNG file of uint8 RGB pixels [H, W, 3] (numpy and zlib only: no imaging library)."""
+    rgb = np.ascontiguousarray(rgb, np.uint8)
+    height, width, _ = rgb.shape
+    rows = np.concatenate([np.zeros((height, 1), np.uint8), rgb.reshape(height, -1)], axis=1)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows.tobytes(), 6))
+        + chunk(b"IEND", b"")
+    )
+
+
+def mask_paths(pattern, image_paths):
+    """--mask_png for each image: `pattern` itself for one image; for several, `pattern` must
+    hold {stem}, which becomes each image's file name without extension. Checked before any
+    request is sent: the directory must exist and be writable."""
+    if len(image_paths) > 1 and "{stem}" not in pattern:
+        raise ClientError(
+            f"--mask_png {pattern} names one file but {len(image_paths)} images were given: put "
+            "{stem} in it (e.g. masks/{stem}.png), which becomes each image's name."
+        )
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in image_paths]
+    paths = [pattern.replace("{stem}", stem) for stem in stems]
+    if len(set(paths)) != len(paths):
+        raise ClientError(f"--mask_png {pattern} gives two images the same mask file.")
+    for path in paths:
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory) or not os.access(directory, os.W_OK | os.X_OK):
+            raise ClientError(
+                f"cannot write --mask_png {path}: {directory} is not a writable directory."
+            )
+        if os.path.isdir(path):
+            raise ClientError(f"cannot write --mask_png {path}: it is a directory.")
+    return paths
+
+
+def write_mask_png(path, mask):
+    """`mask` in PASCAL VOC's colours (`repvgg_keras.masks.colorize`) as a PNG file at `path`."""
+    from repvgg_keras import masks
+
+    try:
+        with open(path, "wb") as f:
+            f.write(png_bytes(masks.colorize(mask)))
+    except OSError as error:
+        raise ClientError(f"cannot write {path}: {error.strerror or error}.") from None
+
+
+def _run_segmentation(port):
+    class_names = FLAGS.class_names.split(",") if FLAGS.class_names else None
+    outputs = mask_paths(FLAGS.mask_png, FLAGS.image) if FLAGS.mask_png else None
+    rows = segment(FLAGS.image, FLAGS.host, port, FLAGS.protocol, FLAGS.model_name, FLAGS.timeout)
+    for index, (path, mask) in enumerate(zip(FLAGS.image, rows)):
+        print(f"{path}: {area_summary(mask, class_names, FLAGS.top_k)}")
+        if outputs:
+            write_mask_png(outputs[index], mask)
+            print(f"  mask written to {outputs[index]}")
 
 
 def main(argv):
     del argv
     port = FLAGS.port or (8501 if FLAGS.protocol == "rest" else 8500)
+    if FLAGS.task == "segmentation":
+        try:
+            _run_segmentation(port)
+        except ClientError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
     try:
+        if FLAGS.mask_png or FLAGS.class_names:
+            flag = "--mask_png" if FLAGS.mask_png else "--class_names"
+            raise ClientError(f"{flag} is for segmentation models: pass --task segmentation.")
         rows = classify(
             FLAGS.image, FLAGS.host, port, FLAGS.protocol, FLAGS.model_name, FLAGS.timeout
         )
@@ -165,12 +295,28 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.DEFINE_enum(
+        "task",
+        "classification",
+        ["classification", "segmentation"],
+        "classification: print the top classes. segmentation: print each class's share of "
+        "the mask (a model exported with --task segmentation).",
+    )
     flags.DEFINE_string("host", "localhost", "TF Serving host.")
     flags.DEFINE_integer("port", None, "Port (default 8501 for REST, 8500 for gRPC).")
     flags.DEFINE_enum("protocol", "rest", ["rest", "grpc"], "REST (JSON, base64 images) or gRPC.")
     flags.DEFINE_string("model_name", "repvgg_a0", "Model name in TF Serving's config.")
     flags.DEFINE_multi_string("image", None, "JPEG/PNG file(s) to classify.")
     flags.DEFINE_integer("top_k", 5, "Classes to print per image.", lower_bound=1)
+    flags.DEFINE_string(
+        "mask_png",
+        None,
+        "Segmentation: write the colour mask to this PNG file (with several --image, a "
+        "pattern holding {stem}, e.g. masks/{stem}.png).",
+    )
+    flags.DEFINE_string(
+        "class_names", None, "Segmentation: class names, comma-separated, in class order."
+    )
     flags.DEFINE_float("timeout", 30.0, "Seconds to wait for the server.", lower_bound=0.001)
     flags.mark_flag_as_required("image")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -21,7 +21,17 @@ FLAGS = flags.FLAGS
 logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
 
 
+TASKS = ("classification", "segmentation")
+
+
 def define_model_flags():
+    flags.DEFINE_enum(
+        "task",
+        "classification",
+        list(TASKS),
+        "classification: a RepVGG classifier (logits [N, classes]). segmentation: a PSPNet "
+        "(rk.PSPNet, logits [N, H, W, classes]) from a .keras file, or random weights.",
+    )
     flags.DEFINE_string(
         "model", "RepVGG_A0", f"Variant to export, one of: {', '.join(rk.list_models())}."
     )
@@ -35,7 +45,12 @@ def define_model_flags():
     flags.DEFINE_integer(
         "image_size", None, "Input height and width (default: the variant's own, 224 or 320)."
     )
-    flags.DEFINE_integer("classes", 1000, "Classifier width; must match --weights.")
+    flags.DEFINE_integer(
+        "classes",
+        1000,
+        "Classifier width; must match --weights. For --task segmentation: the number of "
+        "segmentation classes (default: the file's, or 21 with random weights).",
+    )
     flags.DEFINE_integer("channels", 3, "Input channels (1 for grayscale models).")
     flags.DEFINE_enum(
         "preprocessing",
@@ -64,11 +79,109 @@ def define_model_flags():
     flags.DEFINE_integer("verify_count", 16, "Images used for verification.")
 
 
+def is_segmentation(model):
+    """Whether `model` predicts per pixel: logits [N, H, W, classes] at its input's size, rather
+    than [N, classes] (or a backbone's smaller feature maps)."""
+    output = model.outputs[0].shape
+    return len(output) == 4 and tuple(output[1:3]) == tuple(model.inputs[0].shape[1:3])
+
+
 def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
     """Build `name` with `weights` (any model source, in its own form): `rk.model_from_source`."""
+    from repvgg_keras import sources
+
     spec = rk.get_spec(name)
     size = spec.default_size if image_size is None else image_size
+    if weights is not None:
+        src = sources.read_source(weights)
+        if src.kind == "keras_model" and is_segmentation(src.saved_model):
+            raise ValueError(
+                f"{src.describe()} is a segmentation model (logits "
+                f"{_shape_text(src.saved_model.outputs[0].shape)}): pass --task segmentation."
+            )
+        weights = src
     return rk.model_from_source(spec, weights, input_shape=(size, size, channels), classes=classes)
+
+
+def _shape_text(shape):
+    return (
+        "["
+        + ", ".join("N" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(shape))
+        + "]"
+    )
+
+
+def load_segmentation_model(name, weights=None, image_size=None, classes=None, channels=3):
+    """A PSPNet to export: the `.keras` file `weights` (training or deploy form, its auxiliary
+    head dropped), checked against the other arguments (None: take the file's), or without
+    `weights` `rk.PSPNet(name)` with random weights (`classes` default: PSPNet's)."""
+    from repvgg_keras import pspnet, sources
+
+    spec = rk.get_spec(name)
+    if weights is None:
+        size = spec.default_size if image_size is None else image_size
+        kwargs = {} if classes is None else {"classes": classes}
+        return rk.PSPNet(spec, input_shape=(size, size, channels), **kwargs)
+    src = sources.read_source(weights)
+    if src.kind != "keras_model":
+        raise ValueError(
+            f"--task segmentation takes a whole segmentation model saved as .keras (e.g. "
+            f"model_deploy.keras or model_train.keras from training), not {src.describe()}."
+        )
+    model = src.saved_model
+    if not is_segmentation(model) or len(model.inputs) != 1:
+        raise ValueError(
+            f"{src.describe()} is not a segmentation model: its output is "
+            f"{_shape_text(model.outputs[0].shape)}, not per-pixel logits [N, H, W, classes]. "
+            "Drop --task segmentation to export a classifier."
+        )
+    if len(model.outputs) > 1:  # trained with aux_head: serve the main head only
+        try:
+            model = pspnet.inference_model(model)
+        except ValueError:
+            raise ValueError(
+                f"{src.describe()} has {len(model.outputs)} outputs and none named "
+                f"{pspnet.OUTPUT_NAME!r}: save the model with its per-pixel logits as its only "
+                "output."
+            ) from None
+    built_for = model.name[len("PSPNet_") :].removesuffix("_fast")
+    if (
+        model.name.startswith("PSPNet_")
+        and built_for in rk.list_models()
+        and built_for != spec.name
+    ):
+        raise ValueError(
+            f"{src.describe()} is a PSPNet on {built_for}, not on --model {spec.name}: "
+            f"pass --model {built_for}."
+        )
+    _, height, width, in_channels = model.input_shape
+    out_classes = model.output_shape[-1]
+    if classes is not None and classes != out_classes:
+        raise ValueError(
+            f"--classes {classes} does not match {src.describe()}: its logits have "
+            f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
+        )
+    if in_channels != channels:
+        raise ValueError(
+            f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
+            f"channel images. Pass --channels {in_channels}."
+        )
+    if height is None or width is None:
+        if image_size is None:
+            raise ValueError(
+                f"{src.describe()} takes images of any size: pass --image_size to fix the "
+                "exported model's input size."
+            )
+        inputs = keras.Input((image_size, image_size, channels), name=model.inputs[0].name)
+        # Same layers (and weights), traced at the fixed size: every shape static.
+        return keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
+    if image_size is not None and (height, width) != (image_size, image_size):
+        hint = f"pass --image_size {height} or " if height == width else ""
+        raise ValueError(
+            f"--image_size {image_size} does not match {src.describe()}, built for {height}x"
+            f"{width} images: {hint}leave --image_size unset."
+        )
+    return model
 
 
 def prepare(model, *, fuse=True, include_preprocessing=False, mode="imagenet"):
@@ -213,8 +326,26 @@ def calibration_from_flags(shipped, to_input):
 
 
 def model_from_flags():
-    model = load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
-    return model
+    if FLAGS.task == "segmentation":
+        classes = FLAGS.classes if FLAGS["classes"].present else None
+        return load_segmentation_model(
+            FLAGS.model, FLAGS.weights, FLAGS.image_size, classes, FLAGS.channels
+        )
+    return load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
+
+
+def refuse_segmentation(what):
+    """A `run_exporter` check: ValueError when --task segmentation asks for `what` (a format
+    or option that only classifiers export)."""
+
+    def check():
+        if FLAGS.task == "segmentation":
+            raise ValueError(
+                f"{what} does not support --task segmentation: export segmentation models "
+                "with export.savedmodel, export.tflite or export.onnx."
+            )
+
+    return check
 
 
 STAGING_STALE_AFTER_S = 24 * 3600

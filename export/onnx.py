@@ -6,6 +6,10 @@ The graph passes `onnx.checker` and runs in onnxruntime on the verification imag
 compared with the Keras model. Grouped convolutions export as ONNX Conv with `group`.
 Input layout: NCHW by default (onnxruntime's native layout, the faster one in
 `python -m bench`); --nonchw keeps Keras's NHWC.
+
+A segmentation model (--task segmentation, a PSPNet) gets outputs `logits`
+[N, H, W, classes] float32 and `classes` [N, H, W] int32 (the per-pixel argmax); the
+outputs stay channels-last whatever the input layout.
 """
 
 import contextlib
@@ -56,15 +60,22 @@ def _grouped_convs_without_xla():
 
 
 def convert(model, opset=17, nchw=False):
-    """An onnx.ModelProto of `model`: input `images` (NHWC, or NCHW with nchw), output `logits`."""
+    """An onnx.ModelProto of `model`: input `images` (NHWC, or NCHW with nchw), output `logits`
+    (and `classes`, the per-pixel argmax, for a segmentation model)."""
     import onnx
     import tensorflow as tf
     import tf2onnx
 
+    segmentation = common.is_segmentation(model)
     spec = (tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32, name="images"),)
-    function = tf.function(
-        lambda images: {"logits": model(images, training=False)}, input_signature=spec
-    )
+
+    def outputs(images):
+        logits = model(images, training=False)
+        if segmentation:
+            return {"logits": logits, "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+        return {"logits": logits}
+
+    function = tf.function(outputs, input_signature=spec)
     with _grouped_convs_without_xla():
         proto, _ = tf2onnx.convert.from_function(
             function, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None
@@ -93,14 +104,20 @@ def export_onnx(
             f.write(proto.SerializeToString())
         expected = np.asarray(reference(verify_inputs, training=False))
         feed = np.transpose(verify_inputs, (0, 3, 1, 2)) if nchw else verify_inputs
-        report = verify.compare(
-            f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else ""),
-            "fp32",
-            run(staged, feed),
-            expected,
-            os.path.getsize(staged) / 2**20,
-        )
+        artifact = f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else "")
+        classes = None
+        if common.is_segmentation(model):
+            from export import runners
+
+            logits, classes = runners.onnxruntime(staged, output=("logits", "classes"))(feed)
+        else:
+            logits = run(staged, feed)
+        size = os.path.getsize(staged) / 2**20
+        report = verify.compare(artifact, "fp32", logits, expected, size)
         verify.check(report)
+        if classes is not None:
+            verify.check_classes(artifact, classes, logits)
+            verify.print_verdict([report])
     return report
 
 

@@ -124,7 +124,8 @@ def main(argv):
         )
         return FLAGS.output
 
-    return common.run_exporter(export, FLAGS.output, checks=[common.check_calibration_flags])
+    checks = [common.check_calibration_flags, common.refuse_segmentation("export.openvino")]
+    return common.run_exporter(export, FLAGS.output, checks=checks)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ import json
 import numpy as np
 
 
-def predict_request(model_name, signature_name, images, version=None):
-    """A tensorflow_serving PredictRequest for `images` (uint8/float32 array or list of bytes)."""
+def predict_request(model_name, signature_name, images, version=None, output_filter=()):
+    """A tensorflow_serving PredictRequest for `images` (uint8/float32 array or list of bytes).
+
+    `output_filter`: the outputs to return (default all), e.g. ["classes"] so that a
+    segmentation server does not send the per-pixel logits back.
+    """
     from tensorflow_serving.apis import predict_pb2
 
     request = predict_pb2.PredictRequest()
@@ -19,6 +23,7 @@ def predict_request(model_name, signature_name, images, version=None):
     request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = int(version)
+    request.output_filter.extend(output_filter)
     request.inputs["images"].CopyFrom(_tensor_proto(signature_name, images))
     return request
 

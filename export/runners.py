@@ -4,6 +4,10 @@ The exporters' checks, `export.fast_predictor` and `python -m bench` all build t
 onnxruntime sessions, OpenVINO requests and TFLite interpreters here, so the benchmark
 measures exactly what users get. Each opener returns a function from a float32 batch (in
 the file's own layout) to float32 logits; the file is opened once, not per call.
+
+`output` names the output to return ("logits" by default; a segmentation file also has
+"classes"), or a tuple of names for a tuple of arrays. A file without an output of that
+name (one exported under another name) returns its first output for "logits".
 """
 
 import os
@@ -37,7 +41,23 @@ def _checked(x, expected, runtime):
     )
 
 
-def onnxruntime(path, threads=None):
+def _pick(names, output):
+    """Positions in `names` of the output(s) asked for (see the module docstring)."""
+    wanted = (output,) if isinstance(output, str) else tuple(output)
+    missing = [name for name in wanted if name not in names and name != "logits"]
+    if missing:
+        raise ValueError(f"The model has no output {missing[0]!r}; its outputs: {list(names)}.")
+    return [names.index(name) if name in names else 0 for name in wanted]
+
+
+def _returning(output, run):
+    """`run` (a batch -> list of arrays) returning one array, or a tuple for a tuple `output`."""
+    if isinstance(output, str):
+        return lambda x: run(x)[0]
+    return lambda x: tuple(run(x))
+
+
+def onnxruntime(path, threads=None, output="logits"):
     """onnxruntime CPU session: all graph optimisations, `threads` intra-op (None: all cores)."""
     import onnxruntime as ort
 
@@ -48,12 +68,14 @@ def onnxruntime(path, threads=None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     model_input = session.get_inputs()[0]
-    output_name = session.get_outputs()[0].name
+    names = [o.name for o in session.get_outputs()]
+    output_names = [names[i] for i in _pick(names, output)]
     # Dynamic axes are None or a name ("N", "unk__12"); fixed ones are ints.
     expected = [size if isinstance(size, int) and size > 0 else None for size in model_input.shape]
-    return lambda x: session.run([output_name], {model_input.name: _checked(x, expected, "ONNX")})[
-        0
-    ]
+    return _returning(
+        output,
+        lambda x: session.run(output_names, {model_input.name: _checked(x, expected, "ONNX")}),
+    )
 
 
 def openvino(path, precision="fp32", threads=None):
@@ -70,7 +92,16 @@ def openvino(path, precision="fp32", threads=None):
     return lambda x: np.array(run(x)[0])
 
 
-def tflite(path_or_bytes, threads=None):
+def _tflite_output_names(interpreter):
+    """Output names by tensor index, from the file's signature (a converted SavedModel's)."""
+    names = {}
+    for key in interpreter.get_signature_list():
+        for name, detail in interpreter.get_signature_runner(key).get_output_details().items():
+            names.setdefault(detail["index"], name)
+    return names
+
+
+def tflite(path_or_bytes, threads=None, output="logits"):
     """ai_edge_litert interpreter (XNNPACK by default); resized when the batch shape changes."""
     from ai_edge_litert.interpreter import Interpreter
 
@@ -79,7 +110,10 @@ def tflite(path_or_bytes, threads=None):
     else:
         interpreter = Interpreter(model_path=path_or_bytes, num_threads=threads)
     (input_detail,) = interpreter.get_input_details()
-    output_index = interpreter.get_output_details()[0]["index"]
+    indices = [detail["index"] for detail in interpreter.get_output_details()]
+    named = _tflite_output_names(interpreter)
+    names = [named.get(index, str(index)) for index in indices]
+    output_indices = [indices[i] for i in _pick(names, output)]
     allocated = [None]
     signature = input_detail.get("shape_signature")
     signature = input_detail["shape"] if signature is None or len(signature) == 0 else signature
@@ -94,9 +128,9 @@ def tflite(path_or_bytes, threads=None):
             allocated[0] = x.shape
         interpreter.set_tensor(input_detail["index"], x)
         interpreter.invoke()
-        return interpreter.get_tensor(output_index)
+        return [interpreter.get_tensor(index) for index in output_indices]
 
-    return run
+    return _returning(output, run)
 
 
 def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):

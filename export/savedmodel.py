@@ -8,6 +8,9 @@ Writes <export_dir>/<version>/ with signatures
   serving_bytes:   string `images` [N] (encoded JPEG/PNG, decoded, resized, normalised inside)
 and assets.extra/tf_serving_warmup_requests. The export is loaded back and verified
 before it is moved into place.
+
+A segmentation model (--task segmentation, a PSPNet) gets the same signatures with outputs
+`logits` [N, H, W, classes] float32 and `classes` [N, H, W] int32 (the per-pixel argmax).
 """
 
 import os
@@ -84,7 +87,11 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     `_checked`): a request of the wrong rank, size or channel count, float NaN/Inf, or a
     string that is not an image, fails with InvalidArgument naming what was expected and
     received, and the server stays up. Any batch size is accepted; an empty batch gives
-    empty [0, classes] outputs.
+    empty [0, ...] outputs.
+
+    Outputs: `logits` and `probabilities` for a classifier; for a segmentation model
+    (per-pixel logits, `common.is_segmentation`) `logits` [N, H, W, classes] and `classes`
+    [N, H, W] int32, the argmax computed in the graph so clients need not fetch the logits.
     """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -93,6 +100,7 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
 
     _, height, width, channels = model.input_shape
     image_shape = (None, height, width, channels)
+    segmentation = common.is_segmentation(model)
     call = tf.function(lambda x: model(x, training=False))
     frozen = convert_variables_to_constants_v2(
         call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
@@ -107,6 +115,8 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
             lambda: tf.zeros((1, height, width, channels), model_input.dtype),
         )
         logits = tf.nest.flatten(frozen(batch))[0][:count]
+        if segmentation:
+            return {"logits": logits, "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
         return {"logits": logits, "probabilities": tf.nn.softmax(logits, axis=-1)}
 
     def from_pixels(pixels):
@@ -212,16 +222,23 @@ def export_savedmodel(
         )
         expected = np.asarray(reference(model_input, training=False))
         size = verify.directory_size_mb(staged)
-        got = loaded.signatures["serving_default"](images=tf.constant(model_input))["logits"]
-        report = verify.check(
-            verify.compare("SavedModel serving_default", precision, got, expected, size)
-        )
-        got = loaded.signatures["serving_uint8"](images=tf.constant(verify_pixels))["logits"]
-        verify.check(verify.compare("SavedModel serving_uint8", precision, got, expected, size))
         encoded = tf.stack([tf.io.encode_png(p) for p in verify_pixels])
-        got = loaded.signatures["serving_bytes"](images=encoded)["logits"]
-        verify.check(verify.compare("SavedModel serving_bytes", precision, got, expected, size))
-    return report
+        feeds = {
+            "serving_default": tf.constant(model_input),
+            "serving_uint8": tf.constant(verify_pixels),
+            "serving_bytes": encoded,
+        }
+        reports = []
+        for signature, feed in feeds.items():
+            artifact = f"SavedModel {signature}"
+            got = loaded.signatures[signature](images=feed)
+            reports.append(
+                verify.check(verify.compare(artifact, precision, got["logits"], expected, size))
+            )
+            if "classes" in got:
+                verify.check_classes(artifact, got["classes"], got["logits"])
+        verify.print_verdict(reports)
+    return reports[0]
 
 
 PRECISIONS = {
@@ -246,8 +263,10 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
     expected = np.asarray(reference(model_input, training=False))
     got = np.asarray(rk.to_deploy(deploy_fp32, dtype="bfloat16")(model_input, training=False))
     report = verify.compare("bf16", "bf16", got, expected)
+    per_pixel = f" x {report.pixels} pixels" if report.pixels > 1 else ""
     agreed = (
-        f"top-1 agreement {report.top1_agreement:.2%} on {len(model_input)} verification images"
+        f"top-1 agreement {report.top1_agreement:.2%} on {len(model_input)} verification "
+        f"images{per_pixel}"
     )
     if report.ok and report.top1_agreement >= AUTO_MIN_AGREEMENT:
         return "bf16", f"auto: this CPU has {isa} and bf16 keeps fp32's top-1 ({agreed})"

@@ -11,6 +11,10 @@ Converts through a SavedModel (`TFLiteConverter.from_saved_model`; converting co
 functions drops Keras 3 weights), then runs the file in `ai_edge_litert`'s interpreter on
 the verification images and compares with the Keras model. Inputs and outputs stay float32
 in every mode (int8 quantizes the ops and weights inside).
+
+A segmentation model (--task segmentation, a PSPNet) gets two outputs: `logits`
+[N, H, W, classes] float32 and `classes` [N, H, W] int32 (the per-pixel argmax), in float32
+or float16 (--quantize none or float16; the int8 modes are for classifiers).
 """
 
 import os
@@ -25,6 +29,7 @@ from export import common, verify
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
+SEGMENTATION_QUANTIZATIONS = ("none", "float16")
 PRECISION = {
     "none": "fp32",
     "float16": "fp16",
@@ -48,11 +53,17 @@ def convert(model, quantize="none", calibration=None):
         )
     if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
         raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
+    segmentation = common.is_segmentation(model)
+    if segmentation and quantize not in SEGMENTATION_QUANTIZATIONS:
+        raise ValueError(_segmentation_quantize_error(quantize))
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         # Keras's own exporter: a SavedModel from tf.saved_model.save(tf.Module) converts
         # to a weightless (NaN) flatbuffer here, as from_concrete_functions does.
-        model.export(saved, format="tf_saved_model", verbose=False)
+        if segmentation:
+            _export_segmentation(model, saved)
+        else:
+            model.export(saved, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             saved, signature_keys=["serving_default"]
         )
@@ -82,6 +93,30 @@ def convert(model, quantize="none", calibration=None):
         return converter.convert()
 
 
+def _segmentation_quantize_error(quantize):
+    return (
+        f"--quantize {quantize} is not supported for --task segmentation: use "
+        f"{' or '.join(SEGMENTATION_QUANTIZATIONS)}."
+    )
+
+
+def _export_segmentation(model, path):
+    """Keras's SavedModel exporter with outputs `logits` and `classes` (their argmax)."""
+    import keras
+    import tensorflow as tf
+
+    spec = tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32, name="images")
+
+    def serve(images):
+        logits = model(images, training=False)
+        return {"logits": logits, "classes": tf.argmax(logits, axis=-1, output_type=tf.int32)}
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", serve, input_signature=[spec])
+    archive.write_out(path, verbose=False)
+
+
 def run(path_or_bytes, inputs):
     """Logits of a .tflite model on a batch (ai_edge_litert, XNNPACK)."""
     from export import runners
@@ -107,15 +142,21 @@ def export_tflite(
         with open(staged, "wb") as f:
             f.write(flatbuffer)
         expected = np.asarray(reference(verify_inputs, training=False))
+        artifact = f"TFLite {os.path.basename(output)}"
+        classes = None
+        if common.is_segmentation(model):
+            from export import runners
+
+            logits, classes = runners.tflite(staged, output=("logits", "classes"))(verify_inputs)
+        else:
+            logits = run(staged, verify_inputs)
         report = verify.compare(
-            f"TFLite {os.path.basename(output)}",
-            PRECISION[quantize],
-            run(staged, verify_inputs),
-            expected,
-            len(flatbuffer) / 2**20,
-            tolerance,
+            artifact, PRECISION[quantize], logits, expected, len(flatbuffer) / 2**20, tolerance
         )
         verify.check(report)
+        if classes is not None:
+            verify.check_classes(artifact, classes, logits)
+            verify.print_verdict([report])
     return report
 
 
@@ -136,7 +177,12 @@ def main(argv):
         )
         return FLAGS.output
 
-    return common.run_exporter(export, FLAGS.output, checks=[common.check_calibration_flags])
+    def check_task():
+        if FLAGS.task == "segmentation" and FLAGS.quantize not in SEGMENTATION_QUANTIZATIONS:
+            raise ValueError(_segmentation_quantize_error(FLAGS.quantize))
+
+    checks = [common.check_calibration_flags, check_task]
+    return common.run_exporter(export, FLAGS.output, checks=checks)
 
 
 if __name__ == "__main__":

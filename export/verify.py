@@ -20,6 +20,8 @@ class Report:
     top1_agreement: float
     tolerance: float
     size_mb: float = float("nan")
+    images: int = 0
+    pixels: int = 1  # positions per image with their own logits: H*W for segmentation
 
     @property
     def ok(self):
@@ -33,8 +35,19 @@ class Report:
             f"size={self.size_mb:.2f}MB {status}"
         )
 
+    def summary(self):
+        """The one-line verdict: per-pixel for segmentation, per-image for classification."""
+        where = f"{self.images} images" + (f" x {self.pixels} pixels" if self.pixels > 1 else "")
+        per = "per-pixel top-1" if self.pixels > 1 else "top-1"
+        return (
+            f"verified: max relative difference {self.max_rel:.1e} (tolerance "
+            f"{self.tolerance:.0e}), {per} agreement {self.top1_agreement:.2%} on {where}"
+        )
+
 
 def compare(artifact, precision, actual, reference, size_mb=float("nan"), tolerance=None):
+    """Report on `actual` vs `reference` logits, [N, classes] or per pixel [N, H, W, classes]:
+    the top-1 agreement is over every image (classification) or every pixel (segmentation)."""
     actual = np.asarray(actual, np.float64)
     reference = np.asarray(reference, np.float64)
     if actual.shape != reference.shape:
@@ -45,7 +58,9 @@ def compare(artifact, precision, actual, reference, size_mb=float("nan"), tolera
     scale = float(np.max(np.abs(reference))) or 1.0
     top1 = float(np.mean(actual.argmax(-1) == reference.argmax(-1)))
     tol = TOLERANCES[precision] if tolerance is None else tolerance
-    return Report(artifact, precision, max_abs, max_abs / scale, top1, tol, size_mb)
+    images = reference.shape[0] if reference.ndim else 0
+    pixels = int(np.prod(reference.shape[1:-1])) if reference.ndim > 2 else 1
+    return Report(artifact, precision, max_abs, max_abs / scale, top1, tol, size_mb, images, pixels)
 
 
 class VerificationError(RuntimeError):
@@ -70,6 +85,32 @@ def check(report):
             f"beyond the {report.precision} tolerance {report.tolerance:.0e}; nothing was written."
         )
     return report
+
+
+def print_verdict(reports):
+    """After a segmentation export passed: the `verified:` line of its worst check (its per-pixel
+    agreement is what a table row's top1 means there)."""
+    worst = max(reports, key=lambda report: report.max_rel)
+    if worst.pixels > 1:
+        print(worst.summary(), flush=True)
+
+
+def check_classes(artifact, classes, logits):
+    """Raise VerificationError unless `classes` (an artifact's class-index output) is the argmax
+    of the same artifact's `logits`: the two outputs a segmentation export ships must agree."""
+    classes = np.asarray(classes)
+    expected = np.asarray(logits).argmax(-1)
+    if classes.shape != expected.shape or not np.issubdtype(classes.dtype, np.integer):
+        raise VerificationError(
+            f"{artifact}: classes output {classes.dtype} {list(classes.shape)} is not the argmax "
+            f"of its logits ({list(expected.shape)} integers); nothing was written."
+        )
+    wrong = int(np.sum(classes != expected))
+    if wrong:
+        raise VerificationError(
+            f"{artifact}: classes output differs from the argmax of its logits on {wrong} of "
+            f"{expected.size} pixels; nothing was written."
+        )
 
 
 def directory_size_mb(path):

@@ -8,7 +8,13 @@ import pytest  # noqa: E402
 # The `slow` tier: `make test-fast` leaves it out, `make test` (CI) runs everything. Whole modules
 # that convert, export, serve or train end to end, and single tests that run a subprocess, torch,
 # JAX, every variant or a full 224px model.
-SLOW_MODULES = {"test_export.py", "test_train.py", "test_jax_backend.py", "test_serving_inputs.py"}
+SLOW_MODULES = {
+    "test_export.py",
+    "test_export_segmentation.py",
+    "test_train.py",
+    "test_jax_backend.py",
+    "test_serving_inputs.py",
+}
 SLOW_TESTS = {
     "test_bench.py": (
         "test_quick_",
