@@ -80,6 +80,12 @@ flags.DEFINE_integer(
 flags.DEFINE_integer("batch_size", None, "Global batch size (override); the lr scales with it.")
 flags.DEFINE_float("base_lr", None, "Learning rate at batch 256 (override).")
 flags.DEFINE_float("weight_decay", None, "Override.")
+flags.DEFINE_enum(
+    "optimizer",
+    None,
+    ["sgd", "adamw"],
+    "Override the recipe's optimizer (SGD with momentum); adamw wants a --base_lr near 0.008.",
+)
 flags.DEFINE_float("warmup_epochs", None, "Override.")
 flags.DEFINE_float("label_smoothing", None, "Override.")
 flags.DEFINE_float("mixup", None, "Override (Beta alpha; 0 disables).")
@@ -308,6 +314,8 @@ def run_config(spec, image_size, recipe):
         "eval_crop",
     ):
         config[field] = getattr(recipe, field)
+    if recipe.optimizer != "sgd":  # recorded when it differs, so earlier SGD runs still resume
+        config["optimizer"] = recipe.optimizer
     if FLAGS.task == "segmentation":
         config.update(segmentation_options(), task="segmentation")
     return json.loads(json.dumps(config))  # as it reads back from the file
@@ -489,6 +497,7 @@ def train():
         batch_size=FLAGS.batch_size,
         base_lr=FLAGS.base_lr,
         weight_decay=FLAGS.weight_decay,
+        optimizer=FLAGS.optimizer,
         warmup_epochs=FLAGS.warmup_epochs,
         label_smoothing=FLAGS.label_smoothing,
         mixup=FLAGS.mixup,
@@ -588,7 +597,8 @@ def train():
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
         f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
         f"({augmentation}): "
-        f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, peak lr {peak_lr:g}",
+        f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, "
+        f"{recipe.optimizer} peak lr {peak_lr:g}",
         flush=True,
     )
 
