@@ -111,6 +111,29 @@ def _shape_text(shape):
     )
 
 
+def _in_float32(model):
+    """`model` with every layer computing in float32 (same weights): a model saved while a
+    mixed_bfloat16/mixed_float16 policy was set keeps that policy per layer, and converters
+    then emit low-precision convolutions (ONNX has no bfloat16 Conv)."""
+    mixed = [
+        l
+        for l in model._flatten_layers()
+        if getattr(l, "dtype_policy", None) is not None
+        and l.dtype_policy.compute_dtype != "float32"
+    ]
+    if not mixed:
+        return model
+
+    def clone(layer):
+        if isinstance(layer, keras.Model):
+            return keras.models.clone_model(layer, clone_function=clone)
+        return layer.__class__.from_config({**layer.get_config(), "dtype": "float32"})
+
+    twin = keras.models.clone_model(model, clone_function=clone)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def load_segmentation_model(name, weights=None, image_size=None, classes=None, channels=3):
     """A PSPNet to export: the `.keras` file `weights` (training or deploy form, its auxiliary
     head dropped), checked against the other arguments (None: take the file's), or without
@@ -135,6 +158,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
             f"{_shape_text(model.outputs[0].shape)}, not per-pixel logits [N, H, W, classes]. "
             "Drop --task segmentation to export a classifier."
         )
+    model = _in_float32(model)  # trained under a mixed policy: the exporters want float32 layers
     if len(model.outputs) > 1:  # trained with aux_head: serve the main head only
         try:
             model = pspnet.inference_model(model)
@@ -282,6 +306,16 @@ def run_exporter(export, output=None, checks=()):
         where = f"writing {output}" if output is not None else "exporting"
         print(
             f"error: {error.strerror or error} while {where}; nothing was written.", file=sys.stderr
+        )
+        return 1
+    except Exception as error:  # a converter or runtime failing on this model: still one line
+        if os.environ.get("REPVGG_TRACEBACK"):
+            raise
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        print(
+            f"error: the export failed ({type(error).__name__}: {first_line}); nothing was "
+            "written. Set REPVGG_TRACEBACK=1 to see where.",
+            file=sys.stderr,
         )
         return 1
     print(f"exported {output}")

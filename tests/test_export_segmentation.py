@@ -253,3 +253,21 @@ def test_png_writer_round_trips():
 
     rgb = np.random.default_rng(0).integers(0, 256, (5, 7, 3), dtype=np.uint8)
     np.testing.assert_array_equal(tf.io.decode_png(client.png_bytes(rgb)).numpy(), rgb)
+
+
+def test_a_model_saved_under_a_mixed_policy_exports_in_float32(tmp_path):
+    import keras
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        trained = rk.PSPNet("RepVGG_A0", classes=3, input_shape=(32, 32, 3), head_channels=8)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    path = str(tmp_path / "mixed.keras")
+    rk.to_deploy(trained).save(path)
+    model = common.load_segmentation_model("RepVGG_A0", path)
+    policies = {l.dtype_policy.name for l in model._flatten_layers() if hasattr(l, "dtype_policy")}
+    assert policies == {"float32"}
+    x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")
+    reference = np.asarray(keras.models.load_model(path)(x), np.float32)
+    assert max_relative_difference(np.asarray(model(x)), reference) < 3e-2  # bf16 vs fp32
