@@ -535,40 +535,36 @@ def train():
     strategy = make_strategy(FLAGS.tpu)
 
     segmentation = FLAGS.task == "segmentation"
-    if segmentation:
-        from train import segmentation_task as seg
-
-        train_ds, eval_ds, info = seg.load_data(
-            FLAGS.dataset,
-            image_size=image_size,
-            batch_size=recipe.batch_size,
-            data_dir=FLAGS.data_dir,
-            download=FLAGS.download,
-            train_take=FLAGS.train_take,
-            eval_take=FLAGS.eval_take,
-            seed=FLAGS.seed,
-            augment=FLAGS.scale_augment,
-        )
-    else:
-        train_ds, eval_ds, info = data.load(
-            FLAGS.dataset,
-            image_size=image_size,
-            batch_size=recipe.batch_size,
-            data_dir=FLAGS.data_dir,
-            download=FLAGS.download,
-            min_area=recipe.min_area,
-            mixup=recipe.mixup,
-            augment=recipe.augment,
-            train_take=FLAGS.train_take,
-            eval_take=FLAGS.eval_take,
-            seed=FLAGS.seed,
-            eval_crop=recipe.eval_crop,
-        )
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
     if segmentation and multi_worker:
         raise UsageError(
             "--task segmentation trains on one machine (one or more GPUs) but not with TF_CONFIG "
             "(several workers): unset TF_CONFIG."
+        )
+    common = dict(
+        image_size=image_size,
+        batch_size=recipe.batch_size,
+        data_dir=FLAGS.data_dir,
+        download=FLAGS.download,
+        train_take=FLAGS.train_take,
+        eval_take=FLAGS.eval_take,
+        seed=FLAGS.seed,
+    )
+    if segmentation:
+        from train import segmentation_data
+        from train import segmentation_task as seg
+
+        train_ds, eval_ds, info = segmentation_data.load(
+            FLAGS.dataset, augment=FLAGS.scale_augment, **common
+        )
+    else:
+        train_ds, eval_ds, info = data.load(
+            FLAGS.dataset,
+            min_area=recipe.min_area,
+            mixup=recipe.mixup,
+            augment=recipe.augment,
+            eval_crop=recipe.eval_crop,
+            **common,
         )
     segmentation_eval_ds = eval_ds
     if segmentation and FLAGS.aux_weight > 0:

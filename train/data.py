@@ -330,6 +330,19 @@ def _mixup(images, labels, alpha):
     )
 
 
+def read_splits(read, info, train_take=None, eval_take=None):
+    """(train, eval) datasets from `read(split)`, cut to the first N examples where asked;
+    `info`'s example counts follow the cut."""
+    train_raw, eval_raw = read("train"), read(info.eval_split)
+    if train_take:
+        train_raw = train_raw.take(train_take)
+        info.train_examples = min(info.train_examples, train_take)
+    if eval_take:
+        eval_raw = eval_raw.take(eval_take)
+        info.eval_examples = min(info.eval_examples, eval_take)
+    return train_raw, eval_raw
+
+
 def load(
     name,
     *,
@@ -367,13 +380,7 @@ def load(
         read = lambda split: builder.as_dataset(
             split=split, as_supervised=True, shuffle_files=split == "train"
         )
-    train_raw, eval_raw = read("train"), read(info.eval_split)
-    if train_take:
-        train_raw = train_raw.take(train_take)
-        info.train_examples = min(info.train_examples, train_take)
-    if eval_take:
-        eval_raw = eval_raw.take(eval_take)
-        info.eval_examples = min(info.eval_examples, eval_take)
+    train_raw, eval_raw = read_splits(read, info, train_take, eval_take)
     # Large datasets (ImageNet) do not fit in memory: cache only small ones.
     cache = info.train_examples * image_size * image_size * 3 < 4e9
     kwargs = dict(

@@ -399,13 +399,7 @@ def load(
             builder = _tfds_builder(name, data_dir, download)
         info = _tfds_info(name, builder, eval_split, num_classes)
         read = lambda split: _tfds_pairs(builder, split, shuffle=split == "train")
-    train_raw, eval_raw = read("train"), read(info.eval_split)
-    if train_take:
-        train_raw = train_raw.take(train_take)
-        info.train_examples = min(info.train_examples, train_take)
-    if eval_take:
-        eval_raw = eval_raw.take(eval_take)
-        info.eval_examples = min(info.eval_examples, eval_take)
+    train_raw, eval_raw = data.read_splits(read, info, train_take, eval_take)
     # Decoded examples are cached; large datasets (their source size unknown here) are not.
     cache = info.train_examples * image_size * image_size * 4 < 4e9
     kwargs = dict(image_size=image_size, batch_size=batch_size, cache=cache)

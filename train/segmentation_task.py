@@ -18,10 +18,6 @@ PREDICTIONS_PNG = "predictions.png"
 FIGURE_EXAMPLES = 6
 
 
-def load_data(name, **kwargs):
-    return segmentation_data.load(name, **kwargs)
-
-
 def with_aux_targets(dataset):
     """(images, masks) -> (images, (masks, masks)): the main and auxiliary outputs share labels."""
     return dataset.map(lambda images, masks: (images, (masks, masks)))
