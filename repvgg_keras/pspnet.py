@@ -23,40 +23,66 @@ from repvgg_keras.spatial import AdaptiveAveragePooling2D, ResizeLike
 PPM_BINS = (1, 2, 3, 6)
 FAST_DILATED_BLOCKS = 5  # the paper's "-fast": last four blocks of stage 3 and stage 4's one
 AUX_LOSS_WEIGHT = 0.4
+SKIP_STAGE = 1  # stride 4
+SKIP_CHANNELS = 48
 OUTPUT_NAME = "logits"
 AUX_OUTPUT_NAME = "aux_logits"
 
 
-def _conv_bn_relu(x, filters, kernel_size, name):
+def _conv_bn_relu(x, filters, kernel_size, name, synchronized=False):
     x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, synchronized=synchronized, name=f"{name}_bn"
+    )(x)
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _pyramid_pooling(features, bins):
+def _pyramid_pooling(features, bins, synchronized=False):
     reduced = features.shape[-1] // len(bins)
     branches = [features]
     for b in bins:
         x = AdaptiveAveragePooling2D(b, name=f"ppm{b}_pool")(features)
-        x = _conv_bn_relu(x, reduced, 1, name=f"ppm{b}")
+        x = _conv_bn_relu(x, reduced, 1, name=f"ppm{b}", synchronized=synchronized)
         branches.append(ResizeLike(name=f"ppm{b}_resize")([x, features]))
     return layers.Concatenate(name="ppm_concat")(branches)
 
 
-def _classifier(x, images, channels, classes, dropout, name):
-    """3x3 conv-BN-ReLU, dropout, 1x1 classifier, resized to the input: float32 logits."""
-    x = _conv_bn_relu(x, channels, 3, name=name)
+def _classifier(x, images, channels, classes, dropout, name, low_level=None, synchronized=False):
+    """3x3 conv-BN-ReLU, dropout, 1x1 classifier, resized to the input: float32 logits.
+    With `low_level` features, the head's output is first upsampled to their size, joined with
+    their 1x1 projection and mixed by another 3x3 conv-BN-ReLU (DeepLabv3+'s decoder)."""
+    x = _conv_bn_relu(x, channels, 3, name=name, synchronized=synchronized)
+    if low_level is not None:
+        skip = _conv_bn_relu(
+            low_level, SKIP_CHANNELS, 1, name=f"{name}_skip", synchronized=synchronized
+        )
+        x = ResizeLike(name=f"{name}_upsample")([x, skip])
+        x = layers.Concatenate(name=f"{name}_skip_concat")([x, skip])
+        x = _conv_bn_relu(x, channels, 3, name=f"{name}_refine", synchronized=synchronized)
     x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
     x = layers.Conv2D(classes, 1, name=f"{name}_classifier", dtype="float32")(x)
     output_name = OUTPUT_NAME if name == "head" else AUX_OUTPUT_NAME
     return ResizeLike(name=output_name, dtype="float32")([x, images])
 
 
-def decoder(images, features, classes, bins=PPM_BINS, head_channels=512, dropout=0.1):
+def decoder(
+    images,
+    features,
+    classes,
+    bins=PPM_BINS,
+    head_channels=512,
+    dropout=0.1,
+    low_level=None,
+    synchronized=False,
+):
     """PSPNet's head on any backbone's `features`: pyramid pooling, 3x3 conv-BN-ReLU, dropout,
-    1x1 classifier, upsampled to the size of `images`; returns the "logits" tensor."""
-    pooled = _pyramid_pooling(features, bins)
-    return _classifier(pooled, images, head_channels, classes, dropout, name="head")
+    1x1 classifier, upsampled to the size of `images`; returns the "logits" tensor.
+    `low_level`: finer backbone features to refine the head's output with (see `PSPNet`);
+    `synchronized`: BatchNorm statistics across replicas (as the backbone's `bn_synchronized`)."""
+    pooled = _pyramid_pooling(features, bins, synchronized)
+    return _classifier(
+        pooled, images, head_channels, classes, dropout, "head", low_level, synchronized
+    )
 
 
 def PSPNet(
@@ -71,6 +97,7 @@ def PSPNet(
     aux_head=False,
     aux_channels=256,
     dropout=0.1,
+    low_level_skip=False,
     quant_friendly=False,
     bn_synchronized=False,
     name=None,
@@ -93,7 +120,11 @@ def PSPNet(
             (`[logits, aux_logits]`, both full size), for training with
             `AUX_LOSS_WEIGHT`. `inference_model` returns the model without it.
         dropout: spatial dropout rate before the classifiers.
-        quant_friendly, bn_synchronized: as for `RepVGG`.
+        low_level_skip: refine the head's output with stride-4 backbone features (a
+            DeepLabv3+-style decoder) before classifying; for inputs so small that a
+            stride-8 map cannot draw the objects' outlines. Not part of the paper's PSPNet.
+        quant_friendly, bn_synchronized: as for `RepVGG` (`bn_synchronized` also covers the
+            head's BatchNorm layers).
         name: model name (default `PSPNet_<variant>`, with `_fast` for `fast=True`).
 
     Returns a functional keras.Model with input "images" and output "logits"
@@ -126,9 +157,27 @@ def PSPNet(
 
     images = keras.Input(shape=input_shape, name=models.INPUT_NAME)
     stage_outputs = trunk(images)
-    outputs = decoder(images, stage_outputs[4], classes, bins, head_channels, dropout)
+    low_level = stage_outputs[SKIP_STAGE] if low_level_skip else None
+    outputs = decoder(
+        images,
+        stage_outputs[4],
+        classes,
+        bins,
+        head_channels,
+        dropout,
+        low_level,
+        synchronized=bn_synchronized,
+    )
     if aux_head:
-        aux = _classifier(stage_outputs[3], images, aux_channels, classes, dropout, name="aux")
+        aux = _classifier(
+            stage_outputs[3],
+            images,
+            aux_channels,
+            classes,
+            dropout,
+            "aux",
+            synchronized=bn_synchronized,
+        )
         outputs = [outputs, aux]
     default_name = f"PSPNet_{backbone.name}" + ("_fast" if fast else "")
     return keras.Model(images, outputs, name=name or default_name)

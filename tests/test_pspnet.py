@@ -121,3 +121,27 @@ def test_every_backbone_fuses_exactly(variant, rng):
     x = images(rng, (2, 56, 40, 3))
     reference = np.asarray(inference(x, training=False))
     assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
+
+
+def test_low_level_skip_refines_at_stride_4_and_fuses_exactly(rng):
+    model = pspnet.PSPNet(
+        "RepVGG_A0", classes=5, input_shape=(72, 56, 3), head_channels=16, low_level_skip=True
+    )
+    assert model.get_layer("head_upsample").output.shape[1:3] == (18, 14)  # stride 4
+    assert model.get_layer("head_refine_conv").output.shape[1:] == (18, 14, 16)
+    assert model.output_shape == (None, 72, 56, 5)
+    plain_head = pspnet.PSPNet("RepVGG_A0", classes=5, input_shape=(72, 56, 3), head_channels=16)
+    assert model.count_params() > plain_head.count_params()
+    parity.randomize_batchnorm(model, seed=5)
+    x = images(rng, (2, 72, 56, 3))
+    reference = np.asarray(model(x, training=False))
+    assert parity.max_relative_difference(np.asarray(rk.to_deploy(model)(x)), reference) < 1e-5
+
+
+def test_bn_synchronized_covers_the_head():
+    model = pspnet.PSPNet(
+        "RepVGG_A0", classes=3, input_shape=(64, 64, 3), aux_head=True, bn_synchronized=True
+    )
+    head_norms = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert {l.name for l in head_norms} >= {"head_bn", "aux_bn", "ppm6_bn"}
+    assert all(l.synchronized for l in head_norms)

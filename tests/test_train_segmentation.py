@@ -1,15 +1,18 @@
 """`python -m train --task segmentation`: a short run on fashion_mnist_scenes ends with both forms'
 mIoU equal, writes its models and predictions.png, reports a finished run, and refuses flags that
-only classification uses."""
+only classification uses; two workers (TF_CONFIG) train one model."""
 
 import json
 import os
 import re
+import subprocess
+import sys
 
 import keras
 import numpy as np
 
-from tests.test_train_inputs import _one_error_line, _train
+from tests.test_train import _free_ports
+from tests.test_train_inputs import REPO, TINY, _env, _one_error_line, _train
 
 SEGMENTATION = [
     "--task",
@@ -50,6 +53,68 @@ def test_short_run_both_forms_agree_and_a_rerun_reports_it(tmp_path):
     again = _train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION)
     assert again.returncode == 0 and "holds a finished run" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == last
+
+
+def test_single_head_run_with_the_low_level_skip(tmp_path):
+    result = _train(
+        tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--aux_weight", "0", "--low_level_skip"
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert LAST_LINE.match(result.stdout.strip().splitlines()[-1])
+    assert "low-level skip" in result.stdout
+    with open(tmp_path / "run_config.json") as f:
+        assert json.load(f)["flags"]["low_level_skip"] is True
+    assert "miou" in open(tmp_path / "training_log.csv").readline().split(",")
+    deploy = keras.models.load_model(tmp_path / "model_deploy.keras")
+    assert deploy.get_layer("head_refine_conv") and len(deploy.outputs) == 1
+
+
+def _two_workers(model_dir, *extra):
+    """Run the trainer as workers 0 and 1 of a cluster on loopback ports; returns their outputs."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    command = [sys.executable, "-m", "train", "--dataset", "fashion_mnist_scenes"]
+    command += ["--model_dir", str(model_dir), *TINY, *extra]
+    workers = [
+        subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=dict(
+                _env(),
+                TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [worker.communicate(timeout=900)[0] for worker in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    return outputs
+
+
+def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
+    outputs = _two_workers(tmp_path, *SEGMENTATION)
+    assert all("2 replica(s)" in out for out in outputs)
+    last_lines = [out.strip().splitlines()[-1] for out in outputs]
+    assert last_lines[0] == last_lines[1]  # the workers split the evaluation and share its counts
+    match = LAST_LINE.match(last_lines[0])
+    assert match, last_lines[0]
+    training_form, deploy_form = (float(v) for v in match.groups())
+    assert 0.0 < training_form <= 1.0 and abs(training_form - deploy_form) <= 0.01
+    digests = [re.search(r"weights digest: (\S+)", out).group(1) for out in outputs]
+    assert digests[0] == digests[1]
+
+    header = open(tmp_path / "training_log.csv").readline()
+    assert "logits_miou" in header and "val_logits_miou" in header
+    for name in ("model_train.keras", "model_deploy.keras", "predictions.png"):
+        assert os.path.exists(tmp_path / name) and os.path.exists(tmp_path / "worker_1" / name)
+    with open(tmp_path / "run_config.json") as f:
+        assert json.load(f)["miou"] == last_lines[0]
+    chief = keras.saving.load_model(tmp_path / "model_train.keras")
+    other = keras.saving.load_model(tmp_path / "worker_1" / "model_train.keras")
+    for a, b in zip(chief.weights, other.weights):  # the head's own BatchNorm statistics too
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
 def test_classification_flags_are_refused_with_segmentation(tmp_path):

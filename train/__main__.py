@@ -159,6 +159,11 @@ flags.DEFINE_bool(
     "fast", False, "Segmentation: the paper's -fast backbone (dilation in the last 5 blocks only)."
 )
 flags.DEFINE_integer("head_channels", 512, "Segmentation: width of the PSPNet head's 3x3 conv.")
+flags.DEFINE_bool(
+    "low_level_skip",
+    False,
+    "Segmentation: refine the PSPNet head with stride-4 backbone features (for small images).",
+)
 flags.DEFINE_float(
     "aux_weight", 0.4, "Segmentation: weight of the auxiliary (stage 3) loss; 0 drops that head."
 )
@@ -326,6 +331,7 @@ def segmentation_options():
         "output_stride": FLAGS.output_stride,
         "fast": FLAGS.fast,
         "head_channels": FLAGS.head_channels,
+        "low_level_skip": FLAGS.low_level_skip,
         "aux_weight": FLAGS.aux_weight,
         "scale_augment": FLAGS.scale_augment,
     }
@@ -536,11 +542,6 @@ def train():
 
     segmentation = FLAGS.task == "segmentation"
     multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-    if segmentation and multi_worker:
-        raise UsageError(
-            "--task segmentation trains on one machine (one or more GPUs) but not with TF_CONFIG "
-            "(several workers): unset TF_CONFIG."
-        )
     common = dict(
         image_size=image_size,
         batch_size=recipe.batch_size,
@@ -578,7 +579,8 @@ def train():
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
     what = (
-        f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}{', fast' if FLAGS.fast else ''})"
+        f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}"
+        f"{', fast' if FLAGS.fast else ''}{', low-level skip' if FLAGS.low_level_skip else ''})"
         if segmentation
         else spec.name
     )
@@ -660,7 +662,6 @@ def train():
             strategy=strategy,
             epochs=recipe.epochs,
             steps_per_epoch=steps_per_epoch,
-            global_batch=recipe.batch_size,
             validation_data=eval_ds,
             callbacks=callbacks,
             verbose=FLAGS.verbose,
@@ -682,6 +683,8 @@ def train():
         )
     if segmentation:
         result, gap = seg.finish(model, model_dir, segmentation_eval_ds, info, strategy)
+        if multi_worker:
+            print(f"weights digest: {distributed.weights_digest(model):.10e}")
         _write_json(
             os.path.join(model_dir, RUN_CONFIG),
             {"flags": run_config(spec, image_size, recipe), "finished": True, "miou": result},

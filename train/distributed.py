@@ -1,15 +1,26 @@
 """A training loop for MultiWorkerMirroredStrategy, where Keras 3's `fit` does not work.
 
 Keras 3.15's `Model.fit` fails under MultiWorkerMirroredStrategy ("Attempt to convert a
-value (PerReplica...)", keras-team/keras#20585). This loop runs the same model, optimizer,
-loss and callbacks with `strategy.run`: gradients are all-reduced by the Keras optimizer,
-BatchNorm statistics by `synchronized=True` layers, and the callbacks (checkpoints,
-CSV, TensorBoard, progress bar) get the usual calls and logs.
+value (PerReplica...)", keras-team/keras#20585). This loop runs the model's own `train_step`
+and `test_step` with `strategy.run`, so any compiled model trains as under `fit`: the
+classifier (label-smoothed cross-entropy, accuracy) and the PSPNet (two weighted outputs,
+mean IoU). Keras divides each replica's compiled loss and regularization losses (the
+custom L2) by the replica count (`scale_loss_for_distribution`), the optimizer sums the
+gradients across replicas, so a step equals one on the global batch (a loss that ignores
+some pixels averages each replica's mean over its counted pixels, as `fit` does). BatchNorm
+statistics are all-reduced by `synchronized=True` layers; the other BatchNormalization
+layers' moving statistics are averaged across replicas each epoch. The compiled metrics are
+summed across replicas when read, and the callbacks (checkpoints, CSV, TensorBoard, progress
+bar) get the logs `fit` writes: `loss`, each compiled metric and their `val_` twins.
 """
 
 import keras
 import numpy as np
 import tensorflow as tf
+
+
+def is_multi_worker(strategy):
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
 def fit(
@@ -19,53 +30,15 @@ def fit(
     strategy,
     epochs,
     steps_per_epoch,
-    global_batch,
     validation_data=None,
     callbacks=(),
     verbose=1,
 ):
-    loss_fn = model.loss
-    per_example_loss = keras.losses.CategoricalCrossentropy(
-        from_logits=True, label_smoothing=getattr(loss_fn, "label_smoothing", 0.0), reduction="none"
-    )
-    train_iter = iter(strategy.experimental_distribute_dataset(train_ds))
-
-    @tf.function
-    def train_step(iterator):
-        def replica_step(images, labels):
-            with tf.GradientTape() as tape:
-                logits = model(images, training=True)
-                loss = tf.nn.compute_average_loss(
-                    per_example_loss(labels, logits), global_batch_size=global_batch
-                )
-                if model.losses:  # e.g. the custom L2 (--custom_l2), once per replica: scale it
-                    loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-            grads = tape.gradient(loss, model.trainable_variables)
-            model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            correct = tf.reduce_sum(
-                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
-            )
-            return loss, correct
-
-        loss, correct = strategy.run(replica_step, args=next(iterator))
-        return (
-            strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
-            strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
-        )
-
-    @tf.function
-    def eval_step(images, labels):
-        def replica_step(images, labels):
-            logits = model(images, training=False)
-            loss = tf.reduce_sum(per_example_loss(labels, logits))
-            correct = tf.reduce_sum(
-                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
-            )
-            return loss, correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-        out = strategy.run(replica_step, args=(images, labels))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in out]
-
+    """`model.fit(train_ds, ...)` for a compiled model under `strategy`; returns the History."""
+    build_like_fit(model, train_ds, strategy)
+    train_step = distributed_step(model.train_step, strategy)
+    test_step = distributed_step(model.test_step, strategy)
+    read_logs = tf.function(model.get_metrics_result)  # cross-replica: sums every replica
     callback_list = keras.callbacks.CallbackList(
         list(callbacks),
         add_history=True,
@@ -75,27 +48,18 @@ def fit(
         epochs=epochs,
         steps=steps_per_epoch,
     )
+    train_batches = iter(strategy.experimental_distribute_dataset(train_ds))
     model.stop_training = False
     callback_list.on_train_begin()
-    initial_epoch = getattr(model, "_initial_epoch", 0) or 0
-    for epoch in range(initial_epoch, epochs):
-        callback_list.on_epoch_begin(epoch)
-        total_loss = total_correct = 0.0
-        for step in range(steps_per_epoch):
-            callback_list.on_train_batch_begin(step)
-            loss, correct = train_step(train_iter)
-            total_loss += float(loss)
-            total_correct += float(correct)
-            logs = {
-                "loss": total_loss / (step + 1),
-                "accuracy": total_correct / ((step + 1) * global_batch),
-            }
-            callback_list.on_train_batch_end(step, logs)
-            if model.stop_training:
-                break
+    logs = {}
+    for epoch in range(getattr(model, "_initial_epoch", 0) or 0, epochs):
+        logs = train_epoch(
+            model, epoch, train_step, train_batches, steps_per_epoch, callback_list, read_logs
+        )
+        average_replica_statistics(model, strategy)
         if validation_data is not None and not model.stop_training:
-            val_loss, val_accuracy = evaluate(strategy, eval_step, validation_data)
-            logs.update(val_loss=val_loss, val_accuracy=val_accuracy)
+            val_logs = evaluate_compiled(model, validation_data, strategy, test_step, read_logs)
+            logs.update({f"val_{name}": value for name, value in val_logs.items()})
         callback_list.on_epoch_end(epoch, logs)
         if model.stop_training:
             break
@@ -104,43 +68,127 @@ def fit(
     return model.history
 
 
-def evaluate(strategy, eval_step, dataset):
-    loss = correct = count = 0.0
-    for images, labels in strategy.experimental_distribute_dataset(dataset):
-        batch_loss, batch_correct, batch_count = eval_step(images, labels)
-        loss, correct, count = (
-            loss + float(batch_loss),
-            correct + float(batch_correct),
-            count + float(batch_count),
-        )
-    return loss / max(count, 1.0), correct / max(count, 1.0)
+def build_like_fit(model, dataset, strategy):
+    """Create the variables of the model, its compiled metrics, loss trackers and optimizer before
+    the first step, as `fit` does: inside `strategy.scope()` (so the metrics sum across replicas),
+    outside the traced step (which may not create them), and before BackupAndRestore restores the
+    optimizer's state."""
+    with strategy.scope():
+        model._symbolic_build(data_batch=dataset.element_spec)
+
+
+def distributed_step(step, strategy):
+    """A tf.function running `step` (the model's train_step or test_step) on each replica's part
+    of one distributed batch."""
+
+    @tf.function
+    def run(batch):
+        strategy.run(step, args=(batch,))
+
+    return run
+
+
+def train_epoch(model, epoch, train_step, batches, steps, callback_list, read_logs):
+    """One epoch of `steps` training steps with fresh metrics; returns the epoch's logs."""
+    model.reset_metrics()
+    callback_list.on_epoch_begin(epoch)
+    logs = {}
+    for step in range(steps):
+        callback_list.on_train_batch_begin(step)
+        train_step(next(batches))
+        logs = as_floats(read_logs())
+        callback_list.on_train_batch_end(step, logs)
+        if model.stop_training:
+            break
+    return logs
+
+
+def evaluate_compiled(model, dataset, strategy, test_step, read_logs):
+    """The compiled loss and metrics over all of `dataset` (what `evaluate` returns)."""
+    model.reset_metrics()
+    for batch in strategy.experimental_distribute_dataset(dataset):
+        test_step(batch)
+    return as_floats(read_logs())
+
+
+def unsynchronized_statistics(model):
+    """The moving means and variances of the BatchNormalization layers without `synchronized=True`
+    (the PSPNet head's): each replica updates its own copy from its own part of the batch."""
+    return [
+        variable
+        for layer in model._flatten_layers()
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+        for variable in (layer.moving_mean, layer.moving_variance)
+    ]
+
+
+def average_replica_statistics(model, strategy):
+    """Give every replica the mean of its copies of `unsynchronized_statistics`, so the workers hold
+    one model. A moving average is linear in its updates: averaged once per epoch, it equals
+    averaging every step's update across replicas (as tf.keras's on-read statistics did)."""
+    statistics = unsynchronized_statistics(model)
+    if not statistics:
+        return
+
+    @tf.function
+    def average():
+        for variable in statistics:
+            copies = strategy.run(tf.identity, args=(variable,))  # each replica's own
+            variable.assign(strategy.reduce(tf.distribute.ReduceOp.MEAN, copies, axis=None))
+
+    average()
+
+
+def as_floats(logs):
+    return {name: float(value) for name, value in logs.items()}
+
+
+def evaluate_metrics(model, dataset, strategy, new_metrics):
+    """The results of the metrics `new_metrics()` makes, for `model` on all of `dataset` (batches of
+    (inputs, labels)), each batch split across the replicas and the counts summed; works under
+    MultiWorkerMirroredStrategy, where `evaluate` and `predict` do not. Every worker gets the
+    same results."""
+    with strategy.scope():
+        metrics = new_metrics()
+
+    def replica_update(inputs, labels):
+        predictions = model(inputs, training=False)
+        for metric in metrics:
+            metric.update_state(labels, predictions)
+
+    @tf.function
+    def update(batch):
+        strategy.run(replica_update, args=batch)
+
+    for batch in strategy.experimental_distribute_dataset(sharded_by_data(dataset)):
+        update(batch)
+    return [float(metric.result()) for metric in metrics]
+
+
+def sharded_by_data(dataset):
+    """Workers split `dataset` by batches, not by files: every example is counted exactly once
+    whatever the number of files."""
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
 
 
 def evaluate_model(model, dataset, strategy):
-    """Top-1 accuracy of `model` on `dataset` under `strategy` (works where evaluate() does not)."""
-
-    @tf.function
-    def eval_step(images, labels):
-        def replica_step(images, labels):
-            logits = model(images, training=False)
-            correct = tf.reduce_sum(
-                tf.cast(tf.equal(tf.argmax(logits, -1), tf.argmax(labels, -1)), tf.float32)
-            )
-            return tf.constant(0.0), correct, tf.cast(tf.shape(labels)[0], tf.float32)
-
-        out = strategy.run(replica_step, args=(images, labels))
-        return [strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for v in out]
-
-    return evaluate(strategy, eval_step, dataset)[1]
+    """Top-1 accuracy of `model` on `dataset` (one-hot labels) under `strategy`."""
+    (accuracy,) = evaluate_metrics(
+        model, dataset, strategy, lambda: [keras.metrics.CategoricalAccuracy()]
+    )
+    return accuracy
 
 
 def weights_digest(model):
-    """A short fingerprint of every variable (weights and BN statistics), to compare workers."""
+    """A short fingerprint of every weight and BN statistic, to compare workers (not of the dropout
+    seeds, which each worker draws for itself)."""
     return float(
         np.sum(
             [
                 np.sum(np.asarray(v.numpy(), np.float64) * (i + 1))
-                for i, v in enumerate(model.variables)
+                for i, v in enumerate(model.weights)
             ]
         )
     )

@@ -12,7 +12,7 @@ import numpy as np
 
 import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet
-from train import segmentation_data, segmentation_figures, segmentation_metrics
+from train import distributed, segmentation_data, segmentation_figures, segmentation_metrics
 
 PREDICTIONS_PNG = "predictions.png"
 FIGURE_EXAMPLES = 6
@@ -32,6 +32,7 @@ def build_model(spec, image_size, num_classes, *, options, quant_friendly, bn_sy
         output_stride=options["output_stride"],
         fast=options["fast"],
         head_channels=options["head_channels"],
+        low_level_skip=options.get("low_level_skip", False),
         aux_head=options["aux_weight"] > 0,
         quant_friendly=quant_friendly,
         bn_synchronized=bn_synchronized,
@@ -65,8 +66,15 @@ def compile_model(model, optimizer, num_classes, aux_weight):
     )
 
 
-def scores(model, dataset, num_classes):
-    """mIoU and pixel accuracy of `model` (single output) on `dataset`, one pass, exact counts."""
+def scores(model, dataset, num_classes, strategy=None):
+    """mIoU and pixel accuracy of `model` (single output) on `dataset`, one pass, exact counts.
+    Under a multi-worker `strategy` the workers split the batches and sum their counts: each
+    evaluates its share and all report the same scores."""
+    if strategy is not None and distributed.is_multi_worker(strategy):
+        miou, accuracy = distributed.evaluate_metrics(
+            model, dataset, strategy, lambda: metrics(num_classes)
+        )
+        return miou, accuracy
     miou, accuracy = metrics(num_classes)
     for images, masks in dataset:
         logits = model(images, training=False)
@@ -90,17 +98,23 @@ def save_predictions(path, model, dataset, class_names, num_classes):
     )
 
 
+def uncompiled_inference_model(model):
+    """The main output's model (same layers and weights) without the training model's compile
+    state: its metrics are not registered for saving, and `to_deploy` clones what it is given."""
+    return keras.Model(model.inputs[0], model.get_layer(pspnet.OUTPUT_NAME).output, name=model.name)
+
+
 def finish(model, model_dir, eval_ds, info, strategy):
     """Save both forms, evaluate them, draw the PNG; returns the last line's text and the scores."""
     import os
 
-    inference = pspnet.inference_model(model)
+    inference = uncompiled_inference_model(model)
     inference.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():
         deploy = rk.to_deploy(inference)
     deploy.save(os.path.join(model_dir, "model_deploy.keras"))
-    train_miou, train_accuracy = scores(inference, eval_ds, info.num_classes)
-    deploy_miou, deploy_accuracy = scores(deploy, eval_ds, info.num_classes)
+    train_miou, train_accuracy = scores(inference, eval_ds, info.num_classes, strategy)
+    deploy_miou, deploy_accuracy = scores(deploy, eval_ds, info.num_classes, strategy)
     save_predictions(
         os.path.join(model_dir, PREDICTIONS_PNG),
         deploy,
