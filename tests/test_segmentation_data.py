@@ -109,9 +109,17 @@ def test_prepared_build_holds_the_composed_scenes(tiny_scenes, garments):
         assert 1 <= example["num_garments"] <= 4
 
 
+def test_scenes_configs_share_their_test_scenes_and_unknown_ones_are_refused():
+    configs = {c.name: c for c in FashionMnistScenes.BUILDER_CONFIGS}
+    assert configs["default"].train_scenes == 10_000 and configs["large"].train_scenes == 50_000
+    assert configs["large"].test_scenes == configs["default"].test_scenes == 2_000
+    with pytest.raises(data.DatasetNotFound, match="has the configs default, large, not 'huge'"):
+        segmentation_data._scenes_builder("fashion_mnist_scenes/huge", None)
+
+
 @needs_fashion_mnist
 def test_scenes_pipeline_shapes(tiny_scenes, monkeypatch):
-    monkeypatch.setattr(segmentation_data, "_scenes_builder", lambda data_dir: tiny_scenes)
+    monkeypatch.setattr(segmentation_data, "_scenes_builder", lambda name, data_dir: tiny_scenes)
     train, evaluation, info = segmentation_data.load(
         "fashion_mnist_scenes", image_size=48, batch_size=4, seed=0
     )

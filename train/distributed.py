@@ -113,7 +113,8 @@ def evaluate_compiled(model, dataset, strategy, test_step, read_logs):
 
 def unsynchronized_statistics(model):
     """The moving means and variances of the BatchNormalization layers without `synchronized=True`
-    (the PSPNet head's): each replica updates its own copy from its own part of the batch."""
+    (layers a model builds without it): each replica updates its own copy from its own part of
+    the batch."""
     return [
         variable
         for layer in model._flatten_layers()

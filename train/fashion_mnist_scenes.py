@@ -19,7 +19,9 @@ Recipe (every constant is a class attribute of `FashionMnistScenes`):
   seeds train 0 and test 1, so the dataset is the same on every machine and scene i does not
   depend on how many scenes are built.
 
-Sizes: train 10,000 scenes, test 2,000 (a `ScenesConfig` builds fewer, e.g. in tests). Features:
+Sizes: train 10,000 scenes, test 2,000; config `large` (`fashion_mnist_scenes/large`): train 50,000
+(its first 10,000 are the default's), the same test scenes (a `ScenesConfig` builds fewer, e.g. in
+tests). Features:
 `image` (64, 64, 1) uint8, `segmentation_mask` (64, 64, 1) uint8 with 11 classes (0 background),
 `num_garments` int32.
 """
@@ -127,7 +129,14 @@ class FashionMnistScenes(tfds.core.GeneratorBasedBuilder):
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Scenes composed from Debian's Fashion-MNIST files."}
-    BUILDER_CONFIGS = [ScenesConfig(name="default", description="10,000 train, 2,000 test scenes")]
+    BUILDER_CONFIGS = [
+        ScenesConfig(name="default", description="10,000 train, 2,000 test scenes"),
+        ScenesConfig(
+            name="large",
+            description="50,000 train scenes (the default's 10,000 first), the same 2,000 test",
+            train_scenes=50_000,
+        ),
+    ]
 
     CANVAS_SIZE = 64
     GARMENT_COUNTS = (1, 4)  # inclusive

@@ -201,9 +201,16 @@ def _class_names(root):
 # --- TFDS datasets --------------------------------------------------------------------------------
 
 
-def _scenes_builder(data_dir):
-    """The Fashion-MNIST scenes builder, prepared offline on first use."""
-    builder = fashion_mnist_scenes.FashionMnistScenes(data_dir=data_dir)
+def _scenes_builder(name, data_dir):
+    """The Fashion-MNIST scenes builder (`fashion_mnist_scenes[/<config>]`), prepared offline on
+    first use."""
+    config = name.partition("/")[2] or "default"
+    configs = [c.name for c in fashion_mnist_scenes.FashionMnistScenes.BUILDER_CONFIGS]
+    if config not in configs:
+        raise DatasetNotFound(
+            f"{name!r}: {SCENES} has the configs {', '.join(configs)}, not {config!r}."
+        )
+    builder = fashion_mnist_scenes.FashionMnistScenes(config=config, data_dir=data_dir)
     if not data._is_prepared(builder):
         builder.download_and_prepare()
     return builder
@@ -393,8 +400,8 @@ def load(
         )
         read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
     else:
-        if name == SCENES:
-            builder = _scenes_builder(data_dir)
+        if name.partition("/")[0] == SCENES:
+            builder = _scenes_builder(name, data_dir)
         else:
             builder = _tfds_builder(name, data_dir, download)
         info = _tfds_info(name, builder, eval_split, num_classes)
