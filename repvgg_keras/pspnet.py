@@ -184,10 +184,11 @@ def PSPNet(
 
 
 def inference_model(model):
-    """The model without its auxiliary head (same layers and weights), or `model` itself."""
-    if len(model.outputs) == 1:
-        return model
-    return keras.Model(model.inputs[0], model.get_layer(OUTPUT_NAME).output, name=model.name)
+    """A new, uncompiled model of the main output (same layers and weights), without the
+    auxiliary head: what is saved, converted and exported (a compiled model's metrics would
+    travel with it)."""
+    output = model.outputs[0] if len(model.outputs) == 1 else model.get_layer(OUTPUT_NAME).output
+    return keras.Model(model.inputs[0], output, name=model.name)
 
 
 def load_backbone_weights(trunk, source, variant):

@@ -541,7 +541,7 @@ def train():
     strategy = make_strategy(FLAGS.tpu)
 
     segmentation = FLAGS.task == "segmentation"
-    multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    multi_worker = distributed.is_multi_worker(strategy)
     common = dict(
         image_size=image_size,
         batch_size=recipe.batch_size,

@@ -71,10 +71,7 @@ def scores(model, dataset, num_classes, strategy=None):
     Under a multi-worker `strategy` the workers split the batches and sum their counts: each
     evaluates its share and all report the same scores."""
     if strategy is not None and distributed.is_multi_worker(strategy):
-        miou, accuracy = distributed.evaluate_metrics(
-            model, dataset, strategy, lambda: metrics(num_classes)
-        )
-        return miou, accuracy
+        return distributed.evaluate_metrics(model, dataset, strategy, lambda: metrics(num_classes))
     miou, accuracy = metrics(num_classes)
     for images, masks in dataset:
         logits = model(images, training=False)
@@ -98,17 +95,11 @@ def save_predictions(path, model, dataset, class_names, num_classes):
     )
 
 
-def uncompiled_inference_model(model):
-    """The main output's model (same layers and weights) without the training model's compile
-    state: its metrics are not registered for saving, and `to_deploy` clones what it is given."""
-    return keras.Model(model.inputs[0], model.get_layer(pspnet.OUTPUT_NAME).output, name=model.name)
-
-
 def finish(model, model_dir, eval_ds, info, strategy):
     """Save both forms, evaluate them, draw the PNG; returns the last line's text and the scores."""
     import os
 
-    inference = uncompiled_inference_model(model)
+    inference = pspnet.inference_model(model)
     inference.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():
         deploy = rk.to_deploy(inference)
