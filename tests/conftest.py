@@ -30,6 +30,7 @@ SLOW_TESTS = {
     "test_bench_segmentation.py": ("test_small_run_",),
     "test_layering.py": ("test_library_imports",),
     "test_segmentation_metrics.py": ("test_replicas_sum_their_counts",),
+    "test_train_segmentation.py": ("test_two_workers_killed_",),
     "test_models.py": ("test_full_size_224", "test_dilated_backbone", "test_d2se_defaults"),
     "test_sample_images.py": ("test_exporter_defaults",),
     "test_sources.py": ("test_cli_bad_input", "test_every_caller_reports"),

@@ -5,8 +5,10 @@ only classification uses; two workers (TF_CONFIG) train one model."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import keras
 import numpy as np
@@ -69,12 +71,12 @@ def test_single_head_run_with_the_low_level_skip(tmp_path):
     assert deploy.get_layer("head_refine_conv") and len(deploy.outputs) == 1
 
 
-def _two_workers(model_dir, *extra):
-    """Run the trainer as workers 0 and 1 of a cluster on loopback ports; returns their outputs."""
+def _start_workers(model_dir, *extra, stdout=subprocess.PIPE):
+    """Start the trainer as workers 0 and 1 of a cluster on loopback ports."""
     cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
     command = [sys.executable, "-m", "train", "--dataset", "fashion_mnist_scenes"]
     command += ["--model_dir", str(model_dir), *TINY, *extra]
-    workers = [
+    return [
         subprocess.Popen(
             command,
             cwd=REPO,
@@ -82,12 +84,17 @@ def _two_workers(model_dir, *extra):
                 _env(),
                 TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
             ),
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.STDOUT,
             text=True,
         )
         for i in range(2)
     ]
+
+
+def _two_workers(model_dir, *extra):
+    """Run two workers to the end; returns their outputs."""
+    workers = _start_workers(model_dir, *extra)
     outputs = [worker.communicate(timeout=900)[0] for worker in workers]
     assert [w.returncode for w in workers] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     return outputs
@@ -115,6 +122,38 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
     other = keras.saving.load_model(tmp_path / "worker_1" / "model_train.keras")
     for a, b in zip(chief.weights, other.weights):  # the head's own BatchNorm statistics too
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+
+def test_two_workers_killed_in_mixed_bfloat16_resume_and_end_as_one_model(tmp_path):
+    extra = [*SEGMENTATION, "--epochs", "2", "--steps_per_epoch", "12", "--checkpoint_every", "3"]
+    extra += ["--mixed_precision", "mixed_bfloat16"]
+    workers = _start_workers(tmp_path, *extra, stdout=subprocess.DEVNULL)
+    step_file = tmp_path / "last_step"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and all(w.poll() is None for w in workers):
+        if step_file.exists() and step_file.read_text().strip() and int(step_file.read_text()) >= 7:
+            break
+        time.sleep(0.2)
+    assert all(w.poll() is None for w in workers), "training ended before it could be killed"
+    for worker in workers:
+        worker.send_signal(signal.SIGKILL)
+        worker.wait()
+    killed_at = int(step_file.read_text())
+    assert 7 <= killed_at < 24
+
+    outputs = _two_workers(tmp_path, *extra)
+    resumed = [
+        re.search(r"Resuming from the last checkpoint: epoch (\d+), optimizer step (\d+)", out)
+        for out in outputs
+    ]
+    assert all(resumed), outputs[0][-3000:] + outputs[1][-3000:]
+    steps = {int(match.group(2)) for match in resumed}
+    assert len(steps) == 1 and killed_at - 3 <= steps.pop() <= killed_at  # both from one step
+    assert all("precision mixed_bfloat16" in out for out in outputs)
+    last_lines = [out.strip().splitlines()[-1] for out in outputs]
+    assert last_lines[0] == last_lines[1] and LAST_LINE.match(last_lines[0]), last_lines
+    digests = [re.search(r"weights digest: (\S+)", out).group(1) for out in outputs]
+    assert digests[0] == digests[1]
 
 
 def test_classification_flags_are_refused_with_segmentation(tmp_path):

@@ -645,6 +645,7 @@ def train():
             os.path.join(model_dir, "backup"),
             save_freq=FLAGS.checkpoint_every,
             delete_checkpoint=False,
+            agree=distributed.oldest_among_workers(strategy) if multi_worker else None,
         ),
         cb.ResumeReporter(os.path.join(model_dir, "last_step")),
         nan_stopper,

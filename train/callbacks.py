@@ -13,8 +13,20 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
     """BackupAndRestore that saves every `save_freq` steps *and* at the end of each epoch.
 
     On restart the same command resumes from the last backup: weights, optimizer state
-    (so the lr schedule) and epoch.
+    (so the lr schedule) and epoch. The backup before the last is kept too, so that workers
+    killed while some had saved a step and others had not can all resume from one step:
+    `agree` (set by the multi-worker loop) maps this worker's newest step to the newest step
+    every worker holds.
     """
+
+    def __init__(self, *args, agree=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.agree = agree
+        # Keras loads only files named *.weights.h5.
+        self._prev_weights_path = os.path.join(self.backup_dir, "previous.weights.h5")
+        self._prev_training_metadata_path = os.path.join(
+            self.backup_dir, "previous_training_metadata.json"
+        )
 
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
@@ -22,7 +34,7 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             self._save_model()
 
     def _save_model(self):
-        """Write each checkpoint file beside its target, then rename it into place.
+        """Write the new backup beside the last, then rename: the last becomes the previous.
 
         Keras writes the backup in place, so a kill during the write (tested) leaves a
         corrupt file and a run that cannot resume; a rename is atomic.
@@ -32,9 +44,62 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         self.model.save_weights(staged_weights, overwrite=True)
         staged_metadata = self._training_metadata_path + ".tmp"
         with open(staged_metadata, "w") as f:
-            json.dump({"epoch": self._current_epoch, "batch": self._last_batch_seen}, f)
+            json.dump(
+                {
+                    "epoch": self._current_epoch,
+                    "batch": self._last_batch_seen,
+                    "step": int(self.model.optimizer.iterations.numpy()),
+                },
+                f,
+            )
+        if os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path):
+            os.replace(self._weights_path, self._prev_weights_path)
+            os.replace(self._training_metadata_path, self._prev_training_metadata_path)
         os.replace(staged_weights, self._weights_path)
         os.replace(staged_metadata, self._training_metadata_path)
+
+    def _generations(self):
+        """[(step, epoch, weights path)] of the backups on disk, newest first."""
+        found = []
+        for weights, metadata in (
+            (self._weights_path, self._training_metadata_path),
+            (self._prev_weights_path, self._prev_training_metadata_path),
+        ):
+            if os.path.exists(weights) and os.path.exists(metadata):
+                with open(metadata) as f:
+                    record = json.load(f)
+                found.append((record.get("step"), record["epoch"], weights))
+        return found
+
+    def on_train_begin(self, logs=None):
+        generations = self._generations()
+        newest = generations[0][0] if generations else 0
+        target = newest if self.agree is None else self.agree(newest or 0)
+        if target == 0 and self.agree is not None:
+            return  # some worker holds no backup: every worker starts afresh
+        for step, epoch, weights in generations:
+            if self.agree is not None and step != target:
+                continue
+            if self.model.optimizer is not None and not self.model.optimizer.built:
+                self.model.optimizer.build(self.model.trainable_variables)
+            try:
+                self.model.load_weights(weights)
+            except OSError:  # a file cut short: try the previous backup
+                continue
+            self.model._initial_epoch = epoch
+            return
+        held = ", ".join(str(g[0]) for g in generations)
+        if self.agree is not None:
+            raise ValueError(
+                f"this worker's backups in {self.backup_dir} (steps {held or 'none'}) do not "
+                f"include step {target}, the newest every worker holds: the workers' backup/ "
+                "folders come from different runs. Rerun with --overwrite to start afresh."
+            )
+        if generations:
+            raise ValueError(
+                f"the backups in {self.backup_dir} (steps {held}) cannot be read. Rerun with "
+                "--overwrite to start afresh."
+            )
 
 
 class ResumeReporter(keras.callbacks.Callback):

@@ -77,6 +77,25 @@ def build_like_fit(model, dataset, strategy):
         model._symbolic_build(data_batch=dataset.element_spec)
 
 
+def oldest_among_workers(strategy):
+    """A function of this worker's value returning the smallest value any worker passed: the
+    newest backup step all workers hold (a worker killed mid-save may be one backup behind)."""
+
+    def smallest(value):
+        @tf.function
+        def gather():
+            def replica():
+                context = tf.distribute.get_replica_context()
+                return context.all_gather(tf.constant([value], tf.int64), axis=0)
+
+            return strategy.run(replica)
+
+        gathered = strategy.experimental_local_results(gather())[0]
+        return int(np.min(gathered.numpy()))
+
+    return smallest
+
+
 def distributed_step(step, strategy):
     """A tf.function running `step` (the model's train_step or test_step) on each replica's part
     of one distributed batch."""
