@@ -23,11 +23,8 @@ from repvgg_keras.spatial import AdaptiveAveragePooling2D, ResizeLike
 PPM_BINS = (1, 2, 3, 6)
 FAST_DILATED_BLOCKS = 5  # the paper's "-fast": last four blocks of stage 3 and stage 4's one
 AUX_LOSS_WEIGHT = 0.4
-# Low-level skips, by the stride of the backbone features they take: the backbone stage, the
-# width of their 1x1 projection, and the width of the refining 3x3 conv (a fraction of the head's).
-SKIP_STAGES = {4: 1, 2: 0}
-SKIP_CHANNELS = {4: 48, 2: 24}
-REFINE_WIDTH_DIVISORS = {4: 1, 2: 4}
+SKIP_STAGE = 1  # stride 4
+SKIP_CHANNELS = 48
 OUTPUT_NAME = "logits"
 AUX_OUTPUT_NAME = "aux_logits"
 
@@ -50,29 +47,18 @@ def _pyramid_pooling(features, bins, synchronized=False):
     return layers.Concatenate(name="ppm_concat")(branches)
 
 
-def _refine(x, low_level, stride, channels, name, synchronized):
-    """Upsample `x` to the stride of `low_level`, join the latter's 1x1 projection, mix with a
-    3x3 conv-BN-ReLU (DeepLabv3+'s decoder). Below stride 4, `x` is first narrowed by a 1x1
-    conv so that the full-resolution convolutions stay cheap."""
-    prefix = name if stride == 4 else f"{name}_s{stride}"
-    width = max(16, channels // REFINE_WIDTH_DIVISORS[stride])
-    skip = _conv_bn_relu(
-        low_level, SKIP_CHANNELS[stride], 1, name=f"{prefix}_skip", synchronized=synchronized
-    )
-    if width < x.shape[-1]:
-        x = _conv_bn_relu(x, width, 1, name=f"{prefix}_reduce", synchronized=synchronized)
-    x = ResizeLike(name=f"{prefix}_upsample")([x, skip])
-    x = layers.Concatenate(name=f"{prefix}_skip_concat")([x, skip])
-    return _conv_bn_relu(x, width, 3, name=f"{prefix}_refine", synchronized=synchronized)
-
-
-def _classifier(x, images, channels, classes, dropout, name, low_level=(), synchronized=False):
+def _classifier(x, images, channels, classes, dropout, name, low_level=None, synchronized=False):
     """3x3 conv-BN-ReLU, dropout, 1x1 classifier, resized to the input: float32 logits.
-    `low_level`: [(features, stride)], coarse to fine: the head's output is refined with each
-    (`_refine`) before the classifier."""
+    With `low_level` features, the head's output is first upsampled to their size, joined with
+    their 1x1 projection and mixed by another 3x3 conv-BN-ReLU (DeepLabv3+'s decoder)."""
     x = _conv_bn_relu(x, channels, 3, name=name, synchronized=synchronized)
-    for features, stride in low_level:
-        x = _refine(x, features, stride, channels, name, synchronized)
+    if low_level is not None:
+        skip = _conv_bn_relu(
+            low_level, SKIP_CHANNELS, 1, name=f"{name}_skip", synchronized=synchronized
+        )
+        x = ResizeLike(name=f"{name}_upsample")([x, skip])
+        x = layers.Concatenate(name=f"{name}_skip_concat")([x, skip])
+        x = _conv_bn_relu(x, channels, 3, name=f"{name}_refine", synchronized=synchronized)
     x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
     x = layers.Conv2D(classes, 1, name=f"{name}_classifier", dtype="float32")(x)
     output_name = OUTPUT_NAME if name == "head" else AUX_OUTPUT_NAME
@@ -86,13 +72,12 @@ def decoder(
     bins=PPM_BINS,
     head_channels=512,
     dropout=0.1,
-    low_level=(),
+    low_level=None,
     synchronized=False,
 ):
     """PSPNet's head on any backbone's `features`: pyramid pooling, 3x3 conv-BN-ReLU, dropout,
     1x1 classifier, upsampled to the size of `images`; returns the "logits" tensor.
-    `low_level`: [(features, stride)] of finer backbone features, coarse to fine, to refine the
-    head's output with (see `PSPNet`);
+    `low_level`: finer backbone features to refine the head's output with (see `PSPNet`);
     `synchronized`: BatchNorm statistics across replicas (as the backbone's `bn_synchronized`)."""
     pooled = _pyramid_pooling(features, bins, synchronized)
     return _classifier(
@@ -113,7 +98,6 @@ def PSPNet(
     aux_channels=256,
     dropout=0.1,
     low_level_skip=False,
-    skip_strides=(4,),
     quant_friendly=False,
     bn_synchronized=False,
     name=None,
@@ -136,11 +120,9 @@ def PSPNet(
             (`[logits, aux_logits]`, both full size), for training with
             `AUX_LOSS_WEIGHT`. `inference_model` returns the model without it.
         dropout: spatial dropout rate before the classifiers.
-        low_level_skip: refine the head's output with finer backbone features (a
+        low_level_skip: refine the head's output with stride-4 backbone features (a
             DeepLabv3+-style decoder) before classifying; for inputs so small that a
             stride-8 map cannot draw the objects' outlines. Not part of the paper's PSPNet.
-        skip_strides: with `low_level_skip`, the strides of the features to refine with,
-            coarse to fine: (4,) (stage 1) or (4, 2) (then the stem's, with a narrower conv).
         quant_friendly, bn_synchronized: as for `RepVGG` (`bn_synchronized` also covers the
             head's BatchNorm layers).
         name: model name (default `PSPNet_<variant>`, with `_fast` for `fast=True`).
@@ -155,9 +137,6 @@ def PSPNet(
         raise ValueError(f"output_stride must be 8 or 16 for PSPNet, got {output_stride!r}.")
     if not bins or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bins):
         raise ValueError(f"bins must be positive integers, got {bins!r}.")
-    skip_strides = tuple(skip_strides)
-    if skip_strides not in ((4,), (4, 2)):
-        raise ValueError(f"skip_strides must be (4,) or (4, 2), got {skip_strides!r}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
     input_shape = models._check_input_shape(
@@ -178,7 +157,7 @@ def PSPNet(
 
     images = keras.Input(shape=input_shape, name=models.INPUT_NAME)
     stage_outputs = trunk(images)
-    low_level = [(stage_outputs[SKIP_STAGES[s]], s) for s in skip_strides] if low_level_skip else []
+    low_level = stage_outputs[SKIP_STAGE] if low_level_skip else None
     outputs = decoder(
         images,
         stage_outputs[4],

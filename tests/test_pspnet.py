@@ -138,28 +138,6 @@ def test_low_level_skip_refines_at_stride_4_and_fuses_exactly(rng):
     assert parity.max_relative_difference(np.asarray(rk.to_deploy(model)(x)), reference) < 1e-5
 
 
-def test_stride_2_skip_refines_again_and_fuses_exactly(rng):
-    model = pspnet.PSPNet(
-        "RepVGG_A0",
-        classes=5,
-        input_shape=(72, 56, 3),
-        head_channels=64,
-        low_level_skip=True,
-        skip_strides=(4, 2),
-    )
-    assert model.get_layer("head_refine_conv").output.shape[1:] == (18, 14, 64)  # stride 4
-    assert model.get_layer("head_s2_reduce_conv").output.shape[1:] == (18, 14, 16)
-    assert model.get_layer("head_s2_refine_conv").output.shape[1:] == (36, 28, 16)  # stride 2
-    assert model.get_layer("head_classifier").output.shape[1:] == (36, 28, 5)
-    assert model.output_shape == (None, 72, 56, 5)
-    parity.randomize_batchnorm(model, seed=6)
-    x = images(rng, (2, 72, 56, 3))
-    reference = np.asarray(model(x, training=False))
-    assert parity.max_relative_difference(np.asarray(rk.to_deploy(model)(x)), reference) < 1e-5
-    with pytest.raises(ValueError, match="skip_strides"):
-        pspnet.PSPNet("RepVGG_A0", classes=5, low_level_skip=True, skip_strides=(2,))
-
-
 def test_bn_synchronized_covers_the_head():
     model = pspnet.PSPNet(
         "RepVGG_A0", classes=3, input_shape=(64, 64, 3), aux_head=True, bn_synchronized=True

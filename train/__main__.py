@@ -164,12 +164,6 @@ flags.DEFINE_bool(
     False,
     "Segmentation: refine the PSPNet head with stride-4 backbone features (for small images).",
 )
-flags.DEFINE_enum(
-    "skip_strides",
-    "4",
-    ["4", "4,2"],
-    "Segmentation with --low_level_skip: refine with stride-4 features, or then also stride-2 ones.",
-)
 flags.DEFINE_float(
     "aux_weight", 0.4, "Segmentation: weight of the auxiliary (stage 3) loss; 0 drops that head."
 )
@@ -260,8 +254,6 @@ def flag_problems():
                 f"{', '.join(classification_only)} apply to classification only, not to "
                 "--task segmentation (which augments with --scale_augment)"
             )
-    if FLAGS.skip_strides != "4" and not FLAGS.low_level_skip:
-        problems.append("--skip_strides applies only with --low_level_skip")
     if FLAGS.verbose not in (0, 1, 2):
         problems.append(f"--verbose must be 0, 1 or 2, not {FLAGS.verbose}")
     for name, count, kind, low in (("num_blocks", 4, int, 1), ("width_multipliers", 2, float, 0)):
@@ -340,7 +332,6 @@ def segmentation_options():
         "fast": FLAGS.fast,
         "head_channels": FLAGS.head_channels,
         "low_level_skip": FLAGS.low_level_skip,
-        "skip_strides": FLAGS.skip_strides,
         "aux_weight": FLAGS.aux_weight,
         "scale_augment": FLAGS.scale_augment,
     }
@@ -587,10 +578,9 @@ def train():
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
-    skip = f", low-level skip at stride {FLAGS.skip_strides}" if FLAGS.low_level_skip else ""
     what = (
         f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}"
-        f"{', fast' if FLAGS.fast else ''}{skip})"
+        f"{', fast' if FLAGS.fast else ''}{', low-level skip' if FLAGS.low_level_skip else ''})"
         if segmentation
         else spec.name
     )

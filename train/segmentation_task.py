@@ -33,7 +33,6 @@ def build_model(spec, image_size, num_classes, *, options, quant_friendly, bn_sy
         fast=options["fast"],
         head_channels=options["head_channels"],
         low_level_skip=options.get("low_level_skip", False),
-        skip_strides=[int(s) for s in options.get("skip_strides", "4").split(",")],
         aux_head=options["aux_weight"] > 0,
         quant_friendly=quant_friendly,
         bn_synchronized=bn_synchronized,
