@@ -73,13 +73,13 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
 
     def on_train_begin(self, logs=None):
         generations = self._generations()
-        newest = generations[0][0] if generations else 0
-        target = newest if self.agree is None else self.agree(newest or 0)
-        if target == 0 and self.agree is not None:
-            return  # some worker holds no backup: every worker starts afresh
-        for step, epoch, weights in generations:
-            if self.agree is not None and step != target:
-                continue
+        held = ", ".join(str(g[0]) for g in generations)
+        if self.agree is not None:
+            target = self.agree((generations[0][0] or 0) if generations else 0)
+            if target == 0:
+                return  # some worker holds no backup: every worker starts afresh
+            generations = [g for g in generations if g[0] == target]
+        for _, epoch, weights in generations:
             if self.model.optimizer is not None and not self.model.optimizer.built:
                 self.model.optimizer.build(self.model.trainable_variables)
             try:
@@ -88,14 +88,13 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
                 continue
             self.model._initial_epoch = epoch
             return
-        held = ", ".join(str(g[0]) for g in generations)
         if self.agree is not None:
             raise ValueError(
                 f"this worker's backups in {self.backup_dir} (steps {held or 'none'}) do not "
                 f"include step {target}, the newest every worker holds: the workers' backup/ "
                 "folders come from different runs. Rerun with --overwrite to start afresh."
             )
-        if generations:
+        if held:
             raise ValueError(
                 f"the backups in {self.backup_dir} (steps {held}) cannot be read. Rerun with "
                 "--overwrite to start afresh."
