@@ -25,6 +25,7 @@ FAST_DILATED_BLOCKS = 5  # the paper's "-fast": last four blocks of stage 3 and 
 AUX_LOSS_WEIGHT = 0.4
 SKIP_STAGE = 1  # stride 4
 SKIP_CHANNELS = 48
+IMAGE_REFINE_CHANNELS = 16
 OUTPUT_NAME = "logits"
 AUX_OUTPUT_NAME = "aux_logits"
 
@@ -47,7 +48,17 @@ def _pyramid_pooling(features, bins, synchronized=False):
     return layers.Concatenate(name="ppm_concat")(branches)
 
 
-def _classifier(x, images, channels, classes, dropout, name, low_level=None, synchronized=False):
+def _classifier(
+    x,
+    images,
+    channels,
+    classes,
+    dropout,
+    name,
+    low_level=None,
+    synchronized=False,
+    output_name=OUTPUT_NAME,
+):
     """3x3 conv-BN-ReLU, dropout, 1x1 classifier, resized to the input: float32 logits.
     With `low_level` features, the head's output is first upsampled to their size, joined with
     their 1x1 projection and mixed by another 3x3 conv-BN-ReLU (DeepLabv3+'s decoder)."""
@@ -61,8 +72,25 @@ def _classifier(x, images, channels, classes, dropout, name, low_level=None, syn
         x = _conv_bn_relu(x, channels, 3, name=f"{name}_refine", synchronized=synchronized)
     x = layers.SpatialDropout2D(dropout, name=f"{name}_dropout")(x)
     x = layers.Conv2D(classes, 1, name=f"{name}_classifier", dtype="float32")(x)
-    output_name = OUTPUT_NAME if name == "head" else AUX_OUTPUT_NAME
     return ResizeLike(name=output_name, dtype="float32")([x, images])
+
+
+def _refine_with_image(logits, images, synchronized=False):
+    """Correct the upsampled logits at full resolution from the image itself: a 3x3
+    conv-BN-ReLU on [logits, image] and a 3x3 conv to a residual. Upsampling from the
+    head's stride blurs every outline; the image's own edges put them back. The residual
+    conv starts at zero, so training starts from the plain upsampling."""
+    x = layers.Concatenate(name="image_refine_concat")([logits, images])
+    x = _conv_bn_relu(x, IMAGE_REFINE_CHANNELS, 3, name="image_refine", synchronized=synchronized)
+    residual = layers.Conv2D(
+        logits.shape[-1],
+        3,
+        padding="same",
+        kernel_initializer="zeros",
+        name="image_refine_residual",
+        dtype="float32",
+    )(x)
+    return layers.Add(name=OUTPUT_NAME, dtype="float32")([logits, residual])
 
 
 def decoder(
@@ -73,16 +101,27 @@ def decoder(
     head_channels=512,
     dropout=0.1,
     low_level=None,
+    image_refine=False,
     synchronized=False,
 ):
     """PSPNet's head on any backbone's `features`: pyramid pooling, 3x3 conv-BN-ReLU, dropout,
     1x1 classifier, upsampled to the size of `images`; returns the "logits" tensor.
-    `low_level`: finer backbone features to refine the head's output with (see `PSPNet`);
+    `low_level`: finer backbone features to refine the head's output with, `image_refine`:
+    correct the upsampled logits from the image (see `PSPNet`);
     `synchronized`: BatchNorm statistics across replicas (as the backbone's `bn_synchronized`)."""
     pooled = _pyramid_pooling(features, bins, synchronized)
-    return _classifier(
-        pooled, images, head_channels, classes, dropout, "head", low_level, synchronized
+    logits = _classifier(
+        pooled,
+        images,
+        head_channels,
+        classes,
+        dropout,
+        "head",
+        low_level,
+        synchronized,
+        output_name="head_full_size" if image_refine else OUTPUT_NAME,
     )
+    return _refine_with_image(logits, images, synchronized) if image_refine else logits
 
 
 def PSPNet(
@@ -98,6 +137,7 @@ def PSPNet(
     aux_channels=256,
     dropout=0.1,
     low_level_skip=False,
+    image_refine=False,
     quant_friendly=False,
     bn_synchronized=False,
     name=None,
@@ -123,6 +163,8 @@ def PSPNet(
         low_level_skip: refine the head's output with stride-4 backbone features (a
             DeepLabv3+-style decoder) before classifying; for inputs so small that a
             stride-8 map cannot draw the objects' outlines. Not part of the paper's PSPNet.
+        image_refine: correct the logits after upsampling with a small full-resolution
+            conv stack that sees the image (sharp outlines). Not part of the paper's PSPNet.
         quant_friendly, bn_synchronized: as for `RepVGG` (`bn_synchronized` also covers the
             head's BatchNorm layers).
         name: model name (default `PSPNet_<variant>`, with `_fast` for `fast=True`).
@@ -166,6 +208,7 @@ def PSPNet(
         head_channels,
         dropout,
         low_level,
+        image_refine,
         synchronized=bn_synchronized,
     )
     if aux_head:
@@ -177,6 +220,7 @@ def PSPNet(
             dropout,
             "aux",
             synchronized=bn_synchronized,
+            output_name=AUX_OUTPUT_NAME,
         )
         outputs = [outputs, aux]
     default_name = f"PSPNet_{backbone.name}" + ("_fast" if fast else "")

@@ -138,6 +138,23 @@ def test_low_level_skip_refines_at_stride_4_and_fuses_exactly(rng):
     assert parity.max_relative_difference(np.asarray(rk.to_deploy(model)(x)), reference) < 1e-5
 
 
+def test_image_refine_starts_as_the_plain_upsampling_and_fuses_exactly(rng):
+    kwargs = dict(classes=5, input_shape=(40, 56, 3), output_stride=16, head_channels=16)
+    model = pspnet.PSPNet("RepVGG_A0", low_level_skip=True, image_refine=True, **kwargs)
+    assert model.get_layer("image_refine_conv").output.shape[1:] == (40, 56, 16)  # full size
+    assert model.get_layer("logits").output.shape[1:] == (40, 56, 5)
+    x = images(rng, (2, 40, 56, 3))
+    full_size = keras.Model(model.input, model.get_layer("head_full_size").output)
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(full_size(x)))  # zero residual
+    residual = model.get_layer("image_refine_residual")
+    residual.set_weights([w + rng.normal(scale=0.1, size=w.shape) for w in residual.get_weights()])
+    parity.randomize_batchnorm(model, seed=3)
+    reference = np.asarray(model(x, training=False))
+    assert not np.allclose(reference, np.asarray(full_size(x, training=False)))
+    plain = rk.to_deploy(model)
+    assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
+
+
 def test_bn_synchronized_covers_the_head():
     model = pspnet.PSPNet(
         "RepVGG_A0", classes=3, input_shape=(64, 64, 3), aux_head=True, bn_synchronized=True

@@ -57,18 +57,26 @@ def test_short_run_both_forms_agree_and_a_rerun_reports_it(tmp_path):
     assert again.stdout.strip().splitlines()[-1] == last
 
 
-def test_single_head_run_with_the_low_level_skip(tmp_path):
+def test_single_head_run_with_the_low_level_skip_and_image_refine(tmp_path):
     result = _train(
-        tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--aux_weight", "0", "--low_level_skip"
+        tmp_path,
+        "fashion_mnist_scenes",
+        *SEGMENTATION,
+        "--aux_weight",
+        "0",
+        "--low_level_skip",
+        "--image_refine",
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert LAST_LINE.match(result.stdout.strip().splitlines()[-1])
-    assert "low-level skip" in result.stdout
+    assert "low-level skip, image refine" in result.stdout
     with open(tmp_path / "run_config.json") as f:
-        assert json.load(f)["flags"]["low_level_skip"] is True
+        recorded = json.load(f)["flags"]
+    assert recorded["low_level_skip"] is True and recorded["image_refine"] is True
     assert "miou" in open(tmp_path / "training_log.csv").readline().split(",")
     deploy = keras.models.load_model(tmp_path / "model_deploy.keras")
-    assert deploy.get_layer("head_refine_conv") and len(deploy.outputs) == 1
+    assert deploy.get_layer("head_refine_conv") and deploy.get_layer("image_refine_conv")
+    assert len(deploy.outputs) == 1
 
 
 def _start_workers(model_dir, *extra, stdout=subprocess.PIPE):

@@ -164,6 +164,11 @@ flags.DEFINE_bool(
     False,
     "Segmentation: refine the PSPNet head with stride-4 backbone features (for small images).",
 )
+flags.DEFINE_bool(
+    "image_refine",
+    False,
+    "Segmentation: correct the upsampled logits at full resolution from the image (sharp outlines).",
+)
 flags.DEFINE_float(
     "aux_weight", 0.4, "Segmentation: weight of the auxiliary (stage 3) loss; 0 drops that head."
 )
@@ -327,7 +332,7 @@ def run_config(spec, image_size, recipe):
 
 
 def segmentation_options():
-    return {
+    options = {
         "output_stride": FLAGS.output_stride,
         "fast": FLAGS.fast,
         "head_channels": FLAGS.head_channels,
@@ -335,6 +340,9 @@ def segmentation_options():
         "aux_weight": FLAGS.aux_weight,
         "scale_augment": FLAGS.scale_augment,
     }
+    if FLAGS.image_refine:  # recorded when on, so earlier runs still resume
+        options["image_refine"] = True
+    return options
 
 
 def _write_json(path, content):
@@ -580,7 +588,8 @@ def train():
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
     what = (
         f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}"
-        f"{', fast' if FLAGS.fast else ''}{', low-level skip' if FLAGS.low_level_skip else ''})"
+        f"{', fast' if FLAGS.fast else ''}{', low-level skip' if FLAGS.low_level_skip else ''}"
+        f"{', image refine' if FLAGS.image_refine else ''})"
         if segmentation
         else spec.name
     )

@@ -33,6 +33,7 @@ def build_model(spec, image_size, num_classes, *, options, quant_friendly, bn_sy
         fast=options["fast"],
         head_channels=options["head_channels"],
         low_level_skip=options.get("low_level_skip", False),
+        image_refine=options.get("image_refine", False),
         aux_head=options["aux_weight"] > 0,
         quant_friendly=quant_friendly,
         bn_synchronized=bn_synchronized,
