@@ -45,9 +45,20 @@ def _one_error_line(result):
 
 @pytest.fixture(scope="module")
 def seg(tmp_path_factory):
-    """A PSPNet (narrow head, trained-like BatchNorm) saved as train does: training form."""
-    model = rk.PSPNet("RepVGG_A0", classes=CLASSES, input_shape=(SIZE, SIZE, 3), head_channels=64)
+    """A PSPNet (narrow head with the low-level skip and the image refinement, trained-like
+    BatchNorm and residual) saved as train does: training form."""
+    model = rk.PSPNet(
+        "RepVGG_A0",
+        classes=CLASSES,
+        input_shape=(SIZE, SIZE, 3),
+        head_channels=64,
+        low_level_skip=True,
+        image_refine=True,
+    )
     model = randomize_batchnorm(model, seed=1)
+    residual = model.get_layer("image_refine_residual")
+    noise = np.random.default_rng(2)
+    residual.set_weights([noise.normal(scale=0.05, size=w.shape) for w in residual.get_weights()])
     path = str(tmp_path_factory.mktemp("seg") / "model_train.keras")
     model.save(path)
     return model, path
@@ -260,7 +271,9 @@ def test_a_model_saved_under_a_mixed_policy_exports_in_float32(tmp_path):
 
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        trained = rk.PSPNet("RepVGG_A0", classes=3, input_shape=(32, 32, 3), head_channels=8)
+        trained = rk.PSPNet(
+            "RepVGG_A0", classes=3, input_shape=(32, 32, 3), head_channels=8, image_refine=True
+        )
     finally:
         keras.mixed_precision.set_global_policy("float32")
     path = str(tmp_path / "mixed.keras")
