@@ -10,6 +10,8 @@ a 3x3 conv-BN-ReLU-dropout head and a 1x1 classifier, upsampled bilinearly to th
 size. Bilinear resizes use half-pixel centres (the exporters' common mode), so any input
 size works, not only the 8k+1 sizes of align_corners=True. `aux_head=True` adds PSPNet's
 auxiliary classifier on stage 3 as a second output for training (`inference_model` drops it).
+Two decoder options outside the paper sharpen small inputs' outlines: `low_level_skip`
+(stride-4 features) and `image_refine` (a full-resolution correction from the image).
 """
 
 import keras
