@@ -1,6 +1,7 @@
 """What every exporter shares: model flags, loading and fusing, atomic output paths."""
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -14,6 +15,7 @@ import keras
 from absl import flags, logging
 
 import repvgg_keras as rk
+from export import verify
 from repvgg_keras import preprocessing
 from repvgg_keras.models import MIN_INPUT_SIZE
 
@@ -33,7 +35,10 @@ def define_model_flags():
         "(rk.PSPNet, logits [N, H, W, classes]) from a .keras file, or random weights.",
     )
     flags.DEFINE_string(
-        "model", "RepVGG_A0", f"Variant to export, one of: {', '.join(rk.list_models())}."
+        "model",
+        "RepVGG_A0",
+        f"Variant to export, one of: {', '.join(rk.list_models())}. A .keras --weights file "
+        "carries its own architecture (any spec): --model is then only checked against it.",
     )
     flags.DEFINE_string(
         "weights",
@@ -43,15 +48,22 @@ def define_model_flags():
         "(useful only to test the pipeline).",
     )
     flags.DEFINE_integer(
-        "image_size", None, "Input height and width (default: the variant's own, 224 or 320)."
+        "image_size",
+        None,
+        "Input height and width (default: a .keras file's own, else the variant's, 224 or 320).",
     )
     flags.DEFINE_integer(
         "classes",
         1000,
-        "Classifier width; must match --weights. For --task segmentation: the number of "
-        "segmentation classes (default: the file's, or 21 with random weights).",
+        "Classifier width, at least 2; must match --weights (default: a .keras file's own, else "
+        "1000). For --task segmentation: the number of segmentation classes (default: the "
+        "file's, or 21 with random weights).",
     )
-    flags.DEFINE_integer("channels", 3, "Input channels (1 for grayscale models).")
+    flags.DEFINE_integer(
+        "channels",
+        3,
+        "Input channels (1 for grayscale models; default: a .keras file's own, else 3).",
+    )
     flags.DEFINE_enum(
         "preprocessing",
         "imagenet",
@@ -86,21 +98,92 @@ def is_segmentation(model):
     return len(output) == 4 and tuple(output[1:3]) == tuple(model.inputs[0].shape[1:3])
 
 
-def load_model(name, weights=None, image_size=None, classes=1000, channels=3):
-    """Build `name` with `weights` (any model source, in its own form): `rk.model_from_source`."""
+def load_model(name=None, weights=None, image_size=None, classes=None, channels=None):
+    """The classifier to export, from `weights` (any model source, in its own form).
+
+    A `.keras` file carries its architecture, so it is taken as it is (any spec, training or
+    deploy form, input size, classes and channels); `name`, `image_size`, `classes` and
+    `channels` are then checked against it where given (None: the file's), one ValueError on a
+    mismatch. Other sources hold weights only: variant `name` (default RepVGG_A0) is built at
+    `image_size` (default the variant's), `classes` (default 1000), `channels` (default 3) and
+    loaded with `rk.model_from_source`."""
     from repvgg_keras import sources
 
-    spec = rk.get_spec(name)
-    size = spec.default_size if image_size is None else image_size
     if weights is not None:
         src = sources.read_source(weights)
-        if src.kind == "keras_model" and is_segmentation(src.saved_model):
-            raise ValueError(
-                f"{src.describe()} is a segmentation model (logits "
-                f"{_shape_text(src.saved_model.outputs[0].shape)}): pass --task segmentation."
-            )
+        if src.kind == "keras_model":
+            if is_segmentation(src.saved_model):
+                raise ValueError(
+                    f"{src.describe()} is a segmentation model (logits "
+                    f"{_shape_text(src.saved_model.outputs[0].shape)}): pass --task segmentation."
+                )
+            return _saved_classifier(src, name, image_size, classes, channels)
         weights = src
-    return rk.model_from_source(spec, weights, input_shape=(size, size, channels), classes=classes)
+    spec = rk.get_spec(name or "RepVGG_A0")
+    size = spec.default_size if image_size is None else image_size
+    return rk.model_from_source(
+        spec,
+        weights,
+        input_shape=(size, size, 3 if channels is None else channels),
+        classes=1000 if classes is None else classes,
+    )
+
+
+def _saved_classifier(src, name, image_size, classes, channels):
+    """The classifier a `.keras` Source holds, checked against the arguments that are not None."""
+    from repvgg_keras import sources
+
+    model = src.saved_model
+    output = model.outputs[0].shape
+    if len(model.inputs) != 1 or len(model.outputs) != 1 or len(output) != 2:
+        raise ValueError(
+            f"{src.describe()} is not a classifier: its output is {_shape_text(output)}, not "
+            "logits [N, classes]."
+        )
+    _, height, width, in_channels = model.input_shape
+    out_classes = output[-1]
+    if classes is not None and classes != out_classes:
+        raise ValueError(
+            f"--classes {classes} does not match {src.describe()}: its classifier has "
+            f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
+        )
+    if channels is not None and channels != in_channels:
+        raise ValueError(
+            f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
+            f"channel images. Pass --channels {in_channels} (or leave it unset)."
+        )
+    if height is not None and image_size is not None and (height, width) != (image_size,) * 2:
+        hint = f"pass --image_size {height} or " if height == width else ""
+        raise ValueError(
+            f"--image_size {image_size} does not match {src.describe()}, built for {height}x"
+            f"{width} images: {hint}leave --image_size unset."
+        )
+    if height is None and image_size is None:
+        raise ValueError(
+            f"{src.describe()} takes images of any size: pass --image_size to fix the exported "
+            "model's input size."
+        )
+    if name is not None:  # the variant asked for: rebuilt from its spec, which must fit the file
+        try:
+            model = rk.model_from_source(
+                rk.get_spec(name),
+                src,
+                input_shape=(height, width, in_channels),
+                classes=out_classes,
+            )
+        except sources.SourceError as error:
+            raise ValueError(
+                f"--model {name} does not match {src.describe()} (a model built as "
+                f"{model.name!r}): its weights do not fit {name}'s layers. Leave --model unset "
+                "to export the file's own architecture."
+            ) from error
+    else:
+        model = _in_float32(model)  # trained under a mixed policy: the exporters want float32
+    if height is None:
+        inputs = keras.Input((image_size, image_size, in_channels), name=model.inputs[0].name)
+        # Same layers (and weights), traced at the fixed size: every shape static.
+        model = keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
+    return model
 
 
 def _shape_text(shape):
@@ -144,7 +227,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
     if weights is None:
         size = spec.default_size if image_size is None else image_size
         kwargs = {} if classes is None else {"classes": classes}
-        return rk.PSPNet(spec, input_shape=(size, size, channels), **kwargs)
+        return rk.PSPNet(spec, input_shape=(size, size, channels or 3), **kwargs)
     src = sources.read_source(weights)
     if src.kind != "keras_model":
         raise ValueError(
@@ -185,7 +268,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
             f"--classes {classes} does not match {src.describe()}: its logits have "
             f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
         )
-    if in_channels != channels:
+    if channels is not None and in_channels != channels:
         raise ValueError(
             f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
             f"channel images. Pass --channels {in_channels}."
@@ -196,7 +279,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
                 f"{src.describe()} takes images of any size: pass --image_size to fix the "
                 "exported model's input size."
             )
-        inputs = keras.Input((image_size, image_size, channels), name=model.inputs[0].name)
+        inputs = keras.Input((image_size, image_size, in_channels), name=model.inputs[0].name)
         # Same layers (and weights), traced at the fixed size: every shape static.
         return keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
     if image_size is not None and (height, width) != (image_size, image_size):
@@ -236,6 +319,54 @@ def prepare_from_flags(model):
     return shipped, reference, to_input
 
 
+def load_counted_images(source, count, shape, *, flags, purpose):
+    """`images.load_images(source, count, *shape)`, with one `note:` line on stderr when the
+    source holds fewer than `count` images (e.g. the 64 of 'sample'), so a count that cannot
+    be honoured is never dropped silently. `flags`: the (source, count) flag names."""
+    from export import images
+
+    pixels = images.load_images(source, count, *shape)
+    if len(pixels) < count:
+        print(
+            f"note: {flags[0]} {source} holds {len(pixels)} images; {purpose} on {len(pixels)}, "
+            f"not {count} ({flags[1]})",
+            file=sys.stderr,
+            flush=True,
+        )
+    return pixels
+
+
+def check_reference_outputs(reference, model_input, images_name="verification images"):
+    """ValueError unless the Keras `reference`'s own outputs on `model_input` are all finite:
+    broken weights (NaN/Inf, e.g. from diverged training) have nothing an export could
+    reproduce, and comparing NaN with NaN would report a meaningless difference."""
+    import numpy as np
+
+    outputs = np.asarray(reference(model_input, training=False))
+    finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if not finite.all():
+        kinds = "/".join(
+            kind
+            for kind, found in (("NaN", np.isnan(outputs).any()), ("inf", np.isinf(outputs).any()))
+            if found
+        )
+        raise ValueError(
+            f"the Keras model's own outputs are {kinds} on {int((~finite).sum())} of "
+            f"{len(outputs)} {images_name}: the weights are broken (diverged training?)."
+        )
+    return outputs
+
+
+def one_class_error(what):
+    """Why a one-class model is refused: its top-1 (argmax over one logit) is always 0, so top-1
+    agreement would read 100% whatever the export computes (and choose precisions on that)."""
+    return (
+        f"{what}: a one-class model cannot be exported and verified: the argmax over one logit "
+        "is always 0, so top-1 agreement would read 100% whatever the export computes. Use 2 "
+        "classes for a binary task (e.g. background and foreground)."
+    )
+
+
 def check_model_flags():
     """Refuse bad --image_size/--classes/--channels/--verify_count before anything is loaded."""
     if FLAGS.image_size is not None and FLAGS.image_size < MIN_INPUT_SIZE:
@@ -247,6 +378,8 @@ def check_model_flags():
         raise ValueError(
             f"--classes must be at least 1 (the classifier's width), got {FLAGS.classes}."
         )
+    if FLAGS.classes == 1:
+        raise ValueError(one_class_error("--classes 1"))
     if FLAGS.channels < 1:
         raise ValueError(
             f"--channels must be at least 1 (3 for RGB, 1 for grayscale), got {FLAGS.channels}."
@@ -276,10 +409,9 @@ def check_output(path, overwrite=False, flag="--output"):
 def run_exporter(export, output=None, checks=()):
     """Shared CLI body: check the flags (`checks`: more callables raising ValueError) and the
     `output` path, load the model from flags and the verification images, call
-    `export(shipped, reference, to_input, pixels)` (which returns the output path); turn
-    the expected failures into one `error:` line and exit status 1."""
-    from export import images, verify
-
+    `export(shipped, reference, to_input, pixels)` (which returns its verification Report(s));
+    turn the expected failures into one `error:` line and exit status 1. The last line printed
+    is the `verified:` verdict."""
     try:
         check_model_flags()
         for check in checks:
@@ -287,12 +419,19 @@ def run_exporter(export, output=None, checks=()):
         if output is not None:
             check_output(output, FLAGS.overwrite)
         model = model_from_flags()
+        if model.output_shape[-1] == 1:
+            raise ValueError(one_class_error(f"--weights {FLAGS.weights} has one class"))
         _, height, width, channels = model.input_shape
         shipped, reference, to_input = prepare_from_flags(model)
-        pixels = images.load_images(
-            FLAGS.verify_images, FLAGS.verify_count, height, width, channels
+        pixels = load_counted_images(
+            FLAGS.verify_images,
+            FLAGS.verify_count,
+            (height, width, channels),
+            flags=("--verify_images", "--verify_count"),
+            purpose="verifying",
         )
-        output = export(shipped, reference, to_input, pixels)
+        check_reference_outputs(reference, to_input(pixels))
+        reports = export(shipped, reference, to_input, pixels)
     except (
         ValueError,
         FileExistsError,
@@ -319,11 +458,13 @@ def run_exporter(export, output=None, checks=()):
         )
         return 1
     print(f"exported {output}")
+    print(verify.verdict(reports), flush=True)
     return 0
 
 
 def define_calibration_flags():
-    """--calibration_data, --calibration_count and --tolerance (the TFLite and OpenVINO CLIs)."""
+    """--calibration_data, --calibration_count, --tolerance and --min_agreement (the TFLite and
+    OpenVINO CLIs)."""
     flags.DEFINE_string(
         "calibration_data",
         "sample",
@@ -332,7 +473,16 @@ def define_calibration_flags():
     )
     flags.DEFINE_integer("calibration_count", 64, "Images used for int8 calibration.")
     flags.DEFINE_float(
-        "tolerance", None, "Max relative difference allowed (default: per precision)."
+        "tolerance",
+        None,
+        "Relative difference allowed (default: per precision, export/verify.py): the largest for "
+        f"float precisions, the {verify.INT8_PERCENTILE}th percentile over images for int8.",
+    )
+    flags.DEFINE_float(
+        "min_agreement",
+        verify.MIN_INT8_AGREEMENT,
+        "int8: the fraction of verification images (pixels for segmentation) whose top-1 class "
+        "must match the float model's for the export to be accepted.",
     )
 
 
@@ -340,6 +490,11 @@ def check_calibration_flags():
     """Refuse a --calibration_count or --tolerance that cannot work, before anything is loaded."""
     if FLAGS.calibration_count < 1:
         raise ValueError(f"--calibration_count must be at least 1, got {FLAGS.calibration_count}.")
+    if not 0 <= FLAGS.min_agreement <= 1:
+        raise ValueError(
+            f"--min_agreement is a fraction of images between 0 and 1 (e.g. 0.99), got "
+            f"{FLAGS.min_agreement}."
+        )
     if FLAGS.tolerance is not None and not FLAGS.tolerance > 0:
         raise ValueError(
             f"--tolerance must be a positive relative difference (e.g. 0.01), got {FLAGS.tolerance}."
@@ -349,23 +504,28 @@ def check_calibration_flags():
 def calibration_from_flags(shipped, to_input):
     """Model inputs for int8 calibration (--calibration_data/--calibration_count), or None
     unless --quantize int8; shared by the TFLite and OpenVINO exporters."""
-    from export import images
-
     if not FLAGS.quantize.startswith("int8"):
         return None
-    _, height, width, channels = shipped.input_shape
     return to_input(
-        images.load_images(FLAGS.calibration_data, FLAGS.calibration_count, height, width, channels)
+        load_counted_images(
+            FLAGS.calibration_data,
+            FLAGS.calibration_count,
+            shipped.input_shape[1:],
+            flags=("--calibration_data", "--calibration_count"),
+            purpose="calibrating",
+        )
     )
 
 
 def model_from_flags():
+    given = lambda name: getattr(FLAGS, name) if FLAGS[name].present else None  # else: the file's
     if FLAGS.task == "segmentation":
-        classes = FLAGS.classes if FLAGS["classes"].present else None
         return load_segmentation_model(
-            FLAGS.model, FLAGS.weights, FLAGS.image_size, classes, FLAGS.channels
+            FLAGS.model, FLAGS.weights, FLAGS.image_size, given("classes"), given("channels")
         )
-    return load_model(FLAGS.model, FLAGS.weights, FLAGS.image_size, FLAGS.classes, FLAGS.channels)
+    return load_model(
+        given("model"), FLAGS.weights, FLAGS.image_size, given("classes"), given("channels")
+    )
 
 
 def refuse_segmentation(what):
@@ -445,21 +605,90 @@ def remove_stale_staging(path):
             continue  # best effort: a leftover we cannot remove must not stop this export
 
 
+def _exists_error(path, meanwhile=False):
+    when = " (written by another export while this one ran)" if meanwhile else ""
+    return FileExistsError(
+        f"{path} already exists{when}: pass --overwrite to replace it (after the new export "
+        "verifies); nothing was written."
+    )
+
+
+def _claim(staged, path):
+    """Move `staged` to `path` only if `path` does not exist at that moment (atomic), else
+    FileExistsError: of concurrent writers without --overwrite, exactly one succeeds.
+
+    A file is hard-linked (link(2) fails with EEXIST, whoever came first), then its staged
+    name removed. A directory is renamed: rename(2) onto a missing path is atomic and onto a
+    non-empty directory (another export's) or a file fails; only an empty directory could
+    be replaced, and one present now is refused first."""
+    already = lambda: _exists_error(path, meanwhile=True)
+    if os.path.isdir(staged):
+        if os.path.lexists(path):
+            raise already()
+        try:
+            os.rename(staged, path)
+        except OSError as error:
+            if error.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                raise already() from None
+            raise
+        return
+    try:
+        os.link(staged, path)
+    except FileExistsError:
+        raise already() from None
+    except OSError:  # a file system without hard links: claim the name, then fill it atomically
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise already() from None
+        os.replace(staged, path)
+        return
+    os.unlink(staged)
+
+
+def _replace(staged, path, workdir):
+    """Move `staged` to `path`, replacing what is there: the last of concurrent writers wins.
+
+    A file is replaced in one rename(2). A directory cannot be renamed onto a non-empty one:
+    what is at `path` is first moved into `workdir` (the first one as `previous`, put back if
+    the move fails), and again if another export put its own there in between."""
+    if not os.path.isdir(staged):
+        os.replace(staged, path)
+        return
+    previous = os.path.join(workdir, "previous")
+    for attempt in range(100):
+        aside = previous if attempt == 0 else os.path.join(workdir, f"displaced-{attempt}")
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            pass  # nothing there (or another export moved it away first)
+        try:
+            os.rename(staged, path)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+                if os.path.lexists(previous) and not os.path.lexists(path):
+                    os.rename(previous, path)
+                raise
+    raise OSError(errno.EBUSY, f"{path} kept being replaced by other exports")
+
+
 @contextlib.contextmanager
 def atomic_output(path, overwrite=False):
     """Yield a temporary path beside `path`; move it into place only if the block succeeds.
 
-    An existing `path` is refused unless `overwrite`, and is replaced only after the new
-    artifact was written and verified, so a failure never leaves a half-written artifact
-    or destroys the previous one. The staging directory `.NAME.tmp-HOST-PID-*` names its
-    owner, so a later export removes it if this process is killed (remove_stale_staging).
+    An existing `path` is refused unless `overwrite`, both before the work and at the final
+    move, which claims `path` atomically (`_claim`): of concurrent exports to one target
+    without `overwrite`, one succeeds and the others get FileExistsError. With `overwrite`
+    the last one wins (`_replace`). The previous artifact is replaced only after the new one
+    was written and verified, so a failure never leaves a half-written artifact or destroys
+    the previous one. The staging directory `.NAME.tmp-HOST-PID-*` names its owner, so a
+    later export removes it if this process is killed (remove_stale_staging).
     """
     path = os.path.abspath(path)
     remove_stale_staging(path)  # first: it may put back a previous artifact a killed export held
     if os.path.exists(path) and not overwrite:
-        raise FileExistsError(
-            f"{path} already exists: pass --overwrite to replace it (after the new export verifies)."
-        )
+        raise _exists_error(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     workdir = tempfile.mkdtemp(
@@ -470,15 +699,9 @@ def atomic_output(path, overwrite=False):
         yield staged
         if not os.path.exists(staged):
             raise RuntimeError(f"The exporter wrote nothing to {staged}.")
-        backup = None
-        if os.path.exists(path):
-            backup = os.path.join(workdir, "previous")
-            os.replace(path, backup)
-        try:
-            os.replace(staged, path)
-        except BaseException:
-            if backup:
-                os.replace(backup, path)
-            raise
+        if overwrite:
+            _replace(staged, path, workdir)
+        else:
+            _claim(staged, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -6,8 +6,9 @@
     print(predict.describe())    # runtime, precision, threads, measured difference
 
 Candidates are tried fastest first (the order `python -m bench` measures; docs/benchmarks.md)
-and the first that is installed, runs natively on this CPU and stays within tolerance on the
-check images is kept; "fp32" in the plain Keras deploy form always qualifies. Accuracy is never
+and the first that is installed, runs natively on this CPU and passes the exporters'
+acceptance rule on the check images (export/verify.py: int8 by its top-1 agreement) is kept;
+"fp32" in the plain Keras deploy form always qualifies. Accuracy is never
 traded silently: a reduced precision is used only if its top-1 agreement with the fp32 Keras
 model on the check images is at least `min_agreement`.
 """
@@ -19,8 +20,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export.verify import TOLERANCES
-from repvgg_keras.parity import max_relative_difference
+from export import verify
 
 # Per precision, fastest first as `python -m bench` ranks them (docs/benchmarks.md). TFLite leads
 # int8 because it also keeps the classifier in float; of these runtimes only OpenVINO runs bf16.
@@ -103,6 +103,27 @@ def _build(runtime, precision, deploy, calibration, threads, workdir):
     return runners.onnxruntime(path, threads), "NCHW"
 
 
+def _checked_images(images, name, model):
+    """`images` as float32 NHWC of `model`'s input shape, at least one, all finite; else ValueError."""
+    x = np.asarray(images, np.float32)
+    wanted = tuple(model.input_shape[1:])
+    if x.ndim != 4 or any(w is not None and w != d for w, d in zip(wanted, x.shape[1:])):
+        shape = ", ".join("N" if d is None else str(d) for d in (None, *wanted))
+        raise ValueError(
+            f"{name} must be NHWC images of shape [{shape}], normalised like the model's input; "
+            f"got shape {list(x.shape)}."
+        )
+    if len(x) == 0:
+        raise ValueError(f"{name} holds no images: pass at least one (real images, normalised).")
+    bad = int((~np.isfinite(x.reshape(len(x), -1)).all(axis=1)).sum())
+    if bad:
+        raise ValueError(
+            f"{name} holds NaN or Inf values in {bad} of {len(x)} images: pass finite, "
+            "normalised images."
+        )
+    return x
+
+
 def fast_predictor(
     model,
     *,
@@ -120,6 +141,8 @@ def fast_predictor(
     precision) or one of RUNTIMES.
     check_images: normalised NHWC images to verify on (real images: agreement is only
     meaningful on them); default the calibration images, else 16 random ones.
+    Raises ValueError for images that are empty, of another shape or not finite, for a
+    model whose own outputs on the check images are not finite, or for bad options.
     """
     import repvgg_keras as rk
 
@@ -131,19 +154,31 @@ def fast_predictor(
             f"runtime must be 'auto' or one of {RUNTIME_CHOICES}, precision 'auto' or one of "
             f"{tuple(FASTEST)}; got runtime={runtime!r}, precision={precision!r}."
         )
+    if isinstance(min_agreement, bool) or not 0 <= min_agreement <= 1:
+        raise ValueError(f"min_agreement is a fraction between 0 and 1, got {min_agreement!r}.")
+    if threads is not None and (
+        isinstance(threads, bool) or int(threads) != threads or threads < 1
+    ):
+        raise ValueError(
+            f"threads must be a positive integer (or None: all cores), got {threads!r}."
+        )
     if precision == "int8" and calibration_images is None:
         raise ValueError("precision='int8' needs calibration_images (normalised real images).")
     precisions = (("int8",) if calibration_images is not None else ()) + ("bf16", "fp32")
     precisions = precisions if precision == "auto" else (precision,)
     threads = threads or os.cpu_count()
     deploy = rk.to_deploy(model) if not rk.is_deploy_form(model) else model
+    if calibration_images is not None:
+        calibration_images = _checked_images(calibration_images, "calibration_images", deploy)
     if check_images is None:
         check_images = calibration_images
     if check_images is None:
         _, height, width, channels = deploy.input_shape
         check_images = np.random.default_rng(0).normal(size=(16, height, width, channels))
-    check_images = np.asarray(check_images, np.float32)
-    reference = np.asarray(deploy(check_images, training=False))
+    check_images = _checked_images(check_images, "check_images", deploy)
+    from export.common import check_reference_outputs
+
+    reference = check_reference_outputs(deploy, check_images, "check images")
     tried = []
     with tempfile.TemporaryDirectory() as workdir:
         for candidate_precision in precisions:
@@ -173,15 +208,17 @@ def fast_predictor(
                     run,
                     layout,
                 )
-                outputs = predictor(check_images)
-                predictor.max_rel_diff = max_relative_difference(outputs, reference)
-                predictor.top1_agreement = float(
-                    np.mean(outputs.argmax(-1) == reference.argmax(-1))
+                # The exporters' acceptance rule (int8 by its agreement), plus the agreement asked for.
+                report = verify.compare(
+                    candidate_runtime,
+                    candidate_precision,
+                    predictor(check_images),
+                    reference,
+                    min_agreement=min_agreement,
                 )
-                if (
-                    predictor.max_rel_diff <= TOLERANCES[candidate_precision]
-                    and predictor.top1_agreement >= min_agreement
-                ):
+                predictor.max_rel_diff = report.max_rel
+                predictor.top1_agreement = report.top1_agreement
+                if report.ok and report.top1_agreement >= min_agreement:
                     return predictor
                 tried.append(predictor.describe())
     raise ValueError(

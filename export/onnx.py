@@ -117,7 +117,6 @@ def export_onnx(
         verify.check(report)
         if classes is not None:
             verify.check_classes(artifact, classes, logits)
-            verify.print_verdict([report])
     return report
 
 
@@ -125,7 +124,7 @@ def main(argv):
     del argv
 
     def export(shipped, reference, to_input, pixels):
-        export_onnx(
+        return export_onnx(
             shipped,
             FLAGS.output,
             opset=FLAGS.opset,
@@ -134,7 +133,6 @@ def main(argv):
             reference=reference,
             overwrite=FLAGS.overwrite,
         )
-        return FLAGS.output
 
     return common.run_exporter(export, FLAGS.output, checks=[lambda: check_opset(FLAGS.opset)])
 

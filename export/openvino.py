@@ -75,6 +75,7 @@ def export_openvino(
     reference=None,
     overwrite=False,
     tolerance=None,
+    min_agreement=None,
 ):
     """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
     reference = reference or model
@@ -89,6 +90,7 @@ def export_openvino(
             expected,
             verify.directory_size_mb(staged),
             tolerance,
+            min_agreement,
         )
         verify.check(report)
         with open(os.path.join(staged, "runtime.json"), "w") as f:
@@ -111,7 +113,7 @@ def main(argv):
 
     def export(shipped, reference, to_input, pixels):
         calibration = common.calibration_from_flags(shipped, to_input)
-        export_openvino(
+        return export_openvino(
             shipped,
             FLAGS.output,
             quantize=FLAGS.quantize,
@@ -121,8 +123,8 @@ def main(argv):
             reference=reference,
             overwrite=FLAGS.overwrite,
             tolerance=FLAGS.tolerance,
+            min_agreement=FLAGS.min_agreement,
         )
-        return FLAGS.output
 
     checks = [common.check_calibration_flags, common.refuse_segmentation("export.openvino")]
     return common.run_exporter(export, FLAGS.output, checks=checks)

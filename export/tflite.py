@@ -134,8 +134,10 @@ def export_tflite(
     reference=None,
     overwrite=False,
     tolerance=None,
+    min_agreement=None,
 ):
-    """Convert, verify against `reference` (default `model`), then move into `output`."""
+    """Convert, verify against `reference` (default `model`), then move into `output`.
+    `tolerance`, `min_agreement`: the acceptance rule's bounds (None: verify's defaults)."""
     reference = reference or model
     with common.atomic_output(output, overwrite=overwrite) as staged:
         flatbuffer = convert(model, quantize, calibration)
@@ -151,12 +153,17 @@ def export_tflite(
         else:
             logits = run(staged, verify_inputs)
         report = verify.compare(
-            artifact, PRECISION[quantize], logits, expected, len(flatbuffer) / 2**20, tolerance
+            artifact,
+            PRECISION[quantize],
+            logits,
+            expected,
+            len(flatbuffer) / 2**20,
+            tolerance,
+            min_agreement,
         )
         verify.check(report)
         if classes is not None:
             verify.check_classes(artifact, classes, logits)
-            verify.print_verdict([report])
     return report
 
 
@@ -165,7 +172,7 @@ def main(argv):
 
     def export(shipped, reference, to_input, pixels):
         calibration = common.calibration_from_flags(shipped, to_input)
-        export_tflite(
+        return export_tflite(
             shipped,
             FLAGS.output,
             quantize=FLAGS.quantize,
@@ -174,8 +181,8 @@ def main(argv):
             reference=reference,
             overwrite=FLAGS.overwrite,
             tolerance=FLAGS.tolerance,
+            min_agreement=FLAGS.min_agreement,
         )
-        return FLAGS.output
 
     def check_task():
         if FLAGS.task == "segmentation" and FLAGS.quantize not in SEGMENTATION_QUANTIZATIONS:

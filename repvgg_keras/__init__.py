@@ -7,6 +7,7 @@ model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in it
 seg = rk.PSPNet(backbone="RepVGG_A0", classes=19)            # semantic segmentation
 """
 
+from repvgg_keras import preprocessing  # rk.preprocessing.preprocess_for_eval
 from repvgg_keras.deploy import is_deploy_form, to_deploy
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
@@ -31,6 +32,7 @@ __all__ = [
     "list_models",
     "load_weights",
     "model_from_source",
+    "preprocessing",
     "read_source",
     "SourceError",
     "to_deploy",

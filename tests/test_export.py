@@ -204,6 +204,7 @@ def test_tflite_precisions(tmp_path, models, pixels, name, quantize, max_rel, mi
         verify_inputs=inputs,
         calibration=_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[32:]),
         reference=model,
+        min_agreement=min_top1,  # random weights: near-ties, so int8 keeps less than trained ones
     )
     got = tflite.run(output, inputs)
     expected = np.asarray(model(inputs, training=False))
@@ -502,6 +503,7 @@ def test_openvino_reduced_precisions_keep_top1(tmp_path, models, pixels):
         verify_inputs=inputs,
         calibration=_inputs(images.load_images("fashion_mnist", 64, SIZE, SIZE, 3)),
         reference=model,
+        min_agreement=0.9,
     )
     assert report.precision == "int8" and report.ok and report.top1_agreement >= 0.9
     if supports("bf16"):

@@ -60,6 +60,7 @@ def test_exporter_defaults_need_no_dataset(tmp_path):
             "--image_size=32",
             "--classes=10",
             "--quantize=int8",
+            "--min_agreement=0",  # random weights: int8 keeps no meaningful top-1
             f"--output={output}",
         ],
         cwd=tmp_path,
@@ -69,3 +70,4 @@ def test_exporter_defaults_need_no_dataset(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert " OK" in done.stdout and output.exists()
+    assert done.stdout.strip().splitlines()[-1].startswith("verified: top-1 agreement")
