@@ -259,7 +259,10 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
         return requested, "asked for"
     isa = cpu_features.native_bf16()
     if isa is None:
-        return "fp32", "auto: this CPU has no native bf16 (AMX, AVX512_BF16 or Arm BF16)"
+        return "fp32", (
+            "auto, judging the exporting machine: this CPU has no native bf16 (AMX, AVX512_BF16 "
+            "or Arm BF16)"
+        )
     expected = np.asarray(reference(model_input, training=False))
     if expected.shape[-1] < 2:
         return "fp32", "auto: a one-class model's top-1 agreement means nothing to choose by"
@@ -271,7 +274,10 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
         f"images{per_pixel}"
     )
     if report.ok and report.top1_agreement >= AUTO_MIN_AGREEMENT:
-        return "bf16", f"auto: this CPU has {isa} and bf16 keeps fp32's top-1 ({agreed})"
+        return "bf16", (
+            f"auto, judging the exporting machine: this CPU has {isa} and bf16 keeps fp32's "
+            f"top-1 ({agreed}); serve it on machines with native bf16"
+        )
     return "fp32", (
         f"auto: bf16 would change the answer ({agreed}, max relative difference "
         f"{report.max_rel:.1e}); pass --precision bf16 to export it anyway"
@@ -304,6 +310,8 @@ def main(argv):
                 "--no_fuse, or pass --precision fp32."
             )
         precision, reason = choose_precision(FLAGS.precision, shipped, reference, to_input(pixels))
+        if not FLAGS["precision"].present:
+            reason = "the default: serves alike on every machine; --precision for others"
         print(f"precision: {precision} ({reason})", flush=True)
         if PRECISIONS[precision]:
             import repvgg_keras as rk
@@ -337,12 +345,13 @@ if __name__ == "__main__":
     )
     flags.DEFINE_enum(
         "precision",
-        "auto",
+        "fp32",
         ["auto", *PRECISIONS],
         "What the convolutions compute in; images in and logits out stay float32, the classifier "
-        "float32. auto: bf16 where this CPU runs it natively (AMX, AVX512_BF16, Arm BF16) and it "
-        "keeps the fp32 model's top-1 on the verification images, else fp32. fp16: for GPUs "
-        "(verified here, slow on most CPUs).",
+        "float32. fp32 (the default) serves alike on every machine. auto judges the exporting "
+        "machine: bf16 where this CPU runs it natively (AMX, AVX512_BF16, Arm BF16) and it keeps "
+        "the fp32 model's top-1 on the verification images, else fp32. fp16: for GPUs (verified "
+        "here, slow on most CPUs).",
     )
     flags.mark_flag_as_required("export_dir")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -361,3 +361,41 @@ def test_preprocess_for_eval_matches_the_published_transform():
     expected = (1 - np.array(preprocessing.IMAGENET_MEAN)) / np.array(preprocessing.IMAGENET_STD)
     np.testing.assert_allclose(white[0, 100, 100], expected, rtol=1e-4)
     assert rk.RepVGG_D2se.__name__ == "RepVGG_D2se" and rk.get_spec("D2se").crop_pct == 1.0
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda p, x: p.preprocess_for_eval(x, 224, 1.5), r"crop_pct must be in \(0, 1\], not 1.5"),
+        (lambda p, x: p.preprocess_for_eval(x, 224, 0), r"crop_pct must be in \(0, 1\], not 0"),
+        (lambda p, x: p.preprocess_for_eval(x, 0), "size must be a positive integer, not 0"),
+        (lambda p, x: p.preprocess_for_eval(x, 22.5), "size must be a positive integer"),
+        (lambda p, x: p.preprocess_for_eval(x[0, 0]), r"images must be \[N, H, W, C\].*\(30, 3\)"),
+        (lambda p, x: p.preprocess_for_eval(x[:, :0]), r"shape \(2, 0, 30, 3\) have no pixels"),
+        (lambda p, x: p.preprocess_for_eval(x, mode="imagenet2"), "Unknown preprocessing"),
+        (lambda p, x: p.preprocess_for_eval(np.zeros((1, 8, 8, 4))), "statistics for 3 channels"),
+        (lambda p, x: p.normalize(x[..., :2]), "have 2 channels on the last axis, not 3"),
+        (lambda p, x: p.normalize(x, channels=0), "channels must be a positive integer, not 0"),
+        (lambda p, x: p.scale_and_offset("imagenet", 4), "statistics for 3 channels"),
+        (lambda p, x: p.normalization_layer("imagenet", 2), "statistics for 3 channels"),
+    ],
+)
+def test_preprocessing_refuses_bad_arguments_by_name(call, match):
+    """A crop_pct above 1 used to return a 38 x 13 crop, crop_pct 0 a ZeroDivisionError."""
+    from repvgg_keras import preprocessing
+
+    images = np.random.default_rng(0).uniform(0, 255, (2, 40, 30, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        call(preprocessing, images)
+
+
+def test_preprocess_for_eval_takes_one_image_as_a_batch_of_one():
+    from repvgg_keras import preprocessing
+
+    images = np.random.default_rng(0).uniform(0, 255, (2, 40, 30, 3)).astype(np.float32)
+    one = np.asarray(preprocessing.preprocess_for_eval(images[1], 32, 1.0))
+    batch = np.asarray(preprocessing.preprocess_for_eval(images, 32, 1.0))
+    assert one.shape == (32, 32, 3)
+    np.testing.assert_allclose(one, batch[1], rtol=1e-6, atol=1e-6)
+    unit = preprocessing.preprocess_for_eval(images[:, :, :, :1], 32, 1.0, "unit")
+    assert np.asarray(unit).shape == (2, 32, 32, 1)  # "unit" statistics suit any channel count

@@ -96,7 +96,11 @@ def test_cli_says_which_precision_and_why(tmp_path):
     )
     done = _export(tmp_path, "--precision=auto", "--version=2")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "precision: " in done.stdout and "(auto: " in done.stdout
+    assert "precision: " in done.stdout and "(auto, judging the exporting machine: " in done.stdout
+    # The default is fp32, whatever the exporting CPU: the artifact does not depend on it.
+    done = _export(tmp_path, "--version=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision: fp32 (the default" in done.stdout
     refused = _export(tmp_path, "--precision=bf16", "--no_fuse", "--version=3")
     assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "--no_fuse" in refused.stderr and not (tmp_path / "sm" / "3").exists()

@@ -210,6 +210,7 @@ def test_augmentation_keeps_image_and_mask_aligned(tmp_path):
 
 def test_nearest_resizing_never_invents_labels(tmp_path):
     root = _seg_folder(tmp_path / "seg", classes=(0, 3, 5))
+    (root / "classes.txt").write_text("\n".join("abcdef"))  # 1, 2 and 4 appear in no mask
     masks = root / "train" / "masks" / "0.png"
     mask = np.asarray(Image.open(masks)).copy()
     mask[:4] = 255
@@ -259,6 +260,48 @@ def test_seg_folder_skips_bad_pairs_and_names_them(tmp_path):
         assert expected in message, message
     assert folder.eval_split == "validation"
     assert [len(folder.examples[s]) for s in ("train", "validation")] == [4, 2]
+
+
+def test_mask_values_that_are_no_class_are_named_with_the_remedy(tmp_path):
+    """A stray 200 among 0..4 (no classes.txt) would make a 201-class model; a 16-bit mask's 1000
+    failed later on an ignore_label no flag sets; both now name the mask."""
+    root = _seg_folder(tmp_path / "seg")
+    stray = root / "train" / "masks" / "3.png"
+    mask = np.asarray(Image.open(stray)).copy()
+    mask[0, 0] = 200
+    _write_png(stray, mask)
+    with pytest.raises(ValueError) as caught:
+        segmentation_data.scan_segmentation_folder(str(root))
+    message = str(caught.value)
+    for expected in ("no classes.txt", "5..199 appear in no mask", "3.png holds the value 200",
+                     "train/masks/3.png", "Mark stray pixels 255", "classes.txt naming"):  # fmt: skip
+        assert expected in message, message
+    (root / "classes.txt").write_text("\n".join("abcde"))
+    with pytest.raises(ValueError, match="train/masks/3.png holds class index 200 but classes.txt"):
+        segmentation_data.scan_segmentation_folder(str(root))
+    deep = root / "test" / "masks" / "1.png"
+    Image.fromarray(np.full(np.asarray(Image.open(deep)).shape, 1000, np.uint16)).save(deep)
+    assert Image.open(deep).mode == "I;16"
+    with pytest.raises(ValueError, match=r"test/masks/1.png holds the value 1000; mask values are "
+                       r"class indices 0..254, and 255 marks pixels to ignore"):  # fmt: skip
+        segmentation_data.scan_segmentation_folder(str(root))
+
+
+def test_two_images_of_one_name_are_refused_and_other_files_named(tmp_path):
+    root = _seg_folder(tmp_path / "seg")
+    warnings = io.StringIO()
+    (root / "train" / "images" / "notes.txt").write_text("about")
+    _write_png(root / "train" / "images" / "6.png", np.zeros((24, 24), np.uint8))
+    Image.fromarray(np.zeros((24, 24), np.uint8)).save(root / "train" / "masks" / "6.jpg")
+    folder = segmentation_data.scan_segmentation_folder(str(root), warn=warnings)
+    assert len(folder.examples["train"]) == 6
+    for expected in ("train/images/notes.txt (not a .jpg/.png/.gif/.bmp file)",
+                     "train/masks/6.jpg (not a .png file)", "train/images/6.png (no mask)"):  # fmt: skip
+        assert expected in warnings.getvalue(), warnings.getvalue()
+    Image.fromarray(np.zeros((40, 56), np.uint8)).save(root / "train" / "images" / "1.jpg")
+    with pytest.raises(ValueError, match=r"train/images/1.jpg and train/images/1.png share the "
+                       "name '1'.*rename or remove one"):  # fmt: skip
+        segmentation_data.scan_segmentation_folder(str(root))
 
 
 def test_seg_folder_mistakes_are_one_clear_error(tmp_path):

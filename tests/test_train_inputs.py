@@ -184,6 +184,50 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
     assert sum(int(x.shape[0]) for x, _ in evaluation) == 4
 
 
+def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, capsys):
+    """JPEG, PNG, GIF and BMP are read (class c has only GIF and BMP); a text file, a folder inside a
+    class folder, a file beside the class folders and an unused split are named in one warning."""
+    from PIL import Image
+
+    root = _folder(tmp_path / "photos", train_per_class=1, test_per_class=1)
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    for split, names in (("train", ("0.gif", "1.bmp", "2.jpg")), ("test", ("0.bmp",))):
+        for name in names:
+            (root / split / "c").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(root / split / "c" / name)
+    (root / "train" / "a" / "notes.txt").write_text("not an image")
+    (root / "train" / "b" / "more").mkdir()
+    (root / "test" / "readme.md").write_text("about")
+    _png(root / "val" / "a" / "0.png", seed=1)  # test/ is the evaluation split, val/ is not read
+    train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
+    assert (info.num_classes, info.train_examples, info.eval_examples) == (3, 5, 3)
+    labels = [int(label) for _, y in evaluation for label in np.argmax(y, -1)]
+    assert sorted(labels) == [0, 1, 2]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert warnings == [
+        f"warning: ignored 4 entries that are not .jpg/.png/.gif/.bmp files of a class folder in "
+        f"{root}: val/, train/a/notes.txt, train/b/more/, test/readme.md"
+    ], warnings
+
+
+def test_counts_that_cannot_be_honoured_are_named(tmp_path, capsys):
+    root = _folder(tmp_path / "photos")  # 16 train, 4 test images
+    _, evaluation, info = data.load(
+        f"folder:{root}", image_size=32, batch_size=20, train_take=100, eval_take=50
+    )
+    assert (info.train_examples, info.eval_examples) == (16, 4)
+    assert sum(int(x.shape[0]) for x, _ in evaluation) == 4
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert warnings == [
+        "warning: --train_take 100 is more than the 16 examples of the train split: using all 16.",
+        "warning: --eval_take 50 is more than the 4 examples of the test split: using all 4.",
+        "warning: --batch_size 20 is more than the 16 training examples: each batch holds some "
+        "of them more than once.",
+    ], warnings
+    data.load(f"folder:{root}", image_size=32, batch_size=8, train_take=10, eval_take=4)
+    assert capsys.readouterr().err == ""  # counts that fit: nothing to say
+
+
 def test_empty_folders_are_named(tmp_path):
     empty_root = tmp_path / "empty"
     empty_root.mkdir()

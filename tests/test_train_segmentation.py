@@ -45,7 +45,11 @@ def test_short_run_both_forms_agree_and_a_rerun_reports_it(tmp_path):
     with open(tmp_path / "run_config.json") as f:
         recorded = json.load(f)
     assert recorded["finished"] and recorded["miou"] == last
-    assert recorded["flags"]["task"] == "segmentation" and recorded["flags"]["output_stride"] == 8
+    run = recorded["flags"]
+    assert run["task"] == "segmentation" and run["recipe"] == "segmentation"
+    # At most 64 px the small-input head is the default (train/recipes.py SEGMENTATION_HEADS).
+    assert (run["output_stride"], run["low_level_skip"], run["image_refine"]) == (16, True, True)
+    assert run["head_channels"] == 16 and run["scale_augment"] is False
 
     deploy = keras.models.load_model(tmp_path / "model_deploy.keras")
     assert len(deploy.outputs) == 1 and deploy.output_shape == (None, 32, 32, 11)  # no aux head
@@ -170,6 +174,25 @@ def test_classification_flags_are_refused_with_segmentation(tmp_path):
     assert "--mixup apply to classification only" in result.stderr
     assert not os.path.exists(tmp_path / "run_config.json")
     _one_error_line(_train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--output_stride", "4"))
+
+
+def test_segmentation_defaults_follow_the_input_size():
+    """--task segmentation trains with its own recipe; the head's defaults depend on the input
+    size; a flag given replaces only its own option."""
+    from train import recipes
+
+    recipe = recipes.get_recipe(recipes.DEFAULT_RECIPE["segmentation"], image_size=64)
+    assert (recipe.batch_size, recipe.optimizer) == (32, "sgd")
+    assert abs(recipe.scaled_lr(recipe.batch_size) - 0.4) < 1e-9
+    small, large = recipes.segmentation_head(64), recipes.segmentation_head(512)
+    assert small["output_stride"] == 16 and small["low_level_skip"] and small["image_refine"]
+    assert large["output_stride"] == 8 and not large["low_level_skip"] and large["scale_augment"]
+    assert recipes.segmentation_head(64, output_stride=8, image_refine=False) == {
+        **small,
+        "output_stride": 8,
+        "image_refine": False,
+    }
+    assert recipes.DEFAULT_RECIPE["classification"] == "small"
 
 
 def test_recipe_optimizer_choice():

@@ -68,7 +68,10 @@ flags.DEFINE_bool(
     "training_curves.png, the .keras models; other files stay) and train from scratch.",
 )
 flags.DEFINE_enum(
-    "recipe", "small", ["paper120", "paper200", "small"], "Training recipe (train/recipes.py)."
+    "recipe",
+    None,
+    ["paper120", "paper200", "small", "segmentation"],
+    "Training recipe (train/recipes.py); default: small, or segmentation for --task segmentation.",
 )
 flags.DEFINE_integer("image_size", None, "Training resolution (default: the variant's, 224).")
 flags.DEFINE_integer(
@@ -154,28 +157,40 @@ flags.DEFINE_float(
     60,
     "With --verbose 2: seconds between progress lines inside an epoch (0: none).",
 )
-flags.DEFINE_integer("output_stride", 8, "Segmentation: backbone output stride, 8 or 16.")
+flags.DEFINE_integer(
+    "output_stride",
+    None,
+    "Segmentation: backbone output stride, 8 or 16 (default: 16 for inputs of at most 64 px, "
+    "else 8; train/recipes.py SEGMENTATION_HEADS, like the four options below).",
+)
 flags.DEFINE_bool(
     "fast", False, "Segmentation: the paper's -fast backbone (dilation in the last 5 blocks only)."
 )
-flags.DEFINE_integer("head_channels", 512, "Segmentation: width of the PSPNet head's 3x3 conv.")
+flags.DEFINE_integer(
+    "head_channels",
+    None,
+    "Segmentation: width of the PSPNet head's 3x3 conv (default: 128 at most 64 px, else 512).",
+)
 flags.DEFINE_bool(
     "low_level_skip",
-    False,
-    "Segmentation: refine the PSPNet head with stride-4 backbone features (for small images).",
+    None,
+    "Segmentation: refine the PSPNet head with stride-4 backbone features (default: on at most "
+    "64 px).",
 )
 flags.DEFINE_bool(
     "image_refine",
-    False,
-    "Segmentation: correct the upsampled logits at full resolution from the image (sharp outlines).",
+    None,
+    "Segmentation: correct the upsampled logits at full resolution from the image (sharp "
+    "outlines; default: on at most 64 px).",
 )
 flags.DEFINE_float(
     "aux_weight", 0.4, "Segmentation: weight of the auxiliary (stage 3) loss; 0 drops that head."
 )
 flags.DEFINE_bool(
     "scale_augment",
-    True,
-    "Segmentation: random scale (0.5-2x), crop and flip of image and mask together.",
+    None,
+    "Segmentation: random scale (0.5-2x), crop and flip of image and mask together (default: on "
+    "above 64 px; smaller inputs flip only).",
 )
 flags.mark_flag_as_required("model_dir")
 
@@ -244,7 +259,7 @@ def flag_problems():
     check("eval_crop", low=0, high=1, low_open=True)
     check("head_channels", low=1, integer=True)
     check("aux_weight", low=0)
-    if FLAGS.output_stride not in (8, 16):
+    if FLAGS.output_stride not in (None, 8, 16):
         problems.append(f"--output_stride must be 8 or 16, not {FLAGS.output_stride}")
     if FLAGS.task == "segmentation":
         classification_only = [
@@ -305,7 +320,7 @@ def run_config(spec, image_size, recipe):
         "train_take": FLAGS.train_take,
         "eval_take": FLAGS.eval_take,
         "steps_per_epoch": FLAGS.steps_per_epoch,
-        "recipe": FLAGS.recipe,
+        "recipe": recipe_name(),
         "mixed_precision": FLAGS.mixed_precision,
         "seed": FLAGS.seed,
     }
@@ -327,22 +342,29 @@ def run_config(spec, image_size, recipe):
     if recipe.optimizer != "sgd":  # recorded when it differs, so earlier SGD runs still resume
         config["optimizer"] = recipe.optimizer
     if FLAGS.task == "segmentation":
-        config.update(segmentation_options(), task="segmentation")
+        config.update(segmentation_options(image_size), task="segmentation")
     return json.loads(json.dumps(config))  # as it reads back from the file
 
 
-def segmentation_options():
-    options = {
-        "output_stride": FLAGS.output_stride,
-        "fast": FLAGS.fast,
-        "head_channels": FLAGS.head_channels,
-        "low_level_skip": FLAGS.low_level_skip,
-        "aux_weight": FLAGS.aux_weight,
-        "scale_augment": FLAGS.scale_augment,
-    }
-    if FLAGS.image_refine:  # recorded when on, so earlier runs still resume
-        options["image_refine"] = True
-    return options
+def recipe_name():
+    from train import recipes
+
+    return FLAGS.recipe or recipes.DEFAULT_RECIPE[FLAGS.task]
+
+
+def segmentation_options(image_size):
+    """The PSPNet options of this run: the flags given, the rest from the head for its size."""
+    from train import recipes
+
+    head = recipes.segmentation_head(
+        image_size,
+        output_stride=FLAGS.output_stride,
+        head_channels=FLAGS.head_channels,
+        low_level_skip=FLAGS.low_level_skip,
+        image_refine=FLAGS.image_refine,
+        scale_augment=FLAGS.scale_augment,
+    )
+    return {**head, "fast": FLAGS.fast, "aux_weight": FLAGS.aux_weight}
 
 
 def _write_json(path, content):
@@ -376,6 +398,9 @@ def prepare_model_dir(model_dir, config, overwrite):
         raise UsageError(
             f"cannot create --model_dir {model_dir!r}: {error.strerror or error}."
         ) from None
+    from train import lock
+
+    lock.lock_model_dir(model_dir)  # held until this process ends: one trainer per model_dir
     path = os.path.join(model_dir, RUN_CONFIG)
     progress = [
         name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))
@@ -436,7 +461,10 @@ def make_strategy(tpu=None):
 
 def worker_role():
     """(is_chief, task index) from TF_CONFIG; single-process runs are the chief."""
-    config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    try:
+        config = json.loads(os.environ.get("TF_CONFIG", "{}"))
+    except ValueError as error:
+        raise UsageError(f"the environment variable TF_CONFIG is not JSON ({error}).") from None
     task = config.get("task", {})
     kind, index = task.get("type", "chief"), int(task.get("index", 0))
     has_chief = "chief" in config.get("cluster", {})
@@ -499,13 +527,13 @@ def train():
 
     import repvgg_keras as rk
     from train import callbacks as cb
-    from train import data, distributed, recipes
+    from train import data, distributed, guards, recipes
 
     keras.utils.set_random_seed(FLAGS.seed)
     spec = build_spec()
     image_size = FLAGS.image_size or spec.default_size
     recipe = recipes.get_recipe(
-        FLAGS.recipe,
+        recipe_name(),
         image_size=image_size,
         epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size,
@@ -525,6 +553,7 @@ def train():
     model_dir = (
         FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
     )
+    guards.SIGNALS.backup_dir = os.path.join(model_dir, "backup")
     finished = prepare_model_dir(model_dir, run_config(spec, image_size, recipe), FLAGS.overwrite)
     if finished is not None:
         print(
@@ -563,8 +592,9 @@ def train():
         from train import segmentation_data
         from train import segmentation_task as seg
 
+        head = segmentation_options(image_size)
         train_ds, eval_ds, info = segmentation_data.load(
-            FLAGS.dataset, augment=FLAGS.scale_augment, **common
+            FLAGS.dataset, augment=head["scale_augment"], **common
         )
     else:
         train_ds, eval_ds, info = data.load(
@@ -584,17 +614,26 @@ def train():
     steps_per_epoch = FLAGS.steps_per_epoch or max(1, info.train_examples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
+    if FLAGS.warmup_epochs is not None and warmup_steps < recipe.warmup_epochs * steps_per_epoch:
+        print(
+            f"warning: {recipe.warmup_epochs:g} warm-up epoch(s) are "
+            f"{int(recipe.warmup_epochs * steps_per_epoch)} steps, more than the run's "
+            f"{total_steps}: warming up over {warmup_steps} step(s) (--warmup_epochs).",
+            file=sys.stderr,
+            flush=True,
+        )
     peak_lr = recipe.scaled_lr(recipe.batch_size)
     use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
     what = (
-        f"PSPNet on {spec.name} (output stride {FLAGS.output_stride}"
-        f"{', fast' if FLAGS.fast else ''}{', low-level skip' if FLAGS.low_level_skip else ''}"
-        f"{', image refine' if FLAGS.image_refine else ''})"
+        f"PSPNet on {spec.name} (output stride {head['output_stride']}, head "
+        f"{head['head_channels']}{', fast' if FLAGS.fast else ''}"
+        f"{', low-level skip' if head['low_level_skip'] else ''}"
+        f"{', image refine' if head['image_refine'] else ''})"
         if segmentation
         else spec.name
     )
     augmentation = (
-        f"scale_augment {'on' if FLAGS.scale_augment else 'off'}"
+        f"scale_augment {'on' if head['scale_augment'] else 'off'}"
         if segmentation
         else f"augment {recipe.augment}"
     )
@@ -602,7 +641,7 @@ def train():
         f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
-        f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {FLAGS.recipe} "
+        f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {recipe_name()} "
         f"({augmentation}): "
         f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, "
         f"{recipe.optimizer} peak lr {peak_lr:g}",
@@ -615,7 +654,7 @@ def train():
                 spec,
                 image_size,
                 info.num_classes,
-                options=segmentation_options(),
+                options=head,
                 quant_friendly=FLAGS.quant_friendly,
                 bn_synchronized=strategy.num_replicas_in_sync > 1,
             )
@@ -647,16 +686,20 @@ def train():
 
     csv_path = os.path.join(model_dir, "training_log.csv")
     nan_stopper = cb.NaNStopper()
+    # Kept after fit: a run killed before it is recorded as finished resumes from the last backup
+    # instead of training again; removed once run_config.json says finished.
+    backup = cb.BackupEveryStepsAndEpoch(
+        os.path.join(model_dir, "backup"),
+        save_freq=FLAGS.checkpoint_every,
+        delete_checkpoint=False,
+        agree=distributed.oldest_among_workers(strategy) if multi_worker else None,
+        steps_per_epoch=steps_per_epoch,
+    )
+    guards.SIGNALS.backup = backup
     callbacks = [
-        # Kept after fit: a run killed before it is recorded as finished resumes from the last epoch
-        # instead of training again; removed once run_config.json says finished.
-        cb.BackupEveryStepsAndEpoch(
-            os.path.join(model_dir, "backup"),
-            save_freq=FLAGS.checkpoint_every,
-            delete_checkpoint=False,
-            agree=distributed.oldest_among_workers(strategy) if multi_worker else None,
-        ),
+        backup,
         cb.ResumeReporter(os.path.join(model_dir, "last_step")),
+        guards.SIGNALS,  # after the two above: a signal saves the step they counted
         nan_stopper,
         cb.LearningRateLogger(),
         keras.callbacks.CSVLogger(csv_path, append=True),
@@ -665,32 +708,48 @@ def train():
     ]
     if FLAGS.verbose == 2 and FLAGS.progress_every > 0:
         callbacks.append(cb.ProgressLines(FLAGS.progress_every))
-    if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
-        distributed.fit(
-            model,
+
+    def fit(steps):
+        if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
+            return distributed.fit(
+                model,
+                train_ds,
+                strategy=strategy,
+                epochs=recipe.epochs,
+                steps_per_epoch=steps,
+                validation_data=eval_ds,
+                callbacks=callbacks,
+                verbose=FLAGS.verbose,
+            )
+        return model.fit(
             train_ds,
-            strategy=strategy,
             epochs=recipe.epochs,
-            steps_per_epoch=steps_per_epoch,
-            validation_data=eval_ds,
-            callbacks=callbacks,
-            verbose=FLAGS.verbose,
-        )
-    else:
-        model.fit(
-            train_ds,
-            epochs=recipe.epochs,
-            steps_per_epoch=steps_per_epoch,
+            steps_per_epoch=steps,
             validation_data=eval_ds,
             callbacks=callbacks,
             verbose=FLAGS.verbose,
             shuffle=False,
         )
+
+    guards.fit_resumable(
+        fit,
+        backup,
+        epochs=recipe.epochs,
+        steps_per_epoch=steps_per_epoch,
+        stopped=lambda: nan_stopper.stopped_at is not None,
+    )
+    remedy = (
+        f"lower --base_lr (now {recipe.base_lr:g}) or check the data, then rerun with "
+        "--overwrite to start afresh"
+    )
     if nan_stopper.stopped_at is not None:
         raise FloatingPointError(
-            f"The loss became NaN/inf at step {nan_stopper.stopped_at}; training stopped. "
-            "Lower --base_lr or check the data, then rerun with --overwrite to start afresh."
+            f"training diverged (NaN/inf): {nan_stopper.what} (optimizer step "
+            f"{nan_stopper.stopped_at}); training stopped and no model was saved: {remedy}."
         )
+    diverged = guards.divergence(model)
+    if diverged:
+        raise FloatingPointError(f"training diverged: {diverged}; no model was saved: {remedy}.")
     if segmentation:
         result, gap = seg.finish(model, model_dir, segmentation_eval_ds, info, strategy)
         if multi_worker:
@@ -703,6 +762,10 @@ def train():
         print(result, flush=True)
         return gap
 
+    evaluation = None if multi_worker else model.evaluate(eval_ds, verbose=0, return_dict=True)
+    diverged = evaluation and guards.divergence(model, val_loss=evaluation["loss"])
+    if diverged:
+        raise FloatingPointError(f"training diverged: {diverged}; no model was saved: {remedy}.")
     model.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():
         deploy = rk.to_deploy(model)
@@ -716,8 +779,16 @@ def train():
         deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
         print(f"weights digest: {distributed.weights_digest(model):.10e}")
     else:
-        train_acc = model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
-        deploy_acc = deploy.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
+        train_acc = evaluation["accuracy"]
+        deploy_evaluation = deploy.evaluate(eval_ds, verbose=0, return_dict=True)
+        deploy_acc = deploy_evaluation["accuracy"]
+        diverged = guards.divergence(deploy, val_loss=deploy_evaluation["loss"])
+        if diverged:
+            os.remove(os.path.join(model_dir, "model_deploy.keras"))
+            raise FloatingPointError(
+                f"the deploy form does not compute: {diverged}; model_deploy.keras was removed: "
+                f"{remedy}."
+            )
     print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
     print(
         f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
@@ -739,13 +810,42 @@ def main(argv):
     if problems:
         print(f"error: {'; '.join(problems)}.", file=sys.stderr)
         return 1
+    import signal
+
+    from train import lock
+
+    early = []  # SIGINT/SIGTERM while TensorFlow loads: noted, answered once it has loaded
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, lambda signum, frame: early.append(signum))
+    try:  # before TensorFlow loads: a second trainer is refused at once (else prepare_model_dir)
+        is_chief, index = worker_role()
+        own_dir = FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{index}")
+        if os.path.isdir(own_dir):
+            lock.lock_model_dir(own_dir)
+    except (ValueError, OSError) as error:  # ModelDirBusy, a malformed TF_CONFIG
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    backup_dir = os.path.join(own_dir, "backup")
     import tensorflow as tf
 
-    from train import data
+    from train import data, guards
 
     logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it constructs
+    guards.SIGNALS.install()
+    if early:
+        print(lock.interrupted_message(early[0], backup_dir), file=sys.stderr)
+        return 128 + early[0]
     try:
         train()
+    except guards.Interrupted as interrupted:
+        if os.environ.get("REPVGG_TRACEBACK"):
+            raise
+        print(
+            lock.interrupted_message(interrupted.signum, guards.SIGNALS.backup_dir or backup_dir),
+            file=sys.stderr,
+        )
+        return 128 + interrupted.signum
     except (data.DatasetNotFound, ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise

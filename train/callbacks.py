@@ -7,31 +7,47 @@ import os
 import time
 
 import keras
+import numpy as np
 
 
 class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
     """BackupAndRestore that saves every `save_freq` steps *and* at the end of each epoch.
 
     On restart the same command resumes from the last backup: weights, optimizer state
-    (so the lr schedule) and epoch. The backup before the last is kept too, so that workers
-    killed while some had saved a step and others had not can all resume from one step:
-    `agree` (set by the multi-worker loop) maps this worker's newest step to the newest step
-    every worker holds.
+    (so the lr schedule), epoch and batch (`train.guards.fit_resumable` finishes a partial
+    epoch first). Each backup records the batches trained (`batches`) and the optimizer
+    step. The backup before the last is kept too, so that workers killed while some had
+    saved a step and others had not can all resume from one step: `agree` (set by the
+    multi-worker loop) maps this worker's newest step to the newest step every worker holds.
+    `stop_after_epoch`: stop the fit at the end of that epoch (a resumed partial epoch).
     """
 
-    def __init__(self, *args, agree=None, **kwargs):
+    def __init__(self, *args, agree=None, steps_per_epoch=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.agree = agree
+        self.steps_per_epoch = steps_per_epoch
+        self.stop_after_epoch = None
+        self.batches_done = 0
+        self._plan = None
         # Keras loads only files named *.weights.h5.
         self._prev_weights_path = os.path.join(self.backup_dir, "previous.weights.h5")
         self._prev_training_metadata_path = os.path.join(
             self.backup_dir, "previous_training_metadata.json"
         )
 
+    def on_epoch_begin(self, epoch, logs=None):
+        self._current_epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches_done += 1
+        super().on_train_batch_end(batch, logs)
+
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         if self.save_freq != "epoch":
             self._save_model()
+        if self.stop_after_epoch == epoch:
+            self.model.stop_training = True
 
     def _save_model(self):
         """Write the new backup beside the last, then rename: the last becomes the previous.
@@ -47,7 +63,7 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             json.dump(
                 {
                     "epoch": self._current_epoch,
-                    "batch": self._last_batch_seen,
+                    "batches": self.batches_done,  # trained in all: epoch and batch to resume at
                     "step": int(self.model.optimizer.iterations.numpy()),
                 },
                 f,
@@ -59,7 +75,7 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         os.replace(staged_metadata, self._training_metadata_path)
 
     def _generations(self):
-        """[(step, epoch, weights path)] of the backups on disk, newest first."""
+        """[metadata with "weights" (its path) and "batches"] of the backups on disk, newest first."""
         found = []
         for weights, metadata in (
             (self._weights_path, self._training_metadata_path),
@@ -68,54 +84,85 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             if os.path.exists(weights) and os.path.exists(metadata):
                 with open(metadata) as f:
                     record = json.load(f)
-                found.append((record.get("step"), record["epoch"], weights))
+                # Backups of older versions count no batches: their optimizer step is the count.
+                record.setdefault("batches", record.get("step") or 0)
+                found.append(dict(record, weights=weights))
         return found
 
-    def on_train_begin(self, logs=None):
+    def plan(self):
+        """Choose the backup the next fit starts from and return its metadata (None: start afresh).
+
+        The newest backup whose file reads; with `agree`, the one at the newest step every
+        worker holds (all workers call this together)."""
         generations = self._generations()
-        held = ", ".join(str(g[0]) for g in generations)
+        held = ", ".join(str(g.get("step")) for g in generations)
+        readable = [g for g in generations if _h5_readable(g["weights"])]
         if self.agree is not None:
-            target = self.agree((generations[0][0] or 0) if generations else 0)
-            if target == 0:
-                return  # some worker holds no backup: every worker starts afresh
-            generations = [g for g in generations if g[0] == target]
-        for _, epoch, weights in generations:
-            if self.model.optimizer is not None and not self.model.optimizer.built:
-                self.model.optimizer.build(self.model.trainable_variables)
-            try:
-                self.model.load_weights(weights)
-            except OSError:  # a file cut short: try the previous backup
-                continue
-            self.model._initial_epoch = epoch
-            return
-        if self.agree is not None:
-            raise ValueError(
-                f"this worker's backups in {self.backup_dir} (steps {held or 'none'}) do not "
-                f"include step {target}, the newest every worker holds: the workers' backup/ "
-                "folders come from different runs. Rerun with --overwrite to start afresh."
-            )
-        if held:
+            target = self.agree((readable[0].get("step") or 0) if readable else 0)
+            if target == 0:  # some worker holds no backup: every worker starts afresh
+                self._plan = ("fresh", None)
+                return None
+            readable = [g for g in readable if g.get("step") == target]
+            if not readable:
+                raise ValueError(
+                    f"this worker's backups in {self.backup_dir} (steps {held or 'none'}) do not "
+                    f"include step {target}, the newest every worker holds: the workers' backup/ "
+                    "folders come from different runs. Rerun with --overwrite to start afresh."
+                )
+        if not readable and held:
             raise ValueError(
                 f"the backups in {self.backup_dir} (steps {held}) cannot be read. Rerun with "
                 "--overwrite to start afresh."
             )
+        self._plan = ("resume", readable[0]) if readable else ("fresh", None)
+        return self._plan[1]
+
+    def on_train_begin(self, logs=None):
+        if self._plan is None:
+            self.plan()
+        _, record = self._plan
+        self._plan = None
+        if record is None:
+            return
+        if self.model.optimizer is not None and not self.model.optimizer.built:
+            self.model.optimizer.build(self.model.trainable_variables)
+        try:
+            self.model.load_weights(record["weights"])
+        except OSError as error:
+            raise ValueError(
+                f"the backup {record['weights']} cannot be read ({error}). Rerun with "
+                "--overwrite to start afresh."
+            ) from None
+        self.batches_done = record["batches"]
+        self._current_epoch = (
+            record["batches"] // self.steps_per_epoch if self.steps_per_epoch else record["epoch"]
+        )
+        self.model._initial_epoch = self._current_epoch
+
+
+def _h5_readable(path):
+    """Whether every dataset of an HDF5 file reads (a file cut short or corrupted does not)."""
+    import h5py
+
+    def read(name, item):
+        if isinstance(item, h5py.Dataset):
+            item[()]
+
+    try:
+        with h5py.File(path, "r") as f:
+            f.visititems(read)
+        return True
+    except Exception:  # h5py raises OSError, KeyError, RuntimeError... on damaged files
+        return False
 
 
 class ResumeReporter(keras.callbacks.Callback):
-    """Prints where training starts (after BackupAndRestore restored it) and records the step."""
+    """Records the optimizer step after each batch in `step_file` (train.guards.fit_resumable
+    announces where a run resumes)."""
 
     def __init__(self, step_file):
         super().__init__()
         self.step_file = step_file
-
-    def on_train_begin(self, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
-        epoch = getattr(self.model, "_initial_epoch", 0) or 0
-        if step:
-            print(
-                f"Resuming from the last checkpoint: epoch {epoch}, optimizer step {step}.",
-                flush=True,
-            )
 
     def on_train_batch_end(self, batch, logs=None):
         staged = self.step_file + ".tmp"
@@ -169,16 +216,30 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 
 class NaNStopper(keras.callbacks.TerminateOnNaN):
-    """Stops on a NaN/inf loss and remembers it, so the run can end with a clear message."""
+    """Stops on a NaN/inf training loss after a batch, or a NaN/inf training or validation loss at
+    an epoch end (weights or BatchNorm statistics that overflowed while the batch loss stayed
+    finite), and remembers where and what, so the run can end with a clear message."""
 
     def __init__(self):
         super().__init__()
         self.stopped_at = None
+        self.what = None
 
     def on_batch_end(self, batch, logs=None):
         super().on_batch_end(batch, logs)
         if self.model.stop_training and self.stopped_at is None:
             self.stopped_at = int(self.model.optimizer.iterations.numpy())
+            self.what = f"the training loss became {float((logs or {}).get('loss', 'nan'))}"
+
+    def on_epoch_end(self, epoch, logs=None):
+        for key, name in (("loss", "training"), ("val_loss", "validation")):
+            value = (logs or {}).get(key)
+            if value is None or self.stopped_at is not None:
+                continue
+            if not np.isfinite(float(value)):
+                self.stopped_at = int(self.model.optimizer.iterations.numpy())
+                self.what = f"the {name} loss became {float(value)} after epoch {epoch + 1}"
+                self.model.stop_training = True
 
 
 class CurvePlotter(keras.callbacks.Callback):

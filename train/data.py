@@ -106,12 +106,14 @@ def dataset_info(builder, eval_split=None):
     return DatasetInfo(label.num_classes, size("train"), size(eval_split), eval_split)
 
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")  # as tfds's ImageFolder
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".gif", ".bmp")  # what decode_image reads
+IMAGE_FORMATS = "/".join(e for e in IMAGE_EXTENSIONS if e != ".jpeg")  # for messages
 EVAL_SPLITS = ("validation", "test", "val")
 
 
 def decode_image(contents):
-    """JPEG/PNG bytes -> uint8 RGB (gray and alpha images too); the folder check uses the same op."""
+    """JPEG/PNG/GIF (first frame)/BMP bytes -> uint8 RGB (gray and alpha images too); the folder
+    check uses the same op."""
     return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
 
@@ -160,9 +162,12 @@ def _listing(names, limit=8):
 def scan_image_folder(root, eval_split=None, warn=None):
     """Check root/<split>/<class>/<image> and list its examples (ImageFolder).
 
-    Every .jpg/.jpeg/.png of the training and evaluation splits is decoded once: unreadable ones are
-    skipped, and named in one warning line on `warn`, so that training does not stop mid-epoch on
-    them. Raises DatasetNotFound for a missing root and ValueError naming the missing or empty split
+    Every .jpg/.jpeg/.png/.gif/.bmp of the training and evaluation splits is decoded once:
+    unreadable ones are skipped, and named in one warning line on `warn`, so that training does not
+    stop mid-epoch on them; every other entry that is not read (a file of another type, a folder
+    inside a class folder, a file beside the class folders, a split other than the two used) is
+    named in another.
+    Raises DatasetNotFound for a missing root and ValueError naming the missing or empty split
     folders and the class folders without a readable image.
     """
     expected = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or validation/, val/)"
@@ -182,17 +187,28 @@ def scan_image_folder(root, eval_split=None, warn=None):
         )
     class_names = sorted({c for split in splits for c in _subfolders(os.path.join(root, split))})
     listed, empty = {}, []
+    ignored = [  # other splits (val/ beside test/), files beside the splits
+        f"{f}{'/' if os.path.isdir(os.path.join(root, f)) else ''}"
+        for f in sorted(os.listdir(root))
+        if f not in ("train", eval_split)
+    ]
     for split in ("train", eval_split):
         classes = _subfolders(os.path.join(root, split))
         if not classes:
             empty.append(f"{split}/ (no class folders)")
-        listed[split] = [
-            (os.path.join(root, split, c, f), class_names.index(c))
-            for c in classes
-            for f in sorted(os.listdir(os.path.join(root, split, c)))
-            if f.lower().endswith(IMAGE_EXTENSIONS)
-            and os.path.isfile(os.path.join(root, split, c, f))
+        ignored += [
+            f"{split}/{f}"
+            for f in sorted(os.listdir(os.path.join(root, split)))
+            if f not in classes
         ]
+        listed[split] = []
+        for c in classes:
+            for f in sorted(os.listdir(os.path.join(root, split, c))):
+                path = os.path.join(root, split, c, f)
+                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
+                    listed[split].append((path, class_names.index(c)))
+                else:
+                    ignored.append(f"{split}/{c}/{f}{'/' if os.path.isdir(path) else ''}")
     paths = [path for examples in listed.values() for path, _ in examples]
     with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
         readable = dict(zip(paths, pool.map(_readable, paths)))
@@ -214,6 +230,14 @@ def scan_image_folder(root, eval_split=None, warn=None):
     ]
     if untrained:
         empty += [f"train/{c}/ (missing)" for c in untrained]
+    if ignored:
+        print(
+            f"warning: ignored {len(ignored)} entr{'y' if len(ignored) == 1 else 'ies'} that "
+            f"{'is' if len(ignored) == 1 else 'are'} not {IMAGE_FORMATS} files of a class folder "
+            f"in {root}: {_listing(ignored)}",
+            file=warn or sys.stderr,
+            flush=True,
+        )
     if unreadable:
         print(
             f"warning: skipped {len(unreadable)} unreadable image(s) of {len(paths)} in {root}: "
@@ -223,7 +247,7 @@ def scan_image_folder(root, eval_split=None, warn=None):
         )
     if empty:
         raise ValueError(
-            f"Image folder {root!r}: no readable .jpg/.jpeg/.png image in {_listing(empty)}"
+            f"Image folder {root!r}: no readable {IMAGE_FORMATS} image in {_listing(empty)}"
             f"{' (unreadable ones skipped)' if unreadable else ''}; every class needs at least one "
             "image in train/ and each split at least one class folder."
         )
@@ -330,16 +354,37 @@ def _mixup(images, labels, alpha):
     )
 
 
-def read_splits(read, info, train_take=None, eval_take=None):
+def read_splits(read, info, train_take=None, eval_take=None, batch_size=None, warn=None):
     """(train, eval) datasets from `read(split)`, cut to the first N examples where asked;
-    `info`'s example counts follow the cut."""
+    `info`'s example counts follow the cut. A count that cannot be honoured (a take larger than
+    its split, a batch larger than the training examples) is named in one warning line each."""
     train_raw, eval_raw = read("train"), read(info.eval_split)
+    for flag, take, split, attribute in (
+        ("--train_take", train_take, "train", "train_examples"),
+        ("--eval_take", eval_take, info.eval_split, "eval_examples"),
+    ):
+        if not take:
+            continue
+        available = getattr(info, attribute)
+        if take > available:
+            print(
+                f"warning: {flag} {take} is more than the {available} examples of the {split} "
+                f"split: using all {available}.",
+                file=warn or sys.stderr,
+                flush=True,
+            )
+        setattr(info, attribute, min(available, take))
     if train_take:
         train_raw = train_raw.take(train_take)
-        info.train_examples = min(info.train_examples, train_take)
     if eval_take:
         eval_raw = eval_raw.take(eval_take)
-        info.eval_examples = min(info.eval_examples, eval_take)
+    if batch_size and batch_size > info.train_examples:
+        print(
+            f"warning: --batch_size {batch_size} is more than the {info.train_examples} training "
+            "examples: each batch holds some of them more than once.",
+            file=warn or sys.stderr,
+            flush=True,
+        )
     return train_raw, eval_raw
 
 
@@ -380,7 +425,7 @@ def load(
         read = lambda split: builder.as_dataset(
             split=split, as_supervised=True, shuffle_files=split == "train"
         )
-    train_raw, eval_raw = read_splits(read, info, train_take, eval_take)
+    train_raw, eval_raw = read_splits(read, info, train_take, eval_take, batch_size)
     # Large datasets (ImageNet) do not fit in memory: cache only small ones.
     cache = info.train_examples * image_size * image_size * 3 < 4e9
     kwargs = dict(

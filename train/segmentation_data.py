@@ -80,7 +80,7 @@ def _read_pair(image_path, mask_path):
 
 
 def _check_pair(image_path, mask_path):
-    """(mask's largest class index below IGNORE_LABEL or -1, None) or (None, reason to skip)."""
+    """(the mask's values other than IGNORE_LABEL, sorted, None) or (None, reason to skip)."""
     try:
         image = data.decode_image(tf.io.read_file(image_path))
     except (tf.errors.OpError, OSError):
@@ -93,29 +93,100 @@ def _check_pair(image_path, mask_path):
         return None, (
             f"image {image.shape[1]}x{image.shape[0]} but mask {mask.shape[1]}x{mask.shape[0]}"
         )
-    labels = mask[mask != IGNORE_LABEL]
-    return (int(labels.max()) if labels.size else -1), None
+    return np.unique(mask[mask != IGNORE_LABEL]), None
 
 
-def _files(folder, extensions):
+def _files(folder, extensions, root, ignored):
+    """{name without extension: path} of the files in `folder` with one of `extensions`; other
+    entries are appended to `ignored` as (relative path, reason). Two files of one name (s0.jpg
+    and s0.png) are an error: which one goes with the mask s0.png?"""
     if not os.path.isdir(folder):
         return {}
-    return {
-        os.path.splitext(f)[0]: os.path.join(folder, f)
-        for f in sorted(os.listdir(folder))
-        if f.lower().endswith(extensions) and os.path.isfile(os.path.join(folder, f))
-    }
+    found = {}
+    for f in sorted(os.listdir(folder)):
+        path = os.path.join(folder, f)
+        if not (f.lower().endswith(extensions) and os.path.isfile(path)):
+            wanted = "/".join(e for e in extensions if e != ".jpeg")
+            ignored.append((os.path.relpath(path, root), f"not a {wanted} file"))
+            continue
+        name = os.path.splitext(f)[0]
+        if name in found:
+            raise ValueError(
+                f"Segmentation folder {root!r}: {os.path.relpath(found[name], root)} and "
+                f"{os.path.relpath(path, root)} share the name {name!r}, and a mask pairs with "
+                "one image by name: rename or remove one of them."
+            )
+        found[name] = path
+    return found
+
+
+def _ranges(values):
+    """[3, 4, 5, 9] -> '3..5, 9'"""
+    runs = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(f"{a}..{b}" if b > a else f"{a}" for a, b in runs)
+
+
+def _check_labels(root, holders, class_names):
+    """The class count of a folder whose masks hold the values `holders` ({value: [mask paths]}):
+    len(class_names), else the largest value + 1. Raises ValueError naming the masks and the
+    remedy for a value that is no class index (above 254, other than 255, or negative), one at
+    or above the classes.txt count, and, without classes.txt, values that leave class indices
+    unused (a stray 200 among 0..4 would make a 201-class model)."""
+
+    def where(value):  # "a.png holds" / "a.png, b.png hold"
+        files = data._listing(os.path.relpath(p, root) for p in holders[value])
+        return f"{files} hold{'s' if len(holders[value]) == 1 else ''}"
+
+    bad = [v for v in holders if v < 0 or v > IGNORE_LABEL]
+    if bad:
+        value = max(bad, key=abs)
+        raise ValueError(
+            f"Segmentation folder {root!r}: {where(value)} the value {value}; mask values are "
+            f"class indices 0..{IGNORE_LABEL - 1}, and {IGNORE_LABEL} marks pixels to ignore. "
+            "Re-encode those masks (8-bit class indices)."
+        )
+    largest = max(holders, default=-1)
+    if class_names is not None:
+        if largest >= len(class_names):
+            raise ValueError(
+                f"Segmentation folder {root!r}: {where(largest)} class index {largest} but "
+                f"classes.txt names {len(class_names)} classes (0..{len(class_names) - 1}); add "
+                f"the missing names or mark such pixels {IGNORE_LABEL} (ignore)."
+            )
+        return len(class_names)
+    if largest < 1:
+        raise ValueError(
+            f"Segmentation folder {root!r}: every mask is 0 or {IGNORE_LABEL} (ignore); "
+            "masks need class indices 1, 2, ... or a classes.txt naming the classes."
+        )
+    unused = [v for v in range(largest) if v not in holders]
+    if unused:
+        above = [v for v in sorted(holders) if v > unused[0]]
+        raise ValueError(
+            f"Segmentation folder {root!r} has no classes.txt, so its classes are the mask values "
+            f"0..{largest}, but {_ranges(unused)} appear in no mask: {where(above[-1])} the value "
+            f"{above[-1]} (values {_ranges(above)} may be stray). Mark stray pixels {IGNORE_LABEL} "
+            f"(ignore), or add {os.path.join(root, 'classes.txt')} naming the classes, one per line."
+        )
+    return largest + 1
 
 
 def scan_segmentation_folder(root, eval_split=None, warn=None):
     """Check root/<split>/images and root/<split>/masks once and list the usable pairs.
 
     Every image and mask of the training and evaluation splits is decoded once. Images without a
-    mask, masks without an image, pairs of different sizes and unreadable files are skipped and
-    named in one warning line on `warn`. The class count is root/classes.txt's line count when
-    present, else the largest mask value below IGNORE_LABEL + 1 over the train and evaluation
-    masks (so that every evaluation label is a class the model has). Raises DatasetNotFound
-    for a missing root or missing split folders, ValueError for a split without usable pairs.
+    mask, masks without an image, pairs of different sizes, unreadable files and files of other
+    types are skipped and named in one warning line on `warn`. The class count is
+    root/classes.txt's line count when present, else the largest mask value below IGNORE_LABEL + 1
+    over the train and evaluation masks (so that every evaluation label is a class the model
+    has), and then every value below it must appear in some mask (see _check_labels). Raises
+    DatasetNotFound for a missing root or missing split folders, ValueError for a split without
+    usable pairs, two images of one name, and mask values that are no class (naming the masks).
     """
     expected = (
         f"expected {root}/train/images/<name>.png with {root}/train/masks/<name>.png, "
@@ -138,8 +209,8 @@ def scan_segmentation_folder(root, eval_split=None, warn=None):
         )
     pairs, skipped = {}, []
     for split in ("train", eval_split):
-        images = _files(os.path.join(root, split, "images"), IMAGE_EXTENSIONS)
-        masks = _files(os.path.join(root, split, "masks"), (".png",))
+        images = _files(os.path.join(root, split, "images"), IMAGE_EXTENSIONS, root, skipped)
+        masks = _files(os.path.join(root, split, "masks"), (".png",), root, skipped)
         skipped += [(os.path.relpath(images[n], root), "no mask") for n in images if n not in masks]
         skipped += [(os.path.relpath(masks[n], root), "no image") for n in masks if n not in images]
         pairs[split] = [(images[n], masks[n]) for n in sorted(images) if n in masks]
@@ -169,23 +240,12 @@ def scan_segmentation_folder(root, eval_split=None, warn=None):
             f"{' or '.join(s + '/' for s in empty)}"
             f"{' (the skipped files are named above)' if skipped else ''}; {expected}."
         )
-    largest = max(checked[pair][0] for split in examples.values() for pair in split)
+    holders = {}
+    for pair in (pair for split in examples.values() for pair in split):
+        for value in checked[pair][0].tolist():
+            holders.setdefault(int(value), []).append(pair[1])
     class_names = _class_names(root)
-    if class_names is None:
-        num_classes = largest + 1
-        if num_classes < 2:
-            raise ValueError(
-                f"Segmentation folder {root!r}: every mask is 0 or {IGNORE_LABEL} (ignore); "
-                "masks need class indices 1, 2, ... or a classes.txt naming the classes."
-            )
-    else:
-        num_classes = len(class_names)
-        if largest >= num_classes:
-            raise ValueError(
-                f"Segmentation folder {root!r}: a mask has class index {largest} but "
-                f"classes.txt names {num_classes} classes (0..{num_classes - 1}); add the missing "
-                f"names or mark such pixels {IGNORE_LABEL} (ignore)."
-            )
+    num_classes = _check_labels(root, holders, class_names)
     return SegmentationFolder(root, num_classes, class_names, examples, eval_split, skipped)
 
 
@@ -406,7 +466,7 @@ def load(
             builder = _tfds_builder(name, data_dir, download)
         info = _tfds_info(name, builder, eval_split, num_classes)
         read = lambda split: _tfds_pairs(builder, split, shuffle=split == "train")
-    train_raw, eval_raw = data.read_splits(read, info, train_take, eval_take)
+    train_raw, eval_raw = data.read_splits(read, info, train_take, eval_take, batch_size)
     # Decoded examples are cached; large datasets (their source size unknown here) are not.
     cache = info.train_examples * image_size * image_size * 4 < 4e9
     kwargs = dict(image_size=image_size, batch_size=batch_size, cache=cache)
