@@ -6,7 +6,7 @@
    for a couple of minutes with `python -m train`, with QARepVGG blocks (--quant_friendly)
    so that its int8 exports keep the top-1 class; it converts and evaluates both forms.
 3. Export the trained deploy model as TF Serving SavedModels (fp32, bf16), TFLite (float32,
-   float16, dynamic-range, int8, int8_full), ONNX and OpenVINO (float, int8) into demo_output/,
+   float16, dynamic-range, int8), ONNX and OpenVINO (float, int8) into demo_output/,
    each verified in its own runtime on real test images, and print one table: differences,
    top-1 agreement, accuracy, and OK or REFUSED with the reason.
 
@@ -48,6 +48,9 @@ TRAIN_ARGS = [
 ]
 VERIFY_COUNT = 2000  # test images every export is verified on
 CALIBRATION_COUNT = 200  # other test images, for int8 calibration only
+# int8_full (every op int8, for integer-only accelerators) is left out: quantizing this 32 px
+# model's classifier costs it agreement (docs/export-and-serving.md, "Measured: make demo").
+DEMO_TFLITE = ("none", "float16", "dynamic", "int8")
 
 
 @dataclasses.dataclass
@@ -184,7 +187,7 @@ def export_all():
         )
         if rows[-1].report is not None:
             rows[-1].artifact = f"SavedModel {folder}"
-    for quantize in tflite.QUANTIZATIONS:
+    for quantize in DEMO_TFLITE:
         path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
         attempt(
             rows,
