@@ -140,29 +140,9 @@ def _saved_classifier(src, name, image_size, classes, channels):
             f"{src.describe()} is not a classifier: its output is {_shape_text(output)}, not "
             "logits [N, classes]."
         )
+    _check_flags_against(src, model, image_size, classes, channels)
     _, height, width, in_channels = model.input_shape
     out_classes = output[-1]
-    if classes is not None and classes != out_classes:
-        raise ValueError(
-            f"--classes {classes} does not match {src.describe()}: its classifier has "
-            f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
-        )
-    if channels is not None and channels != in_channels:
-        raise ValueError(
-            f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
-            f"channel images. Pass --channels {in_channels} (or leave it unset)."
-        )
-    if height is not None and image_size is not None and (height, width) != (image_size,) * 2:
-        hint = f"pass --image_size {height} or " if height == width else ""
-        raise ValueError(
-            f"--image_size {image_size} does not match {src.describe()}, built for {height}x"
-            f"{width} images: {hint}leave --image_size unset."
-        )
-    if height is None and image_size is None:
-        raise ValueError(
-            f"{src.describe()} takes images of any size: pass --image_size to fix the exported "
-            "model's input size."
-        )
     if name is not None:  # the variant asked for: rebuilt from its spec, which must fit the file
         try:
             model = rk.model_from_source(
@@ -179,11 +159,46 @@ def _saved_classifier(src, name, image_size, classes, channels):
             ) from error
     else:
         model = _in_float32(model)  # trained under a mixed policy: the exporters want float32
-    if height is None:
-        inputs = keras.Input((image_size, image_size, in_channels), name=model.inputs[0].name)
-        # Same layers (and weights), traced at the fixed size: every shape static.
-        model = keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
-    return model
+    return _at_size(model, image_size)
+
+
+def _check_flags_against(src, model, image_size, classes, channels):
+    """ValueError where --image_size, --classes or --channels, given (not None), contradict the
+    .keras file `src` holding `model`, or where its input size is free and --image_size is unset."""
+    _, height, width, in_channels = model.input_shape
+    out_classes = model.output_shape[-1]
+    if classes is not None and classes != out_classes:
+        raise ValueError(
+            f"--classes {classes} does not match {src.describe()}: its logits have "
+            f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
+        )
+    if channels is not None and channels != in_channels:
+        raise ValueError(
+            f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
+            f"channel images. Pass --channels {in_channels} (or leave it unset)."
+        )
+    if height is None or width is None:
+        if image_size is None:
+            raise ValueError(
+                f"{src.describe()} takes images of any size: pass --image_size to fix the "
+                "exported model's input size."
+            )
+    elif image_size is not None and (height, width) != (image_size, image_size):
+        hint = f"pass --image_size {height} or " if height == width else ""
+        raise ValueError(
+            f"--image_size {image_size} does not match {src.describe()}, built for {height}x"
+            f"{width} images: {hint}leave --image_size unset."
+        )
+
+
+def _at_size(model, image_size):
+    """`model` traced at image_size x image_size where its input size is free (same layers and
+    weights, every shape static), else `model` itself."""
+    _, height, width, channels = model.input_shape
+    if height is not None and width is not None:
+        return model
+    inputs = keras.Input((image_size, image_size, channels), name=model.inputs[0].name)
+    return keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
 
 
 def _shape_text(shape):
@@ -261,34 +276,8 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
             f"{src.describe()} is a PSPNet on {built_for}, not on --model {spec.name}: "
             f"pass --model {built_for}."
         )
-    _, height, width, in_channels = model.input_shape
-    out_classes = model.output_shape[-1]
-    if classes is not None and classes != out_classes:
-        raise ValueError(
-            f"--classes {classes} does not match {src.describe()}: its logits have "
-            f"{out_classes} classes. Pass --classes {out_classes} (or leave it unset)."
-        )
-    if channels is not None and in_channels != channels:
-        raise ValueError(
-            f"--channels {channels} does not match {src.describe()}, which takes {in_channels}-"
-            f"channel images. Pass --channels {in_channels}."
-        )
-    if height is None or width is None:
-        if image_size is None:
-            raise ValueError(
-                f"{src.describe()} takes images of any size: pass --image_size to fix the "
-                "exported model's input size."
-            )
-        inputs = keras.Input((image_size, image_size, in_channels), name=model.inputs[0].name)
-        # Same layers (and weights), traced at the fixed size: every shape static.
-        return keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
-    if image_size is not None and (height, width) != (image_size, image_size):
-        hint = f"pass --image_size {height} or " if height == width else ""
-        raise ValueError(
-            f"--image_size {image_size} does not match {src.describe()}, built for {height}x"
-            f"{width} images: {hint}leave --image_size unset."
-        )
-    return model
+    _check_flags_against(src, model, image_size, classes, channels)
+    return _at_size(model, image_size)
 
 
 def prepare(model, *, fuse=True, include_preprocessing=False, mode="imagenet"):
