@@ -8,15 +8,16 @@ the three-branch one as float32 allows, and `fuse_branches` returns float32.
 import numpy as np
 
 
-def fold_batchnorm(kernel, gamma, beta, mean, variance, epsilon):
+def fold_batchnorm(kernel, gamma, beta, mean, variance, epsilon, bias=0.0):
     """Fold an inference-mode BatchNorm into the conv before it: returns (kernel, bias).
 
-    bn(conv(x)) = conv(x) * t + (beta - mean * t), with t = gamma / sqrt(var + eps).
+    bn(conv(x) + b) = conv(x) * t + (beta + (b - mean) * t), with t = gamma / sqrt(var + eps);
+    `bias`: the conv's own bias b (0 for a conv without one).
     """
     kernel = np.asarray(kernel, np.float64)
     t = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(variance, np.float64) + epsilon)
-    bias = np.asarray(beta, np.float64) - np.asarray(mean, np.float64) * t
-    return kernel * t, bias  # t broadcasts over the last (output-channel) axis
+    shift = np.asarray(bias, np.float64) - np.asarray(mean, np.float64)
+    return kernel * t, np.asarray(beta, np.float64) + shift * t  # t: over the output channels
 
 
 def pad_to_3x3(kernel):

@@ -1,7 +1,7 @@
 """PSPNet (Zhao et al., CVPR 2017) on a dilated RepVGG backbone: the paper's segmentation model.
 
     model = rk.PSPNet(backbone="RepVGG_B1g2", classes=19, input_shape=(512, 1024, 3))
-    plain = rk.to_deploy(model)          # backbone blocks fused, head unchanged
+    plain = rk.to_deploy(model)          # blocks fused, head BNs folded, dropout gone
 
 Layout as in the authors' example_pspnet.py: the backbone at output stride 8 (stages 3
 and 4 dilated by 2 and 4), a pyramid pooling module (bins 1, 2, 3, 6: adaptive average

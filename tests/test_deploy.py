@@ -6,7 +6,7 @@ import pytest
 
 import repvgg_keras as rk
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
-from repvgg_keras.structure import custom_layer_names
+from repvgg_keras.structure import custom_layer_names, layer_counts
 
 SPEC = rk.RepVGGSpec(
     "tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2, grouped_layers=(2, 4)
@@ -91,6 +91,77 @@ def test_input_model_is_left_untouched(rng):
     assert list(model.layers) == layers_before
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
     assert any(isinstance(l, rk.RepVGGBlock) for l in model.layers)
+
+
+def _kinds(model):
+    """Class names of every layer, nested models opened up."""
+    return [type(l).__name__ for l in model._flatten_layers(include_self=False)]
+
+
+def test_batchnorm_folds_into_its_conv_and_dropout_goes_anywhere(rng, tmp_path):
+    """No RepVGG block here: conv+BN pairs fold (bias added where missing), dropouts go, in a
+    Sequential model and the functional model nested in it; a BN whose conv has another
+    consumer, or whose conv has its own activation, stays."""
+    inputs = keras.Input((16, 16, 8))
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, name="depthwise")(
+        inputs
+    )
+    x = keras.layers.BatchNormalization(name="depthwise_bn")(x)
+    x = keras.layers.GaussianNoise(0.3)(keras.layers.ReLU()(x))
+    fanout = keras.layers.Conv2D(16, 1, use_bias=False, name="fanout")(x)
+    kept = keras.layers.BatchNormalization(name="kept_bn")(fanout)
+    x = keras.layers.Add()([kept, fanout])
+    x = keras.layers.Conv2D(16, 3, padding="same", activation="relu", name="activated")(x)
+    x = keras.layers.BatchNormalization(name="after_activation_bn")(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="biased")(keras.layers.Dropout(0.5)(x))
+    x = keras.layers.BatchNormalization(name="biased_bn")(x)
+    inner = keras.Model(inputs, keras.layers.ReLU(name="inner_out")(x), name="inner")
+    model = keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="stem"),
+            keras.layers.BatchNormalization(name="stem_bn"),
+            inner,
+            keras.layers.SpatialDropout2D(0.3),
+            keras.layers.Conv2D(4, 1, name="classifier"),
+        ]
+    )
+    randomize_batchnorm(model, seed=2)
+    before = [w.copy() for w in model.get_weights()]
+    plain = rk.to_deploy(model)
+    kinds = _kinds(plain)
+    assert not {"Dropout", "SpatialDropout2D", "GaussianNoise"} & set(kinds)
+    norms = [
+        l.name for l in plain._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)
+    ]
+    assert sorted(norms) == ["after_activation_bn", "kept_bn"]
+    inner_plain = plain.get_layer("inner")
+    for name in ("stem", "depthwise", "biased"):
+        layer = inner_plain.get_layer(name) if name != "stem" else plain.get_layer(name)
+        assert layer.use_bias and len(layer.get_weights()) == 2
+    assert not inner_plain.get_layer("fanout").use_bias  # its BN stays: the conv is not folded
+    assert layer_counts(plain) == {
+        "layers": layer_counts(model)["layers"] - 6,
+        "Conv2D": 5,
+        "BatchNormalization": 2,
+    }
+    x = rng.normal(size=(2, 16, 16, 3)).astype("float32")
+    _assert_same(model, plain, x)
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert "SpatialDropout2D" in _kinds(model) and "BatchNormalization" in _kinds(model)
+    path = str(tmp_path / "plain.keras")
+    plain.save(path)
+    np.testing.assert_array_equal(
+        np.asarray(keras.models.load_model(path)(x)), np.asarray(plain(x))
+    )
+
+
+def test_classifier_deploy_form_is_the_built_plain_model():
+    """RepVGG classifiers have no BN outside blocks: to_deploy gives the deploy=True layers."""
+    model = rk.RepVGG(SPEC, input_shape=(64, 64, 3), classes=3)
+    built = rk.RepVGG(SPEC, input_shape=(64, 64, 3), classes=3, deploy=True)
+    assert layer_counts(rk.to_deploy(model)) == layer_counts(built)
+    assert layer_counts(built)["BatchNormalization"] == 0
 
 
 def test_deploy_form_converts_to_itself():

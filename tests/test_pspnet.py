@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import repvgg_keras as rk
-from repvgg_keras import parity, pspnet, spatial, specs
+from repvgg_keras import parity, pspnet, spatial, specs, structure
 from tests.conftest import images
 
 
@@ -153,6 +153,34 @@ def test_image_refine_starts_as_the_plain_upsampling_and_fuses_exactly(rng):
     assert not np.allclose(reference, np.asarray(full_size(x, training=False)))
     plain = rk.to_deploy(model)
     assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
+
+
+def test_deploy_form_has_nothing_left_to_fold(rng):
+    """Head and pyramid BatchNorms fold into their convs, the spatial dropout goes; the
+    training form is untouched and both forms agree."""
+    model = pspnet.PSPNet(
+        "RepVGG_A0",
+        classes=11,
+        input_shape=(64, 64, 3),
+        output_stride=16,
+        low_level_skip=True,
+        image_refine=True,
+    )
+    residual = model.get_layer("image_refine_residual")  # non-zero, so the refinement counts
+    residual.set_weights([w + rng.normal(scale=0.1, size=w.shape) for w in residual.get_weights()])
+    parity.randomize_batchnorm(model, seed=4)
+    before = [w.copy() for w in model.get_weights()]
+    plain = rk.to_deploy(model)
+    kinds = {type(l).__name__ for l in plain._flatten_layers()}
+    assert not kinds & {"BatchNormalization", "SpatialDropout2D", "Dropout"}
+    # 8 head/pyramid BNs and the dropout gone: 89 layers before, 80 now; no conv added.
+    assert structure.layer_counts(plain) == {"layers": 80, "Conv2D": 32, "BatchNormalization": 0}
+    assert plain.get_layer("head_conv").use_bias and plain.get_layer("ppm6_conv").use_bias
+    x = images(rng, (2, 64, 64, 3))
+    reference = np.asarray(model(x, training=False))
+    assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
+    assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert structure.layer_counts(model)["BatchNormalization"] == 69
 
 
 def test_bn_synchronized_covers_the_head():
