@@ -12,8 +12,8 @@ import pytest
 import repvgg_keras as rk
 from export import common
 from repvgg_keras.parity import randomize_batchnorm
+from tests.test_export_segmentation import REPO, _cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 CLASSES = 10
 # What `python -m train --num_blocks 1,1,1,1 --width_multipliers 0.25,0.25` builds.
@@ -23,18 +23,6 @@ CUSTOM = dataclasses.replace(
     num_blocks=(1, 1, 1, 1),
     width_multipliers=(0.25, 0.25),
 )
-
-
-def _cli(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

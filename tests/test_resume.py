@@ -15,26 +15,11 @@ import time
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from tests.test_train_inputs import REPO, TINY, _env, _folder
 from train import callbacks as cb
 from train import guards
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--model",
-    "RepVGG_A0",
-    "--num_blocks",
-    "1,1,1,1",
-    "--width_multipliers",
-    "0.25,0.25",
-    "--image_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--verbose",
-    "2",
-]
 # `python -m train` that stops after the batch reaching optimizer step PAUSE_AT_STEP until a signal
 # arrives (or 60 s pass): the test signals it at that exact step.
 PAUSING_TRAINER = """
@@ -55,23 +40,19 @@ runpy.run_module("train", run_name="__main__")
 """
 
 
-def _env(**extra):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **extra)
-
-
-def _folder(root):
-    for split, count in (("train", 8), ("test", 2)):
-        for c, name in enumerate(("a", "b")):
-            for i in range(count):
-                path = root / split / name / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                pixels = np.random.default_rng(100 * c + i).integers(0, 256, (24, 24, 3), np.uint8)
-                tf.io.write_file(str(path), tf.io.encode_png(pixels))
-    return root
-
-
 def _args(model_dir, dataset, *extra):
     return ["--dataset", dataset, "--model_dir", str(model_dir), *TINY, *extra]
+
+
+def _run(args):
+    return subprocess.run(
+        [sys.executable, "-m", "train", *args],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _messages(stderr):
@@ -151,14 +132,7 @@ def test_every_signal_at_every_moment_resumes_to_the_planned_step(tmp_path):
             f"{model_dir / 'backup'}); run the same command to resume."
         ], err[-3000:]
         assert not (model_dir / "train.lock").exists()
-    last = subprocess.run(
-        [sys.executable, "-m", "train", *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    last = _run(args)
     assert last.returncode == 0, last.stdout[-3000:] + last.stderr[-3000:]
     assert "optimizer step 10, batch 2 of 4" in last.stdout
     assert last.stdout.strip().splitlines()[-1].startswith("accuracy: ")
@@ -183,14 +157,7 @@ def test_a_diverged_run_saves_no_model_and_is_never_finished(tmp_path):
         "--base_lr", "1e12", "--warmup_epochs", "2",
     )  # fmt: skip
     for _attempt in range(2):  # the same command again: the same error, not a finished run
-        result = subprocess.run(
-            [sys.executable, "-m", "train", *args],
-            cwd=REPO,
-            env=_env(),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = _run(args)
         assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
         lines = _messages(result.stderr)
         assert len(lines) == 2 and lines[1].startswith("error: training diverged"), lines

@@ -30,8 +30,8 @@ TINY = [
 ]
 
 
-def _env():
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+def _env(**extra):
+    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **extra)
 
 
 def _train(model_dir, dataset, *extra, timeout=600):
