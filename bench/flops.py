@@ -2,6 +2,8 @@
 
 import keras
 
+from repvgg_keras.structure import all_layers
+
 
 def multiply_adds(model):
     """Conv2D and Dense multiply-adds for one image through a built functional model.
@@ -9,7 +11,7 @@ def multiply_adds(model):
     RepVGG-A0's deploy form at 224x224 counts 1.36 G (the paper rounds to 1.4).
     """
     total = 0
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.Conv2D):
             kernel_h, kernel_w, inputs_per_group, filters = layer.kernel.shape
             _, height, width, _ = layer.output.shape

@@ -18,6 +18,7 @@ import repvgg_keras as rk
 from export import verify
 from repvgg_keras import preprocessing
 from repvgg_keras.models import MIN_INPUT_SIZE
+from repvgg_keras.structure import all_layers
 
 FLAGS = flags.FLAGS
 logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
@@ -215,7 +216,7 @@ def _in_float32(model):
     then emit low-precision convolutions (ONNX has no bfloat16 Conv)."""
     mixed = [
         l
-        for l in model._flatten_layers()
+        for l in [model, *all_layers(model)]
         if getattr(l, "dtype_policy", None) is not None
         and l.dtype_policy.compute_dtype != "float32"
     ]

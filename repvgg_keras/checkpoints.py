@@ -14,7 +14,7 @@ import re
 
 import numpy as np
 
-from repvgg_keras.layers import RepVGGBlock, contains_blocks
+from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 from repvgg_keras.sources import (
     ClassifierMismatchError,
     MissingDependencyError,
@@ -171,7 +171,7 @@ def expected_tensors(model):
         if bias:
             targets[f"{key}.bias"] = (conv.bias, _identity)
 
-    layers = {l.name: l for l in model._flatten_layers(include_self=False)}
+    layers = {l.name: l for l in all_layers(model)}
     for name, layer in layers.items():
         if isinstance(layer, RepVGGBlock):
             if layer.quant_friendly:

@@ -11,14 +11,14 @@ import keras
 import numpy as np
 
 from repvgg_keras import fusion
-from repvgg_keras.layers import PlainBlock, RepVGGBlock, contains_blocks
+from repvgg_keras.layers import PlainBlock, RepVGGBlock, all_layers, contains_blocks
 
 
 def is_deploy_form(model):
     """True when `model` holds no RepVGGBlock but plain RepVGG convs (`*_reparam`)."""
     return not contains_blocks(model) and any(
         isinstance(l, keras.layers.Conv2D) and l.name.endswith("_reparam")
-        for l in model._flatten_layers()
+        for l in all_layers(model)
     )
 
 
@@ -79,7 +79,7 @@ def to_deploy(model, dtype=None):
 def _has_foldable_layers(model):
     return any(
         isinstance(l, (keras.layers.BatchNormalization, *INFERENCE_IDENTITY))
-        for l in model._flatten_layers()
+        for l in all_layers(model)
     )
 
 

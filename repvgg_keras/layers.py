@@ -141,6 +141,22 @@ class RepVGGBlock(layers.Layer):
         if self.se_channels:
             self.se_reduce, self.se_expand = _se_convs(self.filters, self.se_channels, name, dtype)
 
+    @property
+    def sublayers(self):
+        """The block's own layers (branch convs and BatchNorms, padding, SE), those it has."""
+        candidates = (
+            self.pad,
+            self.dense_conv,
+            self.dense_bn,
+            self.pointwise_conv,
+            self.pointwise_bn,
+            self.identity_bn,
+            self.post_bn,
+            self.se_reduce,
+            self.se_expand,
+        )
+        return [layer for layer in candidates if layer is not None]
+
     def build(self, input_shape):
         in_channels = input_shape[-1]
         if in_channels is None:
@@ -315,8 +331,23 @@ def _folded(kernel, bn):
 def contains_blocks(layer):
     """True when `layer` is, or (for a model) contains, a RepVGGBlock: the training form."""
     return isinstance(layer, RepVGGBlock) or any(
-        isinstance(sub, RepVGGBlock) for sub in layer._flatten_layers(include_self=False)
+        isinstance(sub, RepVGGBlock) for sub in all_layers(layer)
     )
+
+
+def all_layers(model):
+    """Every layer inside `model`, depth first: nested models and RepVGG blocks opened up.
+
+    Uses only public Keras API (`Model.layers`) plus `RepVGGBlock.sublayers`.
+    """
+    found = []
+    for layer in getattr(model, "layers", ()):
+        found.append(layer)
+        if isinstance(layer, RepVGGBlock):
+            found.extend(layer.sublayers)
+        elif isinstance(layer, keras.Model):
+            found.extend(all_layers(layer))
+    return found
 
 
 class PlainBlock:

@@ -16,7 +16,7 @@ MIN_INPUT_SIZE = 32
 INPUT_NAME = "images"
 
 
-def _check_input_shape(input_shape, spec):
+def check_input_shape(input_shape, spec):
     if input_shape is None:
         return (spec.default_size, spec.default_size, 3)
     input_shape = tuple(input_shape)
@@ -108,13 +108,13 @@ def RepVGG(
     plans = specs_lib.block_plan(spec, output_stride, dilated_blocks)
 
     if input_tensor is None:
-        input_shape = _check_input_shape(input_shape, spec)
+        input_shape = check_input_shape(input_shape, spec)
         inputs = keras.Input(shape=input_shape, name=INPUT_NAME)
         x = inputs
     else:
         if not keras.backend.is_keras_tensor(input_tensor):
             raise ValueError("input_tensor must be a Keras tensor (e.g. from keras.Input).")
-        _check_input_shape(tuple(input_tensor.shape[1:]), spec)
+        check_input_shape(tuple(input_tensor.shape[1:]), spec)
         inputs = keras.utils.get_source_inputs(input_tensor)
         x = input_tensor
 

@@ -4,6 +4,8 @@ relative difference every conversion and export is held to."""
 import keras
 import numpy as np
 
+from repvgg_keras.layers import all_layers
+
 
 def randomize_batchnorm(model, seed=0, gamma_range=(0.2, 0.5)):
     """Give every BatchNorm non-trivial statistics, as a trained model has.
@@ -12,7 +14,7 @@ def randomize_batchnorm(model, seed=0, gamma_range=(0.2, 0.5)):
     variance terms; this is what parity checks should run on.
     """
     rng = np.random.default_rng(seed)
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             n = layer.gamma.shape[0]
             layer.set_weights(

@@ -19,7 +19,7 @@ from keras import layers
 
 from repvgg_keras import models, sources
 from repvgg_keras import specs as specs_lib
-from repvgg_keras.layers import BN_EPSILON, BN_MOMENTUM
+from repvgg_keras.layers import BN_EPSILON, BN_MOMENTUM, all_layers
 from repvgg_keras.spatial import AdaptiveAveragePooling2D, ResizeLike
 
 PPM_BINS = (1, 2, 3, 6)
@@ -183,7 +183,7 @@ def PSPNet(
         raise ValueError(f"bins must be positive integers, got {bins!r}.")
     if not 0 <= dropout < 1:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}.")
-    input_shape = models._check_input_shape(
+    input_shape = models.check_input_shape(
         input_shape or (backbone.default_size, backbone.default_size, 3), backbone
     )
     trunk = models.RepVGG(
@@ -254,7 +254,7 @@ def load_backbone_weights(trunk, source, variant):
     if src.kind != "keras_model":
         sources.load_into(trunk, src, variant=variant)
         return
-    donor = {layer.name: layer for layer in src.saved_model._flatten_layers(include_self=False)}
+    donor = {layer.name: layer for layer in all_layers(src.saved_model)}
     problems = []
     pairs = []
     for layer in trunk.layers:

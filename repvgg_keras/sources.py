@@ -20,6 +20,8 @@ import os
 import warnings
 import zipfile
 
+from repvgg_keras.layers import all_layers
+
 KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")
 SUFFIXES = "a .keras or .weights.h5 file, a .pth/.pt/.bin/.safetensors checkpoint, or 'imagenet'"
 
@@ -105,7 +107,7 @@ def block_options(model):
     """The builder options (quant_friendly, use_1x1, use_identity) of a training-form model's blocks."""
     from repvgg_keras.layers import RepVGGBlock
 
-    blocks = [l for l in model._flatten_layers(include_self=False) if isinstance(l, RepVGGBlock)]
+    blocks = [l for l in all_layers(model) if isinstance(l, RepVGGBlock)]
     if not blocks:
         return {}
     return dict(

@@ -2,7 +2,9 @@
 
 import keras
 
-from repvgg_keras.layers import RepVGGBlock
+from repvgg_keras.layers import RepVGGBlock, all_layers
+
+__all__ = ["all_layers", "custom_layer_names", "layer_counts"]
 
 
 def layer_counts(model):
@@ -11,7 +13,7 @@ def layer_counts(model):
     Returns a dict: {"layers": ..., "Conv2D": ..., "BatchNormalization": ...}.
     """
     counts = {"layers": 0, "Conv2D": 0, "BatchNormalization": 0}
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model):
         if isinstance(layer, (keras.layers.InputLayer, keras.Model, RepVGGBlock)):
             continue
         counts["layers"] += 1
@@ -26,7 +28,7 @@ def custom_layer_names(model):
     return sorted(
         {
             type(layer).__name__
-            for layer in model._flatten_layers()
+            for layer in all_layers(model)
             if not type(layer).__module__.startswith("keras.")
         }
     )

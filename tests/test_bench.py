@@ -12,8 +12,8 @@ import pytest
 import repvgg_keras as rk
 from bench import flops, report
 from export import verify
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Reduced-precision tolerances of the records, by precision (relative to the fp32 Keras model).
 TOLERANCE = verify.TOLERANCES
 
@@ -36,6 +36,7 @@ def quick_run(tmp_path_factory):
     return out, records, meta, done.stdout
 
 
+@pytest.mark.slow
 def test_quick_every_runtime_gives_a_number(quick_run):
     from bench.runtimes import RUNTIMES
 
@@ -69,6 +70,7 @@ def test_quick_every_runtime_gives_a_number(quick_run):
     assert "| RepVGG_A0 | keras-deploy | fp32 | 1 |" in (out / "results.md").read_text()
 
 
+@pytest.mark.slow
 def test_quick_outputs_agree_with_keras(quick_run):
     _, records, _, _ = quick_run
     checked = [r for r in records if r["status"] == "ok" and r["model"] == "RepVGG_A0"]
@@ -87,6 +89,7 @@ def test_quick_outputs_agree_with_keras(quick_run):
             assert r["top1_agreement"] == 1.0, r
 
 
+@pytest.mark.slow
 def test_quick_memory_and_structure(quick_run):
     _, records, meta, _ = quick_run
     forms = {s["form"]: s for s in meta["structure"]}
@@ -109,6 +112,7 @@ def test_multiply_adds_match_the_paper(name, published):
     assert round(flops.multiply_adds(model) / 1e9, 1) == published
 
 
+@pytest.mark.slow
 def test_torch_multiply_adds_of_resnet18():
     from bench.timm_import import import_timm
 
@@ -163,6 +167,7 @@ def test_bad_arguments_are_clear_errors():
         assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_int8_onnx_quantization_keeps_top1(tmp_path):
     """The QDQ file the benchmark and export.openvino use, in onnxruntime, on real images."""
     import onnxruntime as ort
@@ -217,6 +222,7 @@ runpy.run_module("bench.gpu", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_gpu_bench_quick_runs_on_jax_without_tensorflow(tmp_path):
     """The prepared GPU comparison (bench.gpu), smoke-run on the CPU: JAX backend, no TensorFlow."""
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

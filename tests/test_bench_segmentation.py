@@ -11,8 +11,8 @@ import keras
 import pytest
 
 from bench import segmentation
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODELS = ("RepVGG_A0", "ResNet-50")
 
 
@@ -45,6 +45,7 @@ def small_run(tmp_path_factory):
     return out, results, done.stdout
 
 
+@pytest.mark.slow
 def test_small_run_writes_one_row_per_model_and_runtime(small_run):
     out, results, stdout = small_run
     records = results["records"]
@@ -69,6 +70,7 @@ def test_small_run_writes_one_row_per_model_and_runtime(small_run):
     assert "RepVGG_A0: building" in stdout and "round 1/1 done" in stdout
 
 
+@pytest.mark.slow
 def test_small_run_ratio_is_the_measured_speeds(small_run):
     _, results, _ = small_run
     speeds = {r["model"]: r["images_per_s"] for r in results["records"]}

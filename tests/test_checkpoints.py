@@ -112,6 +112,7 @@ def _timm_reference(name):
     return train, deploy, images, logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["RepVGG_A0", "RepVGG_B1g4", "RepVGG_D2se"])
 @pytest.mark.parametrize("form", ["train", "deploy"])
 @pytest.mark.parametrize("naming", ["timm", "authors"])
@@ -254,6 +255,7 @@ class _CountingHandler(http.server.SimpleHTTPRequestHandler):
         pass
 
 
+@pytest.mark.slow
 def test_imagenet_download_from_loopback_is_cached_and_hash_checked(
     tmp_path, monkeypatch, golden_state
 ):
@@ -298,6 +300,7 @@ def test_unpublished_variant_says_so():
 # ---------------------------------------------------------------- CLI and preprocessing
 
 
+@pytest.mark.slow
 def test_convert_checkpoint_cli(tmp_path):
     import subprocess
     import sys

@@ -6,7 +6,7 @@ import pytest
 
 import repvgg_keras as rk
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
-from repvgg_keras.structure import custom_layer_names, layer_counts
+from repvgg_keras.structure import all_layers, custom_layer_names, layer_counts
 
 SPEC = rk.RepVGGSpec(
     "tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5), groups=2, grouped_layers=(2, 4)
@@ -95,7 +95,7 @@ def test_input_model_is_left_untouched(rng):
 
 def _kinds(model):
     """Class names of every layer, nested models opened up."""
-    return [type(l).__name__ for l in model._flatten_layers(include_self=False)]
+    return [type(l).__name__ for l in all_layers(model)]
 
 
 def test_batchnorm_folds_into_its_conv_and_dropout_goes_anywhere(rng, tmp_path):
@@ -131,9 +131,7 @@ def test_batchnorm_folds_into_its_conv_and_dropout_goes_anywhere(rng, tmp_path):
     plain = rk.to_deploy(model)
     kinds = _kinds(plain)
     assert not {"Dropout", "SpatialDropout2D", "GaussianNoise"} & set(kinds)
-    norms = [
-        l.name for l in plain._flatten_layers() if isinstance(l, keras.layers.BatchNormalization)
-    ]
+    norms = [l.name for l in all_layers(plain) if isinstance(l, keras.layers.BatchNormalization)]
     assert sorted(norms) == ["after_activation_bn", "kept_bn"]
     inner_plain = plain.get_layer("inner")
     for name in ("stem", "depthwise", "biased"):

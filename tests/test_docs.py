@@ -21,8 +21,8 @@ import pytest
 
 import repvgg_keras as rk
 from repvgg_keras import checkpoints
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = ("README.md", *sorted(os.path.relpath(p, REPO) for p in glob.glob(f"{REPO}/docs/*.md")))
 
 # ---------------------------------------------------------------- how the examples are adapted

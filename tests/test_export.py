@@ -15,9 +15,12 @@ from export import common, fast_predictor, images, predict_requests, savedmodel,
 from export import onnx as onnx_export
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from repvgg_keras.structure import all_layers
+from tests.helpers import REPO, run_cli
+
+pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
 
 SIZE = 48
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _trained(name, size=SIZE, seed=0):
@@ -342,22 +345,10 @@ def test_interrupted_export_leaves_the_old_artifact(tmp_path):
     assert (target / "saved_model.pb").read_bytes() == b"new"
 
 
-def _cli(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-
-
 def test_cli_exports_weights_file_and_reports(tmp_path, models):
     weights = tmp_path / "a0.weights.h5"
     models["RepVGG_A0"].save_weights(weights)
-    result = _cli(
+    result = run_cli(
         "export.onnx",
         "--model",
         "RepVGG_A0",
@@ -389,7 +380,7 @@ def test_cli_exports_weights_file_and_reports(tmp_path, models):
     ],
 )
 def test_cli_bad_input(tmp_path, args, message):
-    result = _cli(*args)
+    result = run_cli(*args)
     assert result.returncode != 0
     assert message in result.stderr
 
@@ -431,9 +422,9 @@ def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
     assert (
         max_relative_difference(with_pre(pixels[:4].astype(np.float32)), expected) < 1e-5
     )  # 0..255 in
-    assert not any(isinstance(l, rk.RepVGGBlock) for l in with_pre._flatten_layers())
+    assert not any(isinstance(l, rk.RepVGGBlock) for l in all_layers(with_pre))
     unfused = common.prepare(model, fuse=False)
-    assert any(isinstance(l, rk.RepVGGBlock) for l in unfused._flatten_layers())
+    assert any(isinstance(l, rk.RepVGGBlock) for l in all_layers(unfused))
     path = str(tmp_path / "pre" / "1")
     report = savedmodel.export_savedmodel(
         with_pre,

@@ -12,7 +12,7 @@ import pytest
 import repvgg_keras as rk
 from export import common
 from repvgg_keras.parity import randomize_batchnorm
-from tests.test_export_segmentation import REPO, _cli
+from tests.helpers import REPO, run_cli
 
 SIZE = 32
 CLASSES = 10
@@ -78,7 +78,7 @@ def test_explicit_flags_that_contradict_the_keras_file_are_one_error(custom_file
 def test_cli_exports_a_custom_spec_keras_file_without_model_flags(tmp_path, custom_files, form):
     _, paths = custom_files
     output = tmp_path / "custom.onnx"
-    result = _cli(
+    result = run_cli(
         "export.onnx", "--weights", paths[form], "--output", str(output), "--verify_count", "70"
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -251,7 +251,9 @@ def test_cli_refuses_to_export_a_model_whose_outputs_are_nan(tmp_path, tiny):
     path = str(tmp_path / "diverged.keras")
     _broken(tiny).save(path)
     output = tmp_path / "x.onnx"
-    result = _cli("export.onnx", "--weights", path, "--output", str(output), "--verify_count", "2")
+    result = run_cli(
+        "export.onnx", "--weights", path, "--output", str(output), "--verify_count", "2"
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "own outputs are NaN" in errors[0] and "diverged" in errors[0]
@@ -324,12 +326,12 @@ def test_one_class_models_are_refused_in_one_line(tmp_path):
     path = str(tmp_path / "one.keras")
     one.save(path)
     runs = {
-        "flag": _cli(
+        "flag": run_cli(
             "export.savedmodel",
             *("--task", "segmentation", "--classes", "1", "--image_size", str(SIZE)),
             *("--export_dir", str(tmp_path / "seg")),
         ),
-        "file": _cli("export.onnx", "--weights", path, "--output", str(tmp_path / "one.onnx")),
+        "file": run_cli("export.onnx", "--weights", path, "--output", str(tmp_path / "one.onnx")),
     }
     for name, result in runs.items():
         assert result.returncode == 1, (name, result.stderr[-2000:])

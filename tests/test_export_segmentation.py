@@ -4,8 +4,6 @@ import base64
 import http.server
 import json
 import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -16,31 +14,14 @@ import repvgg_keras as rk
 from export import common, images, runners, tflite, verify
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from repvgg_keras.structure import all_layers
+from tests.helpers import one_error_line, run_cli
+
+pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
 
 SIZE = 64
 CLASSES = 5
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOLERANCE = verify.TOLERANCES["fp32"]
-
-
-def _cli(*args, timeout=600):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
-
-
-def _one_error_line(result):
-    """The `error:` line of a failed run (TensorFlow's own start-up log lines aside)."""
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error: ")]
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    return errors[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +78,7 @@ def _verified_line(stdout):
 @pytest.fixture(scope="module")
 def exported_savedmodel(tmp_path_factory, seg):
     export_dir = str(tmp_path_factory.mktemp("serving") / "seg")
-    result = _cli(
+    result = run_cli(
         "export.savedmodel",
         *_export_args(seg[1]),
         "--image_size",
@@ -140,7 +121,9 @@ def test_savedmodel_cli_segmentation_signatures(exported_savedmodel, seg, pixels
 
 def test_tflite_cli_segmentation(tmp_path, seg, pixels):
     output = str(tmp_path / "seg.tflite")
-    result = _cli("export.tflite", *_export_args(seg[1]), "--output", output, "--verify_count", "2")
+    result = run_cli(
+        "export.tflite", *_export_args(seg[1]), "--output", output, "--verify_count", "2"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "per-pixel top-1 agreement" in _verified_line(result.stdout)
     assert os.path.exists(output)
@@ -150,7 +133,7 @@ def test_tflite_cli_segmentation(tmp_path, seg, pixels):
 
 def test_onnx_cli_segmentation(tmp_path, seg, pixels):
     output = str(tmp_path / "seg.onnx")
-    result = _cli(
+    result = run_cli(
         "export.onnx", *_export_args(seg[1]), "--classes", str(CLASSES), "--output", output,
         "--verify_count", "2",
     )  # fmt: skip
@@ -166,8 +149,8 @@ def test_classifier_with_task_segmentation_is_one_error_line(tmp_path):
     path = str(tmp_path / "classifier.keras")
     rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=CLASSES).save(path)
     output = tmp_path / "x.onnx"
-    line = _one_error_line(
-        _cli("export.onnx", *_export_args(path), "--output", str(output), timeout=300)
+    line = one_error_line(
+        run_cli("export.onnx", *_export_args(path), "--output", str(output), timeout=300)
     )
     assert "is not a segmentation model" in line and "Drop --task segmentation" in line
     assert not output.exists()
@@ -230,7 +213,7 @@ def test_client_prints_class_areas_and_writes_the_mask(tmp_path, serving, pixels
     image.write_bytes(tf.io.encode_png(pixels[0]).numpy())
     mask_png = tmp_path / "photo_mask.png"
     common_args = ["--task", "segmentation", "--image", str(image), "--port", str(port)]
-    result = _cli(
+    result = run_cli(
         "export.client", *common_args, "--host", "127.0.0.1", "--model_name", "seg",
         "--mask_png", str(mask_png), "--class_names", "a,b,c,d,e", timeout=300,
     )  # fmt: skip
@@ -247,15 +230,15 @@ def test_client_prints_class_areas_and_writes_the_mask(tmp_path, serving, pixels
 
 def test_client_segmentation_bad_input_is_one_error_line(tmp_path):
     missing = str(tmp_path / "missing.jpg")
-    line = _one_error_line(_cli("export.client", "--task", "segmentation", "--image", missing))
+    line = one_error_line(run_cli("export.client", "--task", "segmentation", "--image", missing))
     assert "missing.jpg: No such file" in line
     jpeg = tmp_path / "a.jpg"
     jpeg.write_bytes(tf.io.encode_jpeg(np.full((8, 8, 3), 9, np.uint8)).numpy())
     two = ["--image", str(jpeg), "--image", str(jpeg).replace("a.jpg", "b.jpg")]
     (tmp_path / "b.jpg").write_bytes(jpeg.read_bytes())
     args = ["export.client", "--task", "segmentation", *two, "--mask_png", "mask.png"]
-    assert "put {stem} in it" in _one_error_line(_cli(*args))
-    line = _one_error_line(_cli("export.client", "--image", str(jpeg), "--mask_png", "m.png"))
+    assert "put {stem} in it" in one_error_line(run_cli(*args))
+    line = one_error_line(run_cli("export.client", "--image", str(jpeg), "--mask_png", "m.png"))
     assert "pass --task segmentation" in line
 
 
@@ -279,7 +262,7 @@ def test_a_model_saved_under_a_mixed_policy_exports_in_float32(tmp_path):
     path = str(tmp_path / "mixed.keras")
     rk.to_deploy(trained).save(path)
     model = common.load_segmentation_model("RepVGG_A0", path)
-    policies = {l.dtype_policy.name for l in model._flatten_layers() if hasattr(l, "dtype_policy")}
+    policies = {l.dtype_policy.name for l in all_layers(model) if hasattr(l, "dtype_policy")}
     assert policies == {"float32"}
     x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")
     reference = np.asarray(keras.models.load_model(path)(x), np.float32)

@@ -5,6 +5,10 @@ import re
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
+
 
 def test_block_suite_passes_under_jax():
     tests_dir = os.path.dirname(__file__)

@@ -4,7 +4,9 @@ import os
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import pytest
+
+from tests.helpers import REPO
 
 BLOCKED_IMPORT = r"""
 import importlib.abc, sys
@@ -26,6 +28,7 @@ print(parity.max_relative_difference(plain(x), model(x)))
 """
 
 
+@pytest.mark.slow
 def test_library_imports_and_converts_without_the_other_packages():
     done = subprocess.run(
         [sys.executable, "-c", BLOCKED_IMPORT],

@@ -7,6 +7,7 @@ import pytest
 import repvgg_keras as rk
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 from repvgg_keras.structure import custom_layer_names
+from tests.helpers import every_variant
 
 # Deploy-form parameter counts in millions, as published (1000 classes).
 PUBLISHED_PARAMS_M = {
@@ -28,7 +29,7 @@ def _parity(model, plain, x):
     return max_relative_difference(plain(x), model(x, training=False))
 
 
-@pytest.mark.parametrize("name", rk.list_models())
+@pytest.mark.parametrize("name", every_variant())
 def test_every_variant_fuses_exactly_and_has_published_size(rng, name):
     model = rk.get_model(name, input_shape=(64, 48, 3))
     randomize_batchnorm(model, seed=1)
@@ -47,6 +48,7 @@ def test_every_variant_fuses_exactly_and_has_published_size(rng, name):
     assert len(convs) == len(blocks) == 1 + sum(rk.get_spec(name).num_blocks)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["RepVGG_A0", "RepVGG_B1g4"])
 def test_full_size_224_parity(rng, name):
     model = rk.get_model(name)
@@ -58,6 +60,7 @@ def test_full_size_224_parity(rng, name):
     assert plain.output_shape == (None, 1000)
 
 
+@pytest.mark.slow
 def test_d2se_defaults_to_320():
     assert rk.RepVGG_D2se(include_top=False).input_shape == (None, 320, 320, 3)
 
@@ -171,6 +174,7 @@ def test_features_only_gives_every_stage(deploy, output_stride, strides):
     assert [o.shape[-1] for o in model.outputs] == [48, 48, 96, 192, 1280]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_stride", [8, 16])
 def test_dilated_backbone_converts_exactly(rng, output_stride):
     model = rk.RepVGG_B1g2(input_shape=(64, 64, 3), features_only=True, output_stride=output_stride)

@@ -8,7 +8,8 @@ import torch
 
 import repvgg_keras as rk
 from repvgg_keras import parity, pspnet, spatial, specs, structure
-from tests.conftest import images
+from repvgg_keras.structure import all_layers
+from tests.helpers import every_variant, random_images
 
 
 @pytest.mark.parametrize("size,bins", [((13, 17), 6), ((8, 8), 3), ((5, 9), 2), ((7, 7), 6)])
@@ -33,7 +34,7 @@ def test_output_is_per_pixel_logits_at_input_size(rng):
     model = pspnet.PSPNet("RepVGG_A0", classes=7, input_shape=(72, 56, 3), head_channels=32)
     assert model.input.name == "images" and model.output_shape == (None, 72, 56, 7)
     assert model.get_layer("backbone").get_layer("stage4_0").output.shape[1:3] == (9, 7)  # stride 8
-    out = np.asarray(model(images(rng, (2, 72, 56, 3))))
+    out = np.asarray(model(random_images(rng, (2, 72, 56, 3))))
     assert out.shape == (2, 72, 56, 7) and out.dtype == np.float32 and np.isfinite(out).all()
 
 
@@ -45,14 +46,14 @@ def test_aux_head_is_a_second_output_that_inference_model_drops(rng):
     assert len(inference.outputs) == 1 and not any(
         l.name.startswith("aux") for l in inference.layers
     )
-    x = images(rng, (1, 64, 64, 3))
+    x = random_images(rng, (1, 64, 64, 3))
     np.testing.assert_array_equal(np.asarray(inference(x)), np.asarray(model(x)[0]))
 
 
 def test_unknown_input_size(rng):
     model = pspnet.PSPNet("RepVGG_A0", classes=3, input_shape=(None, None, 3), head_channels=16)
     for size in ((40, 48), (57, 33)):
-        assert np.asarray(model(images(rng, (1, *size, 3)))).shape == (1, *size, 3)
+        assert np.asarray(model(random_images(rng, (1, *size, 3)))).shape == (1, *size, 3)
 
 
 def test_fast_variant_dilates_only_the_last_five_blocks():
@@ -100,7 +101,7 @@ def test_backbone_weights_from_a_trained_classifier(tmp_path, rng):
 
 def test_saved_and_reloaded(tmp_path, rng):
     model = pspnet.PSPNet("RepVGG_A0", classes=3, input_shape=(40, 40, 3), head_channels=16)
-    x = images(rng, (1, 40, 40, 3))
+    x = random_images(rng, (1, 40, 40, 3))
     for form in (model, rk.to_deploy(model)):
         path = str(tmp_path / f"{form.name}_{id(form)}.keras")
         form.save(path)
@@ -108,7 +109,7 @@ def test_saved_and_reloaded(tmp_path, rng):
         np.testing.assert_allclose(np.asarray(reloaded(x)), np.asarray(form(x)), atol=1e-6)
 
 
-@pytest.mark.parametrize("variant", rk.list_models())
+@pytest.mark.parametrize("variant", every_variant())
 def test_every_backbone_fuses_exactly(variant, rng):
     # Non-square input whose stride-8 map (7 x 5) is no multiple of the 2, 3 and 6 bins.
     model = pspnet.PSPNet(
@@ -118,7 +119,7 @@ def test_every_backbone_fuses_exactly(variant, rng):
     inference = pspnet.inference_model(model)
     plain = rk.to_deploy(inference)
     assert rk.is_deploy_form(plain.get_layer("backbone"))
-    x = images(rng, (2, 56, 40, 3))
+    x = random_images(rng, (2, 56, 40, 3))
     reference = np.asarray(inference(x, training=False))
     assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
 
@@ -133,7 +134,7 @@ def test_low_level_skip_refines_at_stride_4_and_fuses_exactly(rng):
     plain_head = pspnet.PSPNet("RepVGG_A0", classes=5, input_shape=(72, 56, 3), head_channels=16)
     assert model.count_params() > plain_head.count_params()
     parity.randomize_batchnorm(model, seed=5)
-    x = images(rng, (2, 72, 56, 3))
+    x = random_images(rng, (2, 72, 56, 3))
     reference = np.asarray(model(x, training=False))
     assert parity.max_relative_difference(np.asarray(rk.to_deploy(model)(x)), reference) < 1e-5
 
@@ -143,7 +144,7 @@ def test_image_refine_starts_as_the_plain_upsampling_and_fuses_exactly(rng):
     model = pspnet.PSPNet("RepVGG_A0", low_level_skip=True, image_refine=True, **kwargs)
     assert model.get_layer("image_refine_conv").output.shape[1:] == (40, 56, 16)  # full size
     assert model.get_layer("logits").output.shape[1:] == (40, 56, 5)
-    x = images(rng, (2, 40, 56, 3))
+    x = random_images(rng, (2, 40, 56, 3))
     full_size = keras.Model(model.input, model.get_layer("head_full_size").output)
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(full_size(x)))  # zero residual
     residual = model.get_layer("image_refine_residual")
@@ -171,12 +172,12 @@ def test_deploy_form_has_nothing_left_to_fold(rng):
     parity.randomize_batchnorm(model, seed=4)
     before = [w.copy() for w in model.get_weights()]
     plain = rk.to_deploy(model)
-    kinds = {type(l).__name__ for l in plain._flatten_layers()}
+    kinds = {type(l).__name__ for l in all_layers(plain)}
     assert not kinds & {"BatchNormalization", "SpatialDropout2D", "Dropout"}
     # 8 head/pyramid BNs and the dropout gone: 89 layers before, 80 now; no conv added.
     assert structure.layer_counts(plain) == {"layers": 80, "Conv2D": 32, "BatchNormalization": 0}
     assert plain.get_layer("head_conv").use_bias and plain.get_layer("ppm6_conv").use_bias
-    x = images(rng, (2, 64, 64, 3))
+    x = random_images(rng, (2, 64, 64, 3))
     reference = np.asarray(model(x, training=False))
     assert parity.max_relative_difference(np.asarray(plain(x)), reference) < 1e-5
     assert all(np.array_equal(a, b) for a, b in zip(before, model.get_weights()))

@@ -16,7 +16,7 @@ import keras
 import numpy as np
 import pytest
 
-from tests.test_train_inputs import REPO, TINY, _env, _folder
+from tests.helpers import REPO, TINY, cli_env, write_image_folder
 from train import callbacks as cb
 from train import guards
 
@@ -48,7 +48,7 @@ def _run(args):
     return subprocess.run(
         [sys.executable, "-m", "train", *args],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=300,
@@ -70,7 +70,7 @@ def test_every_signal_at_every_moment_resumes_to_the_planned_step(tmp_path):
     once after an epoch's last step, before its validation and epoch-end backup; the last at the
     run's last step), then run to the end: the last optimizer step is 12 (the old code replayed a
     stopped epoch from its start), each epoch is logged at most once, the lr ends at 0."""
-    root = _folder(tmp_path / "photos")
+    root = write_image_folder(tmp_path / "photos")
     model_dir = tmp_path / "run"
     args = _args(
         model_dir, f"folder:{root}", "--epochs", "3", "--steps_per_epoch", "4",
@@ -90,7 +90,7 @@ def test_every_signal_at_every_moment_resumes_to_the_planned_step(tmp_path):
         run = subprocess.Popen(
             [sys.executable, "-c", PAUSING_TRAINER, *args],
             cwd=REPO,
-            env=_env(PAUSE_AT_STEP=str(step), PAUSED_FILE=str(paused)),
+            env=cli_env(PAUSE_AT_STEP=str(step), PAUSED_FILE=str(paused)),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -103,7 +103,7 @@ def test_every_signal_at_every_moment_resumes_to_the_planned_step(tmp_path):
             second = subprocess.run(
                 [sys.executable, "-m", "train", *args],
                 cwd=REPO,
-                env=_env(),
+                env=cli_env(),
                 capture_output=True,
                 text=True,
                 timeout=120,
@@ -150,7 +150,7 @@ def test_a_diverged_run_saves_no_model_and_is_never_finished(tmp_path):
     """--base_lr 1e12: the loss or the BatchNorm statistics overflow; the run ends in one error
     line naming the remedy, saves no model, is not marked finished, and the same command says so
     again instead of reporting a finished run."""
-    root = _folder(tmp_path / "photos")
+    root = write_image_folder(tmp_path / "photos")
     model_dir = tmp_path / "run"
     args = _args(
         model_dir, f"folder:{root}", "--epochs", "1", "--steps_per_epoch", "3",

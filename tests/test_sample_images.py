@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from export import images
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO
 
 
 def test_sample_images_are_real_distinct_photos_of_every_subject():
@@ -47,6 +46,7 @@ runpy.run_module("export.tflite", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_exporter_defaults_need_no_dataset(tmp_path):
     """Run from outside the repository with Fashion-MNIST unavailable: the default verification
     and calibration images are the shipped photos."""

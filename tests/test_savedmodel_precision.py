@@ -13,8 +13,8 @@ import repvgg_keras as rk
 from export import images, savedmodel, verify
 from repvgg_keras import cpu_features, preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from tests.helpers import REPO
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIZE = 32
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from repvgg_keras.masks import class_areas, colorize, palette
+from tests.helpers import REPO
 from train.segmentation_figures import save_predictions_png
 from train.segmentation_metrics import (
     ConfusionMatrixMetric,
@@ -18,8 +19,6 @@ from train.segmentation_metrics import (
     confusion_matrix,
     scores,
 )
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hand_matrix(y_true, labels, num_classes, ignore_label=255):
@@ -172,6 +171,7 @@ print(got["pixels"], int((y_true != 255).sum()), got["miou"], expected["miou"])
 """
 
 
+@pytest.mark.slow
 def test_replicas_sum_their_counts_under_mirrored_strategy():
     done = subprocess.run(
         [sys.executable, "-c", DISTRIBUTED],

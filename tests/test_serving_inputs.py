@@ -14,15 +14,13 @@ import sys
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, cli_env
+
 SIZE = 32
 CLASSES = 10
 WANTED = f"[N, {SIZE}, {SIZE}, 3]"
 
-
-def _env():
-    path = os.pathsep.join(p for p in (REPO, os.environ.get("PYTHONPATH")) if p)
-    return dict(os.environ, PYTHONPATH=path, TF_CPP_MIN_LOG_LEVEL="2")
+pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +165,7 @@ def child_results(served):
             [sys.executable, "-c", _CHILD, path, good, route],
             capture_output=True,
             text=True,
-            env=_env(),
+            env=cli_env(),
             timeout=600,
         )
         results.append(result)
@@ -242,13 +240,13 @@ def _client(*args):
         [sys.executable, "-m", "export.client", *args],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=cli_env(),
         cwd=REPO,
         timeout=120,
     )
 
 
-def _one_error_line(result):
+def one_error_line(result):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert result.returncode == 1, result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
@@ -265,10 +263,10 @@ def jpeg(tmp_path):
 
 
 def test_client_missing_or_unreadable_image_is_one_error_line(tmp_path):
-    line = _one_error_line(_client("--image", str(tmp_path / "missing.jpg")))
+    line = one_error_line(_client("--image", str(tmp_path / "missing.jpg")))
     assert "missing.jpg: No such file" in line
     (tmp_path / "notes.jpg").write_text("not a picture")
-    line = _one_error_line(_client("--image", str(tmp_path / "notes.jpg")))
+    line = one_error_line(_client("--image", str(tmp_path / "notes.jpg")))
     assert "notes.jpg is not an image" in line
 
 
@@ -276,7 +274,7 @@ def test_client_unreachable_server_is_one_error_line(jpeg):
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    line = _one_error_line(
+    line = one_error_line(
         _client("--image", jpeg, "--host", "127.0.0.1", "--port", str(port), "--timeout", "3")
     )
     assert f"cannot reach TF Serving's REST API at 127.0.0.1:{port}" in line
@@ -321,7 +319,7 @@ def fake_server():
 
 def test_client_server_error_is_one_error_line_and_answers_print(jpeg, fake_server):
     common = ["--image", jpeg, "--host", "127.0.0.1", "--port", str(fake_server), "--timeout", "10"]
-    line = _one_error_line(_client(*common, "--model_name", "other"))
+    line = one_error_line(_client(*common, "--model_name", "other"))
     assert "answered HTTP 400: assertion failed: [serving_bytes images" in line
     assert "node" not in line  # the first line of the server's message only
     answered = _client(*common, "--model_name", "repvgg", "--top_k", "2")

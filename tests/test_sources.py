@@ -12,8 +12,8 @@ import pytest
 import repvgg_keras as rk
 from repvgg_keras import checkpoints, sources
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
+from tests.helpers import REPO, run_cli
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(REPO, "tests", "fixtures")
 GOLDEN_SPEC = rk.RepVGGSpec(
     "golden_tiny",
@@ -89,6 +89,7 @@ def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
     assert len(reads) == 1
 
 
+@pytest.mark.slow
 def test_every_caller_reports_a_bad_source_the_same_way(tmp_path):
     from export import common
     from train import pretrained
@@ -231,18 +232,6 @@ def test_int8_hint_holds_whatever_the_training(capsys):
 # ---------------------------------------------------------------- CLIs: one error line, exit 1
 
 
-def _cli(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run(
-        [sys.executable, "-m", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
-
-
 def _assert_one_error_line(result, *fragments):
     assert result.returncode == 1, result.stdout[-1000:] + result.stderr[-2000:]
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
@@ -318,9 +307,10 @@ def _assert_one_error_line(result, *fragments):
         ),
     ],
 )
+@pytest.mark.slow
 def test_cli_bad_input_is_one_error_line(tmp_path, args, fragments):
     (tmp_path / "file").write_text("not a directory")
     (tmp_path / "noise.keras").write_bytes(np.random.default_rng(0).bytes(2000))
     _truncated_safetensors(tmp_path)
-    _assert_one_error_line(_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), *fragments)
+    _assert_one_error_line(run_cli(*[a.replace("{tmp}", str(tmp_path)) for a in args]), *fragments)
     assert not (tmp_path / "a.onnx").exists() and not (tmp_path / "sm").exists()

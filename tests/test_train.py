@@ -15,9 +15,12 @@ import tensorflow_datasets as tfds
 import repvgg_keras as rk
 from export import images
 from repvgg_keras import preprocessing
+from repvgg_keras.structure import all_layers
+from tests.helpers import REPO, cli_env, free_ports
 from train import data, recipes
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
+
 TINY = [
     "--model",
     "RepVGG_A0",
@@ -144,10 +147,6 @@ def _train_cmd(model_dir, dataset, *extra):
     ]
 
 
-def _env():
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-
-
 def test_kill_and_resume_then_both_forms_agree(tmp_path, image_folder):
     model_dir = tmp_path / "run"
     cmd = _train_cmd(
@@ -161,7 +160,7 @@ def test_kill_and_resume_then_both_forms_agree(tmp_path, image_folder):
         "5",
     )
     log = open(tmp_path / "first.log", "w")
-    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+    first = subprocess.Popen(cmd, cwd=REPO, env=cli_env(), stdout=log, stderr=subprocess.STDOUT)
     step_file = model_dir / "last_step"
     deadline = time.monotonic() + 300
     killed_at = 0
@@ -176,7 +175,9 @@ def test_kill_and_resume_then_both_forms_agree(tmp_path, image_folder):
     first.wait()
     killed_at = int(step_file.read_text())
     assert 13 <= killed_at < 80
-    second = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    second = subprocess.run(
+        cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = re.search(
         r"Resuming from the last checkpoint: epoch (\d+), optimizer step (\d+)", second.stdout
@@ -218,7 +219,7 @@ def test_nan_loss_stops_with_a_message(tmp_path, image_folder):
             "0",
         ),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -227,24 +228,12 @@ def test_nan_loss_stops_with_a_message(tmp_path, image_folder):
     assert "NaN" in result.stderr and "step" in result.stderr
 
 
-def _free_ports(count):
-    import socket
-
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, image_folder):
     import json
 
     import keras
 
-    ports = _free_ports(2)
+    ports = free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     model_dir = tmp_path / "mw"
     # EMA and the custom L2 ride along: both go through the hand-written multi-worker loop.
@@ -262,7 +251,7 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path, image_fold
     workers = []
     for index in range(2):
         env = dict(
-            _env(),
+            cli_env(),
             TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
         )
         workers.append(
@@ -301,7 +290,7 @@ def test_ablation_script_writes_a_table(tmp_path, image_folder):
             "3",
         ],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=900,
@@ -356,10 +345,10 @@ def test_custom_l2_matches_the_authors_formula_and_enters_the_fit_loss():
     assert float(block.equivalent_kernel_l2()) == pytest.approx(expected, rel=1e-5)
 
     excluded = recipes.use_custom_l2(model, 0.1)
-    blocks = [layer for layer in model._flatten_layers() if isinstance(layer, RepVGGBlock)]
+    blocks = [layer for layer in all_layers(model) if isinstance(layer, RepVGGBlock)]
     assert len(excluded) == 2 * len(blocks)  # every 3x3 and 1x1 kernel leaves plain weight decay
 
-    for layer in model._flatten_layers():
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = 1.0  # keep the moving statistics (which the penalty reads) fixed
     x = np.random.default_rng(0).normal(size=(8, 32, 32, 3)).astype("float32")
@@ -475,7 +464,7 @@ def test_mixed_bfloat16_trains_and_both_forms_agree(tmp_path, image_folder):
             "mixed_bfloat16",
         ),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -510,7 +499,7 @@ def test_quant_friendly_trains_through_the_cli(tmp_path, image_folder):
             "--quant_friendly",
         ),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -597,7 +586,7 @@ def test_fine_tune_through_the_cli_starts_from_the_given_model(tmp_path, image_f
             str(tmp_path / "donor.keras"),
         ),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -625,7 +614,7 @@ def test_fine_tune_through_the_cli_starts_from_the_given_model(tmp_path, image_f
             str(tmp_path / "nope.keras"),
         ),
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -656,7 +645,7 @@ def test_stem_trains_at_224_without_crashing():
     result = subprocess.run(
         [sys.executable, "-c", STEM_TRAINING],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=600,

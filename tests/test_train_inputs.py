@@ -9,81 +9,28 @@ import sys
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
+from tests.helpers import (
+    REPO,
+    cli_env,
+    one_error_line,
+    train_cli,
+    write_image_folder,
+    write_png,
+)
 from train import data, recipes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = [
-    "--model",
-    "RepVGG_A0",
-    "--num_blocks",
-    "1,1,1,1",
-    "--width_multipliers",
-    "0.25,0.25",
-    "--image_size",
-    "32",
-    "--batch_size",
-    "8",
-    "--verbose",
-    "2",
-]
-
-
-def _env(**extra):
-    return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1", **extra)
-
-
-def _train(model_dir, dataset, *extra, timeout=600):
-    command = [
-        sys.executable,
-        "-m",
-        "train",
-        "--dataset",
-        dataset,
-        "--model_dir",
-        str(model_dir),
-        *TINY,
-        *extra,
-    ]
-    return subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
-    )
-
-
-def _one_error_line(result):
-    """Exit status 1 and one `error:` line, last on stderr (TensorFlow's own start-up log lines aside)."""
-    lines = result.stderr.strip().splitlines()
-    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-3000:]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
-    return errors[0]
-
-
-def _png(path, seed):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.random.default_rng(seed).integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    tf.io.write_file(str(path), tf.io.encode_png(pixels))
-
-
-def _folder(root, train_per_class=8, test_per_class=2, classes=("a", "b")):
-    for split, count in (("train", train_per_class), ("test", test_per_class)):
-        for c, name in enumerate(classes):
-            for i in range(count):
-                _png(root / split / name / f"{i}.png", seed=hash((split, c, i)) % 2**32)
-    return root
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
-    return _folder(tmp_path_factory.mktemp("tiny"))
+    return write_image_folder(tmp_path_factory.mktemp("tiny"))
 
 
+@pytest.mark.slow
 def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tiny_folder):
     model_dir = tmp_path / "run"
     args = ("--epochs", "1", "--steps_per_epoch", "2")
-    first = _train(model_dir, f"folder:{tiny_folder}", *args)
+    first = train_cli(model_dir, f"folder:{tiny_folder}", *args)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     accuracy = first.stdout.strip().splitlines()[-1]
     assert accuracy.startswith("accuracy: ")
@@ -96,18 +43,20 @@ def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tin
     }
     stamps = {n: os.stat(model_dir / n).st_mtime_ns for n in models}
 
-    again = _train(
+    again = train_cli(
         model_dir, f"folder:{tiny_folder}", *args, "--verbose", "1", "--checkpoint_every", "7"
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "finished run of this configuration" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == accuracy  # the recorded result, not a new run
 
-    other = _train(model_dir, f"folder:{tiny_folder}", *args, "--quant_friendly")
-    line = _one_error_line(other)
+    other = train_cli(model_dir, f"folder:{tiny_folder}", *args, "--quant_friendly")
+    line = one_error_line(other)
     assert "--quant_friendly: recorded False, given True" in line and "--overwrite" in line, line
-    longer = _train(model_dir, f"folder:{tiny_folder}", "--epochs", "3", "--steps_per_epoch", "2")
-    assert "--epochs: recorded 1, given 3" in _one_error_line(longer)
+    longer = train_cli(
+        model_dir, f"folder:{tiny_folder}", "--epochs", "3", "--steps_per_epoch", "2"
+    )
+    assert "--epochs: recorded 1, given 3" in one_error_line(longer)
     for (
         name,
         content,
@@ -116,7 +65,7 @@ def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tin
             model_dir / name
         ).st_mtime_ns == stamps[name]
 
-    fresh = _train(model_dir, f"folder:{tiny_folder}", *args, "--quant_friendly", "--overwrite")
+    fresh = train_cli(model_dir, f"folder:{tiny_folder}", *args, "--quant_friendly", "--overwrite")
     assert fresh.returncode == 0, fresh.stdout[-2000:] + fresh.stderr[-2000:]
     assert "Resuming" not in fresh.stdout
     assert (
@@ -127,19 +76,22 @@ def test_finished_run_is_kept_and_another_configuration_is_refused(tmp_path, tin
     )
 
 
+@pytest.mark.slow
 def test_run_of_an_older_version_is_refused_unless_overwrite(tmp_path):
     """backup/ without run_config.json: its configuration is unknown, so nothing is resumed or replaced."""
     model_dir = tmp_path / "old"
     (model_dir / "backup").mkdir(parents=True)
     (model_dir / "backup" / "latest.weights.h5").write_bytes(b"x" * 6000)
     (model_dir / "notes.txt").write_text("mine")
-    line = _one_error_line(_train(model_dir, "folder:/nonexistent", "--epochs", "1"))
+    line = one_error_line(train_cli(model_dir, "folder:/nonexistent", "--epochs", "1"))
     assert "backup" in line and "run_config.json" in line and "--overwrite" in line, line
     assert (model_dir / "backup" / "latest.weights.h5").exists() and not (
         model_dir / "run_config.json"
     ).exists()
     # --overwrite clears the old run's files (and only those), then goes on to the data
-    line = _one_error_line(_train(model_dir, "folder:/nonexistent", "--epochs", "1", "--overwrite"))
+    line = one_error_line(
+        train_cli(model_dir, "folder:/nonexistent", "--epochs", "1", "--overwrite")
+    )
     assert "/nonexistent' does not exist" in line, line
     assert not (model_dir / "backup").exists() and (model_dir / "notes.txt").read_text() == "mine"
 
@@ -164,13 +116,13 @@ def test_nonsense_flag_values_are_refused_before_anything_is_written(
     tmp_path, flag, value, message
 ):
     model_dir = tmp_path / "run"
-    line = _one_error_line(_train(model_dir, "fashion_mnist", flag, value, timeout=120))
+    line = one_error_line(train_cli(model_dir, "fashion_mnist", flag, value, timeout=120))
     assert message in line, line
     assert not model_dir.exists()
 
 
 def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
-    root = _folder(tmp_path / "photos")
+    root = write_image_folder(tmp_path / "photos")
     (root / "train" / "a" / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
     (root / "train" / "b" / "notes.txt").write_text("not an image")  # ignored, as tfds does
     train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
@@ -189,7 +141,7 @@ def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, cap
     class folder, a file beside the class folders and an unused split are named in one warning."""
     from PIL import Image
 
-    root = _folder(tmp_path / "photos", train_per_class=1, test_per_class=1)
+    root = write_image_folder(tmp_path / "photos", train_per_class=1, test_per_class=1)
     pixels = np.random.default_rng(0).integers(0, 256, (24, 24, 3), dtype=np.uint8)
     for split, names in (("train", ("0.gif", "1.bmp", "2.jpg")), ("test", ("0.bmp",))):
         for name in names:
@@ -198,7 +150,9 @@ def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, cap
     (root / "train" / "a" / "notes.txt").write_text("not an image")
     (root / "train" / "b" / "more").mkdir()
     (root / "test" / "readme.md").write_text("about")
-    _png(root / "val" / "a" / "0.png", seed=1)  # test/ is the evaluation split, val/ is not read
+    write_png(
+        root / "val" / "a" / "0.png", seed=1
+    )  # test/ is the evaluation split, val/ is not read
     train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
     assert (info.num_classes, info.train_examples, info.eval_examples) == (3, 5, 3)
     labels = [int(label) for _, y in evaluation for label in np.argmax(y, -1)]
@@ -211,7 +165,7 @@ def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, cap
 
 
 def test_counts_that_cannot_be_honoured_are_named(tmp_path, capsys):
-    root = _folder(tmp_path / "photos")  # 16 train, 4 test images
+    root = write_image_folder(tmp_path / "photos")  # 16 train, 4 test images
     _, evaluation, info = data.load(
         f"folder:{root}", image_size=32, batch_size=20, train_take=100, eval_take=50
     )
@@ -233,10 +187,10 @@ def test_empty_folders_are_named(tmp_path):
     empty_root.mkdir()
     with pytest.raises(ValueError, match=r"has no train/ or test/ \(it has no subfolders\)"):
         data.load(f"folder:{empty_root}", image_size=32, batch_size=4)
-    no_test = _folder(tmp_path / "no_test", test_per_class=0)
+    no_test = write_image_folder(tmp_path / "no_test", test_per_class=0)
     with pytest.raises(ValueError, match=r"has no test/ \(found train/\)"):
         data.load(f"folder:{no_test}", image_size=32, batch_size=4)
-    root = _folder(tmp_path / "photos")
+    root = write_image_folder(tmp_path / "photos")
     (root / "train" / "c").mkdir()
     (root / "train" / "c" / "readme.txt").write_text("no images yet")
     (root / "test" / "d").mkdir()
@@ -246,13 +200,15 @@ def test_empty_folders_are_named(tmp_path):
         data.load(f"folder:{root}", image_size=32, batch_size=4)
 
 
+@pytest.mark.slow
 def test_empty_class_through_the_cli_is_one_error_line(tmp_path):
-    root = _folder(tmp_path / "photos", train_per_class=2, test_per_class=1)
+    root = write_image_folder(tmp_path / "photos", train_per_class=2, test_per_class=1)
     (root / "test" / "b" / "0.png").unlink()
-    line = _one_error_line(_train(tmp_path / "run", f"folder:{root}", "--epochs", "1"))
+    line = one_error_line(train_cli(tmp_path / "run", f"folder:{root}", "--epochs", "1"))
     assert "test/b/" in line, line
 
 
+@pytest.mark.slow
 def test_unknown_dataset_names_the_closest_ones_in_one_line():
     with pytest.raises(data.DatasetNotFound) as caught:
         data.load("fashon_mnist", image_size=32, batch_size=4)
@@ -264,6 +220,7 @@ def test_unknown_dataset_names_the_closest_ones_in_one_line():
         data.load("no_such_name", image_size=32, batch_size=4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["dataset", "data_dir", "model_dir"])
 def test_cli_mistakes_end_in_one_error_line(tmp_path, case):
     blocker = tmp_path / "a_file"
@@ -288,9 +245,9 @@ def test_cli_mistakes_end_in_one_error_line(tmp_path, case):
         *args[2],
     ]
     result = subprocess.run(
-        command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+        command, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300
     )
-    line = _one_error_line(result)
+    line = one_error_line(result)
     expected = {
         "dataset": "did you mean fashion_mnist",
         "data_dir": f"Not a directory: {blocker}",

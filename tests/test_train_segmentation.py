@@ -12,9 +12,9 @@ import time
 
 import keras
 import numpy as np
+import pytest
 
-from tests.test_train import _free_ports
-from tests.test_train_inputs import REPO, TINY, _env, _one_error_line, _train
+from tests.helpers import REPO, TINY, cli_env, free_ports, one_error_line, train_cli
 
 SEGMENTATION = [
     "--task",
@@ -32,7 +32,7 @@ LAST_LINE = re.compile(r"^miou: training_form=([0-9.]+) deploy_form=([0-9.]+)$")
 
 
 def test_short_run_both_forms_agree_and_a_rerun_reports_it(tmp_path):
-    result = _train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION)
+    result = train_cli(tmp_path, "fashion_mnist_scenes", *SEGMENTATION)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]
     match = LAST_LINE.match(last)
@@ -56,13 +56,13 @@ def test_short_run_both_forms_agree_and_a_rerun_reports_it(tmp_path):
     x = np.zeros((1, 32, 32, 3), "float32")
     assert np.isfinite(np.asarray(deploy(x))).all()
 
-    again = _train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION)
+    again = train_cli(tmp_path, "fashion_mnist_scenes", *SEGMENTATION)
     assert again.returncode == 0 and "holds a finished run" in again.stdout
     assert again.stdout.strip().splitlines()[-1] == last
 
 
 def test_single_head_run_with_the_low_level_skip_and_image_refine(tmp_path):
-    result = _train(
+    result = train_cli(
         tmp_path,
         "fashion_mnist_scenes",
         *SEGMENTATION,
@@ -85,7 +85,7 @@ def test_single_head_run_with_the_low_level_skip_and_image_refine(tmp_path):
 
 def _start_workers(model_dir, *extra, stdout=subprocess.PIPE):
     """Start the trainer as workers 0 and 1 of a cluster on loopback ports."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _free_ports(2)]}
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     command = [sys.executable, "-m", "train", "--dataset", "fashion_mnist_scenes"]
     command += ["--model_dir", str(model_dir), *TINY, *extra]
     return [
@@ -93,7 +93,7 @@ def _start_workers(model_dir, *extra, stdout=subprocess.PIPE):
             command,
             cwd=REPO,
             env=dict(
-                _env(),
+                cli_env(),
                 TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}),
             ),
             stdout=stdout,
@@ -136,6 +136,7 @@ def test_two_workers_on_loopback_end_with_identical_weights(tmp_path):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
 
 
+@pytest.mark.slow
 def test_two_workers_killed_in_mixed_bfloat16_resume_and_end_as_one_model(tmp_path):
     extra = [*SEGMENTATION, "--epochs", "2", "--steps_per_epoch", "12", "--checkpoint_every", "3"]
     extra += ["--mixed_precision", "mixed_bfloat16"]
@@ -169,11 +170,13 @@ def test_two_workers_killed_in_mixed_bfloat16_resume_and_end_as_one_model(tmp_pa
 
 
 def test_classification_flags_are_refused_with_segmentation(tmp_path):
-    result = _train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--mixup", "0.2")
-    _one_error_line(result)
+    result = train_cli(tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--mixup", "0.2")
+    one_error_line(result)
     assert "--mixup apply to classification only" in result.stderr
     assert not os.path.exists(tmp_path / "run_config.json")
-    _one_error_line(_train(tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--output_stride", "4"))
+    one_error_line(
+        train_cli(tmp_path, "fashion_mnist_scenes", *SEGMENTATION, "--output_stride", "4")
+    )
 
 
 def test_segmentation_defaults_follow_the_input_size():

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from repvgg_keras.structure import all_layers
+
 
 def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
@@ -136,7 +138,7 @@ def unsynchronized_statistics(model):
     the batch."""
     return [
         variable
-        for layer in model._flatten_layers()
+        for layer in all_layers(model)
         if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
         for variable in (layer.moving_mean, layer.moving_variance)
     ]

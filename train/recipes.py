@@ -2,6 +2,8 @@
 
 import dataclasses
 
+from repvgg_keras.structure import all_layers
+
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
@@ -181,7 +183,7 @@ def use_custom_l2(model, coefficient):
     from repvgg_keras.layers import RepVGGBlock
 
     excluded = []
-    for layer in model._flatten_layers(include_self=False):
+    for layer in all_layers(model):
         if isinstance(layer, RepVGGBlock):
             if layer.quant_friendly:
                 raise ValueError(
