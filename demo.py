@@ -187,60 +187,49 @@ def export_all():
         )
         if rows[-1].report is not None:
             rows[-1].artifact = f"SavedModel {folder}"
-    for quantize in DEMO_TFLITE:
-        path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
+
+    def attempt_file(artifact, precision, export, path, outputs, **options):
+        """`export(plain, path, ...)` verified on the test images against the training form."""
+        options.update(verify_inputs=inputs, reference=model, overwrite=True)
         attempt(
             rows,
-            f"TFLite {os.path.basename(path)}",
-            tflite.PRECISION[quantize],
-            functools.partial(
-                tflite.export_tflite,
-                plain,
-                path,
-                quantize=quantize,
-                verify_inputs=inputs,
-                calibration=calibration,
-                reference=model,
-                overwrite=True,
-            ),
-            functools.partial(tflite.run, path, inputs),
+            artifact,
+            precision,
+            functools.partial(export, plain, path, **options),
+            outputs,
             labels,
         )
+
+    for quantize in DEMO_TFLITE:
+        path = f"{OUTPUT}/repvgg_fm_{quantize}.tflite"
+        attempt_file(
+            f"TFLite {os.path.basename(path)}",
+            tflite.PRECISION[quantize],
+            tflite.export_tflite,
+            path,
+            functools.partial(tflite.run, path, inputs),
+            quantize=quantize,
+            calibration=calibration,
+        )
     path = f"{OUTPUT}/repvgg_fm.onnx"
-    attempt(
-        rows,
+    attempt_file(
         "ONNX repvgg_fm.onnx (NCHW)",
         "fp32",
-        functools.partial(
-            onnx_export.export_onnx,
-            plain,
-            path,
-            verify_inputs=inputs,
-            reference=model,
-            overwrite=True,
-        ),
+        onnx_export.export_onnx,
+        path,
         functools.partial(onnx_export.run, path, np.transpose(inputs, (0, 3, 1, 2))),
-        labels,
     )
     for quantize in openvino_export.QUANTIZATIONS:  # fp32, or bf16 where the CPU has it; int8
         path = f"{OUTPUT}/repvgg_fm_openvino_{quantize}"
         precision = openvino_export.default_precision(quantize)
-        attempt(
-            rows,
+        attempt_file(
             f"OpenVINO {os.path.basename(path)}",
             precision,
-            functools.partial(
-                openvino_export.export_openvino,
-                plain,
-                path,
-                quantize=quantize,
-                verify_inputs=inputs,
-                calibration=calibration,
-                reference=model,
-                overwrite=True,
-            ),
+            openvino_export.export_openvino,
+            path,
             functools.partial(openvino_export.run, path, inputs, precision),
-            labels,
+            quantize=quantize,
+            calibration=calibration,
         )
     keras_accuracy = float(np.mean(np.argmax(model(inputs, training=False), -1) == labels))
     return rows, keras_accuracy, len(labels)

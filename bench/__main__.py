@@ -15,7 +15,6 @@ import os
 import platform
 import shlex
 import sys
-import traceback
 
 from absl import app, flags
 
@@ -115,7 +114,6 @@ def prepare_model(name, weights, batches, workdir):
     """(cases, records-in-progress) for one RepVGG variant: every runtime built and checked."""
     from bench import runtimes, timing
     from bench import subject as subject_lib
-    from bench.runtimes import Unavailable
 
     print(
         f"{name}: building both forms and the exports ({FLAGS.image_size}px, {FLAGS.classes} classes)",
@@ -143,23 +141,19 @@ def prepare_model(name, weights, batches, workdir):
             "threads": FLAGS.threads,
             "macs": macs,
         }
-        try:
-            predictor = spec.build(subject, FLAGS.threads)
-            checked = {}
-            if (
-                not spec.runtime.startswith("timm") or subject.timm_matches
-            ):  # kimm always holds our weights
-                checked = check_against_reference(
-                    predict_in_chunks(predictor, subject.images, max(batches)), reference
-                )
-        except Unavailable as why:
-            records.append(dict(base, status="skipped", reason=str(why)))
-            print(f"  {spec.runtime} {spec.precision}: skipped ({why})", flush=True)
+        built, failed = runtimes.attempt(
+            f"{spec.runtime} {spec.precision}",
+            base,
+            build_checked,
+            spec,
+            subject,
+            reference,
+            max(batches),
+        )
+        if failed:
+            records.append(failed)
             continue
-        except Exception as error:  # one broken runtime must not stop the others
-            traceback.print_exc()
-            records.append(dict(base, status="error", reason=f"{type(error).__name__}: {error}"))
-            continue
+        predictor, checked = built
         print(
             f"  {spec.runtime} {spec.precision}: ready"
             + (
@@ -184,6 +178,17 @@ def prepare_model(name, weights, batches, workdir):
                 timing.Case(key=record, predict=predictor.predict, batch=predictor.feed(images))
             )
     return cases, records
+
+
+def build_checked(spec, subject, reference, chunk):
+    """(predictor, its top-1 agreement and max relative difference to `reference`) for one runtime."""
+    predictor = spec.build(subject, FLAGS.threads)
+    checked = {}
+    if not spec.runtime.startswith("timm") or subject.timm_matches:  # kimm always holds our weights
+        checked = check_against_reference(
+            predict_in_chunks(predictor, subject.images, chunk), reference
+        )
+    return predictor, checked
 
 
 def predict_in_chunks(predictor, images, size):

@@ -32,12 +32,13 @@ CHUNK = 250  # test images resized and checked at a time
 def variants(deploy, calibration, workdir):
     """(name, function on NHWC batches) for every int8 path we ship, plus the all-ops ONNX one."""
     from export import onnx_int8, runners, tflite
+    from export.onnx import onnx_file
 
     nchw = lambda x: np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
     for quantize in ("int8", "int8_full"):
         run = runners.tflite(tflite.convert(deploy, quantize, calibration))
         yield f"TFLite --quantize {quantize}", run
-    source = runners.onnx_file(deploy, workdir, nchw=True)
+    source = onnx_file(deploy, workdir, nchw=True)
     for label, ops in (("Conv + Relu (default)", onnx_int8.QUANTIZED_OPS), ("every op", None)):
         target = f"{workdir}/int8_{'conv' if ops else 'all'}.onnx"
         onnx_int8.quantize(source, target, nchw(calibration), op_types=ops)

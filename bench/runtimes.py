@@ -9,6 +9,7 @@ the CPU lacks the precision; the benchmark records the reason instead of a numbe
 
 import dataclasses
 import os
+import traceback
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +17,22 @@ import numpy as np
 
 class Unavailable(RuntimeError):
     pass
+
+
+def attempt(label, record, build, *args):
+    """(build(*args), None), or (None, `record` marked skipped or error) when it raises.
+
+    Unavailable (a library or precision this machine lacks) is a skip, said on one line; any other
+    exception is an error with its traceback: one broken runtime must not stop the others.
+    """
+    try:
+        return build(*args), None
+    except Unavailable as why:
+        print(f"  {label}: skipped ({why})", flush=True)
+        return None, dict(record, status="skipped", reason=str(why))
+    except Exception as error:
+        traceback.print_exc()
+        return None, dict(record, status="error", reason=f"{type(error).__name__}: {error}")
 
 
 @dataclasses.dataclass
@@ -120,7 +137,7 @@ def _tflite(quantize):
 
 
 def onnx_path(subject, nchw=True, int8=False):
-    from export.runners import onnx_file
+    from export.onnx import onnx_file
 
     return onnx_file(
         subject.keras_deploy, subject.workdir, nchw=nchw, int8=int8, calibration=subject.calibration

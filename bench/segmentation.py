@@ -19,11 +19,12 @@ import os
 import shlex
 import sys
 import tempfile
-import traceback
 import types
 
 import numpy as np
 from absl import app, flags
+
+from bench.report import speed
 
 FLAGS = flags.FLAGS
 
@@ -111,6 +112,12 @@ def build(name, classes, input_shape):
     return model, tuple(features)
 
 
+def traced(spec, subject, threads, images):
+    """(predictor, its outputs for `images`): the first call traces, so timing starts warm."""
+    predictor = spec.build(subject, threads)
+    return predictor, predictor.predict(predictor.feed(images))
+
+
 def prepare(name, image_size, batch, classes, runtimes, threads, workdir):
     """Timing cases for one model (one per runtime) and records for runtimes that failed."""
     from bench import flops, timing
@@ -144,17 +151,13 @@ def prepare(name, image_size, batch, classes, runtimes, threads, workdir):
             f"  {runtime}: " + ("converting and " if runtime == "onnxruntime" else "") + "tracing",
             flush=True,
         )
-        try:
-            predictor = spec.build(subject, threads)
-            outputs = predictor.predict(predictor.feed(images))  # the first call traces
-        except runtimes_lib.Unavailable as why:
-            failed.append(dict(record, status="skipped", reason=str(why)))
-            print(f"  {runtime}: skipped ({why})", flush=True)
+        built, problem = runtimes_lib.attempt(
+            runtime, record, traced, spec, subject, threads, images
+        )
+        if problem:
+            failed.append(problem)
             continue
-        except Exception as error:  # one broken runtime must not stop the others
-            traceback.print_exc()
-            failed.append(dict(record, status="error", reason=f"{type(error).__name__}: {error}"))
-            continue
+        predictor, outputs = built
         if runtime == "keras":  # the reference itself: its tf.function output
             reference, record["max_rel_diff"] = outputs, None
             print(f"  {runtime}: ready", flush=True)
@@ -172,15 +175,6 @@ def prepare(name, image_size, batch, classes, runtimes, threads, workdir):
     return cases, failed
 
 
-def speed(records, model, runtime):
-    found = [
-        r
-        for r in records
-        if r.get("status") == "ok" and r["model"] == model and r["runtime"] == runtime
-    ]
-    return found[0]["images_per_s"] if found else None
-
-
 def ratios(records):
     """Each RepVGG PSPNet's speed over each ResNet PSPNet's, per runtime, with the paper's ratio
     where it states one: dicts of model, baseline, runtime, ratio, faster, paper."""
@@ -190,7 +184,8 @@ def ratios(records):
     for runtime in runtimes:
         for model in REPVGG:
             for baseline in RESNETS:
-                ours, theirs = speed(records, model, runtime), speed(records, baseline, runtime)
+                ours = speed(records, model=model, runtime=runtime)
+                theirs = speed(records, model=baseline, runtime=runtime)
                 if ours and theirs:
                     out.append(
                         {

@@ -52,7 +52,7 @@ def import_timm():
 
 def build(name, image_size, classes, weights, images_source, image_count, workdir):
     """A Subject for variant `name`. `images_source` as in export.images.load_images."""
-    from export import common, images
+    from export import images, loading
 
     os.makedirs(workdir, exist_ok=True)
     timm = import_timm()
@@ -68,16 +68,16 @@ def build(name, image_size, classes, weights, images_source, image_count, workdi
 
         path = os.path.join(workdir, f"{name}_timm.safetensors")
         save_file({k: v.contiguous() for k, v in timm_model.state_dict().items()}, path)
-        keras_train = common.load_model(name, path, image_size, classes)
+        keras_train = loading.load_model(name, path, image_size, classes)
         source, timm_matches = "timm init (random, trained-like BN statistics)", True
     elif weights is None:
         from repvgg_keras.parity import randomize_batchnorm
 
-        keras_train = randomize_batchnorm(common.load_model(name, None, image_size, classes))
+        keras_train = randomize_batchnorm(loading.load_model(name, None, image_size, classes))
         source = "random (trained-like BN statistics)"
     else:
         read = rk.read_source(weights)  # once: the Keras model and timm's peer share the tensors
-        keras_train = common.load_model(name, read, image_size, classes)
+        keras_train = loading.load_model(name, read, image_size, classes)
         source = weights
         if timm_model is not None and read.format == "timm-train":
             import torch

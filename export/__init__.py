@@ -1,1 +1,1 @@
-"""Exporters of repvgg_keras models: SavedModel (TF Serving), TFLite, ONNX, each verified."""
+"""Verified exporters of repvgg_keras models: SavedModel (TF Serving), TFLite, ONNX, OpenVINO."""

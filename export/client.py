@@ -153,39 +153,52 @@ def _predict(paths, host, port, protocol, model_name, timeout, output_filter=())
         ) from None
 
 
+# The output each task reads and its axes: probabilities [N, classes], classes [N, H, W].
+TASK_OUTPUTS = {"probabilities": 2, "classes": 3}
+
+
+def _per_image(outputs, name, count, problem, wrong_task):
+    """`outputs[name]` (one of TASK_OUTPUTS) if it holds one entry per image (`count`); else a
+    ClientError: `problem(the shape received)`, then `wrong_task` where the server answered the
+    other task's output instead."""
+    got = np.asarray(outputs.get(name, []))
+    if got.ndim == TASK_OUTPUTS[name] and len(got) == count:
+        return got
+    (other,) = set(TASK_OUTPUTS) - {name}
+    answered_other = np.ndim(outputs.get(other, [])) == TASK_OUTPUTS[other]
+    raise ClientError(problem(list(got.shape)) + (wrong_task if answered_other else ""))
+
+
 def classify(paths, host, port, protocol, model_name, timeout):
     """Probabilities [len(paths), classes] from the server; ClientError on any failure."""
     outputs = _predict(paths, host, port, protocol, model_name, timeout)
-    probabilities = np.asarray(outputs.get("probabilities", []))
-    if probabilities.ndim != 2 or len(probabilities) != len(paths):
-        hint = (
-            " It answered per-pixel classes: pass --task segmentation."
-            if np.ndim(outputs.get("classes", [])) == 3
-            else ""
-        )
-        raise ClientError(
-            f"TF Serving at {host}:{port} answered without one row of probabilities "
-            f"per image (got shape {list(probabilities.shape)}): is --model_name "
-            f"{model_name} a RepVGG export with a serving_bytes signature?{hint}"
-        )
-    return probabilities
+    return _per_image(
+        outputs,
+        "probabilities",
+        len(paths),
+        lambda shape: (
+            f"TF Serving at {host}:{port} answered without one row of probabilities per image "
+            f"(got shape {shape}): is --model_name {model_name} a RepVGG export with a "
+            "serving_bytes signature?"
+        ),
+        " It answered per-pixel classes: pass --task segmentation.",
+    )
 
 
 def segment(paths, host, port, protocol, model_name, timeout):
     """Class masks, int [len(paths), H, W], from a segmentation export's `classes` output."""
     outputs = _predict(paths, host, port, protocol, model_name, timeout, ["classes"])
-    classes = np.asarray(outputs.get("classes", []))
-    if classes.ndim != 3 or len(classes) != len(paths):
-        hint = (
-            " It answered class probabilities: drop --task segmentation."
-            if np.ndim(outputs.get("probabilities", [])) == 2
-            else ""
-        )
-        raise ClientError(
+    classes = _per_image(
+        outputs,
+        "classes",
+        len(paths),
+        lambda shape: (
             f"TF Serving at {host}:{port} answered without a mask of classes per image "
-            f"(got shape {list(classes.shape)}): is --model_name {model_name} a segmentation "
-            f"export (export.savedmodel --task segmentation)?{hint}"
-        )
+            f"(got shape {shape}): is --model_name {model_name} a segmentation export "
+            "(export.savedmodel --task segmentation)?"
+        ),
+        " It answered class probabilities: drop --task segmentation.",
+    )
     return classes.astype(np.int64)
 
 

@@ -20,7 +20,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from export import verify
+import repvgg_keras as rk
+from export import onnx, runners, tflite, verify
+from export.openvino_runtime import supports
 
 # Per precision, fastest first as `python -m bench` ranks them (docs/benchmarks.md). TFLite leads
 # int8 because it also keeps the classifier in float; of these runtimes only OpenVINO runs bf16.
@@ -75,8 +77,6 @@ def _native(runtime, precision):
     if precision == "fp32":
         return True
     if runtime == "openvino":
-        from export.openvino_runtime import supports
-
         return supports(precision)
     return precision == "int8"  # TFLite and onnxruntime run int8 on any x86/ARM CPU
 
@@ -88,14 +88,10 @@ def _build(runtime, precision, deploy, calibration, threads, workdir):
 
         function = tf.function(lambda x: deploy(x, training=False), jit_compile=True)
         return (lambda x: function(tf.constant(x)).numpy()), "NHWC"
-    from export import runners
-
     if runtime == "tflite":
-        from export import tflite
-
         flatbuffer = tflite.convert(deploy, "int8" if precision == "int8" else "none", calibration)
         return runners.tflite(flatbuffer, threads), "NHWC"
-    path = runners.onnx_file(
+    path = onnx.onnx_file(
         deploy, workdir, nchw=True, int8=precision == "int8", calibration=calibration
     )
     if runtime == "openvino":
@@ -138,14 +134,12 @@ def fast_predictor(
 
     precision: "auto" (int8 if `calibration_images` are given, then bf16 where native, then
     fp32), or one of "fp32", "bf16", "int8". runtime: "auto" (FASTEST's order for each
-    precision) or one of RUNTIMES.
+    precision) or one of RUNTIME_CHOICES.
     check_images: normalised NHWC images to verify on (real images: agreement is only
     meaningful on them); default the calibration images, else 16 random ones.
     Raises ValueError for images that are empty, of another shape or not finite, for a
     model whose own outputs on the check images are not finite, or for bad options.
     """
-    import repvgg_keras as rk
-
     if (runtime != "auto" and runtime not in RUNTIME_CHOICES) or precision not in (
         "auto",
         *FASTEST,
@@ -176,9 +170,7 @@ def fast_predictor(
         _, height, width, channels = deploy.input_shape
         check_images = np.random.default_rng(0).normal(size=(16, height, width, channels))
     check_images = _checked_images(check_images, "check_images", deploy)
-    from export.common import check_reference_outputs
-
-    reference = check_reference_outputs(deploy, check_images, "check images")
+    reference = verify.check_reference_outputs(deploy, check_images, "check images")
     tried = []
     with tempfile.TemporaryDirectory() as workdir:
         for candidate_precision in precisions:

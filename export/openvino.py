@@ -20,7 +20,9 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
-from export import common, verify
+from export import atomic, cli, runners
+from export.onnx import onnx_file
+from export.openvino_runtime import supports
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "int8")
@@ -28,8 +30,6 @@ QUANTIZATIONS = ("none", "int8")
 
 def default_precision(quantize="none"):
     """int8 for int8 IR; bf16 where this CPU runs it natively; fp32 otherwise."""
-    from export.openvino_runtime import supports
-
     if quantize == "int8":
         return "int8"
     return "bf16" if supports("bf16") else "fp32"
@@ -38,8 +38,6 @@ def default_precision(quantize="none"):
 def convert(model, directory, quantize="none", calibration=None):
     """Write model.xml/model.bin for `model` (Keras, NHWC) into `directory`."""
     import openvino as ov
-
-    from export.runners import onnx_file
 
     if quantize not in QUANTIZATIONS:
         raise ValueError(
@@ -58,8 +56,6 @@ def convert(model, directory, quantize="none", calibration=None):
 
 
 def run(directory, inputs_nhwc, precision="fp32", threads=None):
-    from export import runners
-
     batch = np.transpose(np.asarray(inputs_nhwc, np.float32), (0, 3, 1, 2))
     return runners.openvino(os.path.join(directory, "model.xml"), precision, threads)(batch)
 
@@ -78,21 +74,10 @@ def export_openvino(
     min_agreement=None,
 ):
     """Convert, verify at `precision` against `reference` (default `model`), move into `output`."""
-    reference = reference or model
     precision = precision or default_precision(quantize)
-    with common.atomic_output(output, overwrite=overwrite) as staged:
-        convert(model, staged, quantize, calibration)
-        expected = np.asarray(reference(verify_inputs, training=False))
-        report = verify.compare(
-            f"OpenVINO {os.path.basename(os.path.normpath(output))}",
-            precision,
-            run(staged, verify_inputs, precision),
-            expected,
-            verify.directory_size_mb(staged),
-            tolerance,
-            min_agreement,
-        )
-        verify.check(report)
+    artifact = f"OpenVINO {os.path.basename(os.path.normpath(output))}"
+
+    def write_runtime_json(staged, report):
         with open(os.path.join(staged, "runtime.json"), "w") as f:
             json.dump(
                 {
@@ -105,33 +90,30 @@ def export_openvino(
                 f,
                 indent=1,
             )
-    return report
+
+    return atomic.verified_export(
+        output,
+        lambda staged: convert(model, staged, quantize, calibration),
+        lambda staged: [(artifact, run(staged, verify_inputs, precision), None)],
+        reference or model,
+        verify_inputs,
+        precision=precision,
+        overwrite=overwrite,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
+        after=write_runtime_json,
+    )
 
 
 def main(argv):
     del argv
-
-    def export(shipped, reference, to_input, pixels):
-        calibration = common.calibration_from_flags(shipped, to_input)
-        return export_openvino(
-            shipped,
-            FLAGS.output,
-            quantize=FLAGS.quantize,
-            precision=FLAGS.precision,
-            verify_inputs=to_input(pixels),
-            calibration=calibration,
-            reference=reference,
-            overwrite=FLAGS.overwrite,
-            tolerance=FLAGS.tolerance,
-            min_agreement=FLAGS.min_agreement,
-        )
-
-    checks = [common.check_calibration_flags, common.refuse_segmentation("export.openvino")]
-    return common.run_exporter(export, FLAGS.output, checks=checks)
+    export = cli.exporter(export_openvino, calibrated=True, precision=FLAGS.precision)
+    checks = [cli.check_calibration_flags, cli.refuse_segmentation("export.openvino")]
+    return cli.run_exporter(export, FLAGS.output, checks=checks)
 
 
 if __name__ == "__main__":
-    common.define_model_flags()
+    cli.define_model_flags()
     flags.DEFINE_string("output", None, "Directory to write (model.xml, model.bin, runtime.json).")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "int8: QDQ-quantize before converting.")
     flags.DEFINE_enum(
@@ -140,6 +122,6 @@ if __name__ == "__main__":
         ["fp32", "bf16", "int8"],
         "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).",
     )
-    common.define_calibration_flags()
+    cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -71,9 +71,8 @@ def _field(number, payload):
 
 def _prediction_log(model_name, signature_name, tensor_bytes):
     """PredictionLog{predict_log: PredictLog{request: PredictRequest{model_spec, inputs["images"]}}}."""
-    model_spec = _field(1, model_name) + _field(
-        3, signature_name
-    )  # ModelSpec.name, .signature_name
+    # ModelSpec.name, .signature_name
+    model_spec = _field(1, model_name) + _field(3, signature_name)
     inputs_entry = _field(1, "images") + _field(2, tensor_bytes)  # map<string, TensorProto> entry
     request = _field(1, model_spec) + _field(2, inputs_entry)
     return _field(6, _field(1, request))  # PredictionLog.predict_log = 6; PredictLog.request = 1

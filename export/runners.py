@@ -3,16 +3,17 @@
 The exporters' checks, `export.fast_predictor` and `python -m bench` all build their
 onnxruntime sessions, OpenVINO requests and TFLite interpreters here, so the benchmark
 measures exactly what users get. Each opener returns a function from a float32 batch (in
-the file's own layout) to float32 logits; the file is opened once, not per call.
+the file's own layout) to float32 logits; the file is opened once, not per call. Nothing
+here converts a model or writes a file: that is the exporters' job (`export.onnx.onnx_file`).
 
 `output` names the output to return ("logits" by default; a segmentation file also has
 "classes"), or a tuple of names for a tuple of arrays. A file without an output of that
 name (one exported under another name) returns its first output for "logits".
 """
 
-import os
-
 import numpy as np
+
+from export.openvino_runtime import compile_model
 
 
 def _checked(x, expected, runtime):
@@ -80,8 +81,6 @@ def onnxruntime(path, threads=None, output="logits"):
 
 def openvino(path, precision="fp32", threads=None):
     """OpenVINO CPU request (LATENCY hint) for an ONNX or IR file at `precision`."""
-    from export.openvino_runtime import compile_model
-
     compiled = compile_model(path, precision, threads)
     shape = compiled.input(0).get_partial_shape()
     expected = (
@@ -131,73 +130,3 @@ def tflite(path_or_bytes, threads=None, output="logits"):
         return [interpreter.get_tensor(index) for index in output_indices]
 
     return _returning(output, run)
-
-
-def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
-    """`deploy` as ONNX in `workdir` (written once; int8: QDQ calibrated on `calibration`,
-    normalised NHWC images). Returns the path."""
-    from export import onnx as onnx_export
-
-    layout = "nchw" if nchw else "nhwc"
-    path = os.path.join(workdir, f"model_{layout}.onnx")
-    if not os.path.exists(path) and not _convert_in_child(deploy, path, nchw):
-        with open(path, "wb") as f:
-            f.write(onnx_export.convert(deploy, nchw=nchw).SerializeToString())
-    if not int8:
-        return path
-    if calibration is None:
-        raise ValueError("int8 needs calibration images (normalised, NHWC).")
-    quantized = os.path.join(workdir, f"model_{layout}_int8.onnx")
-    if not os.path.exists(quantized):
-        from export.onnx_int8 import quantize
-
-        feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
-        quantize(path, quantized, feed)
-    return quantized
-
-
-_CHILD = """
-import sys
-import keras
-from export import onnx as onnx_export
-model = keras.saving.load_model(sys.argv[1])
-with open(sys.argv[2], "wb") as f:
-    f.write(onnx_export.convert(model, nchw=sys.argv[3] == "nchw").SerializeToString())
-"""
-
-
-def _convert_in_child(deploy, path, nchw):
-    """Write the ONNX file from a child process; False if that could not be done.
-
-    tf2onnx holds several GB while it converts (about 6 GB for RepVGG-B1g4 at 224), which a
-    long-lived process (a server's fast_predictor, the benchmark) would keep as its peak; a
-    child gives it back when it exits. A model the child cannot reload (custom layers that
-    are not registered) is converted in this process instead.
-    """
-    import subprocess
-    import sys
-
-    source = path + ".source.keras"
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-    )
-    try:
-        deploy.save(source)
-        result = subprocess.run(
-            [sys.executable, "-c", _CHILD, source, path + ".partial", "nchw" if nchw else "nhwc"],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
-    except Exception:  # saving failed; convert here
-        return False
-    finally:
-        if os.path.exists(source):
-            os.remove(source)
-    if result.returncode != 0:
-        if os.path.exists(path + ".partial"):
-            os.remove(path + ".partial")
-        return False
-    os.replace(path + ".partial", path)
-    return True

@@ -19,14 +19,16 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from export import common, images, verify
+import repvgg_keras as rk
+from export import atomic, cli, images, loading, predict_requests, verify
+from repvgg_keras import cpu_features, preprocessing
 
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
 
 
-def _shape_text(shape):
-    """A shape tensor as "[1, 32, 32, 3]" for error messages."""
+def _shape_tensor_text(shape):
+    """A shape tensor as the string tensor "[1, 32, 32, 3]", for the graph's error messages."""
     import tensorflow as tf
 
     joined = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
@@ -55,7 +57,7 @@ def _checked(images, expected, description, finite=False):
         ok = tf.logical_and(ok, tf.equal(padded[axis], size))
     wanted = "[" + ", ".join("N" if size is None else str(size) for size in expected) + "]"
     message = tf.strings.join(
-        [f"{description}: expected shape {wanted}, received shape ", _shape_text(shape)]
+        [f"{description}: expected shape {wanted}, received shape ", _shape_tensor_text(shape)]
     )
     shape_check = tf.debugging.Assert(ok, [message])
     checks = [shape_check]
@@ -90,17 +92,15 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     empty [0, ...] outputs.
 
     Outputs: `logits` and `probabilities` for a classifier; for a segmentation model
-    (per-pixel logits, `common.is_segmentation`) `logits` [N, H, W, classes] and `classes`
+    (per-pixel logits, `loading.is_segmentation`) `logits` [N, H, W, classes] and `classes`
     [N, H, W] int32, the argmax computed in the graph so clients need not fetch the logits.
     """
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
-    from repvgg_keras import preprocessing
-
     _, height, width, channels = model.input_shape
     image_shape = (None, height, width, channels)
-    segmentation = common.is_segmentation(model)
+    segmentation = loading.is_segmentation(model)
     call = tf.function(lambda x: model(x, training=False))
     frozen = convert_variables_to_constants_v2(
         call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
@@ -171,8 +171,6 @@ def write_warmup(export_path, model_name, pixels):
     """TF Serving warm-up: one PredictRequest per signature, replayed at model load."""
     import tensorflow as tf
 
-    from export import predict_requests
-
     extra = os.path.join(export_path, "assets.extra")
     os.makedirs(extra, exist_ok=True)
     with tf.io.TFRecordWriter(os.path.join(extra, "tf_serving_warmup_requests")) as writer:
@@ -201,60 +199,50 @@ def export_savedmodel(
     """
     import tensorflow as tf
 
-    from repvgg_keras import preprocessing
-
-    reference = reference or model
     _, height, width, channels = model.input_shape
     if verify_pixels is None:
         verify_pixels = images.load_images("random", 4, height, width, channels)
-    with common.atomic_output(version_dir, overwrite=overwrite) as staged:
+    model_input = verify_pixels.astype(np.float32)
+    if not preprocessing_included:
+        model_input = preprocessing.normalize(model_input, preprocessing_mode, channels)
+
+    def write(staged):
         save_serving_model(model, staged, preprocessing_mode, preprocessing_included)
         write_warmup(staged, model_name, verify_pixels[:1])
+
+    def run_signatures(staged):
         loaded = tf.saved_model.load(staged)
         missing = set(SIGNATURES) - set(loaded.signatures)
         if missing:
             raise verify.VerificationError(f"SavedModel lacks signatures {sorted(missing)}.")
-        model_input = (
-            verify_pixels.astype(np.float32)
-            if preprocessing_included
-            else preprocessing.normalize(
-                verify_pixels.astype(np.float32), preprocessing_mode, channels
-            )
-        )
-        expected = np.asarray(reference(model_input, training=False))
-        size = verify.directory_size_mb(staged)
-        encoded = tf.stack([tf.io.encode_png(p) for p in verify_pixels])
         feeds = {
             "serving_default": tf.constant(model_input),
             "serving_uint8": tf.constant(verify_pixels),
-            "serving_bytes": encoded,
+            "serving_bytes": tf.stack([tf.io.encode_png(p) for p in verify_pixels]),
         }
-        reports = []
         for signature, feed in feeds.items():
-            artifact = f"SavedModel {signature}"
             got = loaded.signatures[signature](images=feed)
-            reports.append(
-                verify.check(verify.compare(artifact, precision, got["logits"], expected, size))
-            )
-            if "classes" in got:
-                verify.check_classes(artifact, got["classes"], got["logits"])
-    return verify.weakest(reports)
+            yield f"SavedModel {signature}", got["logits"], got.get("classes")
+
+    return atomic.verified_export(
+        version_dir,
+        write,
+        run_signatures,
+        reference or model,
+        model_input,
+        precision=precision,
+        overwrite=overwrite,
+    )
 
 
-PRECISIONS = {
-    "fp32": None,
-    "bf16": "bfloat16",
-    "fp16": "float16",
-}  # --precision -> to_deploy's dtype
+# --precision -> to_deploy's dtype
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 AUTO_MIN_AGREEMENT = 0.995  # bf16 is the automatic choice only if it keeps top-1 this often
 
 
 def choose_precision(requested, deploy_fp32, reference, model_input):
     """(precision, reason): `requested` itself, or for "auto" bf16 where this CPU runs it natively
     and it keeps the fp32 model's top-1 on the verification images, else fp32."""
-    import repvgg_keras as rk
-    from repvgg_keras import cpu_features
-
     if requested != "auto":
         return requested, "asked for"
     isa = cpu_features.native_bf16()
@@ -314,8 +302,6 @@ def main(argv):
             reason = "the default: serves alike on every machine; --precision for others"
         print(f"precision: {precision} ({reason})", flush=True)
         if PRECISIONS[precision]:
-            import repvgg_keras as rk
-
             shipped = rk.to_deploy(shipped, dtype=PRECISIONS[precision])
         return export_savedmodel(
             shipped,
@@ -329,11 +315,11 @@ def main(argv):
             precision=precision,
         )
 
-    return common.run_exporter(export, version_dir, checks=[check_serving_flags])
+    return cli.run_exporter(export, version_dir, checks=[check_serving_flags])
 
 
 if __name__ == "__main__":
-    common.define_model_flags()
+    cli.define_model_flags()
     flags.DEFINE_string(
         "export_dir", None, "TF Serving model base directory; the version goes below it."
     )

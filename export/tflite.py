@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from absl import app, flags
 
-from export import common, verify
+from export import atomic, cli, loading, runners
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
@@ -37,10 +37,8 @@ PRECISION = {
     "int8": "int8",
     "int8_full": "int8",
 }
-FLOAT_OPS_IN_INT8 = [
-    "MEAN",
-    "FULLY_CONNECTED",
-]  # a sliver of the work, and quantizing them clips logits
+# A sliver of the work, and quantizing them clips logits.
+FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]
 
 
 def convert(model, quantize="none", calibration=None):
@@ -53,7 +51,7 @@ def convert(model, quantize="none", calibration=None):
         )
     if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
         raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
-    segmentation = common.is_segmentation(model)
+    segmentation = loading.is_segmentation(model)
     if segmentation and quantize not in SEGMENTATION_QUANTIZATIONS:
         raise ValueError(_segmentation_quantize_error(quantize))
     with tempfile.TemporaryDirectory() as tmp:
@@ -76,9 +74,8 @@ def convert(model, quantize="none", calibration=None):
             converter.representative_dataset = lambda: ([s[None]] for s in samples)
         if quantize == "int8":
             # LiteRT's selective quantization: calibrate once, then quantize all but these ops.
-            with (
-                warnings.catch_warnings()
-            ):  # the debugger opens its own (deprecated) tf.lite.Interpreter
+            # The debugger opens its own (deprecated) tf.lite.Interpreter.
+            with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)
                 debugger = tf.lite.experimental.QuantizationDebugger(
                     converter=converter,
@@ -119,8 +116,6 @@ def _export_segmentation(model, path):
 
 def run(path_or_bytes, inputs):
     """Logits of a .tflite model on a batch (ai_edge_litert, XNNPACK)."""
-    from export import runners
-
     return runners.tflite(path_or_bytes)(inputs)
 
 
@@ -138,64 +133,41 @@ def export_tflite(
 ):
     """Convert, verify against `reference` (default `model`), then move into `output`.
     `tolerance`, `min_agreement`: the acceptance rule's bounds (None: verify's defaults)."""
-    reference = reference or model
-    with common.atomic_output(output, overwrite=overwrite) as staged:
+    artifact = f"TFLite {os.path.basename(output)}"
+
+    def write(staged):
         flatbuffer = convert(model, quantize, calibration)
         with open(staged, "wb") as f:
             f.write(flatbuffer)
-        expected = np.asarray(reference(verify_inputs, training=False))
-        artifact = f"TFLite {os.path.basename(output)}"
-        classes = None
-        if common.is_segmentation(model):
-            from export import runners
 
-            logits, classes = runners.tflite(staged, output=("logits", "classes"))(verify_inputs)
-        else:
-            logits = run(staged, verify_inputs)
-        report = verify.compare(
-            artifact,
-            PRECISION[quantize],
-            logits,
-            expected,
-            len(flatbuffer) / 2**20,
-            tolerance,
-            min_agreement,
-        )
-        verify.check(report)
-        if classes is not None:
-            verify.check_classes(artifact, classes, logits)
-    return report
+    return atomic.verified_export(
+        output,
+        write,
+        atomic.file_checks(artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)),
+        reference or model,
+        verify_inputs,
+        precision=PRECISION.get(quantize),  # None for an unknown one, which `convert` refuses
+        overwrite=overwrite,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
+    )
 
 
 def main(argv):
     del argv
 
-    def export(shipped, reference, to_input, pixels):
-        calibration = common.calibration_from_flags(shipped, to_input)
-        return export_tflite(
-            shipped,
-            FLAGS.output,
-            quantize=FLAGS.quantize,
-            verify_inputs=to_input(pixels),
-            calibration=calibration,
-            reference=reference,
-            overwrite=FLAGS.overwrite,
-            tolerance=FLAGS.tolerance,
-            min_agreement=FLAGS.min_agreement,
-        )
-
     def check_task():
         if FLAGS.task == "segmentation" and FLAGS.quantize not in SEGMENTATION_QUANTIZATIONS:
             raise ValueError(_segmentation_quantize_error(FLAGS.quantize))
 
-    checks = [common.check_calibration_flags, check_task]
-    return common.run_exporter(export, FLAGS.output, checks=checks)
+    export = cli.exporter(export_tflite, calibrated=True)
+    return cli.run_exporter(export, FLAGS.output, checks=[cli.check_calibration_flags, check_task])
 
 
 if __name__ == "__main__":
-    common.define_model_flags()
+    cli.define_model_flags()
     flags.DEFINE_string("output", None, "Path of the .tflite file to write.")
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "Weight/activation precision.")
-    common.define_calibration_flags()
+    cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

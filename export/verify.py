@@ -216,6 +216,25 @@ def verdict(reports):
     return weakest(reports).summary()
 
 
+def check_reference_outputs(reference, model_input, images_name="verification images"):
+    """ValueError unless the Keras `reference`'s own outputs on `model_input` are all finite:
+    broken weights (NaN/Inf, e.g. from diverged training) have nothing an export could
+    reproduce, and comparing NaN with NaN would report a meaningless difference."""
+    outputs = np.asarray(reference(model_input, training=False))
+    finite = np.isfinite(outputs.reshape(len(outputs), -1)).all(axis=1)
+    if not finite.all():
+        kinds = "/".join(
+            kind
+            for kind, found in (("NaN", np.isnan(outputs).any()), ("inf", np.isinf(outputs).any()))
+            if found
+        )
+        raise ValueError(
+            f"the Keras model's own outputs are {kinds} on {int((~finite).sum())} of "
+            f"{len(outputs)} {images_name}: the weights are broken (diverged training?)."
+        )
+    return outputs
+
+
 def check_classes(artifact, classes, logits):
     """Raise VerificationError unless `classes` (an artifact's class-index output) is the argmax
     of the same artifact's `logits`: the two outputs a segmentation export ships must agree."""

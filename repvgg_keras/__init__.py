@@ -9,10 +9,12 @@ seg = rk.PSPNet(backbone="RepVGG_A0", classes=19)            # semantic segmenta
 
 from repvgg_keras import preprocessing  # rk.preprocessing.preprocess_for_eval
 from repvgg_keras.deploy import is_deploy_form, to_deploy
+from repvgg_keras.errors import SourceError
+from repvgg_keras.from_source import model_from_source
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
 from repvgg_keras.pspnet import PSPNet
-from repvgg_keras.sources import SourceError, model_from_source, read_source
+from repvgg_keras.sources import read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
 __version__ = "0.1.0"

@@ -9,18 +9,21 @@ Loading is strict: a missing, unexpected or mis-shaped tensor is an error listin
 (torch imported lazily), which refuses pickles that would run code.
 """
 
+import hashlib
 import os
 import re
 
+import keras
 import numpy as np
+import safetensors.numpy
 
-from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
-from repvgg_keras.sources import (
+from repvgg_keras.errors import (
     ClassifierMismatchError,
     MissingDependencyError,
     SourceError,
     SourceNotFoundError,
 )
+from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
 # timm name -> authors' name, applied in order as regular expressions on whole keys.
 TIMM_TO_AUTHORS = (
@@ -56,10 +59,8 @@ def read_state_dict(path):
     if not os.path.exists(path):
         raise SourceNotFoundError(f"Checkpoint {path!r} does not exist.")
     if path.endswith(".safetensors"):
-        from safetensors.numpy import load_file
-
         try:
-            state = load_file(path)
+            state = safetensors.numpy.load_file(path)
         except Exception as error:  # SafetensorError, or OSError for an unreadable file
             raise SourceError(
                 f"{path!r} is not a readable .safetensors file ({str(error).strip().splitlines()[0]}); "
@@ -72,7 +73,7 @@ def read_state_dict(path):
 
 def _torch_load(path):
     try:
-        import torch
+        import torch  # lazy: PyTorch is optional and slow to import, needed only for .pth files
     except ImportError as error:
         raise MissingDependencyError(
             f"Reading {path!r} needs PyTorch (it is a pickle). Install the CPU build, e.g. "
@@ -291,8 +292,6 @@ def imagenet_weights_path(model_name, cache_dir=None):
     first download and checked on every later use, so a corrupted or swapped cache file
     is an error rather than silently different weights.
     """
-    import keras
-
     if model_name in UNPUBLISHED:
         raise SourceError(
             f"No ImageNet weights are published for {model_name} (timm republished the authors' "
@@ -320,8 +319,6 @@ def imagenet_weights_path(model_name, cache_dir=None):
 
 
 def _sha256(path):
-    import hashlib
-
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

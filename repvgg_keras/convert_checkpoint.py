@@ -14,15 +14,16 @@ import tempfile
 import numpy as np
 from absl import app, flags
 
+from repvgg_keras import sources
+from repvgg_keras.from_source import model_from_source
+from repvgg_keras.models import get_model
+from repvgg_keras.parity import max_relative_difference
+
 FLAGS = flags.FLAGS
 
 
 def convert(model_name, checkpoint, output, classes=1000, include_top=True, overwrite=False):
     """Load `checkpoint` strictly into `model_name` and save `output`; returns (form, max diff)."""
-    import repvgg_keras as rk
-    from repvgg_keras import sources
-    from repvgg_keras.parity import max_relative_difference
-
     if not output.endswith(".weights.h5"):
         raise ValueError(f"--output must end with .weights.h5, got {output!r}.")
     if os.path.exists(output) and not overwrite:
@@ -36,7 +37,7 @@ def convert(model_name, checkpoint, output, classes=1000, include_top=True, over
     kwargs = dict(include_top=include_top)
     if include_top:
         kwargs["classes"] = classes
-    model = rk.model_from_source(model_name, source, **kwargs)
+    model = model_from_source(model_name, source, **kwargs)
     kwargs["deploy"] = source.deploy
     directory = os.path.dirname(os.path.abspath(output))
     try:
@@ -44,7 +45,7 @@ def convert(model_name, checkpoint, output, classes=1000, include_top=True, over
         with tempfile.TemporaryDirectory(dir=directory) as tmp:
             staged = os.path.join(tmp, os.path.basename(output))
             model.save_weights(staged)
-            reloaded = rk.get_model(model_name, weights=staged, **kwargs)
+            reloaded = get_model(model_name, weights=staged, **kwargs)
             size = model.input_shape[1]
             images = (
                 np.random.default_rng(0)
@@ -79,12 +80,8 @@ def main(argv):
             FLAGS.include_top,
             FLAGS.overwrite,
         )
-    except (
-        ValueError,
-        OSError,
-        ImportError,
-        RuntimeError,
-    ) as error:  # OSError covers FileExists/NotFound
+    # OSError covers FileExistsError and FileNotFoundError.
+    except (ValueError, OSError, ImportError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(

@@ -24,12 +24,13 @@ def is_deploy_form(model):
 
 COMPUTE_DTYPES = (None, "float32", "bfloat16", "float16")
 
-# The identity at inference: left out of the deploy graph.
+# The identity at inference: left out of the deploy graph. Dropout covers SpatialDropout1D/2D/3D
+# (its subclasses).
 INFERENCE_IDENTITY = tuple(
     getattr(keras.layers, name)
     for name in ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout")
     if hasattr(keras.layers, name)
-)  # Dropout covers SpatialDropout1D/2D/3D (its subclasses)
+)
 FOLDABLE_CONVS = (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)
 
 

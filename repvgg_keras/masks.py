@@ -1,6 +1,8 @@
 """Segmentation masks for people: a colour per class, an RGB picture of a mask, class areas.
 
-numpy only, so the serving client can use it without TensorFlow.
+The module itself needs only numpy, but importing it runs `repvgg_keras/__init__.py`, which
+imports Keras and its backend (TensorFlow by default): a client without them cannot use it, and
+one that has them pays that import (the serving client imports it only for segmentation output).
 """
 
 import numpy as np

@@ -10,6 +10,7 @@ from keras import layers
 
 from repvgg_keras import sources
 from repvgg_keras import specs as specs_lib
+from repvgg_keras.errors import check_classes
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 
 MIN_INPUT_SIZE = 32
@@ -40,7 +41,7 @@ def _resolve_head_args(include_top, pooling, classes):
     if pooling not in (None, "avg", "max"):
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}.")
     if include_top:
-        return 1000 if classes is None else sources.check_classes(classes)
+        return 1000 if classes is None else check_classes(classes)
     if classes is not None:
         raise ValueError(
             f"classes={classes} was given with include_top=False: the class count only "
@@ -159,9 +160,8 @@ def RepVGG(
         outputs = x
 
     model = keras.Model(inputs, outputs, name=name or spec.name)
-    if (
-        weights is not None
-    ):  # into this form and these options: see sources.model_from_source otherwise
+    # Into this form and these options: `model_from_source` builds in the source's form instead.
+    if weights is not None:
         sources.load_into(model, weights, variant=spec.name)
     return model
 
@@ -172,7 +172,7 @@ def load_weights(model, path):
     `path`: a Keras `.weights.h5`/`.keras` file of the same architecture and form, a
     PyTorch/timm checkpoint (`.pth`, `.pt`, `.bin`, `.safetensors`; see checkpoints.py),
     or "imagenet" (timm's published weights, downloaded once and cached). Raises
-    `sources.SourceError`; `model_from_source` builds the model in the file's form instead.
+    `SourceError`; `model_from_source` builds the model in the file's form instead.
     """
     sources.load_into(model, path)
 

@@ -19,6 +19,7 @@ from keras import layers
 
 from repvgg_keras import models, sources
 from repvgg_keras import specs as specs_lib
+from repvgg_keras.errors import SourceError, check_classes
 from repvgg_keras.layers import BN_EPSILON, BN_MOMENTUM, all_layers
 from repvgg_keras.spatial import AdaptiveAveragePooling2D, ResizeLike
 
@@ -176,7 +177,7 @@ def PSPNet(
     """
     if isinstance(backbone, str):
         backbone = specs_lib.get_spec(backbone)
-    classes = sources.check_classes(classes)
+    classes = check_classes(classes)
     if output_stride not in (8, 16):
         raise ValueError(f"output_stride must be 8 or 16 for PSPNet, got {output_stride!r}.")
     if not bins or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in bins):
@@ -237,6 +238,12 @@ def inference_model(model):
     return keras.Model(model.inputs[0], output, name=model.name)
 
 
+FUSED_BACKBONE = (
+    "{source} holds a deploy-form (fused) model: a segmentation backbone is trained in the "
+    "training form. Use the training-form file (e.g. model_train.keras) or checkpoint."
+)
+
+
 def load_backbone_weights(trunk, source, variant):
     """Load classification weights into the features-only backbone `trunk`.
 
@@ -244,34 +251,16 @@ def load_backbone_weights(trunk, source, variant):
     model of the variant lends its block weights by layer name, so a network trained with
     `python -m train` starts a segmentation run.
     """
-    src = sources.read_source(source)
-    if src.deploy:
-        raise sources.SourceError(
-            f"{src.describe()} holds a deploy-form (fused) model: a segmentation backbone is "
-            "trained in the training form. Use the training-form file (e.g. model_train.keras) "
-            "or checkpoint."
-        )
+    src = sources.training_source(source, FUSED_BACKBONE)
     if src.kind != "keras_model":
         sources.load_into(trunk, src, variant=variant)
         return
-    donor = {layer.name: layer for layer in all_layers(src.saved_model)}
-    problems = []
-    pairs = []
-    for layer in trunk.layers:
-        if not layer.weights:
-            continue
-        other = donor.get(layer.name)
-        shapes = [tuple(w.shape) for w in layer.weights]
-        if other is None or [tuple(w.shape) for w in other.weights] != shapes:
-            problems.append(layer.name)
-        else:
-            pairs.append((layer, other))
-    if problems:
-        raise sources.SourceError(
+    _, misfits = sources.copy_layer_weights(trunk, all_layers(src.saved_model))
+    if misfits:
+        names = [name for name, _, _ in misfits]
+        raise SourceError(
             f"{src.describe()} does not fit the {variant} backbone: layers "
-            f"{', '.join(problems[:4])}{' ...' if len(problems) > 4 else ''} are missing or "
+            f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} are missing or "
             "shaped differently. Pass a training-form model of the same variant and block "
             "options (quant_friendly)."
         )
-    for layer, other in pairs:
-        layer.set_weights(other.get_weights())

@@ -1,4 +1,4 @@
-"""One way from a model source to a model, with one family of errors.
+"""Reading a model source once, and loading it into a built model, with one family of errors.
 
 A *source* is what a user names to get weights from:
 
@@ -8,38 +8,35 @@ A *source* is what a user names to get weights from:
 - a Keras `.weights.h5` file (form and block options read from its layout);
 - a saved `.keras` model, training form (possibly QARepVGG or ablation blocks) or deploy form.
 
-`model_from_source` builds the variant in the source's form and block options and loads it
-strictly; `read_source` + `load_into` are its two halves, for callers that build the model
-themselves (the builders' `weights=`, fine-tuning's donor). A file is read once, and every
-problem is a `SourceError` (a ValueError) worded the same for every caller.
+`read_source` + `load_into` serve the builders' `weights=` and `from_source.model_from_source`
+(which builds the model in the source's form); `training_source` + `copy_layer_weights` serve
+training from another model's weights (fine-tuning's donor, a segmentation backbone). A file is
+read once, and every problem is a `SourceError` (a ValueError) worded the same for every caller.
+This module sits below the builders (models.py, pspnet.py), which load their `weights=` with it.
 """
 
 import dataclasses
-import numbers
 import os
 import warnings
 import zipfile
 
-from repvgg_keras.layers import all_layers
+import h5py
+import keras
+
+from repvgg_keras import checkpoints
+
+# The error family lives in errors.py (the bottom of the library); named here too, where callers
+# outside the library (export, train) have always found it.
+from repvgg_keras.errors import (  # noqa: F401
+    ClassifierMismatchError,
+    MissingDependencyError,
+    SourceError,
+    SourceNotFoundError,
+)
+from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
 KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")
 SUFFIXES = "a .keras or .weights.h5 file, a .pth/.pt/.bin/.safetensors checkpoint, or 'imagenet'"
-
-
-class SourceError(ValueError):
-    """A model source that cannot be read, or does not fit the model asked for."""
-
-
-class SourceNotFoundError(SourceError, FileNotFoundError):
-    """The named file does not exist (also a FileNotFoundError)."""
-
-
-class MissingDependencyError(SourceError, ImportError):
-    """Reading the source needs a package that is not installed (also an ImportError)."""
-
-
-class ClassifierMismatchError(SourceError):
-    """Everything fits but the classifier's class count: callers may drop the classifier."""
 
 
 @dataclasses.dataclass
@@ -52,9 +49,8 @@ class Source:
     format: str = None  # "timm-train", "authors-deploy", ... (checkpoints)
     saved_model: object = None  # the loaded keras.Model (kind "keras_model")
     deploy: bool = None  # deploy (plain) form; None when the file does not say
-    block_options: dict = dataclasses.field(
-        default_factory=dict
-    )  # quant_friendly, use_1x1, use_identity
+    # quant_friendly, use_1x1, use_identity
+    block_options: dict = dataclasses.field(default_factory=dict)
 
     @property
     def form(self):
@@ -66,9 +62,6 @@ class Source:
 
 def read_source(source):
     """Read `source` (see the module docstring) once into a `Source`; a `Source` passes through."""
-    from repvgg_keras import checkpoints
-    from repvgg_keras.layers import contains_blocks
-
     if isinstance(source, Source):
         return source
     if isinstance(source, str) and source == "imagenet":
@@ -105,8 +98,6 @@ def read_source(source):
 
 def block_options(model):
     """The builder options (quant_friendly, use_1x1, use_identity) of a training-form model's blocks."""
-    from repvgg_keras.layers import RepVGGBlock
-
     blocks = [l for l in all_layers(model) if isinstance(l, RepVGGBlock)]
     if not blocks:
         return {}
@@ -118,8 +109,6 @@ def block_options(model):
 
 
 def _load_keras_model(path):
-    import keras
-
     # Keras reports any unreadable archive as "File not found", even when the file exists.
     if not zipfile.is_zipfile(path):
         raise SourceError(
@@ -136,8 +125,6 @@ def _load_keras_model(path):
 def _weights_file_layout(path):
     """(deploy, block options) of a .weights.h5 file saved from a builder's model; (None, {}) when
     its layout is not a builder's (e.g. a nested model): the model decides then."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             if "layers" not in f:
@@ -158,9 +145,8 @@ def _weights_file_layout(path):
             quant_friendly=any("post_bn" in b for b in blocks),
             use_1x1=any("pointwise_conv" in b for b in blocks),
         )
-        if not options[
-            "quant_friendly"
-        ]:  # a QARepVGG identity branch has no weights: the caller says
+        # A QARepVGG identity branch has no weights: the caller says.
+        if not options["quant_friendly"]:
             options["use_identity"] = any("identity_bn" in b for b in blocks)
         return False, options
     if any(name.startswith("conv2d") for name in groups):
@@ -174,8 +160,6 @@ def load_into(model, source, variant=None):
     `variant` names the ImageNet weights for "imagenet" (default: `model.name`). Returns the `Source`.
     Raises `SourceError` (ClassifierMismatchError when only the class count differs).
     """
-    from repvgg_keras import checkpoints
-
     src = read_source(source)
     if src.kind == "imagenet":
         path = checkpoints.imagenet_weights_path(variant or model.name)
@@ -190,14 +174,10 @@ def load_into(model, source, variant=None):
 
 
 def _model_form(model):
-    from repvgg_keras.layers import contains_blocks
-
     return "training (three-branch)" if contains_blocks(model) else "deploy (plain)"
 
 
 def _does_not_fit(model, src, detail):
-    from repvgg_keras.layers import contains_blocks
-
     hint = ""
     if src.deploy is not None and src.deploy == contains_blocks(model):
         hint = f" The file holds the {src.form} form: build with deploy={src.deploy}" + (
@@ -239,58 +219,47 @@ def _copy_saved_model(model, src):
     model.set_weights(src.saved_model.get_weights())
 
 
-def model_from_source(spec, source=None, *, form=None, **kwargs):
-    """Build variant `spec` (a name or RepVGGSpec) with the weights of `source`, in the source's form.
+def training_source(source, refusal):
+    """`read_source(source)` for training from it: a source in the deploy (fused) form is
+    refused, since fused weights cannot be trained (nor unfused again).
 
-    Args:
-        spec: a variant name (`list_models()`) or a `RepVGGSpec`.
-        source: None (random weights), "imagenet", a checkpoint (.pth/.pt/.bin/.safetensors,
-            authors' or timm naming, training or deploy form), a `.weights.h5` file or a saved
-            `.keras` model (see the module docstring), or a `Source` from `read_source`.
-        form: None (the source's form), "training" or "deploy": the form the caller needs; a
-            source in the other form is an error (a fused model cannot be trained).
-        **kwargs: `RepVGG`'s other arguments (input_shape, include_top, classes, pooling, ...).
-            `deploy` and `weights` come from the source; so do the block options
-            (quant_friendly, use_1x1, use_identity) of a `.keras` file and those a
-            `.weights.h5` file shows (all but use_identity of QARepVGG blocks, which has no
-            weights: pass it when it was False).
-
-    The file is read once (a checkpoint's tensors stay in memory, its form comes from its
-    keys); the model is built in that form and loaded strictly. Raises `SourceError`
-    (a ValueError) with the same wording whichever caller asked.
+    `refusal`: the caller's SourceError message, "{source}" standing for `Source.describe()`,
+    so each caller says what it was asked to do. A source whose form is unknown passes.
     """
-    from repvgg_keras import models, specs
-
-    for reserved in ("weights", "deploy"):
-        if reserved in kwargs:
-            raise TypeError(f"model_from_source takes no {reserved!r}: the source decides it.")
-    if form not in (None, "training", "deploy"):
-        raise ValueError(f"form must be None, 'training' or 'deploy', got {form!r}.")
-    if isinstance(spec, str):
-        spec = specs.get_spec(spec)
-    if source is None:
-        return models.RepVGG(spec, deploy=form == "deploy", **kwargs)
     src = read_source(source)
-    deploy = src.deploy if src.deploy is not None else form == "deploy"
-    if form is not None and deploy != (form == "deploy"):
-        raise SourceError(
-            f"{src.describe()} holds a {src.form}-form model, but the {form} form is needed here"
-            + (
-                ": fused (deploy-form) weights cannot be trained; use the training-form file "
-                "(e.g. model_train.keras) or checkpoint."
-                if form == "training"
-                else "."
-            )
-        )
-    model = models.RepVGG(spec, deploy=deploy, **{**kwargs, **src.block_options})
-    load_into(model, src, variant=spec.name)
-    return model
+    if src.deploy:
+        raise SourceError(refusal.format(source=src.describe()))
+    return src
 
 
-def check_classes(classes):
-    """`classes` as an int >= 1, or a ValueError naming it (Keras's own error names `units`)."""
-    if isinstance(classes, bool) or not isinstance(classes, numbers.Integral) or classes < 1:
-        raise ValueError(
-            f"classes must be a positive integer (the classifier's width), got {classes!r}."
-        )
-    return int(classes)
+def copy_layer_weights(model, donor_layers, fresh=()):
+    """Copy into each weighted layer of `model` the weights of the donor layer of the same name.
+
+    `donor_layers`: the layers of a training-form model to copy from (e.g. `donor.layers`, or
+    `all_layers(donor)` to look inside nested models). `fresh`: names of layers that keep their
+    own weights when the donor lacks them or has them in another shape (a new classifier).
+
+    Returns `(untouched, misfits)`: the `fresh` layers left as they were, and
+    `[(name, donor weight shapes or None when the donor lacks it, model weight shapes)]` for the
+    other layers that do not fit. Nothing is copied unless `misfits` is empty: a half-copied
+    backbone would only show up as a bad training run.
+    """
+    donors = {layer.name: layer for layer in donor_layers}
+    pairs, untouched, misfits = [], [], []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        donor = donors.get(layer.name)
+        shapes = [tuple(w.shape) for w in layer.weights]
+        has_weights = donor is not None and donor.weights
+        donor_shapes = [tuple(w.shape) for w in donor.weights] if has_weights else None
+        if donor_shapes == shapes:
+            pairs.append((layer, donor))
+        elif layer.name in fresh:
+            untouched.append(layer.name)
+        else:
+            misfits.append((layer.name, donor_shapes, shapes))
+    if not misfits:
+        for layer, donor in pairs:
+            layer.set_weights(donor.get_weights())
+    return untouched, misfits

@@ -76,7 +76,7 @@ class ResizeLike(layers.Layer):
         images, reference = inputs
         size = tuple(reference.shape[1:3])
         if None in size:  # unknown at trace time: only the TensorFlow backend gets here
-            import tensorflow as tf
+            import tensorflow as tf  # lazy: the other backends run without TensorFlow
 
             resized = tf.image.resize(images, tf.shape(reference)[1:3], method="bilinear")
             return ops.cast(resized, images.dtype)

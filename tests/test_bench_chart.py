@@ -2,7 +2,7 @@
 
 import json
 
-from bench import report
+from bench import charts, report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -43,7 +43,7 @@ RECORDS = [
 
 
 def test_bars_are_grouped_by_precision_class_with_the_peer_marked():
-    bars, peers = report.chart_bars(RECORDS, "RepVGG_A0", 1, baselines=["ResNet-18"])
+    bars, peers = charts.chart_bars(RECORDS, "RepVGG_A0", 1, baselines=["ResNet-18"])
     assert [b["label"] for b in bars] == [
         "timm-train",
         "onnxruntime-nchw",
@@ -74,9 +74,9 @@ def test_bars_are_grouped_by_precision_class_with_the_peer_marked():
     )
     assert {b["kind"] for b in bars if b["label"].startswith("timm")} == {"timm"}
     assert by_label["ResNet-18 timm-cl"]["kind"] == "baseline"
-    assert by_label["ResNet-18 timm-cl"]["colour"] == report.BASELINE_COLOUR
+    assert by_label["ResNet-18 timm-cl"]["colour"] == charts.BASELINE_COLOUR
     colours = {b["group"]: b["colour"] for b in bars if b["kind"] == "ours"}
-    assert len(set(colours.values())) == 3 and report.BASELINE_COLOUR not in colours.values()
+    assert len(set(colours.values())) == 3 and charts.BASELINE_COLOUR not in colours.values()
 
 
 def test_chart_and_cli_write_a_png(tmp_path, capsys):
@@ -88,7 +88,7 @@ def test_chart_and_cli_write_a_png(tmp_path, capsys):
         "weights": "random",
     }
     path = tmp_path / "chart.png"
-    report.chart(RECORDS, str(path), meta)
+    charts.chart(RECORDS, str(path), meta)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
 
     (tmp_path / "results.json").write_text(json.dumps(RECORDS))

@@ -11,7 +11,16 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import common, fast_predictor, images, predict_requests, savedmodel, tflite, verify
+from export import (
+    atomic,
+    fast_predictor,
+    images,
+    loading,
+    predict_requests,
+    savedmodel,
+    tflite,
+    verify,
+)
 from export import onnx as onnx_export
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
@@ -331,14 +340,14 @@ def test_interrupted_export_leaves_the_old_artifact(tmp_path):
     target.mkdir(parents=True)
     (target / "saved_model.pb").write_bytes(b"old")
     with pytest.raises(KeyboardInterrupt):
-        with common.atomic_output(str(target), overwrite=True) as staged:
+        with atomic.atomic_output(str(target), overwrite=True) as staged:
             os.makedirs(staged)
             with open(os.path.join(staged, "saved_model.pb"), "wb") as f:
                 f.write(b"half")
             raise KeyboardInterrupt
     assert (target / "saved_model.pb").read_bytes() == b"old"
     assert os.listdir(tmp_path / "model") == ["1"]
-    with common.atomic_output(str(target), overwrite=True) as staged:
+    with atomic.atomic_output(str(target), overwrite=True) as staged:
         os.makedirs(staged)
         with open(os.path.join(staged, "saved_model.pb"), "wb") as f:
             f.write(b"new")
@@ -388,10 +397,10 @@ def test_cli_bad_input(tmp_path, args, message):
 def test_cli_takes_a_timm_checkpoint(tmp_path):
     fixtures = os.path.join(REPO, "tests", "fixtures")
     # The golden fixture is a custom spec, so check the loader path in-process.
-    model = common.load_model("RepVGG_A0", None, SIZE, 10)
+    model = loading.load_model("RepVGG_A0", None, SIZE, 10)
     assert model.name == "RepVGG_A0"
     with pytest.raises(ValueError, match="does not match model"):
-        common.load_model(
+        loading.load_model(
             "RepVGG_A0", os.path.join(fixtures, "golden_tiny_deploy.safetensors"), SIZE, 10
         )
 
@@ -408,7 +417,7 @@ def test_exporters_load_keras_files_of_qarepvgg_and_ablation_models(tmp_path, rn
     )
     path = str(tmp_path / "model_train.keras")
     trained.save(path)
-    loaded = common.load_model("RepVGG_A0", path, SIZE, 10)
+    loaded = loading.load_model("RepVGG_A0", path, SIZE, 10)
     x = rng.normal(size=(2, SIZE, SIZE, 3)).astype("float32")
     np.testing.assert_array_equal(
         np.asarray(loaded(x, training=False)), np.asarray(trained(x, training=False))
@@ -417,13 +426,13 @@ def test_exporters_load_keras_files_of_qarepvgg_and_ablation_models(tmp_path, rn
 
 def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
     model = models["RepVGG_A0"]
-    with_pre = common.prepare(model, include_preprocessing=True)
+    with_pre = loading.prepare(model, include_preprocessing=True)
     expected = np.asarray(model(_inputs(pixels[:4]), training=False))
     assert (
         max_relative_difference(with_pre(pixels[:4].astype(np.float32)), expected) < 1e-5
     )  # 0..255 in
     assert not any(isinstance(l, rk.RepVGGBlock) for l in all_layers(with_pre))
-    unfused = common.prepare(model, fuse=False)
+    unfused = loading.prepare(model, fuse=False)
     assert any(isinstance(l, rk.RepVGGBlock) for l in all_layers(unfused))
     path = str(tmp_path / "pre" / "1")
     report = savedmodel.export_savedmodel(
@@ -431,7 +440,7 @@ def test_include_preprocessing_and_no_fuse(tmp_path, models, pixels):
         path,
         verify_pixels=pixels[:4],
         preprocessing_included=True,
-        reference=common.prepare(model, fuse=False, include_preprocessing=True),
+        reference=loading.prepare(model, fuse=False, include_preprocessing=True),
     )
     assert report.max_rel < 1e-4
     loaded = tf.saved_model.load(path)
@@ -594,13 +603,13 @@ def test_fast_predictor_refuses_what_it_cannot_check(models):
 
 
 def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models):
-    """runners.onnx_file converts in a child (tf2onnx's memory goes back to the OS when it exits);
+    """export.onnx.onnx_file converts in a child (tf2onnx's memory goes back to the OS when it exits);
     a model the child cannot reload (an unregistered custom layer) is converted in this process."""
     from export import runners
 
     plain = rk.to_deploy(models["RepVGG_A0"])
     path = str(tmp_path / "child.onnx")
-    assert runners._convert_in_child(plain, path, nchw=True)
+    assert onnx_export._convert_in_child(plain, path, nchw=True)
     x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
     assert verify.compare(
         "child", "fp32", runners.onnxruntime(path)(x.transpose(0, 3, 1, 2)), plain(x)
@@ -612,8 +621,8 @@ def test_onnx_conversion_runs_in_a_child_process_and_falls_back(tmp_path, models
 
     inputs = tf.keras.Input((SIZE, SIZE, 3))
     custom = tf.keras.Model(inputs, plain(Scale()(inputs)))
-    assert not runners._convert_in_child(custom, str(tmp_path / "custom.onnx"), nchw=True)
-    written = runners.onnx_file(custom, str(tmp_path), nchw=True)
+    assert not onnx_export._convert_in_child(custom, str(tmp_path / "custom.onnx"), nchw=True)
+    written = onnx_export.onnx_file(custom, str(tmp_path), nchw=True)
     assert verify.compare(
         "here", "fp32", runners.onnxruntime(written)(x.transpose(0, 3, 1, 2)), custom(x)
     ).ok

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import repvgg_keras as rk
-from export import common
+from export import atomic, cli, loading, verify
 from repvgg_keras.parity import randomize_batchnorm
 from tests.helpers import REPO, run_cli
 
@@ -45,7 +45,7 @@ def custom_files(tmp_path_factory):
 @pytest.mark.parametrize("form", ["training", "deploy"])
 def test_a_custom_spec_keras_file_loads_as_it_is(custom_files, form):
     trained, paths = custom_files
-    loaded = common.load_model(None, paths[form])  # no --model/--classes/--image_size/--channels
+    loaded = loading.load_model(None, paths[form])  # no --model/--classes/--image_size/--channels
     assert loaded.input_shape == (None, SIZE, SIZE, 3) and loaded.output_shape == (None, CLASSES)
     assert rk.is_deploy_form(loaded) == (form == "deploy")
     x = np.random.default_rng(0).normal(size=(2, SIZE, SIZE, 3)).astype("float32")
@@ -53,7 +53,7 @@ def test_a_custom_spec_keras_file_loads_as_it_is(custom_files, form):
         np.asarray(loaded(x, training=False)), np.asarray(trained(x, training=False)), atol=1e-5
     )
     # Flags given explicitly are checked against the file: equal ones pass ...
-    assert common.load_model(None, paths[form], SIZE, CLASSES, 3).output_shape[-1] == CLASSES
+    assert loading.load_model(None, paths[form], SIZE, CLASSES, 3).output_shape[-1] == CLASSES
 
 
 @pytest.mark.parametrize(
@@ -69,7 +69,7 @@ def test_explicit_flags_that_contradict_the_keras_file_are_one_error(custom_file
     _, paths = custom_files
     name = kwargs.pop("name", None)
     with pytest.raises(ValueError, match=message) as caught:
-        common.load_model(name, paths["deploy"], **kwargs)
+        loading.load_model(name, paths["deploy"], **kwargs)
     assert "\n" not in str(caught.value)
 
 
@@ -128,7 +128,7 @@ def _race(path, kind, overwrite, writers=2):
 
     def writer(index):
         try:
-            with common.atomic_output(path, overwrite=overwrite) as staged:
+            with atomic.atomic_output(path, overwrite=overwrite) as staged:
                 _write(staged, kind, f"writer {index}")
                 barrier.wait(timeout=30)
             outcome[index] = None
@@ -239,11 +239,11 @@ def test_fast_predictor_refuses_a_model_with_non_finite_outputs(tiny):
 
 def test_reference_outputs_must_be_finite(tiny):
     x = np.zeros((3, SIZE, SIZE, 3), np.float32)
-    assert common.check_reference_outputs(tiny, x).shape == (3, CLASSES)
+    assert verify.check_reference_outputs(tiny, x).shape == (3, CLASSES)
     for value, kind in ((np.nan, "NaN"), (np.inf, "inf")):
         broken = _broken(tiny, value)
         with pytest.raises(ValueError, match=f"own outputs are {kind} on 3 of 3 verification"):
-            common.check_reference_outputs(broken, x)
+            verify.check_reference_outputs(broken, x)
 
 
 @pytest.mark.slow
@@ -268,7 +268,7 @@ def test_a_count_the_source_cannot_honour_is_noted_in_one_line(capsys, tmp_path)
     from export import images
 
     held = len(images.sample_files())
-    pixels = common.load_counted_images(
+    pixels = cli.load_counted_images(
         "sample",
         held + 100,
         (SIZE, SIZE, 3),
@@ -287,7 +287,7 @@ def test_a_count_the_source_cannot_honour_is_noted_in_one_line(capsys, tmp_path)
 
     for i in range(2):
         tf.io.write_file(str(folder / f"{i}.png"), tf.io.encode_png(np.zeros((8, 8, 3), np.uint8)))
-    pixels = common.load_counted_images(
+    pixels = cli.load_counted_images(
         str(folder),
         5,
         (SIZE, SIZE, 3),
@@ -297,7 +297,7 @@ def test_a_count_the_source_cannot_honour_is_noted_in_one_line(capsys, tmp_path)
     assert len(pixels) == 2
     (note,) = capsys.readouterr().err.splitlines()
     assert note.endswith("holds 2 images; calibrating on 2, not 5 (--calibration_count)")
-    common.load_counted_images(  # a count the source holds: nothing to note
+    cli.load_counted_images(  # a count the source holds: nothing to note
         "sample", 4, (SIZE, SIZE, 3), flags=("--verify_images", "--verify_count"), purpose="v"
     )
     assert capsys.readouterr().err == ""

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import common, images, runners, tflite, verify
+from export import images, loading, runners, tflite, verify
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 from repvgg_keras.structure import all_layers
@@ -161,16 +161,16 @@ def test_model_source_checks(seg):
     model, path = seg
     src = rk.read_source(path)  # read once; every loader takes the Source as it takes the path
     with pytest.raises(ValueError, match="pass --task segmentation"):
-        common.load_model("RepVGG_A0", src, SIZE, CLASSES)
+        loading.load_model("RepVGG_A0", src, SIZE, CLASSES)
     with pytest.raises(ValueError, match=f"its logits have {CLASSES} classes"):
-        common.load_segmentation_model("RepVGG_A0", src, SIZE, CLASSES + 1)
+        loading.load_segmentation_model("RepVGG_A0", src, SIZE, CLASSES + 1)
     with pytest.raises(ValueError, match=f"pass --image_size {SIZE}"):
-        common.load_segmentation_model("RepVGG_A0", src, SIZE * 2)
+        loading.load_segmentation_model("RepVGG_A0", src, SIZE * 2)
     with pytest.raises(ValueError, match="pass --model RepVGG_A0"):
-        common.load_segmentation_model("RepVGG_B0", src)
+        loading.load_segmentation_model("RepVGG_B0", src)
     with pytest.raises(ValueError, match="--quantize int8 is not supported for --task"):
         tflite.convert(model, "int8", calibration=np.zeros((1, SIZE, SIZE, 3), np.float32))
-    loaded = common.load_segmentation_model("RepVGG_A0", src)  # sizes from the file
+    loaded = loading.load_segmentation_model("RepVGG_A0", src)  # sizes from the file
     assert loaded.output_shape == (None, SIZE, SIZE, CLASSES)
 
 
@@ -261,7 +261,7 @@ def test_a_model_saved_under_a_mixed_policy_exports_in_float32(tmp_path):
         keras.mixed_precision.set_global_policy("float32")
     path = str(tmp_path / "mixed.keras")
     rk.to_deploy(trained).save(path)
-    model = common.load_segmentation_model("RepVGG_A0", path)
+    model = loading.load_segmentation_model("RepVGG_A0", path)
     policies = {l.dtype_policy.name for l in all_layers(model) if hasattr(l, "dtype_policy")}
     assert policies == {"float32"}
     x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")

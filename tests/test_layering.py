@@ -1,5 +1,7 @@
-"""The library stands alone: `repvgg_keras` imports nothing from `export`, `train` or `bench`."""
+"""The library stands alone: `repvgg_keras` imports nothing from `export`, `train` or `bench`,
+and its own modules import each other one way (no circles, so no imports hidden in functions)."""
 
+import ast
 import os
 import subprocess
 import sys
@@ -39,3 +41,64 @@ def test_library_imports_and_converts_without_the_other_packages():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+PACKAGE = os.path.join(REPO, "repvgg_keras")
+
+
+def _library_imports(path):
+    """(module-level, in-function) `repvgg_keras` modules the file at `path` imports;
+    "__init__" stands for the package itself."""
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+
+    def targets(node):
+        if isinstance(node, ast.Import):
+            return {
+                a.name.split(".", 1)[1] if "." in a.name else "__init__"
+                for a in node.names
+                if a.name.split(".")[0] == "repvgg_keras"
+            }
+        if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "repvgg_keras":
+            if node.module != "repvgg_keras":
+                return {node.module.split(".", 1)[1]}
+            modules = {a.name for a in node.names}
+            return {
+                m if os.path.exists(os.path.join(PACKAGE, f"{m}.py")) else "__init__"
+                for m in modules
+            }
+        return set()
+
+    top = set().union(*(targets(node) for node in tree.body))
+    nested = [node for node in ast.walk(tree) if node not in tree.body]
+    return top, set().union(*(targets(node) for node in nested))
+
+
+def test_library_modules_import_each_other_one_way():
+    graph, hidden = {}, {}
+    for name in sorted(os.listdir(PACKAGE)):
+        if name.endswith(".py"):
+            module = name[: -len(".py")]
+            graph[module], inside = _library_imports(os.path.join(PACKAGE, name))
+            if inside:
+                hidden[module] = sorted(inside)
+    assert not hidden, (
+        f"imports of library modules inside functions (an import circle dodged?): {hidden}"
+    )
+    done, path = set(), []
+
+    def visit(module):
+        if module in path:
+            raise AssertionError(
+                "import circle: " + " -> ".join(path[path.index(module) :] + [module])
+            )
+        if module in done:
+            return
+        path.append(module)
+        for imported in sorted(graph.get(module, ())):
+            visit(imported)
+        path.pop()
+        done.add(module)
+
+    for module in graph:
+        visit(module)

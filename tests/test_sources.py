@@ -75,7 +75,7 @@ def test_model_from_source_rebuilds_keras_files_with_their_form_and_blocks(tmp_p
 
 
 def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
-    from export import common
+    from export import loading
 
     reads = []
     original = checkpoints.read_state_dict
@@ -83,7 +83,7 @@ def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
         checkpoints, "read_state_dict", lambda path: reads.append(path) or original(path)
     )
     with pytest.raises(sources.SourceError, match="does not match model"):
-        common.load_model(
+        loading.load_model(
             "RepVGG_A0", os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), 32, 10
         )
     assert len(reads) == 1
@@ -91,14 +91,14 @@ def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
 
 @pytest.mark.slow
 def test_every_caller_reports_a_bad_source_the_same_way(tmp_path):
-    from export import common
+    from export import loading
     from train import pretrained
 
     missing = str(tmp_path / "nope.keras")
     callers = [
         lambda: rk.RepVGG(TINY, weights=missing, **KW),
         lambda: rk.model_from_source(TINY, missing, **KW),
-        lambda: common.load_model("RepVGG_A0", missing, 32, 4),
+        lambda: loading.load_model("RepVGG_A0", missing, 32, 4),
         lambda: pretrained.load_donor(missing, build=lambda include_top: rk.RepVGG(TINY, **KW)),
     ]
     messages = set()
@@ -182,10 +182,10 @@ def _dead_pid():
 
 
 def test_stale_staging_directories_are_removed_and_live_ones_kept(tmp_path):
-    from export import common
+    from export import atomic
 
     target = tmp_path / "a.onnx"
-    host = common._HOST
+    host = atomic._HOST
     dead = tmp_path / f".a.onnx.tmp-{host}-{_dead_pid()}-abc123de"
     live = tmp_path / f".a.onnx.tmp-{host}-{os.getpid()}-xyz789ab"
     old_unnamed, fresh_unnamed = (
@@ -196,10 +196,10 @@ def test_stale_staging_directories_are_removed_and_live_ones_kept(tmp_path):
     for directory in (dead, live, old_unnamed, fresh_unnamed, other_target):
         directory.mkdir()
         (directory / "a.onnx").write_bytes(b"partial")
-    day_ago = time.time() - 2 * common.STAGING_STALE_AFTER_S
+    day_ago = time.time() - 2 * atomic.STAGING_STALE_AFTER_S
     os.utime(old_unnamed / "a.onnx", (day_ago, day_ago))
     os.utime(old_unnamed, (day_ago, day_ago))
-    with common.atomic_output(str(target)) as staged:
+    with atomic.atomic_output(str(target)) as staged:
         with open(staged, "wb") as f:
             f.write(b"new")
     assert target.read_bytes() == b"new"
@@ -208,13 +208,13 @@ def test_stale_staging_directories_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_a_previous_artifact_left_in_a_killed_staging_directory_is_put_back(tmp_path):
-    from export import common
+    from export import atomic
 
     target = tmp_path / "model_openvino"
-    stale = tmp_path / f".model_openvino.tmp-{common._HOST}-{_dead_pid()}-abc123de"
+    stale = tmp_path / f".model_openvino.tmp-{atomic._HOST}-{_dead_pid()}-abc123de"
     (stale / "previous").mkdir(parents=True)
     (stale / "previous" / "model.xml").write_text("old")
-    common.remove_stale_staging(str(target))
+    atomic.remove_stale_staging(str(target))
     assert (target / "model.xml").read_text() == "old" and not stale.exists()
 
 

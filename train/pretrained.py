@@ -7,6 +7,11 @@ shape is an error: a silently half-initialised backbone would just look like a b
 
 from repvgg_keras import sources
 
+FUSED_DONOR = (
+    "--init_weights {source} holds a deploy-form (fused) model, which cannot be trained: "
+    "pass the training-form file (model_train.keras, or a training-form checkpoint)."
+)
+
 
 def load_donor(source, build):
     """The model to copy from, read through the library's one source path (`repvgg_keras.sources`):
@@ -19,12 +24,7 @@ def load_donor(source, build):
             f"--init_weights {source!r}: a .weights.h5 file has no architecture to read the classifier from; "
             "pass the .keras model it came from, a .pth/.safetensors checkpoint or 'imagenet'."
         )
-    src = sources.read_source(source)
-    if src.deploy:
-        raise sources.SourceError(
-            f"--init_weights {src.describe()} holds a deploy-form (fused) model, which cannot be trained: "
-            "pass the training-form file (model_train.keras, or a training-form checkpoint)."
-        )
+    src = sources.training_source(source, FUSED_DONOR)
     if src.kind == "keras_model":
         return src.saved_model
     donor = build(include_top=True)
@@ -42,25 +42,15 @@ def copy_weights(model, donor):
     Returns the names of `model`'s weighted layers left as they were (the classifier when
     the class count differs). Raises ValueError when a block is missing or does not fit.
     """
-    donors = {layer.name: layer for layer in donor.layers if layer.weights}
-    untouched, problems = [], []
-    for layer in model.layers:
-        if not layer.weights:
-            continue
-        source = donors.get(layer.name)
-        target_shapes = [tuple(w.shape) for w in layer.weights]
-        source_shapes = [tuple(w.shape) for w in source.weights] if source is not None else None
-        if source_shapes == target_shapes:
-            layer.set_weights(source.get_weights())
-        elif layer.name == "predictions":  # a new task: fresh classifier
-            untouched.append(layer.name)
-        elif source is None:
-            problems.append(f"{layer.name}: not in the source")
-        else:
-            problems.append(
-                f"{layer.name}: source weights {source_shapes}, model weights {target_shapes}"
-            )
-    if problems:
+    # Another class count is a new task: its classifier starts fresh.
+    untouched, misfits = sources.copy_layer_weights(model, donor.layers, fresh=("predictions",))
+    if misfits:
+        problems = [
+            f"{name}: not in the source"
+            if donor_shapes is None
+            else f"{name}: source weights {donor_shapes}, model weights {shapes}"
+            for name, donor_shapes, shapes in misfits
+        ]
         listing = "\n  ".join(problems[:8]) + ("\n  ..." if len(problems) > 8 else "")
         raise ValueError(
             f"--init_weights does not fit this model ({len(problems)} layer(s)):\n  {listing}\n"
