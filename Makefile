@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 install: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
@@ -21,6 +21,11 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q huggingface_hub pyyaml pillow
 	# kimm: the Keras peer in `python -m bench` (pure Python; its only dependency is keras).
 	$(PY) -m pip install -q --no-deps "kimm==0.2.5"
+	# int8 SavedModels (export.savedmodel --precision int8): Intel Neural Compressor requires
+	# `tensorflow` by name, so it goes in without deps beside tensorflow-cpu; it still imports
+	# pkg_resources (setuptools < 81).
+	$(PY) -m pip install -q prettytable py-cpuinfo pydantic "setuptools<81"
+	$(PY) -m pip install -q --no-deps "neural-compressor-tf==3.10"
 	touch $(STAMP)
 
 # Real images for the export and training tests (Debian package, works offline afterwards).

@@ -214,8 +214,8 @@ def exporter(export_function, *, calibrated=False, **options):
 
 
 def define_calibration_flags():
-    """--calibration_data, --calibration_count, --tolerance and --min_agreement (the TFLite and
-    OpenVINO CLIs)."""
+    """--calibration_data, --calibration_count, --tolerance and --min_agreement (the TFLite,
+    OpenVINO and SavedModel CLIs)."""
     flags.DEFINE_string(
         "calibration_data",
         "sample",
@@ -252,10 +252,12 @@ def check_calibration_flags():
         )
 
 
-def calibration_from_flags(shipped, to_input):
+def calibration_from_flags(shipped, to_input, wanted=None):
     """Model inputs for int8 calibration (--calibration_data/--calibration_count), or None
-    unless --quantize int8; shared by the TFLite and OpenVINO exporters."""
-    if not FLAGS.quantize.startswith("int8"):
+    unless int8 is `wanted` (default: --quantize int8 or int8_full)."""
+    if wanted is None:
+        wanted = FLAGS.quantize.startswith("int8")
+    if not wanted:
         return None
     return to_input(
         load_counted_images(

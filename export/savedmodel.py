@@ -20,7 +20,7 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_keras as rk
-from export import atomic, cli, images, loading, predict_requests, verify
+from export import atomic, cli, images, loading, predict_requests, savedmodel_int8, verify
 from repvgg_keras import cpu_features, preprocessing
 
 FLAGS = flags.FLAGS
@@ -75,8 +75,35 @@ def _checked(images, expected, description, finite=False):
     return images
 
 
-def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing_included=False):
+def freeze(model):
+    """`model`'s inference as a concrete function with its weights as constants."""
+    import tensorflow as tf
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    image_shape = (None, *model.input_shape[1:])
+    call = tf.function(lambda x: model(x, training=False))
+    return convert_variables_to_constants_v2(
+        call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
+    )
+
+
+def int8_function(model, calibration):
+    """`model` (the fused float32 deploy form) as an int8 graph calibrated on `calibration` (model
+    inputs), refused unless this TensorFlow can run it (export/savedmodel_int8.py)."""
+    function, graph_def = savedmodel_int8.quantize(
+        freeze(model), model.input_shape[1:], calibration
+    )
+    savedmodel_int8.check_runs_here(graph_def)
+    return function
+
+
+def save_serving_model(
+    model, path, preprocessing_mode="imagenet", preprocessing_included=False, function=None
+):
     """Write a SavedModel of `model` with the three serving signatures to `path`.
+
+    `function`: what the signatures run on the normalised images instead of `model` frozen in
+    float32 (the int8 graph of `int8_function`).
 
     Uses tf.saved_model.save on a tf.Module rather than keras.export.ExportArchive:
     with Keras 3.15 the archive stores every variable twice.
@@ -96,15 +123,11 @@ def save_serving_model(model, path, preprocessing_mode="imagenet", preprocessing
     [N, H, W] int32, the argmax computed in the graph so clients need not fetch the logits.
     """
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _, height, width, channels = model.input_shape
     image_shape = (None, height, width, channels)
     segmentation = loading.is_segmentation(model)
-    call = tf.function(lambda x: model(x, training=False))
-    frozen = convert_variables_to_constants_v2(
-        call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
-    )
+    frozen = function or freeze(model)
 
     def outputs(model_input):
         count = tf.raw_ops.Shape(input=model_input, out_type=tf.int32)[0]
@@ -189,13 +212,17 @@ def export_savedmodel(
     reference=None,
     overwrite=False,
     precision="fp32",
+    function=None,
+    tolerance=None,
+    min_agreement=None,
 ):
     """Export `model` (already in the form to ship) to `version_dir`, verified, atomically.
 
     `reference` is the Keras model whose outputs the export must reproduce (default:
     `model`); `precision` ("fp32", "bf16", "fp16": what `model` computes in, see
-    `rk.to_deploy(model, dtype=...)`) picks the tolerance. Returns the verification Report of
-    the signature that agrees least (`verify.weakest`).
+    `rk.to_deploy(model, dtype=...)`; "int8" with `function` from `int8_function`) picks the
+    acceptance rule, `tolerance` and `min_agreement` its bounds (None: verify's defaults).
+    Returns the verification Report of the signature that agrees least (`verify.weakest`).
     """
     import tensorflow as tf
 
@@ -207,7 +234,7 @@ def export_savedmodel(
         model_input = preprocessing.normalize(model_input, preprocessing_mode, channels)
 
     def write(staged):
-        save_serving_model(model, staged, preprocessing_mode, preprocessing_included)
+        save_serving_model(model, staged, preprocessing_mode, preprocessing_included, function)
         write_warmup(staged, model_name, verify_pixels[:1])
 
     def run_signatures(staged):
@@ -232,12 +259,15 @@ def export_savedmodel(
         model_input,
         precision=precision,
         overwrite=overwrite,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
     )
 
 
 # --precision -> to_deploy's dtype
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 AUTO_MIN_AGREEMENT = 0.995  # bf16 is the automatic choice only if it keeps top-1 this often
+CHOICES = ["auto", *PRECISIONS, "int8"]
 
 
 def choose_precision(requested, deploy_fp32, reference, model_input):
@@ -272,6 +302,32 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
     )
 
 
+def choose_int8(deploy_fp32, reference, model_input, calibration, min_agreement=None):
+    """For --precision auto with calibration images: (the int8 function, reason) when the int8
+    graph runs here and passes the int8 acceptance rule on the verification images, else
+    (None, why not)."""
+    import tensorflow as tf
+
+    try:
+        function = int8_function(deploy_fp32, calibration)
+    except (ImportError, ValueError) as why:
+        return None, f"int8 cannot be made here ({why})"
+    expected = np.asarray(reference(model_input, training=False))
+    got = function(tf.constant(model_input)).numpy()
+    report = verify.compare("int8", "int8", got, expected, min_agreement=min_agreement)
+    per_pixel = f" x {report.pixels} pixels" if report.pixels > 1 else ""
+    agreed = (
+        f"top-1 agreement {report.top1_agreement:.2%} on {len(model_input)} verification "
+        f"images{per_pixel}"
+    )
+    if not report.ok:
+        return None, f"int8 would change the answer ({agreed}: {report.reason()})"
+    return function, (
+        f"auto, judging the exporting machine: calibration images given and int8 keeps fp32's "
+        f"top-1 ({agreed}); serve it where TensorFlow's oneDNN is on"
+    )
+
+
 def check_serving_flags():
     """TF Serving loads the version directories named by a non-negative integer (0 included) and
     ignores others, so --version must be >= 0; --export_dir is the directory above them."""
@@ -297,11 +353,28 @@ def main(argv):
                 f"--precision {FLAGS.precision} exports the fused model in that precision: drop "
                 "--no_fuse, or pass --precision fp32."
             )
-        precision, reason = choose_precision(FLAGS.precision, shipped, reference, to_input(pixels))
+        model_input = to_input(pixels)
+        int8_asked = FLAGS.precision == "int8" or (
+            FLAGS.precision == "auto" and FLAGS["calibration_data"].present
+        )
+        calibration = cli.calibration_from_flags(shipped, to_input, wanted=int8_asked)
+        function, not_int8 = None, ""
+        if FLAGS.precision == "int8":
+            precision, reason = "int8", "asked for"
+            function = int8_function(shipped, calibration)
+        elif int8_asked:
+            function, reason = choose_int8(
+                shipped, reference, model_input, calibration, FLAGS.min_agreement
+            )
+            precision = "int8" if function is not None else None
+            not_int8 = "" if function is not None else f"{reason}; "
+        if function is None:
+            precision, reason = choose_precision(FLAGS.precision, shipped, reference, model_input)
+            reason = not_int8 + reason
         if not FLAGS["precision"].present:
             reason = "the default: serves alike on every machine; --precision for others"
         print(f"precision: {precision} ({reason})", flush=True)
-        if PRECISIONS[precision]:
+        if PRECISIONS.get(precision):
             shipped = rk.to_deploy(shipped, dtype=PRECISIONS[precision])
         return export_savedmodel(
             shipped,
@@ -313,9 +386,13 @@ def main(argv):
             reference=reference,
             overwrite=FLAGS.overwrite,
             precision=precision,
+            function=function,
+            tolerance=FLAGS.tolerance,
+            min_agreement=FLAGS.min_agreement,
         )
 
-    return cli.run_exporter(export, version_dir, checks=[check_serving_flags])
+    checks = [check_serving_flags, cli.check_calibration_flags]
+    return cli.run_exporter(export, version_dir, checks=checks)
 
 
 if __name__ == "__main__":
@@ -332,12 +409,15 @@ if __name__ == "__main__":
     flags.DEFINE_enum(
         "precision",
         "fp32",
-        ["auto", *PRECISIONS],
+        CHOICES,
         "What the convolutions compute in; images in and logits out stay float32, the classifier "
-        "float32. fp32 (the default) serves alike on every machine. auto judges the exporting "
-        "machine: bf16 where this CPU runs it natively (AMX, AVX512_BF16, Arm BF16) and it keeps "
-        "the fp32 model's top-1 on the verification images, else fp32. fp16: for GPUs (verified "
-        "here, slow on most CPUs).",
+        "float32. fp32 (the default) serves alike on every machine. int8: quantized with Intel "
+        "Neural Compressor on --calibration_data, runs where TensorFlow's oneDNN is on. auto "
+        "judges the exporting machine: int8 when --calibration_data is given and int8 passes "
+        "the int8 check, else bf16 where this CPU runs it natively (AMX, AVX512_BF16, Arm BF16) "
+        "and it keeps the fp32 model's top-1 on the verification images, else fp32. fp16: for "
+        "GPUs (verified here, slow on most CPUs).",
     )
+    cli.define_calibration_flags()
     flags.mark_flag_as_required("export_dir")
     app.run(lambda argv: sys.exit(main(argv)))

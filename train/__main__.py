@@ -15,16 +15,22 @@ The last line printed is `accuracy: training_form=<top-1> deploy_form=<top-1>`.
 --task segmentation trains rk.PSPNet on the backbone (auxiliary head on stage 3 while training,
 per-pixel cross-entropy ignoring label 255), reports mean IoU and pixel accuracy, draws
 predictions.png, and ends with `miou: training_form=<mIoU> deploy_form=<mIoU>`.
+
+This file holds the flags and the driver; train/run_dir.py the run folder's rules,
+train/classification_task.py and train/segmentation_task.py what differs between the tasks,
+train/distributed.py the strategy and precision. TensorFlow loads only after the flags are checked
+and the run folder is claimed, so that a mistake or a busy folder is answered at once.
 """
 
 import dataclasses
-import json
 import math
 import os
-import shutil
+import signal
 import sys
 
 from absl import app, flags, logging
+
+from train import lock, run_dir
 
 FLAGS = flags.FLAGS
 
@@ -194,31 +200,6 @@ flags.DEFINE_bool(
 )
 flags.mark_flag_as_required("model_dir")
 
-ABLATIONS = {
-    "full": (True, True),
-    "no_identity": (False, True),
-    "no_1x1": (True, False),
-    "plain": (False, False),
-}
-RUN_CONFIG = "run_config.json"
-# What a run writes into --model_dir (and --overwrite removes); worker_<i>/ folders belong to other processes.
-RUN_FILES = (
-    RUN_CONFIG,
-    "backup",
-    "logs",
-    "training_log.csv",
-    "training_curves.png",
-    "model_train.keras",
-    "model_deploy.keras",
-    "last_step",
-)
-# Left by a run of an older version, which recorded no configuration: never resumed or replaced silently.
-UNRECORDED_RUN_FILES = ("backup", "model_train.keras", "model_deploy.keras", "training_log.csv")
-
-
-class UsageError(ValueError):
-    """Bad flags or a model_dir that does not fit them: one `error:` line, exit status 1."""
-
 
 def flag_problems():
     """Every numeric flag out of its range, and malformed lists, as short phrases (checked before
@@ -299,194 +280,8 @@ def flag_problems():
     return problems
 
 
-def run_config(spec, image_size, recipe):
-    """The flags that define the model, the data and the schedule, resolved (recipe defaults filled
-    in). --verbose, --progress_every, --checkpoint_every, --data_dir, --download and --tpu may change
-    between the runs of one model_dir: they do not change what is trained."""
-    import repvgg_keras as rk
-
-    dataset = FLAGS.dataset
-    if dataset.startswith("folder:"):
-        dataset = "folder:" + os.path.abspath(dataset[len("folder:") :])
-    config = {
-        "model": rk.get_spec(FLAGS.model).name,
-        "num_blocks": list(spec.num_blocks),
-        "width_multipliers": list(spec.width_multipliers),
-        "quant_friendly": FLAGS.quant_friendly,
-        "ablation": FLAGS.ablation,
-        "init_weights": FLAGS.init_weights,
-        "dataset": dataset,
-        "image_size": image_size,
-        "train_take": FLAGS.train_take,
-        "eval_take": FLAGS.eval_take,
-        "steps_per_epoch": FLAGS.steps_per_epoch,
-        "recipe": recipe_name(),
-        "mixed_precision": FLAGS.mixed_precision,
-        "seed": FLAGS.seed,
-    }
-    for field in (
-        "epochs",
-        "batch_size",
-        "base_lr",
-        "weight_decay",
-        "warmup_epochs",
-        "label_smoothing",
-        "mixup",
-        "min_area",
-        "augment",
-        "ema_momentum",
-        "custom_l2",
-        "eval_crop",
-    ):
-        config[field] = getattr(recipe, field)
-    if recipe.optimizer != "sgd":  # recorded when it differs, so earlier SGD runs still resume
-        config["optimizer"] = recipe.optimizer
-    if FLAGS.task == "segmentation":
-        config.update(segmentation_options(image_size), task="segmentation")
-    return json.loads(json.dumps(config))  # as it reads back from the file
-
-
-def recipe_name():
-    from train import recipes
-
-    return FLAGS.recipe or recipes.DEFAULT_RECIPE[FLAGS.task]
-
-
-def segmentation_options(image_size):
-    """The PSPNet options of this run: the flags given, the rest from the head for its size."""
-    from train import recipes
-
-    head = recipes.segmentation_head(
-        image_size,
-        output_stride=FLAGS.output_stride,
-        head_channels=FLAGS.head_channels,
-        low_level_skip=FLAGS.low_level_skip,
-        image_refine=FLAGS.image_refine,
-        scale_augment=FLAGS.scale_augment,
-    )
-    return {**head, "fast": FLAGS.fast, "aux_weight": FLAGS.aux_weight}
-
-
-def _write_json(path, content):
-    staged = path + ".tmp"
-    with open(staged, "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(staged, path)
-
-
-def _clear_run(model_dir):
-    for name in RUN_FILES:
-        target = os.path.join(model_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            os.remove(target)
-
-
-def prepare_model_dir(model_dir, config, overwrite):
-    """Check --model_dir against this run's configuration before anything is written there.
-
-    Returns the recorded run_config.json content when it holds a finished run of this configuration
-    (nothing to train), else None after recording the configuration. Raises UsageError for another
-    configuration, or for a run whose configuration was never recorded, unless `overwrite`, which
-    removes the run's files (RUN_FILES) first. A run that stopped before its first checkpoint (no
-    backup/, log or model) holds nothing to resume and is replaced.
-    """
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as error:
-        raise UsageError(
-            f"cannot create --model_dir {model_dir!r}: {error.strerror or error}."
-        ) from None
-    from train import lock
-
-    lock.lock_model_dir(model_dir)  # held until this process ends: one trainer per model_dir
-    path = os.path.join(model_dir, RUN_CONFIG)
-    progress = [
-        name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))
-    ]
-    if overwrite:
-        _clear_run(model_dir)
-    elif os.path.exists(path):
-        try:
-            with open(path) as f:
-                recorded = json.load(f)
-            recorded_flags = recorded["flags"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"{path} is unreadable ({error}): pass --overwrite to clear this run and start over, "
-                "or another --model_dir."
-            ) from None
-        differences = [
-            f"--{name}: recorded {recorded_flags.get(name)!r}, given {value!r}"
-            for name, value in config.items()
-            if recorded_flags.get(name) != value
-        ]
-        if differences and not progress and not recorded.get("finished"):
-            _clear_run(
-                model_dir
-            )  # it stopped before its first checkpoint (say, on a wrong data path)
-        elif differences:
-            raise UsageError(
-                f"--model_dir {model_dir} holds a run of another configuration ({'; '.join(differences)}): "
-                "pass the recorded values to resume it, another --model_dir, or --overwrite to clear it and start over."
-            )
-        if recorded.get("finished"):
-            return recorded
-    elif progress:
-        raise UsageError(
-            f"--model_dir {model_dir} holds {', '.join(progress)} but no {RUN_CONFIG} (a run of an older version): "
-            "its configuration is unknown, so it is neither resumed nor replaced. Pass another --model_dir, "
-            "or --overwrite to clear it and start over."
-        )
-    _write_json(path, {"flags": config, "finished": False})
-    return None
-
-
-def make_strategy(tpu=None):
-    """TPUStrategy, MultiWorkerMirroredStrategy (TF_CONFIG set), MirroredStrategy (>1 GPU) or default."""
-    import tensorflow as tf
-
-    if tpu:
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
-        return tf.distribute.TPUStrategy(resolver)
-    if os.environ.get("TF_CONFIG"):
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if len(tf.config.list_physical_devices("GPU")) > 1:
-        return tf.distribute.MirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
-def worker_role():
-    """(is_chief, task index) from TF_CONFIG; single-process runs are the chief."""
-    try:
-        config = json.loads(os.environ.get("TF_CONFIG", "{}"))
-    except ValueError as error:
-        raise UsageError(f"the environment variable TF_CONFIG is not JSON ({error}).") from None
-    task = config.get("task", {})
-    kind, index = task.get("type", "chief"), int(task.get("index", 0))
-    has_chief = "chief" in config.get("cluster", {})
-    return (kind == "chief" or (kind == "worker" and index == 0 and not has_chief)), index
-
-
-def pick_precision(choice):
-    import tensorflow as tf
-
-    if choice != "auto":
-        return choice
-    from repvgg_keras import cpu_features
-
-    if tf.config.list_physical_devices("GPU"):
-        return "mixed_float16"
-    return "mixed_bfloat16" if "amx_bf16" in cpu_features.cpu_flags() else "none"
-
-
-def build_spec():
-    import repvgg_keras as rk
-
-    spec = rk.get_spec(FLAGS.model)
+def custom_spec(spec):
+    """`spec` with --num_blocks and --width_multipliers applied (named `<name>_custom`)."""
     changes = {}
     if FLAGS.num_blocks:
         changes["num_blocks"] = tuple(int(n) for n in FLAGS.num_blocks)
@@ -497,43 +292,31 @@ def build_spec():
     return spec
 
 
-def init_from_pretrained(model, spec, image_size, use_identity, use_1x1):
-    import repvgg_keras as rk
-    from train import pretrained
-
-    build = lambda include_top: rk.RepVGG(
-        spec,
-        include_top=include_top,
-        input_shape=(image_size, image_size, 3),
-        classes=model.output_shape[-1] if include_top else None,
-        use_identity=use_identity,
-        use_1x1=use_1x1,
-        quant_friendly=FLAGS.quant_friendly,
-    )
-    donor = pretrained.load_donor(FLAGS.init_weights, build)
-    fresh = pretrained.copy_weights(model, donor)
-    kept = (
-        "all weights"
-        if not fresh
-        else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
-    )
-    print(f"initialised from {FLAGS.init_weights}: {kept}", flush=True)
-
-
 def train():
+    """Train the task's model in --model_dir (or report the finished run there); returns the gap
+    between the scores of the two forms."""
+    # Imported here, not at the top: main() checks the flags and claims the folder before
+    # TensorFlow loads.
     import keras
-    import numpy as np
-    import tensorflow as tf
 
     import repvgg_keras as rk
-    from train import callbacks as cb
-    from train import data, distributed, guards, recipes
+    from train import (
+        callbacks,
+        classification_task,
+        distributed,
+        guards,
+        recipes,
+        segmentation_task,
+    )
 
+    tasks = {"classification": classification_task.Task, "segmentation": segmentation_task.Task}
     keras.utils.set_random_seed(FLAGS.seed)
-    spec = build_spec()
+    variant = rk.get_spec(FLAGS.model)
+    spec = custom_spec(variant)
     image_size = FLAGS.image_size or spec.default_size
+    recipe_name = FLAGS.recipe or recipes.DEFAULT_RECIPE[FLAGS.task]
     recipe = recipes.get_recipe(
-        recipe_name(),
+        recipe_name,
         image_size=image_size,
         epochs=FLAGS.epochs,
         batch_size=FLAGS.batch_size,
@@ -549,37 +332,28 @@ def train():
         eval_crop=FLAGS.eval_crop,
         custom_l2=FLAGS.custom_l2,
     )
-    is_chief, task_index = worker_role()
-    model_dir = (
-        FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{task_index}")
-    )
+    task = tasks[FLAGS.task](FLAGS, spec, image_size, recipe)
+    model_dir = run_dir.own_model_dir(FLAGS.model_dir)
     guards.SIGNALS.backup_dir = os.path.join(model_dir, "backup")
-    finished = prepare_model_dir(model_dir, run_config(spec, image_size, recipe), FLAGS.overwrite)
+    config = run_dir.run_config(
+        FLAGS,
+        model=variant.name,
+        spec=spec,
+        image_size=image_size,
+        recipe=recipe,
+        recipe_name=recipe_name,
+        task_entries=task.config_entries(),
+    )
+    finished = run_dir.prepare_model_dir(model_dir, config, FLAGS.overwrite)
     if finished is not None:
-        print(
-            f"{model_dir} holds a finished run of this configuration ({recipe.epochs} epochs); its models are "
-            "kept as they are. Pass --overwrite to train it again, or another --model_dir."
-        )
-        missing = [
-            n
-            for n in ("model_train.keras", "model_deploy.keras")
-            if not os.path.exists(os.path.join(model_dir, n))
-        ]
-        if missing:
-            raise UsageError(
-                f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
-                "train it again."
-            )
-        print(finished.get("accuracy") or finished.get("miou", ""), flush=True)
+        print(run_dir.finished_result(model_dir, finished, recipe.epochs), flush=True)
         return 0.0
-    precision = pick_precision(FLAGS.mixed_precision)
+    precision = distributed.pick_precision(FLAGS.mixed_precision)
     if precision != "none":
         keras.mixed_precision.set_global_policy(precision)
-    strategy = make_strategy(FLAGS.tpu)
+    strategy = distributed.make_strategy(FLAGS.tpu)
 
-    segmentation = FLAGS.task == "segmentation"
-    multi_worker = distributed.is_multi_worker(strategy)
-    common = dict(
+    train_ds, eval_ds, info = task.load(
         image_size=image_size,
         batch_size=recipe.batch_size,
         data_dir=FLAGS.data_dir,
@@ -588,29 +362,7 @@ def train():
         eval_take=FLAGS.eval_take,
         seed=FLAGS.seed,
     )
-    if segmentation:
-        from train import segmentation_data
-        from train import segmentation_task as seg
-
-        head = segmentation_options(image_size)
-        train_ds, eval_ds, info = segmentation_data.load(
-            FLAGS.dataset, augment=head["scale_augment"], **common
-        )
-    else:
-        train_ds, eval_ds, info = data.load(
-            FLAGS.dataset,
-            min_area=recipe.min_area,
-            mixup=recipe.mixup,
-            augment=recipe.augment,
-            eval_crop=recipe.eval_crop,
-            **common,
-        )
-    segmentation_eval_ds = eval_ds
-    if segmentation and FLAGS.aux_weight > 0:
-        train_ds, eval_ds = seg.with_aux_targets(train_ds), seg.with_aux_targets(eval_ds)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    train_ds, eval_ds = train_ds.with_options(options), eval_ds.with_options(options)
+    train_ds, eval_ds = distributed.sharded_by_data(train_ds), distributed.sharded_by_data(eval_ds)
     steps_per_epoch = FLAGS.steps_per_epoch or max(1, info.train_examples // recipe.batch_size)
     total_steps = steps_per_epoch * recipe.epochs
     warmup_steps = min(int(recipe.warmup_epochs * steps_per_epoch), total_steps - 1)
@@ -622,113 +374,47 @@ def train():
             file=sys.stderr,
             flush=True,
         )
-    peak_lr = recipe.scaled_lr(recipe.batch_size)
-    use_identity, use_1x1 = ABLATIONS[FLAGS.ablation]
-    what = (
-        f"PSPNet on {spec.name} (output stride {head['output_stride']}, head "
-        f"{head['head_channels']}{', fast' if FLAGS.fast else ''}"
-        f"{', low-level skip' if head['low_level_skip'] else ''}"
-        f"{', image refine' if head['image_refine'] else ''})"
-        if segmentation
-        else spec.name
-    )
-    augmentation = (
-        f"scale_augment {'on' if head['scale_augment'] else 'off'}"
-        if segmentation
-        else f"augment {recipe.augment}"
-    )
+    what, augmentation = task.describe()
     print(
         f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
-        f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {recipe_name()} "
+        f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {recipe_name} "
         f"({augmentation}): "
         f"{recipe.epochs} epochs x {steps_per_epoch} steps, batch {recipe.batch_size}, "
-        f"{recipe.optimizer} peak lr {peak_lr:g}",
+        f"{recipe.optimizer} peak lr {recipe.scaled_lr(recipe.batch_size):g}",
         flush=True,
     )
 
     with strategy.scope():
-        if segmentation:
-            model = seg.build_model(
-                spec,
-                image_size,
-                info.num_classes,
-                options=head,
-                quant_friendly=FLAGS.quant_friendly,
-                bn_synchronized=strategy.num_replicas_in_sync > 1,
-            )
-            if FLAGS.init_weights:
-                seg.init_backbone(model, FLAGS.init_weights, spec.name)
-            optimizer = recipes.make_optimizer(
-                recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
-            )
-            seg.compile_model(model, optimizer, info.num_classes, FLAGS.aux_weight)
-        else:
-            model = rk.RepVGG(
-                spec,
-                input_shape=(image_size, image_size, 3),
-                classes=info.num_classes,
-                use_identity=use_identity,
-                use_1x1=use_1x1,
-                quant_friendly=FLAGS.quant_friendly,
-                bn_synchronized=strategy.num_replicas_in_sync > 1,
-            )
-            if FLAGS.init_weights:
-                init_from_pretrained(model, spec, image_size, use_identity, use_1x1)
-            optimizer = recipes.make_optimizer(
-                recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
-            )
-            loss = keras.losses.CategoricalCrossentropy(
-                from_logits=True, label_smoothing=recipe.label_smoothing
-            )
-            model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"])
-
-    csv_path = os.path.join(model_dir, "training_log.csv")
-    nan_stopper = cb.NaNStopper()
-    # Kept after fit: a run killed before it is recorded as finished resumes from the last backup
-    # instead of training again; removed once run_config.json says finished.
-    backup = cb.BackupEveryStepsAndEpoch(
-        os.path.join(model_dir, "backup"),
-        save_freq=FLAGS.checkpoint_every,
-        delete_checkpoint=False,
-        agree=distributed.oldest_among_workers(strategy) if multi_worker else None,
+        model = task.build(info.num_classes, bn_synchronized=strategy.num_replicas_in_sync > 1)
+        optimizer = recipes.make_optimizer(
+            recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
+        )
+        task.compile(model, optimizer, info.num_classes)
+    run_callbacks, backup, nan_stopper = callbacks.for_run(
+        model_dir,
+        checkpoint_every=FLAGS.checkpoint_every,
         steps_per_epoch=steps_per_epoch,
+        agree=(
+            distributed.oldest_among_workers(strategy)
+            if distributed.is_multi_worker(strategy)
+            else None
+        ),
+        signals=guards.SIGNALS,
+        progress_every=FLAGS.progress_every if FLAGS.verbose == 2 else 0,
     )
-    guards.SIGNALS.backup = backup
-    callbacks = [
-        backup,
-        cb.ResumeReporter(os.path.join(model_dir, "last_step")),
-        guards.SIGNALS,  # after the two above: a signal saves the step they counted
-        nan_stopper,
-        cb.LearningRateLogger(),
-        keras.callbacks.CSVLogger(csv_path, append=True),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
-        cb.CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
-    ]
-    if FLAGS.verbose == 2 and FLAGS.progress_every > 0:
-        callbacks.append(cb.ProgressLines(FLAGS.progress_every))
 
     def fit(steps):
-        if multi_worker:  # Keras 3's fit fails under this strategy: same loop, by hand
-            return distributed.fit(
-                model,
-                train_ds,
-                strategy=strategy,
-                epochs=recipe.epochs,
-                steps_per_epoch=steps,
-                validation_data=eval_ds,
-                callbacks=callbacks,
-                verbose=FLAGS.verbose,
-            )
-        return model.fit(
+        return distributed.fit_model(
+            model,
             train_ds,
+            strategy=strategy,
             epochs=recipe.epochs,
             steps_per_epoch=steps,
             validation_data=eval_ds,
-            callbacks=callbacks,
+            callbacks=run_callbacks,
             verbose=FLAGS.verbose,
-            shuffle=False,
         )
 
     guards.fit_resumable(
@@ -750,58 +436,10 @@ def train():
     diverged = guards.divergence(model)
     if diverged:
         raise FloatingPointError(f"training diverged: {diverged}; no model was saved: {remedy}.")
-    if segmentation:
-        result, gap = seg.finish(model, model_dir, segmentation_eval_ds, info, strategy)
-        if multi_worker:
-            print(f"weights digest: {distributed.weights_digest(model):.10e}")
-        _write_json(
-            os.path.join(model_dir, RUN_CONFIG),
-            {"flags": run_config(spec, image_size, recipe), "finished": True, "miou": result},
-        )
-        shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)
-        print(result, flush=True)
-        return gap
-
-    evaluation = None if multi_worker else model.evaluate(eval_ds, verbose=0, return_dict=True)
-    diverged = evaluation and guards.divergence(model, val_loss=evaluation["loss"])
-    if diverged:
-        raise FloatingPointError(f"training diverged: {diverged}; no model was saved: {remedy}.")
-    model.save(os.path.join(model_dir, "model_train.keras"))
-    with strategy.scope():
-        deploy = rk.to_deploy(model)
-    deploy.save(
-        os.path.join(model_dir, "model_deploy.keras")
-    )  # saved uncompiled: no optimizer state
-    with strategy.scope():
-        deploy.compile(loss=loss, metrics=["accuracy"])
-    if multi_worker:
-        train_acc = distributed.evaluate_model(model, eval_ds, strategy)
-        deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
-        print(f"weights digest: {distributed.weights_digest(model):.10e}")
-    else:
-        train_acc = evaluation["accuracy"]
-        deploy_evaluation = deploy.evaluate(eval_ds, verbose=0, return_dict=True)
-        deploy_acc = deploy_evaluation["accuracy"]
-        diverged = guards.divergence(deploy, val_loss=deploy_evaluation["loss"])
-        if diverged:
-            os.remove(os.path.join(model_dir, "model_deploy.keras"))
-            raise FloatingPointError(
-                f"the deploy form does not compute: {diverged}; model_deploy.keras was removed: "
-                f"{remedy}."
-            )
-    print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
-    print(
-        f"top-1 on {info.eval_examples} {info.eval_split} examples: training form {train_acc:.4f}, "
-        f"deploy form {deploy_acc:.4f}"
-    )
-    accuracy = f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}"
-    _write_json(
-        os.path.join(model_dir, RUN_CONFIG),
-        {"flags": run_config(spec, image_size, recipe), "finished": True, "accuracy": accuracy},
-    )
-    shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)
-    print(accuracy, flush=True)
-    return np.abs(train_acc - deploy_acc)
+    result, gap = task.finish(model, model_dir, eval_ds, info, strategy, remedy)
+    run_dir.record_finished(model_dir, config, task.result_key, result)
+    print(result, flush=True)
+    return gap
 
 
 def main(argv):
@@ -810,23 +448,19 @@ def main(argv):
     if problems:
         print(f"error: {'; '.join(problems)}.", file=sys.stderr)
         return 1
-    import signal
-
-    from train import lock
-
     early = []  # SIGINT/SIGTERM while TensorFlow loads: noted, answered once it has loaded
     for signum in (signal.SIGINT, signal.SIGTERM):
         if signal.getsignal(signum) is not signal.SIG_IGN:
             signal.signal(signum, lambda signum, frame: early.append(signum))
     try:  # before TensorFlow loads: a second trainer is refused at once (else prepare_model_dir)
-        is_chief, index = worker_role()
-        own_dir = FLAGS.model_dir if is_chief else os.path.join(FLAGS.model_dir, f"worker_{index}")
+        own_dir = run_dir.own_model_dir(FLAGS.model_dir)
         if os.path.isdir(own_dir):
             lock.lock_model_dir(own_dir)
     except (ValueError, OSError) as error:  # ModelDirBusy, a malformed TF_CONFIG
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     backup_dir = os.path.join(own_dir, "backup")
+    # TensorFlow loads here, after the checks above.
     import tensorflow as tf
 
     from train import data, guards

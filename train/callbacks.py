@@ -1,5 +1,5 @@
 """Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop,
-progress lines for logs."""
+progress lines for logs; `for_run`, the list a run trains with."""
 
 import csv
 import json
@@ -8,6 +8,37 @@ import time
 
 import keras
 import numpy as np
+
+
+def for_run(model_dir, *, checkpoint_every, steps_per_epoch, agree, signals, progress_every):
+    """The callbacks of a run writing into `model_dir`, in their order; returns them with the
+    backup and the NaN stopper, which the trainer asks after `fit`. `signals` (a
+    `train.guards.StopOnSignal`) saves through the backup; `progress_every` 0: no progress lines."""
+    csv_path = os.path.join(model_dir, "training_log.csv")
+    nan_stopper = NaNStopper()
+    # Kept after fit: a run killed before it is recorded as finished resumes from the last backup
+    # instead of training again; removed once run_config.json says finished.
+    backup = BackupEveryStepsAndEpoch(
+        os.path.join(model_dir, "backup"),
+        save_freq=checkpoint_every,
+        delete_checkpoint=False,
+        agree=agree,
+        steps_per_epoch=steps_per_epoch,
+    )
+    signals.backup = backup
+    callbacks = [
+        backup,
+        ResumeReporter(os.path.join(model_dir, "last_step")),
+        signals,  # after the two above: a signal saves the step they counted
+        nan_stopper,
+        LearningRateLogger(),
+        keras.callbacks.CSVLogger(csv_path, append=True),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
+        CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
+    ]
+    if progress_every > 0:
+        callbacks.append(ProgressLines(progress_every))
+    return callbacks, backup, nan_stopper
 
 
 class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
@@ -83,10 +114,7 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         ):
             if os.path.exists(weights) and os.path.exists(metadata):
                 with open(metadata) as f:
-                    record = json.load(f)
-                # Backups of older versions count no batches: their optimizer step is the count.
-                record.setdefault("batches", record.get("step") or 0)
-                found.append(dict(record, weights=weights))
+                    found.append(dict(json.load(f), weights=weights))
         return found
 
     def plan(self):
@@ -191,10 +219,8 @@ class ProgressLines(keras.callbacks.Callback):
         if now - self._last_print < self.every_seconds:
             return
         self._last_print = now
-        done, steps = (
-            batch + 1,
-            self.params["steps"],
-        )  # params: set by fit (and by train.distributed's loop)
+        # params: set by fit (and by train.distributed's loop).
+        done, steps = batch + 1, self.params["steps"]
         per_step = (now - self._started) / done
         metrics = "".join(
             f", {k} {float(v):.4f}" for k, v in (logs or {}).items() if k in ("loss", "accuracy")

@@ -65,10 +65,8 @@ def _builder(name, data_dir, download):
             name = "fashion_mnist_debian"
     try:
         builder = tfds.builder(name, data_dir=data_dir)
-    except (
-        tfds.core.registered.DatasetNotFoundError,
-        ValueError,
-    ) as error:  # e.g. an unknown config
+    # ValueError: e.g. an unknown config.
+    except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
         raise DatasetNotFound(f"Dataset {name!r}: {str(error).strip().splitlines()[0]}") from None
     if not _is_prepared(builder):
         if name == "fashion_mnist_debian" or download:
@@ -159,6 +157,36 @@ def _listing(names, limit=8):
     )
 
 
+def folder_splits(root, eval_split, kind, expected, missing_error):
+    """(every split folder of `root`, the evaluation split: `eval_split` or the first of
+    EVAL_SPLITS there). Raises DatasetNotFound for a missing `root` and `missing_error` naming a
+    missing train/ or evaluation split; `kind` names the folder and `expected` its layout."""
+    if not os.path.isdir(root):
+        raise DatasetNotFound(f"{kind} {root!r} does not exist or is not a folder ({expected}).")
+    splits = _subfolders(root)
+    eval_split = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
+    missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
+    if eval_split is None:
+        missing.append("test")
+    if missing:
+        found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
+        raise missing_error(
+            f"{kind} {root!r} has no {' or '.join(s + '/' for s in missing)} ({found}); {expected}."
+        )
+    return splits, eval_split
+
+
+def folder_reader(folder, seed):
+    """(train examples, evaluation examples, evaluation split) of a scanned folder and a function
+    reading one of its splits (the training split shuffled, seeded)."""
+    sizes = (
+        len(folder.examples["train"]),
+        len(folder.examples[folder.eval_split]),
+        folder.eval_split,
+    )
+    return sizes, lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+
+
 def scan_image_folder(root, eval_split=None, warn=None):
     """Check root/<split>/<class>/<image> and list its examples (ImageFolder).
 
@@ -171,20 +199,7 @@ def scan_image_folder(root, eval_split=None, warn=None):
     folders and the class folders without a readable image.
     """
     expected = f"expected {root}/train/<class>/<image> and {root}/test/<class>/<image> (or validation/, val/)"
-    if not os.path.isdir(root):
-        raise DatasetNotFound(
-            f"Image folder {root!r} does not exist or is not a folder ({expected})."
-        )
-    splits = _subfolders(root)
-    eval_split = eval_split or next((s for s in EVAL_SPLITS if s in splits), None)
-    missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
-    if eval_split is None:
-        missing.append("test")
-    if missing:
-        found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
-        raise ValueError(
-            f"Image folder {root!r} has no {' or '.join(s + '/' for s in missing)} ({found}); {expected}."
-        )
+    splits, eval_split = folder_splits(root, eval_split, "Image folder", expected, ValueError)
     class_names = sorted({c for split in splits for c in _subfolders(os.path.join(root, split))})
     listed, empty = {}, []
     ignored = [  # other splits (val/ beside test/), files beside the splits
@@ -412,13 +427,8 @@ def load(
     """
     if name.startswith("folder:"):
         folder = scan_image_folder(name[len("folder:") :], eval_split)
-        info = DatasetInfo(
-            len(folder.class_names),
-            len(folder.examples["train"]),
-            len(folder.examples[folder.eval_split]),
-            folder.eval_split,
-        )
-        read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+        sizes, read = folder_reader(folder, seed)
+        info = DatasetInfo(len(folder.class_names), *sizes)
     else:
         builder = _builder(name, data_dir, download)
         info = dataset_info(builder, eval_split)

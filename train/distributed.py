@@ -14,15 +14,67 @@ summed across replicas when read, and the callbacks (checkpoints, CSV, TensorBoa
 bar) get the logs `fit` writes: `loss`, each compiled metric and their `val_` twins.
 """
 
+import os
+
 import keras
 import numpy as np
 import tensorflow as tf
 
+from repvgg_keras import cpu_features
 from repvgg_keras.structure import all_layers
+
+
+def make_strategy(tpu=None):
+    """TPUStrategy, MultiWorkerMirroredStrategy (TF_CONFIG set), MirroredStrategy (>1 GPU) or default."""
+    if tpu:
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    if os.environ.get("TF_CONFIG"):
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if len(tf.config.list_physical_devices("GPU")) > 1:
+        return tf.distribute.MirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def pick_precision(choice):
+    """--mixed_precision auto: mixed_float16 on GPUs, mixed_bfloat16 on CPUs with AMX, else none."""
+    if choice != "auto":
+        return choice
+    if tf.config.list_physical_devices("GPU"):
+        return "mixed_float16"
+    return "mixed_bfloat16" if "amx_bf16" in cpu_features.cpu_flags() else "none"
 
 
 def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def fit_model(
+    model, train_ds, *, strategy, epochs, steps_per_epoch, validation_data, callbacks, verbose
+):
+    """`model.fit`, or this module's loop under MultiWorkerMirroredStrategy (where Keras 3's fails)."""
+    if is_multi_worker(strategy):
+        return fit(
+            model,
+            train_ds,
+            strategy=strategy,
+            epochs=epochs,
+            steps_per_epoch=steps_per_epoch,
+            validation_data=validation_data,
+            callbacks=callbacks,
+            verbose=verbose,
+        )
+    return model.fit(
+        train_ds,
+        epochs=epochs,
+        steps_per_epoch=steps_per_epoch,
+        validation_data=validation_data,
+        callbacks=callbacks,
+        verbose=verbose,
+        shuffle=False,
+    )
 
 
 def fit(

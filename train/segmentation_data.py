@@ -192,21 +192,9 @@ def scan_segmentation_folder(root, eval_split=None, warn=None):
         f"expected {root}/train/images/<name>.png with {root}/train/masks/<name>.png, "
         "and the same under test/ (or validation/, val/)"
     )
-    if not os.path.isdir(root):
-        raise DatasetNotFound(
-            f"Segmentation folder {root!r} does not exist or is not a folder ({expected})."
-        )
-    splits = data._subfolders(root)
-    eval_split = eval_split or next((s for s in data.EVAL_SPLITS if s in splits), None)
-    missing = [s for s in ("train", eval_split) if s is not None and s not in splits]
-    if eval_split is None:
-        missing.append("test")
-    if missing:
-        found = f"found {', '.join(s + '/' for s in splits)}" if splits else "it has no subfolders"
-        raise DatasetNotFound(
-            f"Segmentation folder {root!r} has no {' or '.join(s + '/' for s in missing)} "
-            f"({found}); {expected}."
-        )
+    _, eval_split = data.folder_splits(
+        root, eval_split, "Segmentation folder", expected, DatasetNotFound
+    )
     pairs, skipped = {}, []
     for split in ("train", eval_split):
         images = _files(os.path.join(root, split, "images"), IMAGE_EXTENSIONS, root, skipped)
@@ -451,14 +439,8 @@ def load(
     """
     if name.startswith(FOLDER):
         folder = scan_segmentation_folder(name[len(FOLDER) :], eval_split)
-        info = SegmentationInfo(
-            folder.num_classes,
-            len(folder.examples["train"]),
-            len(folder.examples[folder.eval_split]),
-            folder.eval_split,
-            folder.class_names,
-        )
-        read = lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+        sizes, read = data.folder_reader(folder, seed)
+        info = SegmentationInfo(folder.num_classes, *sizes, folder.class_names)
     else:
         if name.partition("/")[0] == SCENES:
             builder = _scenes_builder(name, data_dir)

@@ -4,15 +4,23 @@ The trainer's loop, recipes, checkpoints, resume, logs and curves are shared; th
 supplies the data (train/segmentation_data.py), the PSPNet with its auxiliary head, the loss
 (per-pixel cross-entropy ignoring label 255, plus the auxiliary loss weighted as in PSPNet),
 the metrics (mean IoU and pixel accuracy from an exact confusion matrix), the evaluation of
-both forms and a PNG of predictions.
+both forms and a PNG of predictions. `Task` has the same methods as `classification_task.Task`.
 """
+
+import os
 
 import keras
 import numpy as np
 
 import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet
-from train import distributed, segmentation_data, segmentation_figures, segmentation_metrics
+from train import (
+    distributed,
+    recipes,
+    segmentation_data,
+    segmentation_figures,
+    segmentation_metrics,
+)
 
 PREDICTIONS_PNG = "predictions.png"
 FIGURE_EXAMPLES = 6
@@ -32,8 +40,8 @@ def build_model(spec, image_size, num_classes, *, options, quant_friendly, bn_sy
         output_stride=options["output_stride"],
         fast=options["fast"],
         head_channels=options["head_channels"],
-        low_level_skip=options.get("low_level_skip", False),
-        image_refine=options.get("image_refine", False),
+        low_level_skip=options["low_level_skip"],
+        image_refine=options["image_refine"],
         aux_head=options["aux_weight"] > 0,
         quant_friendly=quant_friendly,
         bn_synchronized=bn_synchronized,
@@ -98,8 +106,6 @@ def save_predictions(path, model, dataset, class_names, num_classes):
 
 def finish(model, model_dir, eval_ds, info, strategy):
     """Save both forms, evaluate them, draw the PNG; returns the last line's text and the scores."""
-    import os
-
     inference = pspnet.inference_model(model)
     inference.save(os.path.join(model_dir, "model_train.keras"))
     with strategy.scope():
@@ -122,3 +128,74 @@ def finish(model, model_dir, eval_ds, info, strategy):
     return f"miou: training_form={train_miou:.4f} deploy_form={deploy_miou:.4f}", abs(
         train_miou - deploy_miou
     )
+
+
+class Task:
+    """PSPNet on the RepVGG backbone; ends with `miou: training_form=<mIoU> deploy_form=<mIoU>`."""
+
+    result_key = "miou"
+
+    def __init__(self, flags, spec, image_size, recipe):
+        self.flags, self.spec, self.image_size, self.recipe = flags, spec, image_size, recipe
+        self.options = self.config_entries()
+        # The evaluation data without the auxiliary targets: what both forms are scored on.
+        self.eval_ds = None
+
+    def config_entries(self):
+        """The PSPNet options of this run (the flags given, the rest from the head for its size)
+        and the task: recorded in the run's configuration."""
+        flags = self.flags
+        head = recipes.segmentation_head(
+            self.image_size,
+            output_stride=flags.output_stride,
+            head_channels=flags.head_channels,
+            low_level_skip=flags.low_level_skip,
+            image_refine=flags.image_refine,
+            scale_augment=flags.scale_augment,
+        )
+        return {**head, "fast": flags.fast, "aux_weight": flags.aux_weight, "task": "segmentation"}
+
+    def load(self, **common):
+        """(train_ds, eval_ds, info): the datasets `fit` gets, with the auxiliary head's targets."""
+        train_ds, self.eval_ds, info = segmentation_data.load(
+            self.flags.dataset, augment=self.options["scale_augment"], **common
+        )
+        if self.flags.aux_weight > 0:
+            return with_aux_targets(train_ds), with_aux_targets(self.eval_ds), info
+        return train_ds, self.eval_ds, info
+
+    def describe(self):
+        """The model and the augmentation, for the line that starts a run."""
+        head = self.options
+        what = (
+            f"PSPNet on {self.spec.name} (output stride {head['output_stride']}, head "
+            f"{head['head_channels']}{', fast' if head['fast'] else ''}"
+            f"{', low-level skip' if head['low_level_skip'] else ''}"
+            f"{', image refine' if head['image_refine'] else ''})"
+        )
+        return what, f"scale_augment {'on' if head['scale_augment'] else 'off'}"
+
+    def build(self, num_classes, *, bn_synchronized):
+        """The training form, its backbone initialised from --init_weights when given."""
+        model = build_model(
+            self.spec,
+            self.image_size,
+            num_classes,
+            options=self.options,
+            quant_friendly=self.flags.quant_friendly,
+            bn_synchronized=bn_synchronized,
+        )
+        if self.flags.init_weights:
+            init_backbone(model, self.flags.init_weights, self.spec.name)
+        return model
+
+    def compile(self, model, optimizer, num_classes):
+        compile_model(model, optimizer, num_classes, self.flags.aux_weight)
+
+    def finish(self, model, model_dir, eval_ds, info, strategy, remedy):
+        """Save both forms, score them on the evaluation data without auxiliary targets and draw
+        the PNG; returns the last line and the forms' mIoU gap (`eval_ds` and `remedy` unused)."""
+        result, gap = finish(model, model_dir, self.eval_ds, info, strategy)
+        if distributed.is_multi_worker(strategy):
+            print(f"weights digest: {distributed.weights_digest(model):.10e}")
+        return result, gap

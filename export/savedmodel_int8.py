@@ -1,0 +1,215 @@
+"""int8 for the TF Serving path: a frozen float graph quantized by Intel Neural Compressor.
+
+Neural Compressor (`neural-compressor-tf`) rewrites the graph into TensorFlow's own oneDNN int8
+ops (`QuantizeV2`, `QuantizedConv2DWithBiasAndReluAndRequantize`, `Dequantize`): weights per output
+channel, activations per tensor from the calibration images' ranges. The classifier's MatMul stays
+float, as in the TFLite int8 export: quantizing it clips the logits. The result is a plain graph
+that stock tensorflow-cpu runs; whether a server registers these ops is `missing_kernels`'s
+question (docs/export-and-serving.md, "int8 in TensorFlow Serving").
+"""
+
+import contextlib
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+
+INSTALL_HINT = (
+    "pip install --no-deps neural-compressor-tf==3.10 && pip install prettytable py-cpuinfo "
+    "pydantic 'setuptools<81' (make install does this)"
+)
+CALIBRATION_BATCH = 20
+
+
+class _Batches:
+    """The calibration images as the (images, labels) batches Neural Compressor iterates over."""
+
+    def __init__(self, images, batch_size=CALIBRATION_BATCH):
+        self.images = images
+        self.batch_size = batch_size
+
+    def __iter__(self):
+        for start in range(0, len(self.images), self.batch_size):
+            yield self.images[start : start + self.batch_size], None
+
+    def __len__(self):
+        return -(-len(self.images) // self.batch_size)
+
+
+def _neural_compressor():
+    """Neural Compressor's TensorFlow API, quiet (it logs every graph pass at INFO)."""
+    try:
+        # It reads its calibration ranges back from what TensorFlow prints to file descriptor 2,
+        # through the `sys.stderr` it sees at import: give it the real one even where stderr is
+        # replaced (pytest's capture). And it imports pkg_resources, which warns.
+        with warnings.catch_warnings(), contextlib.redirect_stderr(sys.__stderr__ or sys.stderr):
+            warnings.simplefilter("ignore")
+            from neural_compressor.tensorflow import StaticQuantConfig, quantize_model
+    except ImportError as e:
+        raise ImportError(
+            f"--precision int8 needs Intel Neural Compressor for TensorFlow ({e}): {INSTALL_HINT}."
+        ) from e
+    logging.getLogger("neural_compressor").setLevel(logging.ERROR)
+    return StaticQuantConfig, quantize_model
+
+
+def quant_config(float_convs=()):
+    """Per-channel int8 weights, per-tensor int8 activations; the classifier MatMul and the
+    convolutions named in `float_convs` stay float."""
+    static_quant_config, _ = _neural_compressor()
+    config = static_quant_config(weight_granularity="per_channel")
+    keep_float = static_quant_config(weight_dtype="fp32", act_dtype="fp32")
+    config.set_local("MatMul", keep_float)
+    for name in float_convs:
+        # Neural Compressor matches these patterns against its own node names, which add
+        # call prefixes to the frozen graph's names.
+        config.set_local(f".*{re.escape(name)}$", keep_float)
+    return config
+
+
+def convs_without_relu(graph_def):
+    """Names of the Conv2D nodes whose output (after its bias) does not go into a ReLU: the
+    classifier and residual convolutions of a segmentation head. int8 quantizes a convolution
+    together with its ReLU; on the others, a calibrated output range can be degenerate."""
+    consumers = {}
+    for node in graph_def.node:
+        for source in node.input:
+            consumers.setdefault(source.lstrip("^").split(":")[0], []).append(node)
+
+    def feeds_relu(name):
+        for consumer in consumers.get(name, ()):
+            if consumer.op in ("Relu", "Relu6"):
+                return True
+            if consumer.op == "BiasAdd" and feeds_relu(consumer.name):
+                return True
+        return False
+
+    return [n.name for n in graph_def.node if n.op == "Conv2D" and not feeds_relu(n.name)]
+
+
+def quantize(frozen, image_shape, calibration):
+    """The int8 graph of `frozen` (a float32 concrete function images -> logits) as a concrete
+    function with the same input and output, calibrated on `calibration` (model inputs)."""
+    import tensorflow as tf
+    from tensorflow.python.util import deprecation
+
+    _, quantize_model = _neural_compressor()
+    calibration = np.asarray(calibration, np.float32)
+    if len(calibration) == 0:
+        raise ValueError("--precision int8 needs calibration images (--calibration_data).")
+    spec = tf.TensorSpec((None, *image_shape), tf.float32, name="images")
+    module = tf.Module()
+    module.serve = tf.function(
+        lambda images: {"logits": tf.nest.flatten(frozen(images))[0]}, input_signature=[spec]
+    )
+    # deprecation.silence: Neural Compressor's TF1-style graph code warns on every call.
+    with (
+        tempfile.TemporaryDirectory() as workdir,
+        contextlib.chdir(workdir),
+        deprecation.silence(),
+    ):
+        # Neural Compressor reads a SavedModel directory and writes its workspace into the cwd.
+        float_path = os.path.join(workdir, "float")
+        tf.saved_model.save(module, float_path, signatures={"serving_default": module.serve})
+        float_convs = convs_without_relu(frozen.graph.as_graph_def())
+        config = quant_config(float_convs)
+        quantized = quantize_model(float_path, config, _Batches(calibration))
+        graph_def = quantized.graph_def
+        input_name = quantized.input_tensor_names[0]
+        output_name = quantized.output_tensor_names[0]
+    return graph_function(graph_def, input_name, output_name), graph_def
+
+
+def graph_function(graph_def, input_name, output_name):
+    """A GraphDef as a concrete function from tensor `input_name` to tensor `output_name`."""
+    import tensorflow as tf
+    from tensorflow.python.util import deprecation
+
+    def import_graph():
+        tf.compat.v1.import_graph_def(graph_def, name="")
+
+    with deprecation.silence():
+        wrapped = tf.compat.v1.wrap_function(import_graph, [])
+    return wrapped.prune(
+        feeds=wrapped.graph.get_tensor_by_name(_tensor(input_name)),
+        fetches=wrapped.graph.get_tensor_by_name(_tensor(output_name)),
+    )
+
+
+def _tensor(name):
+    return name if ":" in name else f"{name}:0"
+
+
+def op_counts(graph_def):
+    """{op type: count} over a GraphDef and its function library."""
+    counts = {}
+    nodes = list(graph_def.node)
+    for function in graph_def.library.function:
+        nodes.extend(function.node_def)
+    for node in nodes:
+        counts[node.op] = counts.get(node.op, 0) + 1
+    return counts
+
+
+def missing_kernels(graph_def, device="CPU"):
+    """The op types of `graph_def` that the running TensorFlow has no `device` kernel for."""
+    from tensorflow.python.framework import kernels
+
+    missing = []
+    for op in sorted(op_counts(graph_def)):
+        registered = kernels.get_registered_kernels_for_op(op).kernel
+        if not any(kernel.device_type == device for kernel in registered):
+            missing.append(op)
+    return missing
+
+
+# Ops registered in stock TensorFlow as placeholders that oneDNN's graph rewrite replaces with its
+# int8 kernels: without oneDNN they run and produce no output.
+ONEDNN_ONLY_OPS = (
+    "QuantizedConv2DWithBiasAndReluAndRequantize",
+    "QuantizedConv2DWithBiasAndRequantize",
+    "QuantizedConv2DWithBiasAndDequantize",
+    "QuantizedMatMulWithBiasAndDequantize",
+    "QuantizedMatMulWithBiasAndReluAndRequantize",
+    "QuantizedMatMulWithBiasAndRequantize",
+    "QuantizedDepthwiseConv2DWithBiasAndReluAndRequantize",
+)
+ONEDNN_HINT = (
+    "set TF_ENABLE_ONEDNN_OPTS=1 (TensorFlow turns oneDNN on by itself only on CPUs with "
+    "AVX512_VNNI, AVX512_BF16, AVX_VNNI or AMX); serve it the same way (docker run -e "
+    "TF_ENABLE_ONEDNN_OPTS=1 tensorflow/serving ...)"
+)
+
+
+def onednn_enabled():
+    """Whether this TensorFlow runs oneDNN's graph rewrite (TF_ENABLE_ONEDNN_OPTS or CPU default)."""
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def check_runs_here(graph_def, onednn=None):
+    """ValueError (one line) unless the running TensorFlow can run every op of `graph_def` on
+    the CPU: a kernel registered for each, and oneDNN on where an op is a oneDNN placeholder."""
+    missing = missing_kernels(graph_def)
+    if missing:
+        raise ValueError(
+            f"the int8 graph uses ops this TensorFlow registers no CPU kernel for "
+            f"({', '.join(missing)}); export with the TensorFlow that will serve it, or choose "
+            "--precision fp32."
+        )
+    placeholders = sorted(set(op_counts(graph_def)) & set(ONEDNN_ONLY_OPS))
+    if placeholders and not (onednn_enabled() if onednn is None else onednn):
+        raise ValueError(
+            f"TensorFlow's oneDNN is off in this process, and without it the int8 ops "
+            f"({', '.join(placeholders)}) are placeholders that compute nothing: {ONEDNN_HINT}."
+        )
+
+
+def int8_ops(graph_def):
+    """The quantized op types in `graph_def` ({op: count}); empty when nothing was quantized."""
+    return {op: n for op, n in op_counts(graph_def).items() if "quantize" in op.lower()}

@@ -1,0 +1,140 @@
+"""int8 SavedModels (`export.savedmodel --precision int8`): Neural Compressor's graph in TensorFlow's
+oneDNN int8 ops, verified through all three signatures, refused where this TensorFlow cannot run it."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import repvgg_keras as rk
+from export import images, savedmodel, savedmodel_int8
+from repvgg_keras import preprocessing
+from repvgg_keras.parity import randomize_batchnorm
+from tests.helpers import cli_env, one_error_line, run_cli
+
+SIZE = 32
+
+
+def _graph_def(*ops):
+    graph = tf.compat.v1.GraphDef()
+    for i, op in enumerate(ops):
+        graph.node.add(name=f"node{i}", op=op)
+    return graph
+
+
+def test_ops_without_a_cpu_kernel_are_named():
+    graph = _graph_def("Placeholder", "NoSuchInt8Op", "QuantizeV2", "Identity")
+    assert savedmodel_int8.missing_kernels(graph) == ["NoSuchInt8Op"]
+    with pytest.raises(ValueError, match="NoSuchInt8Op") as refused:
+        savedmodel_int8.check_runs_here(graph)
+    assert "\n" not in str(refused.value)
+
+
+def test_onednn_placeholders_are_refused_when_onednn_is_off():
+    graph = _graph_def("QuantizeV2", "QuantizedConv2DWithBiasAndReluAndRequantize", "Dequantize")
+    savedmodel_int8.check_runs_here(graph, onednn=True)
+    with pytest.raises(ValueError, match="TF_ENABLE_ONEDNN_OPTS=1"):
+        savedmodel_int8.check_runs_here(graph, onednn=False)
+    savedmodel_int8.check_runs_here(_graph_def("QuantizeV2", "Dequantize"), onednn=False)
+
+
+def test_convolutions_that_feed_no_relu_are_found():
+    inputs = keras.Input((8, 8, 3))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", name="into_relu")(inputs)
+    out = keras.layers.Conv2D(2, 1, name="classifier")(keras.layers.ReLU()(hidden))
+    model = keras.Model(inputs, out)
+    names = savedmodel_int8.convs_without_relu(savedmodel.freeze(model).graph.as_graph_def())
+    assert len(names) == 1 and "classifier" in names[0]
+
+
+@pytest.fixture(scope="module")
+def model():
+    built = rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, quant_friendly=True)
+    return randomize_batchnorm(built, seed=3)
+
+
+def _model_inputs(pixels):
+    return preprocessing.normalize(pixels.astype(np.float32), "imagenet", 3)
+
+
+@pytest.mark.slow
+def test_int8_savedmodel_runs_int8_convolutions_through_every_signature(tmp_path, model):
+    deploy = rk.to_deploy(model)
+    pixels = images.load_images("fashion_mnist", 64, SIZE, SIZE)
+    calibration = _model_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[64:])
+    function = savedmodel.int8_function(deploy, calibration)
+    report = savedmodel.export_savedmodel(
+        deploy,
+        str(tmp_path / "int8" / "1"),
+        verify_pixels=pixels,
+        reference=model,
+        precision="int8",
+        function=function,
+        min_agreement=0.5,  # random weights: near-ties, so int8 keeps less than trained ones
+    )
+    assert report.ok and report.precision == "int8" and report.top1_agreement >= 0.5
+    loaded = tf.saved_model.load(str(tmp_path / "int8" / "1"))
+    graph = loaded.signatures["serving_uint8"].graph.as_graph_def()
+    counts = savedmodel_int8.op_counts(graph)
+    # every block's 3x3 conv runs in int8; no float convolution is left
+    assert counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 22
+    assert "Conv2D" not in counts
+    fp32 = savedmodel.export_savedmodel(deploy, str(tmp_path / "fp32" / "1"), verify_pixels=pixels)
+    assert report.size_mb < 0.5 * fp32.size_mb
+
+
+@pytest.mark.slow
+def test_int8_segmentation_savedmodel_keeps_its_classes_output(tmp_path):
+    pspnet = rk.PSPNet("RepVGG_A0", classes=4, input_shape=(64, 64, 3), output_stride=16)
+    deploy = rk.to_deploy(randomize_batchnorm(pspnet, seed=1))
+    pixels = images.load_images("sample", 6, 64, 64)
+    calibration = _model_inputs(images.load_images("sample", 16, 64, 64))
+    report = savedmodel.export_savedmodel(
+        deploy,
+        str(tmp_path / "seg" / "1"),
+        verify_pixels=pixels,
+        precision="int8",
+        function=savedmodel.int8_function(deploy, calibration),
+        min_agreement=0.5,
+    )
+    assert report.ok and report.pixels == 64 * 64
+    loaded = tf.saved_model.load(str(tmp_path / "seg" / "1"))
+    got = loaded.signatures["serving_uint8"](images=tf.constant(pixels))
+    assert got["classes"].shape == (6, 64, 64) and got["classes"].dtype == tf.int32
+
+
+def _export(tmp_path, *flags, env=None):
+    weights = tmp_path / "a0.keras"
+    if not weights.exists():
+        model = rk.RepVGG_A0(input_shape=(SIZE, SIZE, 3), classes=10, quant_friendly=True)
+        randomize_batchnorm(model, seed=3).save(weights)
+    return run_cli(
+        "export.savedmodel",
+        f"--weights={weights}",
+        "--verify_images=fashion_mnist",
+        "--verify_count=32",
+        "--calibration_data=fashion_mnist",
+        "--calibration_count=32",
+        "--min_agreement=0.5",
+        f"--export_dir={tmp_path / 'sm'}",
+        *flags,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_cli_int8_and_auto_say_what_they_chose(tmp_path):
+    done = _export(tmp_path, "--precision=int8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision: int8 (asked for)" in done.stdout
+    assert done.stdout.strip().splitlines()[-1].startswith("verified: top-1 agreement ")
+    done = _export(tmp_path, "--precision=auto", "--version=2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "precision: int8 (auto, judging the exporting machine: calibration images" in done.stdout
+
+
+@pytest.mark.slow
+def test_cli_refuses_int8_where_onednn_is_off(tmp_path):
+    refused = _export(tmp_path, "--precision=int8", env=cli_env(TF_ENABLE_ONEDNN_OPTS="0"))
+    assert "TF_ENABLE_ONEDNN_OPTS=1" in one_error_line(refused)
+    assert not (tmp_path / "sm" / "1").exists()

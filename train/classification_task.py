@@ -1,0 +1,134 @@
+"""What `python -m train` does for classification (the default task).
+
+The trainer's loop, recipes, checkpoints, resume, logs and curves are shared with
+train/segmentation_task.py; this module supplies the data (train/data.py), the RepVGG with the
+paper's ablations, the loss (label-smoothed cross-entropy), top-1 accuracy and the evaluation of
+both forms. `Task` has the same methods as `segmentation_task.Task`.
+"""
+
+import os
+
+import keras
+import numpy as np
+
+import repvgg_keras as rk
+from train import data, distributed, guards, pretrained
+
+# --ablation: (use_identity, use_1x1).
+ABLATIONS = {
+    "full": (True, True),
+    "no_identity": (False, True),
+    "no_1x1": (True, False),
+    "plain": (False, False),
+}
+
+
+class Task:
+    """RepVGG classification; ends with `accuracy: training_form=<top-1> deploy_form=<top-1>`."""
+
+    result_key = "accuracy"
+
+    def __init__(self, flags, spec, image_size, recipe):
+        self.flags, self.spec, self.image_size, self.recipe = flags, spec, image_size, recipe
+        self.use_identity, self.use_1x1 = ABLATIONS[flags.ablation]
+        self.loss = None
+
+    def config_entries(self):
+        """What the run records beyond the common flags: nothing."""
+        return {}
+
+    def load(self, **common):
+        """(train_ds, eval_ds, info): the datasets `fit` gets."""
+        recipe = self.recipe
+        return data.load(
+            self.flags.dataset,
+            min_area=recipe.min_area,
+            mixup=recipe.mixup,
+            augment=recipe.augment,
+            eval_crop=recipe.eval_crop,
+            **common,
+        )
+
+    def describe(self):
+        """The model and the augmentation, for the line that starts a run."""
+        return self.spec.name, f"augment {self.recipe.augment}"
+
+    def build(self, num_classes, *, bn_synchronized):
+        """The training form, initialised from --init_weights when given."""
+        model = rk.RepVGG(
+            self.spec,
+            input_shape=(self.image_size, self.image_size, 3),
+            classes=num_classes,
+            use_identity=self.use_identity,
+            use_1x1=self.use_1x1,
+            quant_friendly=self.flags.quant_friendly,
+            bn_synchronized=bn_synchronized,
+        )
+        if self.flags.init_weights:
+            self.init_from_pretrained(model)
+        return model
+
+    def init_from_pretrained(self, model):
+        source = self.flags.init_weights
+        build = lambda include_top: rk.RepVGG(
+            self.spec,
+            include_top=include_top,
+            input_shape=(self.image_size, self.image_size, 3),
+            classes=model.output_shape[-1] if include_top else None,
+            use_identity=self.use_identity,
+            use_1x1=self.use_1x1,
+            quant_friendly=self.flags.quant_friendly,
+        )
+        fresh = pretrained.copy_weights(model, pretrained.load_donor(source, build))
+        kept = (
+            "all weights"
+            if not fresh
+            else f"all weights but {', '.join(fresh)} (new classes: fresh init)"
+        )
+        print(f"initialised from {source}: {kept}", flush=True)
+
+    def compile(self, model, optimizer, num_classes):
+        self.loss = keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=self.recipe.label_smoothing
+        )
+        model.compile(optimizer=optimizer, loss=self.loss, metrics=["accuracy"])
+
+    def finish(self, model, model_dir, eval_ds, info, strategy, remedy):
+        """Save both forms and evaluate them; returns the last line and the forms' top-1 gap.
+        A form that does not compute finite numbers is an error (`remedy` says what to do)."""
+        multi_worker = distributed.is_multi_worker(strategy)
+        evaluation = None if multi_worker else model.evaluate(eval_ds, verbose=0, return_dict=True)
+        diverged = evaluation and guards.divergence(model, val_loss=evaluation["loss"])
+        if diverged:
+            raise FloatingPointError(
+                f"training diverged: {diverged}; no model was saved: {remedy}."
+            )
+        model.save(os.path.join(model_dir, "model_train.keras"))
+        with strategy.scope():
+            deploy = rk.to_deploy(model)
+        # Saved uncompiled: no optimizer state.
+        deploy.save(os.path.join(model_dir, "model_deploy.keras"))
+        with strategy.scope():
+            deploy.compile(loss=self.loss, metrics=["accuracy"])
+        if multi_worker:
+            train_acc = distributed.evaluate_model(model, eval_ds, strategy)
+            deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
+            print(f"weights digest: {distributed.weights_digest(model):.10e}")
+        else:
+            train_acc = evaluation["accuracy"]
+            deploy_evaluation = deploy.evaluate(eval_ds, verbose=0, return_dict=True)
+            deploy_acc = deploy_evaluation["accuracy"]
+            diverged = guards.divergence(deploy, val_loss=deploy_evaluation["loss"])
+            if diverged:
+                os.remove(os.path.join(model_dir, "model_deploy.keras"))
+                raise FloatingPointError(
+                    f"the deploy form does not compute: {diverged}; model_deploy.keras was removed: "
+                    f"{remedy}."
+                )
+        print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
+        print(
+            f"top-1 on {info.eval_examples} {info.eval_split} examples: training form "
+            f"{train_acc:.4f}, deploy form {deploy_acc:.4f}"
+        )
+        accuracy = f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}"
+        return accuracy, np.abs(train_acc - deploy_acc)
