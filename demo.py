@@ -5,7 +5,7 @@
 2. Train a narrow RepVGG-A0 on Fashion-MNIST (32x32, offline from the Debian package)
    for a couple of minutes with `python -m train`, with QARepVGG blocks (--quant_friendly)
    so that its int8 exports keep the top-1 class; it converts and evaluates both forms.
-3. Export the trained deploy model as TF Serving SavedModels (fp32, bf16), TFLite (float32,
+3. Export the trained deploy model as TF Serving SavedModels (fp32, bf16, int8), TFLite (float32,
    float16, dynamic-range, int8), ONNX and OpenVINO (float, int8) into demo_output/,
    each verified in its own runtime on real test images, and print one table: differences,
    top-1 agreement, accuracy, and OK or REFUSED with the reason.
@@ -162,18 +162,18 @@ def export_all():
         all_labels[:VERIFY_COUNT],
     )
     rows = []
-    # fp32, and bf16 (`--precision bf16`, for CPUs and GPUs with native bf16).
+    # fp32; bf16 (`--precision bf16`, for CPUs and GPUs with native bf16); int8 (`--precision
+    # int8`: TensorFlow's oneDNN int8 ops, quantized by Intel Neural Compressor).
     for precision, dtype, folder in (
         ("fp32", None, "repvgg_fm"),
         ("bf16", "bfloat16", "repvgg_fm_bf16"),
+        ("int8", None, "repvgg_fm_int8"),
     ):
         path = f"{OUTPUT}/{folder}/1"
-        attempt(
-            rows,
-            f"SavedModel {folder}",
-            precision,
-            functools.partial(
-                savedmodel.export_savedmodel,
+
+        def export(precision=precision, dtype=dtype, path=path):
+            int8 = savedmodel.int8_function(plain, calibration) if precision == "int8" else None
+            return savedmodel.export_savedmodel(
                 rk.to_deploy(plain, dtype=dtype),
                 path,
                 verify_pixels=pixels,
@@ -181,7 +181,14 @@ def export_all():
                 model_name="repvgg_fm",
                 overwrite=True,
                 precision=precision,
-            ),
+                function=int8,
+            )
+
+        attempt(
+            rows,
+            f"SavedModel {folder}",
+            precision,
+            export,
             functools.partial(savedmodel_logits, path, pixels),
             labels,
         )

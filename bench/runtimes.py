@@ -90,22 +90,33 @@ def keras_deploy_low(dtype):
     return build
 
 
-def _savedmodel(dtype=None):
-    """What TF Serving runs: the exported SavedModel called through its serving_default signature."""
+def _savedmodel(dtype=None, int8=False):
+    """What TF Serving runs: the exported SavedModel called through its serving_default signature
+    (int8: the graph Neural Compressor quantizes on the subject's calibration images)."""
 
     def build(subject, threads):
         import tensorflow as tf
 
         import repvgg_keras as rk
-        from export.savedmodel import save_serving_model
+        from export import savedmodel
 
-        path = os.path.join(subject.workdir, f"savedmodel-{dtype or 'float32'}")
+        if int8:
+            try:
+                function = savedmodel.int8_function(subject.keras_deploy, subject.calibration)
+            except (ImportError, ValueError) as why:
+                raise Unavailable(str(why)) from why
+        path = os.path.join(subject.workdir, f"savedmodel-{'int8' if int8 else dtype or 'float32'}")
         if not os.path.exists(path):
-            save_serving_model(rk.to_deploy(subject.keras_train, dtype=dtype), path)
+            if int8:
+                savedmodel.save_serving_model(subject.keras_deploy, path, function=function)
+            else:
+                deploy = rk.to_deploy(subject.keras_train, dtype=dtype) if dtype else None
+                savedmodel.save_serving_model(deploy or subject.keras_deploy, path)
         signature = tf.saved_model.load(path).signatures["serving_default"]
+        note = "serving_default" + (f", blocks in {dtype}" if dtype else "")
         return Predictor(
             lambda x: signature(images=tf.constant(x))["logits"].numpy(),
-            note="serving_default" + (f", blocks in {dtype}" if dtype else ""),
+            note=note + (", oneDNN int8 (Neural Compressor)" if int8 else ""),
         )
 
     return build
@@ -253,6 +264,7 @@ RUNTIMES = (
     RuntimeSpec("savedmodel", "fp32", _savedmodel(), "ours"),
     RuntimeSpec("savedmodel", "bf16", _savedmodel("bfloat16"), "ours"),
     RuntimeSpec("savedmodel", "fp16", _savedmodel("float16"), "ours"),
+    RuntimeSpec("savedmodel", "int8", _savedmodel(int8=True), "ours"),
     RuntimeSpec("tflite", "fp32", _tflite("none"), "ours"),
     RuntimeSpec("tflite", "fp16", _tflite("float16"), "ours"),
     RuntimeSpec("tflite", "int8", _tflite("int8"), "ours"),  # float pooling + classifier

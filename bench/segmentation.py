@@ -37,11 +37,19 @@ REPVGG = {
 RESNETS = {"ResNet-50": 50, "ResNet-101": 101}
 MODELS = tuple(REPVGG) + tuple(RESNETS)
 # What each --runtimes name runs: a row of bench.runtimes.RUNTIMES.
-RUNTIMES = {"keras": "keras-deploy:fp32", "onnxruntime": "onnxruntime-nchw:fp32"}
+RUNTIMES = {
+    "keras": "keras-deploy:fp32",
+    "onnxruntime": "onnxruntime-nchw:fp32",
+    "savedmodel": "savedmodel:fp32",
+    "savedmodel-int8": "savedmodel:int8",
+}
 RUNTIME_NOTES = {
     "keras": "Keras model in tf.function (jit off), TensorFlow",
     "onnxruntime": "tf2onnx (opset 17, NCHW input), onnxruntime CPU, all graph optimisations",
+    "savedmodel": "export.savedmodel's SavedModel, serving_default signature, TensorFlow",
+    "savedmodel-int8": "the same, --precision int8 (Neural Compressor, oneDNN int8 ops)",
 }
+CALIBRATION_COUNT = 8  # random images: the weights are random too, only speed is measured
 OUTPUT_STRIDE = 8
 DILATIONS = {"conv4": 2, "conv5": 4}  # PSPNet's dilated ResNet: stage 4 by 2, stage 5 by 4
 CLAIMS = (("RepVGG_B1g2_fast", "ResNet-101", 1.62),)  # (model, baseline, paper's speed ratio)
@@ -139,8 +147,13 @@ def prepare(name, image_size, batch, classes, runtimes, threads, workdir):
         "feature_size": list(features),
         "deploy_form": name in REPVGG,
     }
+    calibration = np.random.default_rng(1).normal(
+        size=(CALIBRATION_COUNT, image_size, image_size, 3)
+    )
     subject = types.SimpleNamespace(
-        keras_deploy=model, workdir=os.path.join(workdir, name), calibration=None
+        keras_deploy=model,
+        workdir=os.path.join(workdir, name),
+        calibration=calibration.astype(np.float32),
     )
     os.makedirs(subject.workdir, exist_ok=True)
     cases, failed, reference = [], [], None
@@ -148,7 +161,7 @@ def prepare(name, image_size, batch, classes, runtimes, threads, workdir):
         (spec,) = runtimes_lib.select([RUNTIMES[runtime]])
         record = dict(base, runtime=runtime, note=RUNTIME_NOTES[runtime])
         print(
-            f"  {runtime}: " + ("converting and " if runtime == "onnxruntime" else "") + "tracing",
+            f"  {runtime}: " + ("" if runtime == "keras" else "converting and ") + "tracing",
             flush=True,
         )
         built, problem = runtimes_lib.attempt(
