@@ -31,10 +31,14 @@ CHUNK = 250  # test images resized and checked at a time
 
 def variants(deploy, calibration, workdir):
     """(name, function on NHWC batches) for every int8 path we ship, plus the all-ops ONNX one."""
-    from export import onnx_int8, runners, tflite
+    import tensorflow as tf
+
+    from export import onnx_int8, runners, savedmodel, tflite
     from export.onnx import onnx_file
 
     nchw = lambda x: np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
+    int8_graph = savedmodel.int8_function(deploy, calibration)
+    yield "SavedModel --precision int8", lambda x: int8_graph(tf.constant(x)).numpy()
     for quantize in ("int8", "int8_full"):
         run = runners.tflite(tflite.convert(deploy, quantize, calibration))
         yield f"TFLite --quantize {quantize}", run

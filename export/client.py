@@ -261,7 +261,7 @@ def mask_paths(pattern, image_paths):
 
 def write_mask_png(path, mask):
     """`mask` in PASCAL VOC's colours (`repvgg_keras.masks.colorize`) as a PNG file at `path`."""
-    from repvgg_keras import masks
+    from repvgg_keras import masks  # here, as in area_summary: the package imports Keras
 
     try:
         with open(path, "wb") as f:

@@ -23,6 +23,7 @@ import numpy as np
 import repvgg_keras as rk
 from export import onnx, runners, tflite, verify
 from export.openvino_runtime import supports
+from repvgg_keras.errors import shape_text
 
 # Per precision, fastest first as `python -m bench` ranks them (docs/benchmarks.md). TFLite leads
 # int8 because it also keeps the classifier in float; of these runtimes only OpenVINO runs bf16.
@@ -104,10 +105,9 @@ def _checked_images(images, name, model):
     x = np.asarray(images, np.float32)
     wanted = tuple(model.input_shape[1:])
     if x.ndim != 4 or any(w is not None and w != d for w, d in zip(wanted, x.shape[1:])):
-        shape = ", ".join("N" if d is None else str(d) for d in (None, *wanted))
         raise ValueError(
-            f"{name} must be NHWC images of shape [{shape}], normalised like the model's input; "
-            f"got shape {list(x.shape)}."
+            f"{name} must be NHWC images of shape {shape_text((None, *wanted))}, normalised like "
+            f"the model's input; got shape {list(x.shape)}."
         )
     if len(x) == 0:
         raise ValueError(f"{name} holds no images: pass at least one (real images, normalised).")

@@ -6,6 +6,7 @@ from absl import flags
 
 import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet, sources
+from repvgg_keras.errors import shape_text
 from repvgg_keras.structure import all_layers
 
 FLAGS = flags.FLAGS
@@ -33,7 +34,7 @@ def load_model(name=None, weights=None, image_size=None, classes=None, channels=
             if is_segmentation(src.saved_model):
                 raise ValueError(
                     f"{src.describe()} is a segmentation model (logits "
-                    f"{_shape_text(src.saved_model.outputs[0].shape)}): pass --task segmentation."
+                    f"{shape_text(src.saved_model.outputs[0].shape)}): pass --task segmentation."
                 )
             return _saved_classifier(src, name, image_size, classes, channels)
         weights = src
@@ -53,7 +54,7 @@ def _saved_classifier(src, name, image_size, classes, channels):
     output = model.outputs[0].shape
     if len(model.inputs) != 1 or len(model.outputs) != 1 or len(output) != 2:
         raise ValueError(
-            f"{src.describe()} is not a classifier: its output is {_shape_text(output)}, not "
+            f"{src.describe()} is not a classifier: its output is {shape_text(output)}, not "
             "logits [N, classes]."
         )
     _check_flags_against(src, model, image_size, classes, channels)
@@ -67,7 +68,7 @@ def _saved_classifier(src, name, image_size, classes, channels):
                 input_shape=(height, width, in_channels),
                 classes=out_classes,
             )
-        except sources.SourceError as error:
+        except rk.SourceError as error:
             raise ValueError(
                 f"--model {name} does not match {src.describe()} (a model built as "
                 f"{model.name!r}): its weights do not fit {name}'s layers. Leave --model unset "
@@ -117,14 +118,6 @@ def _at_size(model, image_size):
     return keras.models.clone_model(model, input_tensors=inputs, clone_function=lambda l: l)
 
 
-def _shape_text(shape):
-    return (
-        "["
-        + ", ".join("N" if i == 0 else "?" if d is None else str(d) for i, d in enumerate(shape))
-        + "]"
-    )
-
-
 def _in_float32(model):
     """`model` with every layer computing in float32 (same weights): a model saved while a
     mixed_bfloat16/mixed_float16 policy was set keeps that policy per layer, and converters
@@ -167,7 +160,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
     if not is_segmentation(model) or len(model.inputs) != 1:
         raise ValueError(
             f"{src.describe()} is not a segmentation model: its output is "
-            f"{_shape_text(model.outputs[0].shape)}, not per-pixel logits [N, H, W, classes]. "
+            f"{shape_text(model.outputs[0].shape)}, not per-pixel logits [N, H, W, classes]. "
             "Drop --task segmentation to export a classifier."
         )
     model = _in_float32(model)  # trained under a mixed policy: the exporters want float32 layers

@@ -22,6 +22,7 @@ from absl import app, flags
 import repvgg_keras as rk
 from export import atomic, cli, images, loading, predict_requests, savedmodel_int8, verify
 from repvgg_keras import cpu_features, preprocessing
+from repvgg_keras.errors import shape_text
 
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
@@ -55,7 +56,7 @@ def _checked(images, expected, description, finite=False):
     ok = tf.equal(rank, len(expected))
     for axis, size in fixed:
         ok = tf.logical_and(ok, tf.equal(padded[axis], size))
-    wanted = "[" + ", ".join("N" if size is None else str(size) for size in expected) + "]"
+    wanted = shape_text(expected)
     message = tf.strings.join(
         [f"{description}: expected shape {wanted}, received shape ", _shape_tensor_text(shape)]
     )

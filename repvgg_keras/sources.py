@@ -24,15 +24,7 @@ import h5py
 import keras
 
 from repvgg_keras import checkpoints
-
-# The error family lives in errors.py (the bottom of the library); named here too, where callers
-# outside the library (export, train) have always found it.
-from repvgg_keras.errors import (  # noqa: F401
-    ClassifierMismatchError,
-    MissingDependencyError,
-    SourceError,
-    SourceNotFoundError,
-)
+from repvgg_keras.errors import SourceError, SourceNotFoundError
 from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
 KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")

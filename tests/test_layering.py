@@ -102,3 +102,50 @@ def test_library_modules_import_each_other_one_way():
 
     for module in graph:
         visit(module)
+
+
+OUR_PACKAGES = ("repvgg_keras", "export", "train", "bench")
+
+
+def _imported_packages(node):
+    """The top-level package names an import node imports from."""
+    if isinstance(node, ast.Import):
+        return {a.name.split(".")[0] for a in node.names}
+    if isinstance(node, ast.ImportFrom) and node.level == 0:
+        return {(node.module or "").split(".")[0]}
+    return set()
+
+
+@pytest.mark.parametrize("package, other", [("export", "train"), ("train", "export")])
+def test_applications_import_one_way_and_say_why_an_import_waits(package, other):
+    """`export` and `train` never import each other, and an import of our own modules inside a
+    function (startup order: TensorFlow after the flags, no Keras in the client) is commented on
+    its line or in the imports and comments just above it."""
+    wrong, unexplained = [], []
+    folder = os.path.join(REPO, package)
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".py"):
+            continue
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            source = f.read()
+        lines, tree = source.splitlines(), ast.parse(source)
+        imports = [node for node in ast.walk(tree) if _imported_packages(node)]
+        import_lines = {n for node in imports for n in range(node.lineno, node.end_lineno + 1)}
+        for node in imports:
+            packages = _imported_packages(node)
+            where = f"{package}/{name}:{node.lineno}"
+            if other in packages:
+                wrong.append(where)
+            if node in tree.body or not packages & set(OUR_PACKAGES):
+                continue
+            line = node.lineno - 1  # 0-based index of the import's first line
+            while "#" not in lines[line]:
+                line -= 1
+                text = lines[line].strip() if line >= 0 else "not an import"
+                if not (text == "" or text.startswith("#") or line + 1 in import_lines):
+                    unexplained.append(where)
+                    break
+    assert not wrong, f"{package} imports {other}: {wrong}"
+    assert not unexplained, (
+        f"imports of our modules inside functions, with no comment: {unexplained}"
+    )

@@ -11,6 +11,7 @@ import pytest
 
 import repvgg_keras as rk
 from repvgg_keras import checkpoints, sources
+from repvgg_keras.errors import SourceError, SourceNotFoundError
 from repvgg_keras.parity import max_relative_difference, randomize_batchnorm
 from tests.helpers import REPO, run_cli
 
@@ -82,7 +83,7 @@ def test_a_checkpoint_is_read_once_by_the_exporters(monkeypatch):
     monkeypatch.setattr(
         checkpoints, "read_state_dict", lambda path: reads.append(path) or original(path)
     )
-    with pytest.raises(sources.SourceError, match="does not match model"):
+    with pytest.raises(SourceError, match="does not match model"):
         loading.load_model(
             "RepVGG_A0", os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), 32, 10
         )
@@ -103,7 +104,7 @@ def test_every_caller_reports_a_bad_source_the_same_way(tmp_path):
     ]
     messages = set()
     for call in callers:
-        with pytest.raises(sources.SourceNotFoundError) as caught:
+        with pytest.raises(SourceNotFoundError) as caught:
             call()
         messages.add(str(caught.value))
     assert len(messages) == 1 and "nope.keras' does not exist" in messages.pop()
@@ -118,9 +119,9 @@ def test_fine_tuning_refuses_a_deploy_form_source():
         include_top=include_top,
         classes=10 if include_top else None,
     )
-    with pytest.raises(sources.SourceError, match="deploy-form .* cannot be trained"):
+    with pytest.raises(SourceError, match="deploy-form .* cannot be trained"):
         pretrained.load_donor(os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"), build)
-    with pytest.raises(sources.SourceError, match="training form is needed|training form"):
+    with pytest.raises(SourceError, match="training form is needed|training form"):
         rk.model_from_source(
             GOLDEN_SPEC,
             os.path.join(FIXTURES, "golden_tiny_deploy.safetensors"),
@@ -156,19 +157,17 @@ def _truncated_safetensors(tmp_path):
 def test_corrupt_files_are_one_clear_source_error(tmp_path):
     cut = _truncated_safetensors(tmp_path)
     with pytest.raises(
-        sources.SourceError,
+        SourceError,
         match=r"'.*cut\.safetensors' is not a readable .safetensors file.*truncated",
     ):
         rk.RepVGG(GOLDEN_SPEC, classes=10, weights=cut)
     noise = tmp_path / "noise.keras"
     noise.write_bytes(np.random.default_rng(0).bytes(2000))
-    with pytest.raises(sources.SourceError, match=r"noise\.keras' is not a valid .keras file"):
+    with pytest.raises(SourceError, match=r"noise\.keras' is not a valid .keras file"):
         rk.model_from_source(TINY, str(noise), **KW)
     h5 = tmp_path / "noise.weights.h5"
     h5.write_bytes(np.random.default_rng(1).bytes(2000))
-    with pytest.raises(
-        sources.SourceError, match=r"noise\.weights\.h5' is not a valid .weights.h5 file"
-    ):
+    with pytest.raises(SourceError, match=r"noise\.weights\.h5' is not a valid .weights.h5 file"):
         rk.model_from_source(TINY, str(h5), **KW)
 
 

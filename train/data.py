@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from repvgg_keras import preprocessing
+from train import fashion_mnist_debian
 
 EVAL_CROP = 0.875
 
@@ -58,8 +59,6 @@ def _builder(name, data_dir, download):
     """A prepared tfds builder for `name`, or a DatasetNotFound saying how to get it."""
     _check_known(name)
     if name == "fashion_mnist":
-        from train import fashion_mnist_debian
-
         official = tfds.builder("fashion_mnist", data_dir=data_dir)
         if not _is_prepared(official) and fashion_mnist_debian.available():
             name = "fashion_mnist_debian"

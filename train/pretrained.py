@@ -6,6 +6,7 @@ shape is an error: a silently half-initialised backbone would just look like a b
 """
 
 from repvgg_keras import sources
+from repvgg_keras.errors import ClassifierMismatchError, SourceError
 
 FUSED_DONOR = (
     "--init_weights {source} holds a deploy-form (fused) model, which cannot be trained: "
@@ -20,7 +21,7 @@ def load_donor(source, build):
     that fits the model's classes, else without. Sources in deploy (fused) form are refused: they
     cannot be trained."""
     if isinstance(source, str) and source.endswith(".weights.h5"):
-        raise sources.SourceError(
+        raise SourceError(
             f"--init_weights {source!r}: a .weights.h5 file has no architecture to read the classifier from; "
             "pass the .keras model it came from, a .pth/.safetensors checkpoint or 'imagenet'."
         )
@@ -30,7 +31,7 @@ def load_donor(source, build):
     donor = build(include_top=True)
     try:
         sources.load_into(donor, src)
-    except sources.ClassifierMismatchError:  # another class count (loading is strict): blocks only
+    except ClassifierMismatchError:  # another class count (loading is strict): blocks only
         donor = build(include_top=False)
         sources.load_into(donor, src)
     return donor

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from repvgg_keras.layers import RepVGGBlock
 from repvgg_keras.structure import all_layers
 
 
@@ -180,8 +181,6 @@ def use_custom_l2(model, coefficient):
     """Switch the blocks to the authors' custom L2 ("custwd"): each RepVGGBlock adds
     0.5 * coefficient * equivalent_kernel_l2() to the training loss, and its 3x3 and 1x1
     kernels get no plain weight decay (returned: pass them to exclude_from_weight_decay)."""
-    from repvgg_keras.layers import RepVGGBlock
-
     excluded = []
     for layer in all_layers(model):
         if isinstance(layer, RepVGGBlock):

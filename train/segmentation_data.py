@@ -19,11 +19,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from repvgg_keras import preprocessing
+from repvgg_keras.masks import IGNORE_LABEL
 from train import data, fashion_mnist_scenes
 from train.data import IMAGE_EXTENSIONS, DatasetNotFound
 
 CLASS_NAMES = fashion_mnist_scenes.CLASS_NAMES  # of fashion_mnist_scenes
-IGNORE_LABEL = 255
 SCALE_RANGE = (0.5, 2.0)
 SCENES = "fashion_mnist_scenes"
 FOLDER = "seg_folder:"

@@ -14,6 +14,8 @@ import keras
 import numpy as np
 from keras import ops
 
+from repvgg_keras.masks import IGNORE_LABEL
+
 
 def _flat_valid_pairs(y_true, y_pred_labels, num_classes, ignore_label):
     """Flattened (true, pred) int32 pairs and the mask of pixels that count."""
@@ -33,7 +35,7 @@ class ConfusionMatrixMetric(keras.metrics.Metric):
     any other value counts it once, so the counts stay integers.
     """
 
-    def __init__(self, num_classes, ignore_label=255, name="confusion_matrix", **kwargs):
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name="confusion_matrix", **kwargs):
         super().__init__(name=name, **kwargs)
         num_classes = int(num_classes)
         if num_classes < 1:
@@ -90,7 +92,7 @@ class MeanIoU(ConfusionMatrixMetric):
     """Mean over classes with a non-empty union of TP / (TP + FP + FN); classes absent from both
     truth and prediction are left out of the mean rather than counted as 0 or 1."""
 
-    def __init__(self, num_classes, ignore_label=255, name="miou", **kwargs):
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name="miou", **kwargs):
         super().__init__(num_classes, ignore_label=ignore_label, name=name, **kwargs)
 
     def result(self):
@@ -106,7 +108,7 @@ class MeanIoU(ConfusionMatrixMetric):
 class PixelAccuracy(ConfusionMatrixMetric):
     """Correct pixels over counted pixels (ignore pixels excluded); 0 before any pixel counts."""
 
-    def __init__(self, num_classes, ignore_label=255, name="pixel_accuracy", **kwargs):
+    def __init__(self, num_classes, ignore_label=IGNORE_LABEL, name="pixel_accuracy", **kwargs):
         super().__init__(num_classes, ignore_label=ignore_label, name=name, **kwargs)
 
     def result(self):
@@ -115,7 +117,7 @@ class PixelAccuracy(ConfusionMatrixMetric):
         return ops.cast(ops.trace(matrix) / ops.maximum(total, 1.0), "float32")
 
 
-def confusion_matrix(y_true, y_pred_labels, num_classes, ignore_label=255):
+def confusion_matrix(y_true, y_pred_labels, num_classes, ignore_label=IGNORE_LABEL):
     """int64 [num_classes, num_classes] matrix (rows truth, columns prediction) of two label maps
     of the same shape; truth pixels equal to `ignore_label` or outside [0, num_classes) are left
     out. Predicted labels outside the range are an error (they come from an argmax)."""

@@ -14,6 +14,7 @@ import numpy as np
 
 import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet
+from repvgg_keras.masks import IGNORE_LABEL
 from train import (
     distributed,
     recipes,
@@ -55,15 +56,13 @@ def init_backbone(model, source, variant):
 
 def metrics(num_classes):
     return [
-        segmentation_metrics.MeanIoU(num_classes, segmentation_data.IGNORE_LABEL),
-        segmentation_metrics.PixelAccuracy(num_classes, segmentation_data.IGNORE_LABEL),
+        segmentation_metrics.MeanIoU(num_classes, IGNORE_LABEL),
+        segmentation_metrics.PixelAccuracy(num_classes, IGNORE_LABEL),
     ]
 
 
 def compile_model(model, optimizer, num_classes, aux_weight):
-    loss = keras.losses.SparseCategoricalCrossentropy(
-        from_logits=True, ignore_class=segmentation_data.IGNORE_LABEL
-    )
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=IGNORE_LABEL)
     if len(model.outputs) == 1:
         model.compile(optimizer=optimizer, loss=loss, metrics=metrics(num_classes))
         return
