@@ -12,7 +12,6 @@ A segmentation model (--task segmentation, a PSPNet) gets outputs `logits`
 outputs stay channels-last whatever the input layout.
 """
 
-import contextlib
 import gc
 import os
 import subprocess
@@ -21,7 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from export import atomic, cli, loading, onnx_int8, runners
+from export import atomic, cli, loading, onnx_int8, runners, tracing
 
 FLAGS = flags.FLAGS
 OPSETS = range(14, 19)  # what tf2onnx 1.16+ converts to (its README); onnxruntime runs all of them
@@ -33,31 +32,6 @@ def check_opset(opset):
             f"--opset {opset} is not supported: choose {OPSETS.start}..{OPSETS.stop - 1} "
             "(the opsets tf2onnx converts to; default 17)."
         )
-
-
-@contextlib.contextmanager
-def _grouped_convs_without_xla():
-    """Trace grouped Conv2D as a plain TF Conv2D op.
-
-    Keras's TF backend wraps grouped convolutions in an XLA-compiled function (TF's CPU
-    kernel lacks them), which tf2onnx cannot convert. The plain op converts to an ONNX
-    Conv with `group`. Only used while tracing for tf2onnx.
-    """
-    import tensorflow as tf
-    from keras.src.backend.tensorflow import nn as tf_nn
-
-    original = tf_nn.conv
-
-    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-        if data_format not in (None, "channels_last"):
-            return original(inputs, kernel, strides, padding, data_format, dilation_rate)
-        return tf.nn.convolution(inputs, kernel, strides, padding.upper(), dilations=dilation_rate)
-
-    tf_nn.conv = conv
-    try:
-        yield
-    finally:
-        tf_nn.conv = original
 
 
 def convert(model, opset=17, nchw=False):
@@ -77,7 +51,7 @@ def convert(model, opset=17, nchw=False):
         return {"logits": logits}
 
     function = tf.function(outputs, input_signature=spec)
-    with _grouped_convs_without_xla():
+    with tracing.plain_grouped_convs():
         proto, _ = tf2onnx.convert.from_function(
             function, input_signature=spec, opset=opset, inputs_as_nchw=["images"] if nchw else None
         )

@@ -20,7 +20,16 @@ import numpy as np
 from absl import app, flags
 
 import repvgg_keras as rk
-from export import atomic, cli, images, loading, predict_requests, savedmodel_int8, verify
+from export import (
+    atomic,
+    cli,
+    images,
+    loading,
+    predict_requests,
+    savedmodel_int8,
+    tracing,
+    verify,
+)
 from repvgg_keras import cpu_features, preprocessing
 from repvgg_keras.errors import shape_text
 
@@ -91,9 +100,9 @@ def freeze(model):
 def int8_function(model, calibration):
     """`model` (the fused float32 deploy form) as an int8 graph calibrated on `calibration` (model
     inputs), refused unless this TensorFlow can run it (export/savedmodel_int8.py)."""
-    function, graph_def = savedmodel_int8.quantize(
-        freeze(model), model.input_shape[1:], calibration
-    )
+    with tracing.plain_grouped_convs():
+        frozen = freeze(model)
+    function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)
     savedmodel_int8.check_runs_here(graph_def)
     return function
 

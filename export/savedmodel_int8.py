@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import tempfile
+import uuid
 import warnings
 
 import numpy as np
@@ -71,29 +72,34 @@ def quant_config(float_convs=()):
     return config
 
 
-def convs_without_relu(graph_def):
-    """Names of the Conv2D nodes whose output (after its bias) does not go into a ReLU: the
-    classifier and residual convolutions of a segmentation head. int8 quantizes a convolution
-    together with its ReLU; on the others, a calibrated output range can be degenerate."""
-    consumers = {}
-    for node in graph_def.node:
-        for source in node.input:
-            consumers.setdefault(source.lstrip("^").split(":")[0], []).append(node)
+def float_convolutions(graph):
+    """Names of the Conv2D ops of `graph` (a tf.Graph) that stay float: those whose output (after
+    its bias) goes into no ReLU (a segmentation head's classifier and refinement: int8 quantizes a
+    convolution with its ReLU, and the calibrated range of the others can be degenerate) and the
+    grouped ones (TensorFlow's int8 convolution has no groups)."""
 
-    def feeds_relu(name):
-        for consumer in consumers.get(name, ()):
-            if consumer.op in ("Relu", "Relu6"):
+    def feeds_relu(op):
+        for consumer in op.outputs[0].consumers():
+            if consumer.type in ("Relu", "Relu6"):
                 return True
-            if consumer.op == "BiasAdd" and feeds_relu(consumer.name):
+            if consumer.type == "BiasAdd" and feeds_relu(consumer):
                 return True
         return False
 
-    return [n.name for n in graph_def.node if n.op == "Conv2D" and not feeds_relu(n.name)]
+    def grouped(op):
+        return op.inputs[0].shape[-1] != op.inputs[1].shape[2]
+
+    return [
+        op.name
+        for op in graph.get_operations()
+        if op.type == "Conv2D" and (grouped(op) or not feeds_relu(op))
+    ]
 
 
 def quantize(frozen, image_shape, calibration):
-    """The int8 graph of `frozen` (a float32 concrete function images -> logits) as a concrete
-    function with the same input and output, calibrated on `calibration` (model inputs)."""
+    """The int8 graph of `frozen` (a float32 concrete function images -> logits, traced with
+    `tracing.plain_grouped_convs`) as a concrete function with the same input and output,
+    calibrated on `calibration` (model inputs), and its GraphDef."""
     import tensorflow as tf
     from tensorflow.python.util import deprecation
 
@@ -115,12 +121,16 @@ def quantize(frozen, image_shape, calibration):
         # Neural Compressor reads a SavedModel directory and writes its workspace into the cwd.
         float_path = os.path.join(workdir, "float")
         tf.saved_model.save(module, float_path, signatures={"serving_default": module.serve})
-        float_convs = convs_without_relu(frozen.graph.as_graph_def())
-        config = quant_config(float_convs)
+        config = quant_config(float_convolutions(frozen.graph))
         quantized = quantize_model(float_path, config, _Batches(calibration))
         graph_def = quantized.graph_def
-        input_name = quantized.input_tensor_names[0]
-        output_name = quantized.output_tensor_names[0]
+    if not int8_ops(graph_def):
+        raise ValueError(
+            "Neural Compressor quantized no convolution of this model; export it in another "
+            "precision (--precision fp32 or bf16)."
+        )
+    input_name = quantized.input_tensor_names[0]
+    output_name = quantized.output_tensor_names[0]
     return graph_function(graph_def, input_name, output_name), graph_def
 
 
@@ -128,6 +138,8 @@ def graph_function(graph_def, input_name, output_name):
     """A GraphDef as a concrete function from tensor `input_name` to tensor `output_name`."""
     import tensorflow as tf
     from tensorflow.python.util import deprecation
+
+    graph_def = _with_fresh_function_names(graph_def)
 
     def import_graph():
         tf.compat.v1.import_graph_def(graph_def, name="")
@@ -138,6 +150,33 @@ def graph_function(graph_def, input_name, output_name):
         feeds=wrapped.graph.get_tensor_by_name(_tensor(input_name)),
         fetches=wrapped.graph.get_tensor_by_name(_tensor(output_name)),
     )
+
+
+def _with_fresh_function_names(graph_def):
+    """A copy of `graph_def` whose library functions (Keras's XLA-compiled grouped convolutions)
+    have names of their own: the float graph's functions of the same names are already in this
+    process, with other bodies, and TensorFlow refuses a second definition under one name."""
+    import tensorflow as tf
+
+    renamed = tf.compat.v1.GraphDef()
+    renamed.CopyFrom(graph_def)
+    suffix = f"_int8_{uuid.uuid4().hex[:8]}"
+    names = {f.signature.name: f.signature.name + suffix for f in renamed.library.function}
+    if not names:
+        return renamed
+    nodes = list(renamed.node)
+    for function in renamed.library.function:
+        function.signature.name = names[function.signature.name]
+        nodes.extend(function.node_def)
+    for node in nodes:
+        if node.op in names:
+            node.op = names[node.op]
+        for value in node.attr.values():
+            if value.HasField("func") and value.func.name in names:
+                value.func.name = names[value.func.name]
+    for gradient in renamed.library.gradient:
+        gradient.function_name = names.get(gradient.function_name, gradient.function_name)
+    return renamed
 
 
 def _tensor(name):

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import images, savedmodel, savedmodel_int8
+from export import images, savedmodel, savedmodel_int8, tracing
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import randomize_batchnorm
 from tests.helpers import cli_env, one_error_line, run_cli
@@ -43,8 +43,19 @@ def test_convolutions_that_feed_no_relu_are_found():
     hidden = keras.layers.Conv2D(4, 3, padding="same", name="into_relu")(inputs)
     out = keras.layers.Conv2D(2, 1, name="classifier")(keras.layers.ReLU()(hidden))
     model = keras.Model(inputs, out)
-    names = savedmodel_int8.convs_without_relu(savedmodel.freeze(model).graph.as_graph_def())
+    names = savedmodel_int8.float_convolutions(savedmodel.freeze(model).graph)
     assert len(names) == 1 and "classifier" in names[0]
+
+
+def test_grouped_convolutions_stay_float():
+    inputs = keras.Input((8, 8, 4))
+    hidden = keras.layers.Conv2D(4, 3, padding="same", groups=2, name="grouped")(inputs)
+    out = keras.layers.Conv2D(4, 3, padding="same", name="dense")(keras.layers.ReLU()(hidden))
+    model = keras.Model(inputs, keras.layers.ReLU()(out))
+    with tracing.plain_grouped_convs():
+        graph = savedmodel.freeze(model).graph
+    names = savedmodel_int8.float_convolutions(graph)
+    assert len(names) == 1 and "grouped" in names[0]
 
 
 @pytest.fixture(scope="module")
@@ -81,6 +92,21 @@ def test_int8_savedmodel_runs_int8_convolutions_through_every_signature(tmp_path
     assert "Conv2D" not in counts
     fp32 = savedmodel.export_savedmodel(deploy, str(tmp_path / "fp32" / "1"), verify_pixels=pixels)
     assert report.size_mb < 0.5 * fp32.size_mb
+
+
+@pytest.mark.slow
+def test_int8_grouped_variant_keeps_grouped_convolutions_float():
+    model = randomize_batchnorm(rk.RepVGG_B1g4(input_shape=(SIZE, SIZE, 3), classes=10), seed=2)
+    deploy = rk.to_deploy(model)
+    inputs = _model_inputs(images.load_images("fashion_mnist", 48, SIZE, SIZE))
+    function = savedmodel.int8_function(deploy, inputs[32:])
+    counts = savedmodel_int8.op_counts(function.graph.as_graph_def())
+    grouped = sum(1 for layer in deploy.layers if getattr(layer, "groups", 1) > 1)
+    assert counts.get("Conv2D") == grouped > 0
+    assert counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 28 - grouped
+    got = function(tf.constant(inputs[:32])).numpy()
+    expected = np.asarray(model(inputs[:32], training=False))
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.5
 
 
 @pytest.mark.slow
