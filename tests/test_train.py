@@ -16,25 +16,14 @@ import repvgg_keras as rk
 from export import images
 from repvgg_keras import preprocessing
 from repvgg_keras.structure import all_layers
+from tests import helpers
 from tests.helpers import REPO, cli_env, free_ports
 from train import data, recipes
 
 pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
 
-TINY = [
-    "--model",
-    "RepVGG_A0",
-    "--num_blocks",
-    "1,1,1,1",
-    "--width_multipliers",
-    "0.25,0.25",
-    "--image_size",
-    "32",
-    "--batch_size",
-    "16",
-    "--verbose",
-    "2",
-]
+# The shared tiny model at batch 16 (absl: the last value given for a flag wins).
+TINY = [*helpers.TINY, "--batch_size", "16"]
 
 
 @pytest.fixture(scope="module")
