@@ -35,7 +35,7 @@ $(FASHION_MNIST):
 	  (echo "Could not install dataset-fashion-mnist: run 'apt-get install dataset-fashion-mnist' as root." && exit 1)
 
 # Two workers, a test file each at a time (module fixtures are built once per file).
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=15
 
 test: install $(FASHION_MNIST)
 	$(PYTEST) tests

@@ -46,7 +46,7 @@ TRAIN_ARGS = [
     "2",
     "--quant_friendly",
 ]
-VERIFY_COUNT = 2000  # test images every export is verified on
+VERIFY_COUNT = 5000  # test images every export is verified on
 CALIBRATION_COUNT = 200  # other test images, for int8 calibration only
 # int8_full (every op int8, for integer-only accelerators) is left out: quantizing this 32 px
 # model's classifier costs it agreement (docs/export-and-serving.md, "Measured: make demo").

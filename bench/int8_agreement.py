@@ -30,24 +30,33 @@ CHUNK = 250  # test images resized and checked at a time
 
 
 def variants(deploy, calibration, workdir):
-    """(name, function on NHWC batches) for every int8 path we ship, plus the all-ops ONNX one."""
+    """(name, function on NHWC batches) for every int8 path we ship, plus the all-ops ONNX one,
+    and the two main paths with their weights rounded to nearest instead of GPTQ (export/gptq.py)."""
     import tensorflow as tf
 
-    from export import onnx_int8, runners, savedmodel, tflite
+    from export import gptq, onnx_int8, runners, savedmodel, tflite
     from export.onnx import onnx_file
 
     nchw = lambda x: np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
-    int8_graph = savedmodel.int8_function(deploy, calibration)
-    yield "SavedModel --precision int8", lambda x: int8_graph(tf.constant(x)).numpy()
-    for quantize in ("int8", "int8_full"):
-        run = runners.tflite(tflite.convert(deploy, quantize, calibration))
-        yield f"TFLite --quantize {quantize}", run
-    source = onnx_file(deploy, workdir, nchw=True)
-    for label, ops in (("Conv + Relu (default)", onnx_int8.QUANTIZED_OPS), ("every op", None)):
-        target = f"{workdir}/int8_{'conv' if ops else 'all'}.onnx"
-        onnx_int8.quantize(source, target, nchw(calibration), op_types=ops)
-        run = runners.onnxruntime(target)
-        yield f"onnxruntime QDQ, {label}", lambda x, run=run: run(nchw(x))
+    for gptq_rounding, note in ((True, ""), (False, ", nearest rounding")):
+        int8_graph = savedmodel.int8_function(deploy, calibration, gptq_rounding=gptq_rounding)
+        yield (
+            f"SavedModel --precision int8{note}",
+            lambda x, f=int8_graph: f(tf.constant(x)).numpy(),
+        )
+        quantizations = ("int8", "int8_full") if gptq_rounding else ("int8",)
+        for quantize in quantizations:
+            run = runners.tflite(tflite.convert(deploy, quantize, calibration, gptq_rounding))
+            yield f"TFLite --quantize {quantize}{note}", run
+    default = runners.onnxruntime(
+        onnx_file(deploy, workdir, nchw=True, int8=True, calibration=calibration)
+    )
+    yield "onnxruntime QDQ, Conv + Relu (default)", lambda x: default(nchw(x))
+    rounded = onnx_file(gptq.round_kernels(deploy, calibration), workdir, nchw=True)
+    every_op = f"{workdir}/int8_all.onnx"
+    onnx_int8.quantize(rounded, every_op, nchw(calibration), op_types=None)
+    run = runners.onnxruntime(every_op)
+    yield "onnxruntime QDQ, every op", lambda x, run=run: run(nchw(x))
 
 
 def confident(reference, margin):

@@ -20,7 +20,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from export import atomic, cli, loading, onnx_int8, runners, tracing
+from export import atomic, cli, gptq, loading, onnx_int8, runners, tracing
 
 FLAGS = flags.FLAGS
 OPSETS = range(14, 19)  # what tf2onnx 1.16+ converts to (its README); onnxruntime runs all of them
@@ -92,22 +92,28 @@ def export_onnx(
 
 
 def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
-    """`deploy` as ONNX in `workdir` (written once; int8: QDQ calibrated on `calibration`,
-    normalised NHWC images). Returns the path."""
+    """`deploy` as ONNX in `workdir` (written once; int8: its GPTQ-rounded kernels (export/gptq.py),
+    QDQ calibrated on `calibration`, normalised NHWC images). Returns the path."""
     layout = "nchw" if nchw else "nhwc"
-    path = os.path.join(workdir, f"model_{layout}.onnx")
-    if not os.path.exists(path) and not _convert_in_child(deploy, path, nchw):
-        with open(path, "wb") as f:
-            f.write(convert(deploy, nchw=nchw).SerializeToString())
     if not int8:
-        return path
+        return _written(deploy, os.path.join(workdir, f"model_{layout}.onnx"), nchw)
     if calibration is None:
         raise ValueError("int8 needs calibration images (normalised, NHWC).")
     quantized = os.path.join(workdir, f"model_{layout}_int8.onnx")
     if not os.path.exists(quantized):
+        rounded = gptq.round_kernels(deploy, calibration)
+        source = _written(rounded, os.path.join(workdir, f"model_{layout}_gptq.onnx"), nchw)
         feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
-        onnx_int8.quantize(path, quantized, feed)
+        onnx_int8.quantize(source, quantized, feed)
     return quantized
+
+
+def _written(model, path, nchw):
+    """`path`, holding `model` as ONNX (converted unless it already exists)."""
+    if not os.path.exists(path) and not _convert_in_child(model, path, nchw):
+        with open(path, "wb") as f:
+            f.write(convert(model, nchw=nchw).SerializeToString())
+    return path
 
 
 _CHILD = """

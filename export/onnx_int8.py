@@ -9,7 +9,8 @@ ReLUs go with the convs so that they fold into the int8 conv instead of running 
 between quantize/dequantize pairs. What is left of the gap to fp32 is RepVGG's own: the fused
 3x3 kernels carry the identity and 1x1 branches in their centre taps, so per-channel int8
 weights lose precision on the other taps; QARepVGG blocks (`train --quant_friendly`) address
-that in training. Measurements: docs/int8.md.
+that in training, and `onnx_file` hands this quantizer GPTQ-rounded kernels (export/gptq.py).
+Measurements: docs/int8.md.
 """
 
 import numpy as np

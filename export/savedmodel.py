@@ -23,6 +23,7 @@ import repvgg_keras as rk
 from export import (
     atomic,
     cli,
+    gptq,
     images,
     loading,
     predict_requests,
@@ -97,9 +98,12 @@ def freeze(model):
     )
 
 
-def int8_function(model, calibration):
+def int8_function(model, calibration, gptq_rounding=True):
     """`model` (the fused float32 deploy form) as an int8 graph calibrated on `calibration` (model
-    inputs), refused unless this TensorFlow can run it (export/savedmodel_int8.py)."""
+    inputs; kernels GPTQ-rounded first, export/gptq.py), refused unless this TensorFlow can run it
+    (export/savedmodel_int8.py). `gptq_rounding` False: weights rounded to nearest."""
+    if gptq_rounding:
+        model = gptq.round_kernels(model, calibration)
     with tracing.plain_grouped_convs():
         frozen = freeze(model)
     function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)

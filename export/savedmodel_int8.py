@@ -2,7 +2,8 @@
 
 Neural Compressor (`neural-compressor-tf`) rewrites the graph into TensorFlow's own oneDNN int8
 ops (`QuantizeV2`, `QuantizedConv2DWithBiasAndReluAndRequantize`, `Dequantize`): weights per output
-channel, activations per tensor from the calibration images' ranges. The classifier's MatMul stays
+channel (already GPTQ-rounded by `savedmodel.int8_function`, export/gptq.py), activations per tensor
+from the calibration images' ranges. The classifier's MatMul stays
 float, as in the TFLite int8 export: quantizing it clips the logits. The result is a plain graph
 that stock tensorflow-cpu runs; whether a server registers these ops is `missing_kernels`'s
 question (docs/export-and-serving.md, "int8 in TensorFlow Serving").

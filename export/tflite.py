@@ -2,10 +2,10 @@
 
     python -m export.tflite --model RepVGG_A0 --weights a0.keras --output a0.tflite --quantize int8
 
-int8 quantizes every convolution and keeps the global pooling and classifier in float
-(FLOAT_OPS_IN_INT8): an int8 classifier clips the logits and costs top-1 agreement with the
-float model (docs/int8.md). int8_full is the integer-only model that int8-only accelerators
-need (every op int8).
+int8 quantizes every convolution (weights GPTQ-rounded on the calibration images, export/gptq.py)
+and keeps the global pooling and classifier in float (FLOAT_OPS_IN_INT8): an int8 classifier
+clips the logits and costs top-1 agreement with the float model (docs/int8.md). int8_full is
+the integer-only model that int8-only accelerators need (every op int8).
 
 Converts through a SavedModel (`TFLiteConverter.from_saved_model`; converting concrete
 functions drops Keras 3 weights), then runs the file in `ai_edge_litert`'s interpreter on
@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from absl import app, flags
 
-from export import atomic, cli, loading, runners
+from export import atomic, cli, gptq, loading, runners
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
@@ -41,8 +41,9 @@ PRECISION = {
 FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]
 
 
-def convert(model, quantize="none", calibration=None):
-    """TFLite flatbuffer bytes of a Keras model. `calibration`: model inputs for int8."""
+def convert(model, quantize="none", calibration=None, gptq_rounding=True):
+    """TFLite flatbuffer bytes of a Keras model. `calibration`: model inputs for int8.
+    `gptq_rounding` False: int8 weights rounded to nearest (for comparison)."""
     import tensorflow as tf
 
     if quantize not in QUANTIZATIONS:
@@ -54,6 +55,8 @@ def convert(model, quantize="none", calibration=None):
     segmentation = loading.is_segmentation(model)
     if segmentation and quantize not in SEGMENTATION_QUANTIZATIONS:
         raise ValueError(_segmentation_quantize_error(quantize))
+    if quantize.startswith("int8") and gptq_rounding:
+        model = gptq.round_kernels(model, calibration)
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         # Keras's own exporter: a SavedModel from tf.saved_model.save(tf.Module) converts
