@@ -20,6 +20,8 @@ import hashlib
 import numpy as np
 
 MAX_ROWS = 8192  # calibration patches per layer (sampled): several per kernel weight
+BLOCK = 2304  # kernel inputs rounded together (9 x 256): wider kernels are rounded in blocks
+MAX_FLOATS = 1 << 26  # patch values held at once (256 MB)
 DAMPING = 0.01  # of the mean diagonal, added to the second moment so that it inverts
 LEVELS = 127  # symmetric int8: -127..127
 
@@ -30,36 +32,50 @@ def channel_scales(kernel):
     return np.where(scale > 0, scale, 1.0)
 
 
-def round_matrix(weights, second_moment, damping=DAMPING):
-    """GPTQ on `weights` [inputs, outputs] given E[x x^T] [inputs, inputs] of the layer's inputs:
-    weights on the grid of `channel_scales`, each channel's largest weight kept as it is."""
+def blocks(size):
+    """The slices of a kernel's inputs that are rounded together (BLOCK at a time)."""
+    return [slice(start, min(start + BLOCK, size)) for start in range(0, size, BLOCK)]
+
+
+def round_matrix(weights, moments, damping=DAMPING):
+    """GPTQ on `weights` [inputs, outputs], given `moments`: E[x x^T] of the layer's inputs for each
+    slice of `blocks(inputs)` (one matrix for a small kernel). Weights on the grid of
+    `channel_scales`, each channel's largest weight kept as it is."""
     weights = np.array(weights, np.float64)
     size, outputs = weights.shape
+    if not isinstance(moments, (list, tuple)):
+        moments = [moments]
     scale = channel_scales(weights)
-    hessian = np.array(second_moment, np.float64)
-    hessian += damping * max(np.mean(np.diag(hessian)), 1e-12) * np.eye(size)
-    # Upper Cholesky factor of the inverse: row i holds how rounding input i moves the rest.
-    factor = np.linalg.cholesky(np.linalg.inv(hessian)).T
     largest, channels = np.abs(weights).argmax(axis=0), np.arange(outputs)
     kept = weights[largest, channels].copy()  # exactly +-127 steps: the scale stays
     rounded = np.empty_like(weights)
-    for i in range(size):
-        rounded[i] = np.clip(np.round(weights[i] / scale), -LEVELS, LEVELS) * scale
-        error = (weights[i] - rounded[i]) / factor[i, i]
-        weights[i + 1 :] -= np.outer(factor[i, i + 1 :], error)
-        weights[largest, channels] = kept
+    for part, moment in zip(blocks(size), moments, strict=True):
+        hessian = np.array(moment, np.float64)
+        hessian += damping * max(np.mean(np.diag(hessian)), 1e-12) * np.eye(len(hessian))
+        # Upper Cholesky factor of the inverse: row i holds how rounding input i moves the rest.
+        factor = np.linalg.cholesky(np.linalg.inv(hessian)).T
+        block = weights[part]  # a view: the updates below land in `weights`
+        mine = (largest >= part.start) & (largest < part.stop)
+        for i in range(len(block)):
+            rounded[part.start + i] = np.clip(np.round(block[i] / scale), -LEVELS, LEVELS) * scale
+            error = (block[i] - rounded[part.start + i]) / factor[i, i]
+            block[i + 1 :] -= np.outer(factor[i, i + 1 :], error)
+            block[largest[mine] - part.start, channels[mine]] = kept[mine]
     rounded[largest, channels] = kept
     return rounded
 
 
-def _patch_moment(layer, inputs_of, calibration, rng, batch=32):
-    """E[p p^T] over (sampled) input patches p of `layer`, flattened as its kernel is;
-    `inputs_of`: the model up to `layer`'s input."""
+def _patch_moments(layer, inputs_of, calibration, rng):
+    """E[p p^T] over (sampled) input patches p of `layer`, flattened as its kernel is, for each
+    slice of `blocks`; `inputs_of`: the model up to `layer`'s input."""
     import tensorflow as tf
 
     kh, kw = layer.kernel_size
     size = kh * kw * layer.kernel.shape[2]
-    total, count = np.zeros((size, size)), 0
+    parts = blocks(size)
+    totals, count = [np.zeros((p.stop - p.start,) * 2) for p in parts], 0
+    positions = int(np.prod([d or 64 for d in layer.output.shape[1:3]]))
+    batch = int(np.clip(MAX_FLOATS // (positions * size), 1, 32))
     chunks = range(0, len(calibration), batch)
     per_chunk = max(1, MAX_ROWS // len(chunks))
     for start in chunks:
@@ -74,9 +90,10 @@ def _patch_moment(layer, inputs_of, calibration, rng, batch=32):
         rows = patches.reshape(-1, size)
         if len(rows) > per_chunk:
             rows = rows[rng.choice(len(rows), per_chunk, replace=False)]
-        total += (rows.T @ rows).astype(np.float64)
+        for total, part in zip(totals, parts):
+            total += (rows[:, part].T @ rows[:, part]).astype(np.float64)
         count += len(rows)
-    return total / max(count, 1)
+    return [total / max(count, 1) for total in totals]
 
 
 def roundable(layer):
@@ -134,9 +151,9 @@ def round_kernels(model, calibration, seed=0):
     rng = np.random.default_rng(seed)
     # Layer by layer, each seeing the inputs its rounded predecessors give it.
     for layer, inputs_of in _targets(copy):
-        moment = _patch_moment(layer, inputs_of, calibration, rng)
+        moments = _patch_moments(layer, inputs_of, calibration, rng)
         kernel = layer.kernel.numpy()
-        rounded = round_matrix(kernel.reshape(-1, kernel.shape[-1]), moment)
+        rounded = round_matrix(kernel.reshape(-1, kernel.shape[-1]), moments)
         layer.kernel.assign(rounded.reshape(kernel.shape).astype(kernel.dtype))
     _LAST.clear()
     _LAST[key] = copy

@@ -23,12 +23,18 @@ def _correlated_inputs(rng, rows, size):
     return np.maximum(rng.normal(size=(rows, size)) @ mixing, 0)
 
 
-def test_weights_land_on_the_grid_with_the_scale_kept_and_less_output_error(rng):
+# One matrix; four blocks (a wide kernel: less gain, the blocks do not see each other).
+@pytest.mark.parametrize("block, gain", [(gptq.BLOCK, 0.75), (20, 0.9)])
+def test_weights_land_on_the_grid_with_the_scale_kept_and_less_output_error(
+    rng, monkeypatch, block, gain
+):
+    monkeypatch.setattr(gptq, "BLOCK", block)
     size, outputs = 72, 16
     weights = rng.normal(0, 0.05, (size, outputs))
     weights[rng.integers(0, size, outputs), np.arange(outputs)] = 1.0  # a dominant centre tap
     inputs = _correlated_inputs(rng, 4000, size)
-    rounded = gptq.round_matrix(weights, inputs.T @ inputs / len(inputs))
+    moments = [inputs[:, part].T @ inputs[:, part] / len(inputs) for part in gptq.blocks(size)]
+    rounded = gptq.round_matrix(weights, moments)
 
     scale = gptq.channel_scales(weights)
     np.testing.assert_allclose(gptq.channel_scales(rounded), scale, rtol=1e-12)
@@ -36,7 +42,7 @@ def test_weights_land_on_the_grid_with_the_scale_kept_and_less_output_error(rng)
     np.testing.assert_allclose(steps, np.round(steps), atol=1e-9)
     assert np.abs(steps).max() <= gptq.LEVELS + 1e-9
     error = lambda w: np.mean((inputs @ (w - weights)) ** 2)
-    assert error(rounded) < 0.75 * error(_nearest(weights)), (
+    assert error(rounded) < gain * error(_nearest(weights)), (
         error(rounded),
         error(_nearest(weights)),
     )
