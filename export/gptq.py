@@ -54,14 +54,34 @@ def round_matrix(weights, moments, damping=DAMPING):
         hessian += damping * max(np.mean(np.diag(hessian)), 1e-12) * np.eye(len(hessian))
         # Upper Cholesky factor of the inverse: row i holds how rounding input i moves the rest.
         factor = np.linalg.cholesky(np.linalg.inv(hessian)).T
-        block = weights[part]  # a view: the updates below land in `weights`
-        mine = (largest >= part.start) & (largest < part.stop)
-        for i in range(len(block)):
-            rounded[part.start + i] = np.clip(np.round(block[i] / scale), -LEVELS, LEVELS) * scale
-            error = (block[i] - rounded[part.start + i]) / factor[i, i]
-            block[i + 1 :] -= np.outer(factor[i, i + 1 :], error)
-            block[largest[mine] - part.start, channels[mine]] = kept[mine]
+        rounded[part] = _round_block(weights[part], factor, scale, largest - part.start, kept)
     rounded[largest, channels] = kept
+    return rounded
+
+
+def _round_block(weights, factor, scale, largest, kept, batch=128):
+    """GPTQ's rounding of `weights` (changed in place) given the upper Cholesky factor of the
+    inverse second moment; `largest[c]` (a row, if inside) of channel c stays `kept[c]`. Errors
+    go to the next rows one at a time within a batch, and to the rows after it in one product."""
+    size = len(weights)
+    rounded = np.empty_like(weights)
+
+    def keep(rows, start):
+        inside = (largest >= start) & (largest < start + len(rows))
+        rows[largest[inside] - start, np.flatnonzero(inside)] = kept[inside]
+
+    for start in range(0, size, batch):
+        stop = min(start + batch, size)
+        local, errors = weights[start:stop], np.empty((stop - start, weights.shape[1]))
+        for i in range(stop - start):
+            row = start + i
+            rounded[row] = np.clip(np.round(local[i] / scale), -LEVELS, LEVELS) * scale
+            errors[i] = (local[i] - rounded[row]) / factor[row, row]
+            local[i + 1 :] -= np.outer(factor[row, row + 1 : stop], errors[i])
+            keep(local, start)
+        if stop < size:
+            weights[stop:] -= factor[start:stop, stop:].T @ errors
+            keep(weights[stop:], stop)
     return rounded
 
 
