@@ -34,8 +34,8 @@ def variants(deploy, calibration, workdir):
     and the two main paths with their weights rounded to nearest instead of GPTQ (export/gptq.py)."""
     import tensorflow as tf
 
-    from export import gptq, onnx_int8, runners, savedmodel, tflite
-    from export.onnx import onnx_file
+    from export import onnx_int8, runners, savedmodel, tflite
+    from export.onnx import onnx_file, rounded_onnx_file
 
     nchw = lambda x: np.ascontiguousarray(np.transpose(x, (0, 3, 1, 2)))
     for gptq_rounding, note in ((True, ""), (False, ", nearest rounding")):
@@ -52,8 +52,8 @@ def variants(deploy, calibration, workdir):
         onnx_file(deploy, workdir, nchw=True, int8=True, calibration=calibration)
     )
     yield "onnxruntime QDQ, Conv + Relu (default)", lambda x: default(nchw(x))
-    rounded = onnx_file(gptq.round_kernels(deploy, calibration), workdir, nchw=True)
     every_op = f"{workdir}/int8_all.onnx"
+    rounded = rounded_onnx_file(deploy, workdir, calibration)  # written by onnx_file above
     onnx_int8.quantize(rounded, every_op, nchw(calibration), op_types=None)
     run = runners.onnxruntime(every_op)
     yield "onnxruntime QDQ, every op", lambda x, run=run: run(nchw(x))

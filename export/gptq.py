@@ -39,12 +39,10 @@ def blocks(size):
 
 def round_matrix(weights, moments, damping=DAMPING):
     """GPTQ on `weights` [inputs, outputs], given `moments`: E[x x^T] of the layer's inputs for each
-    slice of `blocks(inputs)` (one matrix for a small kernel). Weights on the grid of
+    slice of `blocks(inputs)`. Weights on the grid of
     `channel_scales`, each channel's largest weight kept as it is."""
     weights = np.array(weights, np.float64)
     size, outputs = weights.shape
-    if not isinstance(moments, (list, tuple)):
-        moments = [moments]
     scale = channel_scales(weights)
     largest, channels = np.abs(weights).argmax(axis=0), np.arange(outputs)
     kept = weights[largest, channels].copy()  # exactly +-127 steps: the scale stays

@@ -101,11 +101,19 @@ def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
         raise ValueError("int8 needs calibration images (normalised, NHWC).")
     quantized = os.path.join(workdir, f"model_{layout}_int8.onnx")
     if not os.path.exists(quantized):
-        rounded = gptq.round_kernels(deploy, calibration)
-        source = _written(rounded, os.path.join(workdir, f"model_{layout}_gptq.onnx"), nchw)
+        source = rounded_onnx_file(deploy, workdir, calibration, nchw=nchw)
         feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
         onnx_int8.quantize(source, quantized, feed)
     return quantized
+
+
+def rounded_onnx_file(deploy, workdir, calibration, *, nchw=True):
+    """The float ONNX file of `deploy` with its kernels GPTQ-rounded on `calibration` (what the
+    int8 QDQ quantizer reads), in `workdir`, written once. Returns the path."""
+    path = os.path.join(workdir, f"model_{'nchw' if nchw else 'nhwc'}_gptq.onnx")
+    if os.path.exists(path):
+        return path
+    return _written(gptq.round_kernels(deploy, calibration), path, nchw)
 
 
 def _written(model, path, nchw):

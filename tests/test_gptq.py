@@ -52,7 +52,7 @@ def test_a_zero_channel_stays_zero(rng):
     weights = rng.normal(0, 0.05, (9, 3))
     weights[:, 1] = 0
     inputs = _correlated_inputs(rng, 500, 9)
-    rounded = gptq.round_matrix(weights, inputs.T @ inputs / len(inputs))
+    rounded = gptq.round_matrix(weights, [inputs.T @ inputs / len(inputs)])
     assert np.all(rounded[:, 1] == 0) and np.all(np.isfinite(rounded))
 
 
