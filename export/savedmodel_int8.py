@@ -20,6 +20,8 @@ import warnings
 
 import numpy as np
 
+from export import quantized_pads
+
 INSTALL_HINT = (
     "pip install --no-deps neural-compressor-tf==3.10 && pip install prettytable py-cpuinfo "
     "pydantic 'setuptools<81' (make install does this)"
@@ -124,7 +126,8 @@ def quantize(frozen, image_shape, calibration):
         tf.saved_model.save(module, float_path, signatures={"serving_default": module.serve})
         config = quant_config(float_convolutions(frozen.graph))
         quantized = quantize_model(float_path, config, _Batches(calibration))
-        graph_def = quantized.graph_def
+        # Neural Compressor leaves the stride-2 blocks' Pad in float on stock TensorFlow.
+        graph_def, _ = quantized_pads.absorb_pads(quantized.graph_def)
     if not int8_ops(graph_def):
         raise ValueError(
             "Neural Compressor quantized no convolution of this model; export it in another "

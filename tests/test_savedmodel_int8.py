@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import images, savedmodel, savedmodel_int8, tracing
+from export import images, quantized_pads, savedmodel, savedmodel_int8, tracing
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import randomize_batchnorm
 from tests.helpers import cli_env, one_error_line, run_cli
@@ -92,8 +92,47 @@ def test_int8_savedmodel_runs_int8_convolutions_through_every_signature(tmp_path
     # every block's 3x3 conv runs in int8; no float convolution is left
     assert counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 22
     assert "Conv2D" not in counts
+    # the stride-2 blocks pad inside their int8 convolutions: one QuantizeV2 (the images), one
+    # Dequantize (before the pooled classifier)
+    assert "Pad" not in counts and counts["QuantizeV2"] == counts["Dequantize"] == 1
     fp32 = savedmodel.export_savedmodel(deploy, str(tmp_path / "fp32" / "1"), verify_pixels=pixels)
     assert report.size_mb < 0.5 * fp32.size_mb
+
+
+def _pads(*rows):
+    const = tf.compat.v1.NodeDef(name="paddings", op="Const")
+    const.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.array(rows, np.int32)))
+    return const
+
+
+def test_only_uniform_spatial_pads_are_absorbed():
+    assert quantized_pads._uniform_spatial_pad(_pads([0, 0], [2, 2], [2, 2], [0, 0])) == 2
+    for rows in (
+        ([0, 0], [0, 1], [0, 1], [0, 0]),  # TensorFlow's SAME at stride 2: not symmetric
+        ([0, 0], [1, 1], [2, 2], [0, 0]),
+        ([1, 1], [1, 1], [1, 1], [0, 0]),
+        ([0, 0], [1, 1], [1, 1], [1, 1]),
+        ([0, 0], [0, 0], [0, 0], [0, 0]),
+    ):
+        assert quantized_pads._uniform_spatial_pad(_pads(*rows)) is None
+
+
+@pytest.mark.slow
+def test_absorbed_pads_give_the_same_int8_output(model, monkeypatch):
+    deploy = rk.to_deploy(model)
+    inputs = _model_inputs(images.load_images("fashion_mnist", 48, SIZE, SIZE))
+    with tracing.plain_grouped_convs():
+        frozen = savedmodel.freeze(deploy)
+    absorbed, graph = savedmodel_int8.quantize(frozen, (SIZE, SIZE, 3), inputs[32:])
+    monkeypatch.setattr(quantized_pads, "absorb_pads", lambda graph_def: (graph_def, 0))
+    padded, padded_graph = savedmodel_int8.quantize(frozen, (SIZE, SIZE, 3), inputs[32:])
+    before, after = savedmodel_int8.op_counts(padded_graph), savedmodel_int8.op_counts(graph)
+    assert before["Pad"] == before["QuantizeV2"] == before["Dequantize"] == 5
+    assert "Pad" not in after and after["QuantizeV2"] == after["Dequantize"] == 1
+    x = tf.constant(inputs[:32])
+    expected = padded(x).numpy()
+    difference = np.abs(absorbed(x).numpy() - expected).max() / np.abs(expected).max()
+    assert difference <= 1e-4
 
 
 @pytest.mark.slow
@@ -136,6 +175,8 @@ def test_int8_segmentation_savedmodel_keeps_its_classes_output(tmp_path):
     )
     assert report.ok and report.pixels == 64 * 64
     loaded = tf.saved_model.load(str(tmp_path / "seg" / "1"))
+    graph = loaded.signatures["serving_default"].graph.as_graph_def()
+    assert "Pad" not in savedmodel_int8.op_counts(graph)  # the stride-2 pads run in int8
     got = loaded.signatures["serving_uint8"](images=tf.constant(pixels))
     assert got["classes"].shape == (6, 64, 64) and got["classes"].dtype == tf.int32
 
