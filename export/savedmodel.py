@@ -28,6 +28,7 @@ from export import (
     loading,
     predict_requests,
     savedmodel_int8,
+    split_groups,
     tracing,
     verify,
 )
@@ -100,10 +101,12 @@ def freeze(model):
 
 def int8_function(model, calibration, gptq_rounding=True):
     """`model` (the fused float32 deploy form) as an int8 graph calibrated on `calibration` (model
-    inputs; kernels GPTQ-rounded first, export/gptq.py), refused unless this TensorFlow can run it
+    inputs; kernels GPTQ-rounded first, export/gptq.py; grouped convolutions split per group,
+    export/split_groups.py), refused unless this TensorFlow can run it
     (export/savedmodel_int8.py). `gptq_rounding` False: weights rounded to nearest."""
     if gptq_rounding:
         model = gptq.round_kernels(model, calibration)
+    model = split_groups.split_grouped_convs(model)  # int8 convolutions have no groups
     with tracing.plain_grouped_convs():
         frozen = freeze(model)
     function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)

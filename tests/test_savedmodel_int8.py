@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 import repvgg_keras as rk
-from export import images, quantized_pads, savedmodel, savedmodel_int8, tracing
+from export import images, quantized_pads, savedmodel, savedmodel_int8, split_groups, tracing
 from repvgg_keras import preprocessing
 from repvgg_keras.parity import randomize_batchnorm
 from tests.helpers import cli_env, one_error_line, run_cli
@@ -135,8 +135,29 @@ def test_absorbed_pads_give_the_same_int8_output(model, monkeypatch):
     assert difference <= 1e-4
 
 
+def test_grouped_convolutions_split_per_group_compute_the_same():
+    inputs = keras.Input((8, 8, 8))
+    grouped = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="grouped")(inputs)
+    hidden = keras.layers.ReLU(name="after_grouped")(grouped)
+    # a grouped conv whose output feeds no ReLU stays as it is
+    out = keras.layers.Conv2D(4, 3, padding="same", groups=2, name="linear_grouped")(hidden)
+    model = keras.Model(inputs, out)
+    model.set_weights(
+        [np.random.default_rng(i).normal(size=w.shape) for i, w in enumerate(model.get_weights())]
+    )
+    before = [w.copy() for w in model.get_weights()]
+    split = split_groups.split_grouped_convs(model)
+    assert isinstance(split.get_layer("grouped"), split_groups.GroupsAsConvs)
+    assert type(split.get_layer("linear_grouped")) is keras.layers.Conv2D
+    x = np.random.default_rng(9).normal(size=(2, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(split(x), model(x), rtol=1e-5, atol=1e-5)
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
+    plain = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="dense")(inputs))
+    assert split_groups.split_grouped_convs(plain) is plain
+
+
 @pytest.mark.slow
-def test_int8_grouped_variant_keeps_grouped_convolutions_float():
+def test_int8_grouped_variant_runs_its_grouped_convolutions_in_int8():
     # B1g4's layout (groups 4 on every other block) at a quarter of A0's width: fast to quantize
     spec = dataclasses.replace(
         rk.get_spec("RepVGG_B1g4"), num_blocks=(2, 2, 2, 1), width_multipliers=(0.25, 0.25)
@@ -147,8 +168,11 @@ def test_int8_grouped_variant_keeps_grouped_convolutions_float():
     function = savedmodel.int8_function(deploy, inputs[32:])
     counts = savedmodel_int8.op_counts(function.graph.as_graph_def())
     grouped = sum(1 for layer in deploy.layers if getattr(layer, "groups", 1) > 1)
-    assert counts.get("Conv2D") == grouped > 0
-    assert counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 1 + 7 - grouped
+    # each grouped conv: one int8 conv per group (4), concatenated in int8; no float conv left
+    assert "Conv2D" not in counts and counts.get("QuantizedConcatV2") == grouped > 0
+    assert (
+        counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 1 + 7 - grouped + 4 * grouped
+    )
     got = function(tf.constant(inputs[:32])).numpy()
     expected = np.asarray(model(inputs[:32], training=False))
     assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.5
