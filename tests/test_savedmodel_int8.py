@@ -137,19 +137,28 @@ def test_absorbed_pads_give_the_same_int8_output(model, monkeypatch):
 
 def test_grouped_convolutions_split_per_group_compute_the_same():
     inputs = keras.Input((8, 8, 8))
-    grouped = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="grouped")(inputs)
-    hidden = keras.layers.ReLU(name="after_grouped")(grouped)
+    # grouped conv on the model's input: its input is split
+    hidden = keras.layers.Conv2D(8, 3, padding="same", groups=4, name="grouped")(inputs)
+    hidden = keras.layers.ReLU(name="after_grouped")(hidden)
+    # producer -> ReLU -> pad -> grouped stride-2 conv: the producer is split by output channel
+    hidden = keras.layers.Conv2D(8, 3, padding="same", name="producer")(hidden)
+    hidden = keras.layers.ZeroPadding2D(1, name="pad")(
+        keras.layers.ReLU(name="after_producer")(hidden)
+    )
+    hidden = keras.layers.Conv2D(8, 3, strides=2, groups=2, name="grouped_s2")(hidden)
+    hidden = keras.layers.ReLU(name="after_grouped_s2")(hidden)
     # a grouped conv whose output feeds no ReLU stays as it is
     out = keras.layers.Conv2D(4, 3, padding="same", groups=2, name="linear_grouped")(hidden)
     model = keras.Model(inputs, out)
-    model.set_weights(
-        [np.random.default_rng(i).normal(size=w.shape) for i, w in enumerate(model.get_weights())]
-    )
+    rng = np.random.default_rng(0)
+    model.set_weights([rng.normal(size=w.shape) for w in model.get_weights()])
     before = [w.copy() for w in model.get_weights()]
     split = split_groups.split_grouped_convs(model)
-    assert isinstance(split.get_layer("grouped"), split_groups.GroupsAsConvs)
+    assert split.get_layer("grouped").producers is None
+    assert len(split.get_layer("producer").producers) == 2
+    assert type(split.get_layer("grouped_s2")) is keras.layers.Identity
     assert type(split.get_layer("linear_grouped")) is keras.layers.Conv2D
-    x = np.random.default_rng(9).normal(size=(2, 8, 8, 8)).astype(np.float32)
+    x = rng.normal(size=(2, 8, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(split(x), model(x), rtol=1e-5, atol=1e-5)
     assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), before))
     plain = keras.Model(inputs, keras.layers.Conv2D(4, 3, name="dense")(inputs))
@@ -168,10 +177,12 @@ def test_int8_grouped_variant_runs_its_grouped_convolutions_in_int8():
     function = savedmodel.int8_function(deploy, inputs[32:])
     counts = savedmodel_int8.op_counts(function.graph.as_graph_def())
     grouped = sum(1 for layer in deploy.layers if getattr(layer, "groups", 1) > 1)
-    # each grouped conv: one int8 conv per group (4), concatenated in int8; no float conv left
-    assert "Conv2D" not in counts and counts.get("QuantizedConcatV2") == grouped > 0
+    # each grouped conv and the conv that makes its input: one int8 conv per group (4) each,
+    # concatenated in int8; no float conv and no Split left
+    assert "Conv2D" not in counts and "Split" not in counts
+    assert counts.get("QuantizedConcatV2") == grouped > 0
     assert (
-        counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 1 + 7 - grouped + 4 * grouped
+        counts.get("QuantizedConv2DWithBiasAndReluAndRequantize") == 8 - 2 * grouped + 8 * grouped
     )
     got = function(tf.constant(inputs[:32])).numpy()
     expected = np.asarray(model(inputs[:32], training=False))
