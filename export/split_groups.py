@@ -1,11 +1,14 @@
 """Grouped convolutions as one plain convolution per group, for TensorFlow's int8 graph.
 
 TensorFlow's int8 convolution has no groups, so Neural Compressor leaves a grouped Conv2D in float
-(B1g4: 13 of its 22 3x3 convolutions), each between a Dequantize and a QuantizeV2. Written as a
-split, one Conv2D + ReLU per group and a concatenation, it quantizes: each group's convolution
-with its ReLU in int8, the concatenation as `QuantizedConcatV2`. A ReLU commutes with the
-concatenation, so the ReLU that followed the grouped convolution becomes the identity and the
-function is the same. Used only to trace the int8 SavedModel's graph (savedmodel.int8_function).
+(B1g4: 13 of its 22 3x3 convolutions), each between a Dequantize and a QuantizeV2. Written as one
+Conv2D + ReLU per group and a concatenation, it quantizes: each group's convolution with its ReLU
+in int8, the concatenation as `QuantizedConcatV2`. A ReLU commutes with the concatenation, so the
+ReLU that followed the grouped convolution becomes the identity and the function is the same.
+Each group needs its slice of the input: where a plain Conv2D + ReLU makes that input for the
+grouped convolution alone (every grouped block of B1g4), that convolution is split by output
+channel as well; otherwise the input is split, in float (TensorFlow's Split has no int8 kernel).
+Used only to trace the int8 SavedModel's graph (savedmodel.int8_function).
 """
 
 import keras
@@ -37,8 +40,7 @@ class GroupsAsConvs(keras.layers.Layer):
     """A grouped Conv2D followed by a ReLU, computed as a plain Conv2D + ReLU per group.
 
     With `producer` (the plain Conv2D + ReLU, and `pad`, that make the grouped convolution's
-    input), the producer is split by output channel too, so each group's input is made apart and
-    nothing has to split a tensor (TensorFlow's Split has no int8 kernel)."""
+    input), the producer is split by output channel too and this layer takes its place."""
 
     def __init__(self, conv, producer=None, pad=None):
         super().__init__(name=(producer or conv).name, dtype=conv.dtype_policy)
@@ -58,23 +60,23 @@ class GroupsAsConvs(keras.layers.Layer):
         return keras.ops.concatenate(outputs, axis=-1)
 
 
-def _splittable(layer):
-    """The ReLU after `layer` when `layer` is a grouped channels-last Conv2D with a bias whose only
-    consumer is a plain ReLU; None otherwise."""
-    if not (
+def _biased_conv(layer):
+    """Whether `layer` is a channels-last Conv2D with a bias and no activation of its own."""
+    return (
         type(layer) is keras.layers.Conv2D
-        and layer.groups > 1
         and layer.use_bias
         and layer.data_format == "channels_last"
         and layer.activation is keras.activations.linear
-    ):
-        return None
-    after = [node.operation for node in layer._outbound_nodes]
-    if len(after) != 1 or type(after[0]) is not keras.layers.ReLU:
-        return None
-    relu = after[0]
-    plain = relu.max_value is None and not relu.negative_slope and not relu.threshold
-    return relu if plain else None
+    )
+
+
+def _plain_relu(layer):
+    return (
+        type(layer) is keras.layers.ReLU
+        and layer.max_value is None
+        and not layer.negative_slope
+        and not layer.threshold
+    )
 
 
 def _only_consumer(layer):
@@ -82,32 +84,32 @@ def _only_consumer(layer):
     return after[0] if len(after) == 1 else None
 
 
+def _only_parent(layer):
+    parents = layer._inbound_nodes[0].parent_nodes
+    return parents[0].operation if len(parents) == 1 else None
+
+
+def _splittable(layer):
+    """The ReLU after `layer` when `layer` is a grouped convolution whose only consumer is a plain
+    ReLU; None otherwise."""
+    if not (_biased_conv(layer) and layer.groups > 1):
+        return None
+    relu = _only_consumer(layer)
+    return relu if _plain_relu(relu) else None
+
+
 def _producer(conv):
     """(producer Conv2D, its ReLU, pad or None) when `conv`'s input is made only for it by a plain
-    channels-last Conv2D with a bias, then a ReLU (and a ZeroPadding2D); None otherwise."""
-    node = conv._inbound_nodes[0]
-    layer = node.parent_nodes[0].operation if len(node.parent_nodes) == 1 else None
-    pad = None
-    if type(layer) is keras.layers.ZeroPadding2D and _only_consumer(layer) is conv:
-        pad, parents = layer, layer._inbound_nodes[0].parent_nodes
-        layer = parents[0].operation if len(parents) == 1 else None
-    relu = layer
-    if type(relu) is not keras.layers.ReLU or _only_consumer(relu) is not (pad or conv):
+    convolution, then a ReLU (and a ZeroPadding2D); None otherwise."""
+    relu, pad = _only_parent(conv), None
+    if type(relu) is keras.layers.ZeroPadding2D and _only_consumer(relu) is conv:
+        relu, pad = _only_parent(relu), relu
+    if not _plain_relu(relu) or _only_consumer(relu) is not (pad or conv):
         return None
-    if relu.max_value is not None or relu.negative_slope or relu.threshold:
-        return None
-    parents = relu._inbound_nodes[0].parent_nodes
-    producer = parents[0].operation if len(parents) == 1 else None
-    if (
-        type(producer) is not keras.layers.Conv2D
-        or producer.groups != 1
-        or not producer.use_bias
-        or producer.data_format != "channels_last"
-        or producer.activation is not keras.activations.linear
-        or _only_consumer(producer) is not relu
-    ):
-        return None
-    return producer, relu, pad
+    producer = _only_parent(relu)
+    if _biased_conv(producer) and producer.groups == 1 and _only_consumer(producer) is relu:
+        return producer, relu, pad
+    return None
 
 
 def split_grouped_convs(model):
