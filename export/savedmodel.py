@@ -107,7 +107,7 @@ def int8_function(model, calibration, gptq_rounding=True):
     if gptq_rounding:
         model = gptq.round_kernels(model, calibration)
     model = split_groups.split_grouped_convs(model)  # int8 convolutions have no groups
-    with tracing.plain_grouped_convs():
+    with tracing.plain_grouped_convs(dilated_as_conv2d=True):
         frozen = freeze(model)
     function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)
     savedmodel_int8.check_runs_here(graph_def)

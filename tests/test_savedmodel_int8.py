@@ -211,7 +211,11 @@ def test_int8_segmentation_savedmodel_keeps_its_classes_output(tmp_path):
     assert report.ok and report.pixels == 64 * 64
     loaded = tf.saved_model.load(str(tmp_path / "seg" / "1"))
     graph = loaded.signatures["serving_default"].graph.as_graph_def()
-    assert "Pad" not in savedmodel_int8.op_counts(graph)  # the stride-2 pads run in int8
+    counts = savedmodel_int8.op_counts(graph)
+    assert "Pad" not in counts  # the stride-2 pads run in int8
+    # the dilated stage is one int8 Conv2D, not SpaceToBatchND -> float Conv2D -> BatchToSpaceND
+    assert "SpaceToBatchND" not in counts
+    assert counts["Conv2D"] == 1  # only the classifier, which feeds no ReLU, stays float
     got = loaded.signatures["serving_uint8"](images=tf.constant(pixels))
     assert got["classes"].shape == (6, 64, 64) and got["classes"].dtype == tf.int32
 
