@@ -21,8 +21,14 @@ def _name(tensor):
     return tensor.lstrip("^").split(":")[0]
 
 
-def _output(tensor):
-    return int(tensor.split(":")[1]) if ":" in tensor else 0
+def _tensor(tensor):
+    """(node name, output index) of a GraphDef input string."""
+    return _name(tensor), int(tensor.split(":")[1]) if ":" in tensor else 0
+
+
+def _outputs(node_name, count=3):
+    """(node name, index) of a quantized op's tensor and its range (min, max)."""
+    return [(node_name, index) for index in range(count)]
 
 
 def _uniform_spatial_pad(const):
@@ -41,8 +47,7 @@ def _uniform_spatial_pad(const):
 
 def absorb_pads(graph_def):
     """A copy of an int8 `graph_def` in which each `[Dequantize ->] Pad -> QuantizeV2` feeding only
-    VALID quantized convolutions is replaced by those convolutions' own padding; and the number
-    of pads absorbed."""
+    VALID quantized convolutions is replaced by those convolutions' own padding."""
     import tensorflow as tf
 
     graph = tf.compat.v1.GraphDef()
@@ -84,7 +89,7 @@ def absorb_pads(graph_def):
     kept = [node for node in graph.node if node.name not in removed]
     del graph.node[:]
     graph.node.extend(kept)
-    return graph, len([name for name in removed if nodes[name].op == "Pad"])
+    return graph
 
 
 def _reads_whole(conv, quantize_name):
@@ -93,8 +98,8 @@ def _reads_whole(conv, quantize_name):
         conv.op in QUANTIZED_CONVS
         and conv.attr["padding"].s == b"VALID"
         and not conv.attr["padding_list"].list.i
-        and [conv.input[i] for i in (TENSOR, MIN_INPUT, MAX_INPUT)]
-        == [quantize_name, f"{quantize_name}:1", f"{quantize_name}:2"]
+        and [_tensor(conv.input[i]) for i in (TENSOR, MIN_INPUT, MAX_INPUT)]
+        == _outputs(quantize_name)
     )
 
 
@@ -107,10 +112,7 @@ def _quantized_producer(nodes, readers, pad_node, quantize):
     conv = nodes.get(_name(dequantize.input[0]))
     if conv is None or conv.op not in QUANTIZED_CONVS:
         return None
-    expected = [conv.name, f"{conv.name}:1", f"{conv.name}:2"]
-    if [
-        _name(t) + (f":{_output(t)}" if _output(t) else "") for t in dequantize.input[:3]
-    ] != expected:
+    if [_tensor(t) for t in dequantize.input[:3]] != _outputs(conv.name):
         return None
     if len(readers.get(dequantize.name, [])) != 1 or len(readers.get(pad_node.name, [])) != 1:
         return None

@@ -127,7 +127,7 @@ def quantize(frozen, image_shape, calibration):
         config = quant_config(float_convolutions(frozen.graph))
         quantized = quantize_model(float_path, config, _Batches(calibration))
         # Neural Compressor leaves the stride-2 blocks' Pad in float on stock TensorFlow.
-        graph_def, _ = quantized_pads.absorb_pads(quantized.graph_def)
+        graph_def = quantized_pads.absorb_pads(quantized.graph_def)
     if not int8_ops(graph_def):
         raise ValueError(
             "Neural Compressor quantized no convolution of this model; export it in another "
