@@ -18,7 +18,7 @@ import sys
 
 from absl import app, flags
 
-from bench import machine
+from bench import machine, timing
 from repvgg_keras import cpu_features
 
 FLAGS = flags.FLAGS
@@ -31,7 +31,11 @@ flags.DEFINE_list(
 flags.DEFINE_list("batch", ["1", "32"], "Batch sizes.")
 flags.DEFINE_integer("image_size", 224, "Input height and width.")
 flags.DEFINE_integer("classes", 1000, "Classifier width.")
-flags.DEFINE_integer("threads", os.cpu_count(), "Threads for every runtime (intra-op).")
+flags.DEFINE_integer(
+    "threads",
+    os.cpu_count(),
+    "Threads for every runtime (intra-op; TensorFlow also runs up to this many independent ops at once).",
+)
 flags.DEFINE_list(
     "runtimes", None, "Only these runtimes ('name' or 'name:precision'); default all."
 )
@@ -76,17 +80,10 @@ def apply_quick():
 def configure_threads(threads):
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    timing.use_threads(threads)
     tf.get_logger().setLevel(
         "ERROR"
     )  # one trace per batch size is expected, not a retracing problem
-    try:
-        import torch
-
-        torch.set_num_threads(threads)
-    except ImportError:
-        pass
 
 
 def parse_weights(pairs):

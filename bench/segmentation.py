@@ -301,8 +301,7 @@ def run():
     from bench import machine, timing
     from repvgg_keras import cpu_features
 
-    tf.config.threading.set_intra_op_parallelism_threads(FLAGS.threads)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
+    timing.use_threads(FLAGS.threads)
     tf.get_logger().setLevel("ERROR")
     out = FLAGS.out or os.path.join("bench", "results", f"{machine.machine_slug()}-segmentation")
     os.makedirs(out, exist_ok=True)
@@ -369,7 +368,11 @@ def define_flags():
     flags.DEFINE_integer("image_size", 512, "Input height and width.")
     flags.DEFINE_integer("batch", 1, "Batch size.")
     flags.DEFINE_integer("classes", 19, "Classes (Cityscapes: 19).")
-    flags.DEFINE_integer("threads", os.cpu_count(), "Threads for every runtime (intra-op).")
+    flags.DEFINE_integer(
+        "threads",
+        os.cpu_count(),
+        "Threads for every runtime (intra-op; TensorFlow also runs up to this many independent ops at once).",
+    )
     flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds (the median is reported).")
     flags.DEFINE_float("chunk_seconds", 1.0, "Length of one timed chunk per case and round.")
     flags.DEFINE_string(

@@ -48,6 +48,26 @@ class Case:
         }
 
 
+def use_threads(threads):
+    """Give every runtime in this process `threads` threads.
+
+    TensorFlow: `threads` for each op's own work (intra-op) and up to `threads` ops at once
+    (inter-op), which is TensorFlow's and TF Serving's default on a machine with that many
+    cores; ops that do not depend on each other (the per-group convolutions of a split grouped
+    block, a PSPNet's pyramid branches) then run side by side, each still on the shared intra-op
+    pool. PyTorch: `threads` intra-op threads (it runs one op at a time)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    tf.config.threading.set_inter_op_parallelism_threads(threads)
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
 def measure(cases, rounds, chunk_seconds, progress=print):
     for case in cases:
         case.warm_up(chunk_seconds)
