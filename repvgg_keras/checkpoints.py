@@ -12,6 +12,7 @@ Loading is strict: a missing, unexpected or mis-shaped tensor is an error listin
 import hashlib
 import os
 import re
+import zipfile
 
 import keras
 import numpy as np
@@ -22,6 +23,8 @@ from repvgg_keras.errors import (
     MissingDependencyError,
     SourceError,
     SourceNotFoundError,
+    check_not_empty,
+    error_detail,
 )
 from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
@@ -53,25 +56,45 @@ def is_checkpoint_path(path):
     return str(path).endswith(CHECKPOINT_SUFFIXES)
 
 
+TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_MAGIC = b"\x80"  # a pickle (protocol 2+): torch's legacy format
+
+
+def sniff(path):
+    """What the file's first bytes say it holds: "torch" (a zip archive or a pickle),
+    "safetensors" (an 8-byte little-endian header length, then its JSON "{") or None.
+    File names can lie (a .safetensors file saved as .pth); the content decides."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head.startswith((TORCH_ZIP_MAGIC, PICKLE_MAGIC)):
+        return "torch"
+    if len(head) == 9 and head[8:] == b"{":
+        return "safetensors"
+    return None
+
+
 def read_state_dict(path):
-    """{name: float32 numpy array} from a .pth/.pt/.bin (torch) or .safetensors file."""
+    """{name: numpy array} from a .pth/.pt/.bin (torch) or .safetensors file, read as what
+    its content is; every problem is a SourceError naming the file."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise SourceNotFoundError(f"Checkpoint {path!r} does not exist.")
-    if path.endswith(".safetensors"):
+    check_not_empty(path)
+    kind = sniff(path)
+    if kind == "safetensors" or (kind is None and path.endswith(".safetensors")):
         try:
             state = safetensors.numpy.load_file(path)
         except Exception as error:  # SafetensorError, or OSError for an unreadable file
             raise SourceError(
-                f"{path!r} is not a readable .safetensors file ({str(error).strip().splitlines()[0]}); "
+                f"{path!r} is not a readable .safetensors file ({error_detail(error)}); "
                 "it may be truncated or corrupted: download or convert it again."
             ) from error
     else:
-        state = _torch_load(path)
-    return unwrap(state)
+        state = _torch_load(path, kind)
+    return unwrap(state, repr(path))
 
 
-def _torch_load(path):
+def _torch_load(path, kind):
     try:
         import torch  # lazy: PyTorch is optional and slow to import, needed only for .pth files
     except ImportError as error:
@@ -79,15 +102,42 @@ def _torch_load(path):
             f"Reading {path!r} needs PyTorch (it is a pickle). Install the CPU build, e.g. "
             "`pip install torch==2.13.0`, or use timm's .safetensors file, which does not."
         ) from error
+    corrupt = (
+        f"{path!r} is not a valid PyTorch checkpoint ({{}}); it may be truncated or corrupted: "
+        "download or convert it again."
+    )
+    if kind is None:
+        raise SourceError(
+            "Refused to load " + corrupt.format("it starts with neither a zip archive nor a pickle")
+        )
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == TORCH_ZIP_MAGIC
+    if is_zip and not zipfile.is_zipfile(path):  # torch's own message for it is internal detail
+        raise SourceError(corrupt.format("its zip archive is incomplete"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # UnpicklingError for anything but tensors and containers
+    except Exception as error:
+        refused = _unpickler_refusal(error)
+        if refused is None:  # EOFError, struct.error, a broken archive ...
+            detail = error_detail(error)
+            if "weights_only" in detail:  # torch's advice to load unsafely: never passed on
+                detail = type(error).__name__
+            raise SourceError(corrupt.format(detail)) from error
         raise SourceError(
             f"Refused to load {path!r}: it is not a plain state_dict of tensors "
-            f"(torch.load(weights_only=True) said: {str(error).splitlines()[0]}). "
+            f"(torch.load(weights_only=True) said: {refused}). "
             "Checkpoints that need arbitrary code to unpickle are never loaded."
         ) from error
     return _tensors_to_numpy(state)
+
+
+def _unpickler_refusal(error):
+    """The reason torch's safe unpickler gave (e.g. "Unsupported global: GLOBAL
+    __main__.Foo ..."), without torch's advice to retry unsafely; None for other errors."""
+    match = re.search(r"WeightsUnpickler error: (.*?)(?:\. Please |$)", str(error), re.M)
+    if match:
+        return match.group(1).strip()
+    return None
 
 
 def _tensors_to_numpy(value):
@@ -102,21 +152,37 @@ def _tensors_to_numpy(value):
     return value
 
 
-def unwrap(state):
-    """Strip the 'state_dict'/'model' wrappers and 'module.' prefixes trainers add."""
+def unwrap(state, source="The checkpoint"):
+    """Strip the 'state_dict'/'model' wrappers and 'module.' prefixes trainers add; check
+    that what is left is a state dict ({name: tensor}). `source` names it in errors."""
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise SourceError(
+            f"{source} holds a {type(state).__name__}, not a state dict ({{name: tensor}}): "
+            "save model.state_dict() (PyTorch) or use timm's .safetensors file."
+        )
     arrays = {}
     for name, value in state.items():
+        if not isinstance(name, str):
+            raise SourceError(
+                f"{source} has the key {name!r} ({type(name).__name__}): a state dict's keys "
+                "are tensor names (strings)."
+            )
         if isinstance(value, np.ndarray):
             arrays[name[len("module.") :] if name.startswith("module.") else name] = value
     if not arrays:
-        raise SourceError("The checkpoint holds no tensors.")
+        sample = ", ".join(f"{k!r}: {type(v).__name__}" for k, v in list(state.items())[:3])
+        raise SourceError(
+            f"{source} holds no tensors ({len(state)} entr{'y' if len(state) == 1 else 'ies'}"
+            f"{': ' + sample if sample else ''}); "
+            "a checkpoint is a state dict of tensors (model.state_dict())."
+        )
     return arrays
 
 
-def detect_format(keys):
+def detect_format(keys, source=None):
     """'authors-train', 'authors-deploy', 'timm-train' or 'timm-deploy'."""
     keys = list(keys)
     if any(k.startswith("stem.") or k.startswith("stages.") for k in keys):
@@ -125,7 +191,8 @@ def detect_format(keys):
         family = "authors"
     else:
         raise SourceError(
-            "Unrecognised checkpoint: expected the authors' RepVGG keys ('stage0.rbr_dense...') or "
+            f"Unrecognised checkpoint{' ' + source if source else ''}: expected the authors' "
+            "RepVGG keys ('stage0.rbr_dense...') or "
             f"timm's ('stem.conv_kxk...'); found e.g. {keys[:3]}."
         )
     deploy = any("rbr_reparam" in k or "reparam_conv" in k for k in keys)
@@ -209,14 +276,15 @@ def _block_name_pattern(name):
     return re.fullmatch(r"stage0|stage[1-9]\d*_\d+", name) is not None
 
 
-def load_checkpoint(model, path_or_state):
-    """Load a checkpoint (path or state dict) into `model`, strictly. Returns the format."""
-    state = (
-        read_state_dict(path_or_state)
-        if isinstance(path_or_state, (str, os.PathLike))
-        else unwrap(path_or_state)
-    )
-    form = detect_format(state)
+def load_checkpoint(model, path_or_state, source=None):
+    """Load a checkpoint (path or state dict) into `model`, strictly. Returns the format.
+    `source` names a state dict in errors (a path names itself)."""
+    if isinstance(path_or_state, (str, os.PathLike)):
+        source = repr(os.fspath(path_or_state))
+        state = read_state_dict(path_or_state)
+    else:
+        state = unwrap(path_or_state, source or "The checkpoint")
+    form = detect_format(state, source)
     state = to_authors_names(state)
     targets = expected_tensors(model)
     if not targets:
@@ -225,8 +293,9 @@ def load_checkpoint(model, path_or_state):
     if form.endswith("deploy") != model_is_deploy:
         hint = "deploy=True" if form.endswith("deploy") else "deploy=False (then rk.to_deploy)"
         raise SourceError(
-            f"The checkpoint is in {form.split('-')[1]} form but the model is in "
-            f"{'deploy' if model_is_deploy else 'training'} form: build the model with {hint}."
+            f"The checkpoint{' ' + source if source else ''} is in {form.split('-')[1]} form but "
+            f"the model is in {'deploy' if model_is_deploy else 'training'} form: build the "
+            f"model with {hint}."
         )
     has_head = "predictions" in {l.name for l in model.layers}
     if not has_head:  # include_top=False: the classifier is dropped on purpose
@@ -237,9 +306,9 @@ def load_checkpoint(model, path_or_state):
             "include_top=False and put your own head on top."
         )
     elif "linear.weight" in state and "linear.weight" in targets:
-        ckpt_classes = state["linear.weight"].shape[0]
+        ckpt_classes = state["linear.weight"].shape[0] if state["linear.weight"].ndim else None
         model_classes = targets["linear.weight"][0].shape[-1]
-        if ckpt_classes != model_classes:
+        if ckpt_classes is not None and ckpt_classes != model_classes:
             raise ClassifierMismatchError(
                 f"The checkpoint's classifier has {ckpt_classes} classes but the model has "
                 f"{model_classes}. Build with classes={ckpt_classes}, or include_top=False to "
@@ -248,17 +317,15 @@ def load_checkpoint(model, path_or_state):
     relevant = {k: v for k, v in state.items() if not k.endswith(IGNORED_SUFFIXES)}
     missing = sorted(set(targets) - set(relevant))
     unexpected = sorted(set(relevant) - set(targets))
-    mismatched = []
-    for key in sorted(set(targets) & set(relevant)):
-        variable, transform = targets[key]
-        value = transform(relevant[key])
-        if tuple(value.shape) != tuple(variable.shape):
-            mismatched.append(
-                f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(variable.shape)}"
-            )
+    mismatched = [
+        problem
+        for key in sorted(set(targets) & set(relevant))
+        if (problem := _misfit(key, relevant[key], *targets[key]))
+    ]
     if missing or unexpected or mismatched:
         raise SourceError(
-            f"Checkpoint ({form}) does not match model {model.name!r}; nothing was loaded.\n"
+            f"Checkpoint{' ' + source if source else ''} ({form}) does not match model "
+            f"{model.name!r}; nothing was loaded.\n"
             + _listing("missing from the checkpoint", missing)
             + _listing("unexpected in the checkpoint", unexpected)
             + _listing("shape mismatches", mismatched)
@@ -267,6 +334,18 @@ def load_checkpoint(model, path_or_state):
     for key, (variable, transform) in targets.items():
         variable.assign(transform(relevant[key]).astype(np.float32))
     return form
+
+
+def _misfit(key, value, variable, transform):
+    """Why the checkpoint's `value` cannot fill `variable` ("key: ..."), or None when it fits:
+    type and rank are checked before the layout transform, which would fail on them."""
+    if value.dtype.kind != "f":
+        return f"{key}: checkpoint {value.dtype} values, model float"
+    if value.ndim != len(variable.shape):
+        return f"{key}: checkpoint shape {tuple(value.shape)} ({value.ndim}-D) vs model {tuple(variable.shape)}"
+    if tuple(transform(value).shape) != tuple(variable.shape):
+        return f"{key}: checkpoint {tuple(transform(value).shape)} vs model {tuple(variable.shape)}"
+    return None
 
 
 def _listing(title, items, limit=12):

@@ -5,6 +5,7 @@ without an import circle.
 """
 
 import numbers
+import os
 
 
 class SourceError(ValueError):
@@ -40,3 +41,19 @@ def shape_text(shape):
         for axis, size in enumerate(shape)
     )
     return "[" + ", ".join(sizes) + "]"
+
+
+def error_detail(error):
+    """The first non-empty line of `error`'s message, or its type name when the message is
+    empty (EOFError from an empty file has none), so a message never ends in "()"."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def check_not_empty(path):
+    """Refuse a zero-byte file up front: readers' own errors for one are empty or misleading."""
+    if os.path.getsize(path) == 0:
+        raise SourceError(
+            f"{path!r} is empty (0 bytes): an interrupted download, copy or save? "
+            "Download, convert or save it again."
+        )

@@ -24,7 +24,7 @@ import h5py
 import keras
 
 from repvgg_keras import checkpoints
-from repvgg_keras.errors import SourceError, SourceNotFoundError
+from repvgg_keras.errors import SourceError, SourceNotFoundError, check_not_empty, error_detail
 from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
 KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")
@@ -69,9 +69,10 @@ def read_source(source):
         raise SourceError(f"{path!r} is a directory; a model source is {SUFFIXES}.")
     if not os.access(path, os.R_OK):
         raise SourceError(f"{path!r} cannot be read (permission denied).")
+    check_not_empty(path)
     if checkpoints.is_checkpoint_path(path):
         state = checkpoints.read_state_dict(path)
-        form = checkpoints.detect_format(state)
+        form = checkpoints.detect_format(state, repr(path))
         return Source("checkpoint", path, state=state, format=form, deploy=form.endswith("deploy"))
     if path.endswith(".weights.h5"):
         deploy, options = _weights_file_layout(path)
@@ -110,8 +111,9 @@ def _load_keras_model(path):
     try:
         return keras.saving.load_model(path, compile=False)
     except Exception as error:  # Keras raises many types with internal detail; one message instead
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise SourceError(f"Could not load the saved model {path!r}: {detail}") from error
+        raise SourceError(
+            f"Could not load the saved model {path!r}: {error_detail(error)}"
+        ) from error
 
 
 def _weights_file_layout(path):
@@ -155,9 +157,9 @@ def load_into(model, source, variant=None):
     src = read_source(source)
     if src.kind == "imagenet":
         path = checkpoints.imagenet_weights_path(variant or model.name)
-        checkpoints.load_checkpoint(model, checkpoints.read_state_dict(path))
+        checkpoints.load_checkpoint(model, path)
     elif src.kind == "checkpoint":
-        checkpoints.load_checkpoint(model, src.state)
+        checkpoints.load_checkpoint(model, src.state, src.describe())
     elif src.kind == "keras_weights":
         _load_weights_file(model, src)
     else:
@@ -192,11 +194,17 @@ def _load_weights_file(model, src):
         if skipped:  # Keras loaded only part of the model: never accept that silently
             raise ValueError(skipped[0])
     except Exception as error:  # Keras raises ValueError/KeyError with internal detail
-        detail = "\n".join(str(error).strip().splitlines()[:3])
+        detail = "\n".join(str(error).strip().splitlines()[:3]) or type(error).__name__
         raise _does_not_fit(model, src, f"Keras said: {detail}") from error
 
 
 def _copy_saved_model(model, src):
+    if _is_pspnet(src.saved_model) and not _is_pspnet(model):
+        raise SourceError(
+            f"{src.describe()} is a PSPNet segmentation model, not a {model.name} classifier: "
+            "load it with keras.saving.load_model, or start a classifier from its backbone with "
+            "`python -m train --init_weights` (blocks copied by name, a fresh classifier)."
+        )
     ours, theirs = model.weights, src.saved_model.weights
     mismatched = [
         f"{a.path} {tuple(a.shape)} vs file {tuple(b.shape)}"
@@ -209,6 +217,11 @@ def _copy_saved_model(model, src):
         )
         raise _does_not_fit(model, src, "; ".join(filter(None, [counts] + mismatched[:3])))
     model.set_weights(src.saved_model.get_weights())
+
+
+def _is_pspnet(model):
+    """A segmentation model built by rk.PSPNet: its RepVGG trunk is the nested "backbone"."""
+    return any(l.name == "backbone" and isinstance(l, keras.Model) for l in model.layers)
 
 
 def training_source(source, refusal):
@@ -227,16 +240,18 @@ def training_source(source, refusal):
 def copy_layer_weights(model, donor_layers, fresh=()):
     """Copy into each weighted layer of `model` the weights of the donor layer of the same name.
 
-    `donor_layers`: the layers of a training-form model to copy from (e.g. `donor.layers`, or
-    `all_layers(donor)` to look inside nested models). `fresh`: names of layers that keep their
-    own weights when the donor lacks them or has them in another shape (a new classifier).
+    `donor_layers`: the layers of a training-form model to copy from (e.g. `donor.layers`);
+    nested models among them are looked inside too, so a PSPNet's blocks (in its "backbone")
+    are found by name, while a layer at the top keeps its name first. `fresh`: names of layers
+    that keep their own weights when the donor lacks them or has them in another shape (a new
+    classifier).
 
     Returns `(untouched, misfits)`: the `fresh` layers left as they were, and
     `[(name, donor weight shapes or None when the donor lacks it, model weight shapes)]` for the
     other layers that do not fit. Nothing is copied unless `misfits` is empty: a half-copied
     backbone would only show up as a bad training run.
     """
-    donors = {layer.name: layer for layer in donor_layers}
+    donors = _layers_by_name(donor_layers)
     pairs, untouched, misfits = [], [], []
     for layer in model.layers:
         if not layer.weights:
@@ -255,3 +270,16 @@ def copy_layer_weights(model, donor_layers, fresh=()):
         for layer, donor in pairs:
             layer.set_weights(donor.get_weights())
     return untouched, misfits
+
+
+def _layers_by_name(layers):
+    """{name: layer} for `layers` and the layers of nested models among them, breadth first,
+    so the shallowest layer of a name wins (blocks are left whole)."""
+    found, level = {}, list(layers)
+    while level:
+        for layer in level:
+            found.setdefault(layer.name, layer)
+        level = [
+            inner for layer in level if isinstance(layer, keras.Model) for inner in layer.layers
+        ]
+    return found
