@@ -5,6 +5,7 @@ model = rk.RepVGG_A0()            # training form
 plain = rk.to_deploy(model)       # fused, built-in layers only
 model = rk.model_from_source("RepVGG_A0", "a0.safetensors")  # any source, in its own form
 seg = rk.PSPNet(backbone="RepVGG_A0", classes=19)            # semantic segmentation
+qat = rk.quantize_aware(model, calibration_images)           # int8 quantization-aware training
 """
 
 from repvgg_keras import preprocessing  # rk.preprocessing.preprocess_for_eval
@@ -14,6 +15,7 @@ from repvgg_keras.from_source import model_from_source
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
 from repvgg_keras.pspnet import PSPNet
+from repvgg_keras.quantize import is_quantize_aware, quantize_aware
 from repvgg_keras.sources import read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
@@ -35,6 +37,8 @@ __all__ = [
     "load_weights",
     "model_from_source",
     "preprocessing",
+    "is_quantize_aware",
+    "quantize_aware",
     "read_source",
     "SourceError",
     "to_deploy",

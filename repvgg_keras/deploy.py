@@ -79,9 +79,15 @@ def to_deploy(model, dtype=None):
 
 def _has_foldable_layers(model):
     return any(
-        isinstance(l, (keras.layers.BatchNormalization, *INFERENCE_IDENTITY))
+        isinstance(l, (keras.layers.BatchNormalization, *INFERENCE_IDENTITY)) or _has_replacement(l)
         for l in all_layers(model)
     )
+
+
+def _has_replacement(layer):
+    """A layer that names its own deploy form (`deploy_replacement()`: a layer and its
+    weights, or None where the deploy form computes without it): the QAT layers."""
+    return callable(getattr(layer, "deploy_replacement", None))
 
 
 def _needs_conversion(model):
@@ -135,6 +141,7 @@ class _Converter:
         self.conv_outputs = {}  # id(tensor) -> (tensor, original conv, args, kwargs)
         self.folded = {}  # id(tensor) -> (tensor, original conv): unfused outputs, unused
         self.conv_calls = {}  # id(original conv) -> times called in the new graph
+        self.replaced_weights = {}  # id(replacement layer) -> its weights (QAT layers)
 
     def convert(self, model):
         """The deploy form of a functional or Sequential `model` (nested models included)."""
@@ -170,6 +177,12 @@ class _Converter:
             _needs_conversion(layer) or (self.retype_plain and hasattr(layer, "_run_through_graph"))
         ):
             return self.convert(layer)
+        if _has_replacement(layer):
+            clone, weights = layer.deploy_replacement()
+            if clone is None:
+                return layer  # left out in _call
+            self.replaced_weights[id(clone)] = weights
+            return clone
         clone = layer.__class__.from_config(self._config(layer))
         self.originals[id(clone)] = (clone, layer)
         return clone
@@ -187,6 +200,12 @@ class _Converter:
                 raise _SharedConv(folded[1])
         if isinstance(layer, RepVGGBlock):
             return self._call_block(layer, *args, **kwargs)
+        if _has_replacement(layer):  # one whose deploy form computes without it
+            return args[0] if args else kwargs["inputs"]
+        if id(layer) in self.replaced_weights:
+            outputs = layer(*args, **kwargs)
+            layer.set_weights(self.replaced_weights[id(layer)])
+            return outputs
         original = self.originals.get(id(layer), (None, None))[1]
         inference = kwargs.get("training") is not True  # training=True in the graph: keep it
         if inference and isinstance(layer, INFERENCE_IDENTITY) and id(original) not in self.kept:

@@ -1,0 +1,269 @@
+"""Quantization-aware training (QAT): a Keras model that computes what the int8 runtimes compute.
+
+    qat = rk.quantize_aware(model, calibration_images)   # fake-quantized deploy form
+    qat.fit(...)                                          # learns weights and ranges for int8
+    plain = rk.to_deploy(qat)                             # float model, weights on the int8 grid
+
+The scheme is the one every int8 path of the exporters takes, chosen so that one QAT model
+serves them all (TensorRT's explicit quantization included): convolution weights symmetric int8
+per output channel, step max|w| / 127 (zero point 0); activations per tensor, symmetric, with a
+learned range (zero point 0), at the model input and after each ReLU (where the runtimes fuse
+conv + ReLU and requantize). Global pooling and the classifier stay float (`scope="convolutions"`,
+the default paths) or are quantized too (`scope="every_op"`, integer-only int8).
+
+A training-form model is fused first (`to_deploy`): BatchNorm statistics are folded and the
+fused kernel itself is what QAT fine-tunes, the kernel the runtimes quantize.
+"""
+
+import keras
+import numpy as np
+from keras import layers, ops
+
+from repvgg_keras.deploy import to_deploy
+from repvgg_keras.layers import all_layers
+
+SCOPES = ("convolutions", "every_op")
+ACTIVATION_BITS = 8
+MIN_RANGE = 1e-6
+
+
+def _symmetric_fake_quant(x, max_abs, narrow_range, axis=None):
+    max_abs = ops.maximum(max_abs, MIN_RANGE)
+    return keras.quantizers.fake_quant_with_min_max_vars(
+        x, -max_abs, max_abs, num_bits=ACTIVATION_BITS, narrow_range=narrow_range, axis=axis
+    )
+
+
+def quantize_weights(kernel, per_channel=True):
+    """`kernel` on the symmetric int8 grid the runtimes use: [-127, 127] x max|w| / 127, per
+    output channel (the last axis) or per tensor."""
+    axes = tuple(range(len(kernel.shape) - 1)) if per_channel else None
+    max_abs = ops.max(ops.abs(kernel), axis=axes)
+    return _symmetric_fake_quant(kernel, max_abs, True, axis=-1 if per_channel else None)
+
+
+@keras.saving.register_keras_serializable(package="repvgg_keras")
+class QuantizedConv2D(layers.Conv2D):
+    """A Conv2D computing with its kernel fake-quantized to int8 per output channel.
+
+    Gradients pass straight through the rounding, so training moves the float kernel while the
+    forward pass sees what an int8 runtime will hold.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        return super().convolution_op(inputs, quantize_weights(kernel))
+
+    def deploy_replacement(self):
+        """The plain Conv2D (and its weights) that `to_deploy` puts in this layer's place."""
+        config = self.get_config()
+        kernel, *rest = self.get_weights()
+        grid = keras.ops.convert_to_numpy(quantize_weights(ops.convert_to_tensor(kernel)))
+        return layers.Conv2D.from_config(config), [np.asarray(grid), *rest]
+
+
+@keras.saving.register_keras_serializable(package="repvgg_keras")
+class QuantizedDense(layers.Dense):
+    """A Dense layer computing with its kernel fake-quantized to int8, per tensor (LiteRT's
+    integer-only FULLY_CONNECTED takes one weight scale)."""
+
+    def call(self, inputs, training=None):
+        outputs = ops.matmul(inputs, quantize_weights(self.kernel, per_channel=False))
+        if self.use_bias:
+            outputs = ops.add(outputs, self.bias)
+        return self.activation(outputs) if self.activation is not None else outputs
+
+    def deploy_replacement(self):
+        kernel, *rest = self.get_weights()
+        grid = quantize_weights(ops.convert_to_tensor(kernel), per_channel=False)
+        return layers.Dense.from_config(self.get_config()), [
+            np.asarray(keras.ops.convert_to_numpy(grid)),
+            *rest,
+        ]
+
+
+@keras.saving.register_keras_serializable(package="repvgg_keras")
+class ActivationQuantizer(layers.Layer):
+    """Per-tensor symmetric int8 fake quantization with a trainable range (zero point 0).
+
+    The range starts at the largest |value| seen on the calibration images; its gradient is the
+    fake-quant op's own (values clipped by the range push it out, the rest pull it in).
+    """
+
+    def __init__(self, initial_range=1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.initial_range = float(initial_range)
+
+    def build(self, input_shape):
+        self.range = self.add_weight(
+            name="range",
+            shape=(),
+            initializer=keras.initializers.Constant(self.initial_range),
+            trainable=True,
+        )
+
+    def call(self, inputs):
+        return _symmetric_fake_quant(inputs, ops.abs(self.range), narrow_range=True)
+
+    def deploy_replacement(self):
+        return None, None  # the float deploy form computes without it
+
+    def get_config(self):
+        return {**super().get_config(), "initial_range": self.initial_range}
+
+
+QUANTIZED_LAYERS = (QuantizedConv2D, QuantizedDense, ActivationQuantizer)
+
+
+def is_quantize_aware(model):
+    """True when `model` holds fake-quantized layers (made by `quantize_aware`)."""
+    return any(isinstance(layer, QUANTIZED_LAYERS) for layer in all_layers(model))
+
+
+def activation_ranges(model):
+    """{quantizer name: learned range} of a QAT model: what the int8 exporters read."""
+    return {
+        layer.name: float(abs(keras.ops.convert_to_numpy(layer.range)))
+        for layer in all_layers(model)
+        if isinstance(layer, ActivationQuantizer)
+    }
+
+
+def quantize_aware(model, calibration_images, scope="convolutions", batch_size=32):
+    """A QAT model computing `model` as the int8 runtimes will, trainable with `fit`.
+
+    Args:
+        model: a RepVGG classifier, training form (fused first) or deploy form.
+        calibration_images: a few dozen to a few hundred preprocessed model inputs
+            ([N, H, W, C] array); each activation range starts at its largest |value| on them.
+        scope: "convolutions" (global pooling and classifier float: TFLite `int8`, ONNX QDQ,
+            OpenVINO, SavedModel int8) or "every_op" (TFLite `int8_full`).
+        batch_size: batch size of the calibration pass.
+
+    Returns a new model (the input model is left untouched); `to_deploy` of it gives the float
+    model with its weights on the int8 grid.
+    """
+    if not isinstance(model, keras.Model):
+        raise TypeError(f"quantize_aware expects a keras.Model, got {type(model).__name__}.")
+    if scope not in SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}: choose one of {', '.join(SCOPES)}.")
+    if is_quantize_aware(model):
+        raise ValueError(f"Model {model.name!r} is already quantization-aware.")
+    images = _check_calibration(model, calibration_images)
+    plain = to_deploy(model) if _needs_fusion(model) else model
+    convs = [l for l in all_layers(plain) if type(l) is layers.Conv2D]
+    if not convs:
+        raise ValueError(f"Model {model.name!r} has no Conv2D layer: nothing to quantize.")
+    if any(isinstance(l, keras.Model) for l in plain.layers):
+        raise ValueError(
+            f"Model {model.name!r} nests another model: quantize_aware takes one flat "
+            "functional model (a RepVGG builder's output)."
+        )
+    if not isinstance(plain.layers[-1], layers.Dense):
+        raise ValueError(
+            f"Model {model.name!r} ends in {type(plain.layers[-1]).__name__}, not a classifier: "
+            "quantize_aware takes a classifier with its Dense top (include_top=True); "
+            "segmentation models and bare backbones have no int8 export to match."
+        )
+    builder = _QuantizedGraph(scope)
+    qat = keras.models.clone_model(
+        plain, clone_function=builder.clone, call_function=builder.call, recursive=False
+    )
+    for clone, original in builder.originals:
+        clone.set_weights(original.get_weights())
+    _calibrate(plain, qat, builder.points, images, batch_size)
+    return qat
+
+
+def _needs_fusion(model):
+    return any(
+        isinstance(l, layers.BatchNormalization) or type(l).__name__ == "RepVGGBlock"
+        for l in all_layers(model)
+    )
+
+
+def _check_calibration(model, images):
+    if images is None:
+        raise ValueError("quantize_aware needs calibration images to set its activation ranges.")
+    images = np.asarray(images, np.float32)
+    expected = tuple(model.input_shape[1:])
+    if images.ndim < 2 or len(images) == 0:
+        raise ValueError(
+            f"calibration images must be a non-empty [N, H, W, C] array, got shape {images.shape}."
+        )
+    if len(expected) != images.ndim - 1 or any(
+        e is not None and e != got for e, got in zip(expected, images.shape[1:])
+    ):
+        raise ValueError(
+            f"calibration images have shape {images.shape[1:]}, the model takes {expected}."
+        )
+    if not np.isfinite(images).all():
+        raise ValueError("calibration images hold NaN or inf values.")
+    return images
+
+
+class _QuantizedGraph:
+    """clone_model callbacks: quantized convs (and classifier), a quantizer at the model
+    input and after each ReLU (and, for every_op, after pooling and the classifier)."""
+
+    def __init__(self, scope):
+        self.scope = scope
+        self.originals = []  # (clone, original) pairs whose weights are copied after cloning
+        self.produced = set()  # ids of tensors made inside the graph (the rest are inputs)
+        self.input_quantizers = {}
+        self.points = []  # (quantizer, name of the layer it follows, or None for the input)
+
+    def clone(self, layer):
+        cls = type(layer)
+        if cls is layers.Conv2D:
+            cls = QuantizedConv2D
+        elif cls is layers.Dense and self.scope == "every_op":
+            cls = QuantizedDense
+        clone = cls.from_config(layer.get_config())
+        self.originals.append((clone, layer))
+        return clone
+
+    def call(self, layer, *args, **kwargs):
+        args = keras.tree.map_structure(self._quantize_input, args)
+        outputs = layer(*args, **kwargs)
+        if self._quantizes_output(layer):
+            quantizer = ActivationQuantizer(name=f"{layer.name}_quant")
+            self.points.append((quantizer, layer.name))
+            outputs = quantizer(outputs)
+        self.produced.add(id(outputs))
+        return outputs
+
+    def _quantize_input(self, tensor):
+        if not keras.backend.is_keras_tensor(tensor) or id(tensor) in self.produced:
+            return tensor
+        if id(tensor) not in self.input_quantizers:
+            quantizer = ActivationQuantizer(name=f"{tensor.name}_quant")
+            self.points.append((quantizer, None))
+            quantized = quantizer(tensor)
+            self.produced.add(id(quantized))
+            self.input_quantizers[id(tensor)] = quantized
+        return self.input_quantizers[id(tensor)]
+
+    def _quantizes_output(self, layer):
+        if isinstance(layer, layers.ReLU) or (
+            isinstance(layer, layers.Conv2D) and layer.get_config()["activation"] == "relu"
+        ):
+            return True
+        every_op = (layers.GlobalAveragePooling2D, layers.Dense)
+        return self.scope == "every_op" and isinstance(layer, every_op)
+
+
+def _calibrate(plain, qat, points, images, batch_size):
+    """Set each quantizer's range to the largest |value| its float tensor takes on `images`
+    (the float model's tensor at the same point: min/max calibration, as the runtimes do)."""
+    tensors = [plain.get_layer(name).output if name else plain.inputs[0] for _, name in points]
+    probe = keras.Model(plain.inputs, tensors)
+    maxima = np.zeros(len(points))
+    for start in range(0, len(images), batch_size):
+        values = probe(images[start : start + batch_size], training=False)
+        values = values if isinstance(values, (list, tuple)) else [values]
+        for i, value in enumerate(values):
+            value = np.abs(keras.ops.convert_to_numpy(value))
+            maxima[i] = max(maxima[i], float(value.max()))
+    for (quantizer, _), maximum in zip(points, maxima):
+        quantizer.initial_range = max(float(maximum), MIN_RANGE)
+        quantizer.range.assign(np.float32(quantizer.initial_range))

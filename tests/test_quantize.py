@@ -1,0 +1,162 @@
+"""rk.quantize_aware: the QAT model computes on the int8 grid, trains, saves, and deploys."""
+
+import keras
+import numpy as np
+import pytest
+
+import repvgg_keras as rk
+from repvgg_keras.parity import randomize_batchnorm
+from repvgg_keras.quantize import ActivationQuantizer, QuantizedConv2D, QuantizedDense
+from repvgg_keras.structure import all_layers
+
+SPEC = rk.RepVGGSpec("tiny", num_blocks=(1, 2, 1, 1), width_multipliers=(0.25, 0.5))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_batchnorm(rk.RepVGG(SPEC, input_shape=(32, 32, 3), classes=5), seed=3)
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(7).normal(size=(24, 32, 32, 3)).astype("float32")
+
+
+def _on_grid(values, step):
+    steps = np.asarray(values, np.float64) / np.asarray(step, np.float64)
+    return np.abs(steps - np.round(steps)).max() < 1e-3 and np.abs(steps).max() <= 127 + 1e-3
+
+
+def test_every_conv_quantized_and_every_relu_followed_by_a_quantizer(model, images):
+    qat = rk.quantize_aware(model, images)
+    plain = rk.to_deploy(model)
+    convs = [l for l in all_layers(plain) if isinstance(l, keras.layers.Conv2D)]
+    qconvs = [l for l in qat.layers if isinstance(l, QuantizedConv2D)]
+    assert len(qconvs) == len(convs) > 0
+    relus = [l.name for l in plain.layers if isinstance(l, keras.layers.ReLU)]
+    quantizers = [l.name for l in qat.layers if isinstance(l, ActivationQuantizer)]
+    assert quantizers == ["images_quant"] + [f"{name}_quant" for name in relus]
+    # The classifier stays float in the default scope.
+    assert type(qat.get_layer("predictions")) is keras.layers.Dense
+    assert rk.is_quantize_aware(qat) and not rk.is_quantize_aware(model)
+
+
+def test_ranges_start_at_the_calibration_maxima(model, images):
+    qat = rk.quantize_aware(model, images)
+    plain = rk.to_deploy(model)
+    relu = plain.get_layer("stage2_0_relu")
+    probe = keras.Model(plain.inputs, relu.output)
+    expected = np.abs(keras.ops.convert_to_numpy(probe(images))).max()
+    np.testing.assert_allclose(float(qat.get_layer("stage2_0_relu_quant").range), expected, 1e-5)
+    np.testing.assert_allclose(
+        float(qat.get_layer("images_quant").range), np.abs(images).max(), 1e-6
+    )
+
+
+def test_activations_and_deployed_weights_lie_on_the_int8_grid(model, images):
+    qat = rk.quantize_aware(model, images)
+    quantizer = qat.get_layer("stage2_1_relu_quant")
+    probe = keras.Model(qat.inputs, quantizer.output)
+    values = keras.ops.convert_to_numpy(probe(images))
+    assert _on_grid(values, float(quantizer.range) / 127)
+    assert len(np.unique(values)) > 20  # not collapsed to a few levels
+
+    deployed = rk.to_deploy(qat)
+    assert not rk.is_quantize_aware(deployed)
+    for layer in deployed.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kernel = layer.get_weights()[0]
+            step = np.abs(kernel).max(axis=(0, 1, 2)) / 127
+            assert _on_grid(kernel, step), layer.name
+    # The QAT model is the deployed float model with its activations rounded.
+    qat_logits = keras.ops.convert_to_numpy(qat(images))
+    float_logits = keras.ops.convert_to_numpy(deployed(images))
+    assert 0 < np.abs(qat_logits - float_logits).max() < 0.1 * np.abs(float_logits).max()
+
+
+def test_qat_model_stays_close_to_the_float_model(model, images):
+    qat = rk.quantize_aware(model, images)
+    expected = keras.ops.convert_to_numpy(model(images, training=False))
+    actual = keras.ops.convert_to_numpy(qat(images))
+    assert np.abs(actual - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_every_op_scope_quantizes_pooling_and_classifier(model, images):
+    qat = rk.quantize_aware(model, images, scope="every_op")
+    assert isinstance(qat.get_layer("predictions"), QuantizedDense)
+    names = [l.name for l in qat.layers if isinstance(l, ActivationQuantizer)]
+    assert names[-2:] == ["avg_pool_quant", "predictions_quant"]
+    deployed = rk.to_deploy(qat)
+    kernel = deployed.get_layer("predictions").get_weights()[0]
+    assert _on_grid(kernel, np.abs(kernel).max() / 127)
+
+
+def test_fit_moves_weights_and_ranges(model, images):
+    qat = rk.quantize_aware(model, images)
+    before = [w.copy() for w in qat.get_weights()]
+    labels = np.arange(len(images)) % 5
+    qat.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    history = qat.fit(images, labels, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    after = qat.get_weights()
+    conv_kernel = qat.get_layer("stage1_0_reparam").kernel
+    index = [id(v) for v in qat.weights].index(id(conv_kernel))
+    assert not np.array_equal(before[index], after[index])
+    ranges = [l.range for l in qat.layers if isinstance(l, ActivationQuantizer)]
+    moved = [float(r) != before[[id(v) for v in qat.weights].index(id(r))] for r in ranges]
+    assert any(moved)
+
+
+def test_saved_and_loaded_as_keras(model, images, tmp_path):
+    qat = rk.quantize_aware(model, images)
+    path = tmp_path / "qat.keras"
+    qat.save(path)
+    loaded = keras.models.load_model(path)
+    assert rk.is_quantize_aware(loaded)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(qat(images)), 0, 1e-6
+    )
+
+
+def test_input_model_left_untouched(model, images):
+    before = [w.copy() for w in model.get_weights()]
+    rk.quantize_aware(model, images)
+    for b, a in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "make, calibration, message",
+    [
+        (lambda m: m, None, "calibration images"),
+        (lambda m: m, np.zeros((0, 32, 32, 3)), "non-empty"),
+        (lambda m: m, np.zeros((4, 16, 16, 3)), "the model takes"),
+        (lambda m: m, np.full((4, 32, 32, 3), np.nan), "NaN"),
+        (
+            lambda m: keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]),
+            np.zeros((4, 8)),
+            "no Conv2D",
+        ),
+        (
+            lambda m: rk.RepVGG(SPEC, input_shape=(32, 32, 3), include_top=False),
+            np.zeros((4, 32, 32, 3)),
+            "classifier",
+        ),
+    ],
+)
+def test_bad_input_is_one_clear_error(model, make, calibration, message):
+    with pytest.raises(ValueError, match=message):
+        rk.quantize_aware(make(model), calibration)
+
+
+def test_unknown_scope_and_double_quantization(model, images):
+    with pytest.raises(ValueError, match="Unknown scope 'all'"):
+        rk.quantize_aware(model, images, scope="all")
+    with pytest.raises(ValueError, match="already quantization-aware"):
+        rk.quantize_aware(rk.quantize_aware(model, images), images)
+    conv_free = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten()])
+    with pytest.raises(ValueError, match="no Conv2D"):
+        rk.quantize_aware(conv_free, images)
