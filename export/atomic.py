@@ -20,9 +20,27 @@ import numpy as np
 from export import verify
 
 
+def refuse_dangling_link(path, flag="--output"):
+    """ValueError if `path`, or the first of its parents that exists, is a symbolic link to
+    nothing. Links are not followed: the final move claims or replaces the name `path` itself,
+    so the link would read as an export that appeared meanwhile (or, with overwrite, be
+    replaced) while the user meant its missing target (an unmounted disk, a moved folder)."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        if os.path.islink(probe):
+            raise ValueError(
+                f"{probe} is a symlink to {os.readlink(probe)}, which does not exist: remove it "
+                f"or pass another {flag}."
+            )
+        if os.path.dirname(probe) == probe:
+            return
+        probe = os.path.dirname(probe)
+
+
 def check_output(path, overwrite=False, flag="--output"):
     """Refuse an output path that cannot be written before the model is loaded and converted."""
     path = os.path.abspath(path)
+    refuse_dangling_link(path, flag)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(
             f"{path} already exists: pass --overwrite to replace it (after the new export verifies)."
@@ -179,9 +197,11 @@ def atomic_output(path, overwrite=False):
     the last one wins (`_replace`). The previous artifact is replaced only after the new one
     was written and verified, so a failure never leaves a half-written artifact or destroys
     the previous one. The staging directory `.NAME.tmp-HOST-PID-*` names its owner, so a
-    later export removes it if this process is killed (remove_stale_staging).
+    later export removes it if this process is killed (remove_stale_staging). A `path` that
+    is a symbolic link to nothing is refused (`refuse_dangling_link`).
     """
     path = os.path.abspath(path)
+    refuse_dangling_link(path)
     remove_stale_staging(path)  # first: it may put back a previous artifact a killed export held
     if os.path.exists(path) and not overwrite:
         raise _exists_error(path)
@@ -201,6 +221,30 @@ def atomic_output(path, overwrite=False):
             _claim(staged, path)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+# Below this many free bytes beside the staged artifact, a write that failed failed for space.
+DISK_FULL_BELOW = 1 << 20
+
+
+@contextlib.contextmanager
+def disk_full_named(output, staged):
+    """Turn a failed write into OSError(ENOSPC) naming `output` when the disk is full: an OSError
+    with errno ENOSPC or EDQUOT, or any other error (converters report a full disk opaquely:
+    OpenVINO's "basic_ios::clear: iostream error") while less than DISK_FULL_BELOW bytes are
+    free where `staged` is written. Other errors pass unchanged."""
+    try:
+        yield
+    except Exception as error:
+        full = isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+        if not full:
+            try:
+                full = shutil.disk_usage(os.path.dirname(staged)).free < DISK_FULL_BELOW
+            except OSError:
+                pass
+        if not full:
+            raise
+        raise OSError(errno.ENOSPC, "no space left on device", output) from error
 
 
 def verified_export(
@@ -228,7 +272,8 @@ def verified_export(
     (nothing written) when one falls short.
     """
     with atomic_output(output, overwrite=overwrite) as staged:
-        write(staged)
+        with disk_full_named(output, staged):
+            write(staged)
         expected = np.asarray(reference(verify_inputs, training=False))
         size = verify.directory_size_mb(staged)
         reports = []
@@ -241,7 +286,8 @@ def verified_export(
                 verify.check_classes(artifact, classes, logits)
         report = verify.weakest(reports)
         if after is not None:
-            after(staged, report)
+            with disk_full_named(output, staged):
+                after(staged, report)
     return report
 
 

@@ -1,6 +1,7 @@
 """The exporters' command line: the model flags, the calibration flags, and the runner that
 turns one export into `exported X` and a `verified:` verdict, or one `error:` line."""
 
+import errno
 import os
 import sys
 
@@ -87,7 +88,7 @@ def load_counted_images(source, count, shape, *, flags, purpose):
     """`images.load_images(source, count, *shape)`, with one `note:` line on stderr when the
     source holds fewer than `count` images (e.g. the 64 of 'sample'), so a count that cannot
     be honoured is never dropped silently. `flags`: the (source, count) flag names."""
-    pixels = images.load_images(source, count, *shape)
+    pixels = images.load_images(source, count, *shape, what=f"{flags[0]} {source}")
     if len(pixels) < count:
         print(
             f"note: {flags[0]} {source} holds {len(pixels)} images; {purpose} on {len(pixels)}, "
@@ -127,6 +128,21 @@ def check_model_flags():
         )
     if FLAGS.verify_count < 1:
         raise ValueError(f"--verify_count must be at least 1, got {FLAGS.verify_count}.")
+    if FLAGS["channels"].present:
+        check_preprocessing(FLAGS.channels, f"--channels {FLAGS.channels}")
+
+
+def check_preprocessing(channels, what):
+    """ValueError naming --preprocessing where its statistics do not fit `channels` (the
+    library's own error names neither flag); `what` says where the channel count came from."""
+    try:
+        preprocessing.scale_and_offset(FLAGS.preprocessing, channels)
+    except ValueError:
+        raise ValueError(
+            f"--preprocessing {FLAGS.preprocessing} has statistics for RGB or grayscale images, "
+            f"not for the {channels} channels of {what}: pass --preprocessing unit (pixels / 255) "
+            "or --preprocessing none (the model takes 0..255 pixels)."
+        ) from None
 
 
 def run_exporter(export, output=None, checks=()):
@@ -140,11 +156,13 @@ def run_exporter(export, output=None, checks=()):
         for check in checks:
             check()
         if output is not None:
-            atomic.check_output(output, FLAGS.overwrite)
+            flag = "--output" if "output" in FLAGS else "--export_dir"
+            atomic.check_output(output, FLAGS.overwrite, flag)
         model = loading.model_from_flags()
         if model.output_shape[-1] == 1:
             raise ValueError(one_class_error(f"--weights {FLAGS.weights} has one class"))
         _, height, width, channels = model.input_shape
+        check_preprocessing(channels, f"--weights {FLAGS.weights}")
         shipped, reference, to_input = loading.prepare_from_flags(model)
         pixels = load_counted_images(
             FLAGS.verify_images,
@@ -166,8 +184,11 @@ def run_exporter(export, output=None, checks=()):
         return 1
     except OSError as error:  # disk full, permissions changed mid-export, ...: name the user's path
         where = f"writing {output}" if output is not None else "exporting"
+        full = error.errno in (errno.ENOSPC, errno.EDQUOT)
+        hint = ": free some space there or write elsewhere" if full else ""
         print(
-            f"error: {error.strerror or error} while {where}; nothing was written.", file=sys.stderr
+            f"error: {error.strerror or error} while {where}; nothing was written{hint}.",
+            file=sys.stderr,
         )
         return 1
     except Exception as error:  # a converter or runtime failing on this model: still one line

@@ -17,6 +17,7 @@ it prints, per image, the share of the mask each class covers, largest first, an
 
 import http.client
 import json
+import numbers
 import os
 import struct
 import sys
@@ -155,6 +156,8 @@ def _predict(paths, host, port, protocol, model_name, timeout, output_filter=())
 
 # The output each task reads and its axes: probabilities [N, classes], classes [N, H, W].
 TASK_OUTPUTS = {"probabilities": 2, "classes": 3}
+# How far a row of probabilities may sum from 1: the signatures' softmax is float32.
+SUM_TOLERANCE = 1e-3
 
 
 def _per_image(outputs, name, count, problem, wrong_task):
@@ -169,10 +172,53 @@ def _per_image(outputs, name, count, problem, wrong_task):
     raise ClientError(problem(list(got.shape)) + (wrong_task if answered_other else ""))
 
 
+def _shown(value):
+    """A value as the answer held it: null for None, text quoted, at most 40 characters."""
+    return "null" if value is None else repr(value.item() if hasattr(value, "item") else value)[:40]
+
+
+def _check_answer(got, name, where):
+    """`got` (output `name`, shape already checked) if it is what the serving signatures return,
+    else ClientError saying what is wrong: values that are not numbers or not finite, no
+    entries, `probabilities` that are not a softmax (each in [0, 1], a row summing to 1: the
+    `serving_bytes` signature returns softmax(logits)), `classes` that are not class indexes."""
+    if got.dtype.kind not in "iuf":
+        numeric = lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+        bad = [v for v in got.flat if not numeric(v)]
+        if bad:
+            raise ClientError(
+                f"{where} answered {name} that are not numbers (found {_shown(bad[0])})."
+            )
+        got = got.astype(np.float64)  # numbers of mixed types
+    if got.size == 0:
+        raise ClientError(f"{where} answered empty {name} (shape {list(got.shape)}).")
+    if not np.isfinite(got).all():
+        bad = got[~np.isfinite(got)].flat[0]
+        raise ClientError(f"{where} answered {name} holding {bad} (not a finite number).")
+    if name == "probabilities":
+        if got.min() < 0 or got.max() > 1:
+            bad = got.min() if got.min() < 0 else got.max()
+            raise ClientError(
+                f"{where} answered probabilities outside [0, 1] (found {bad:g}): is it a "
+                "RepVGG export, whose serving_bytes signature returns softmax probabilities?"
+            )
+        sums = got.sum(axis=-1)
+        if np.abs(sums - 1).max() > SUM_TOLERANCE:
+            bad = sums[np.argmax(np.abs(sums - 1))]
+            raise ClientError(
+                f"{where} answered probabilities whose row sums to {bad:g}, not 1: is it a "
+                "RepVGG export, whose serving_bytes signature returns softmax probabilities?"
+            )
+    elif got.min() < 0 or (got.dtype.kind == "f" and (got != np.round(got)).any()):
+        bad = got.min() if got.min() < 0 else got[got != np.round(got)].flat[0]
+        raise ClientError(f"{where} answered classes holding {bad:g}, not a class index.")
+    return got
+
+
 def classify(paths, host, port, protocol, model_name, timeout):
     """Probabilities [len(paths), classes] from the server; ClientError on any failure."""
     outputs = _predict(paths, host, port, protocol, model_name, timeout)
-    return _per_image(
+    probabilities = _per_image(
         outputs,
         "probabilities",
         len(paths),
@@ -183,6 +229,8 @@ def classify(paths, host, port, protocol, model_name, timeout):
         ),
         " It answered per-pixel classes: pass --task segmentation.",
     )
+    where = f"TF Serving at {host}:{port} (--model_name {model_name})"
+    return _check_answer(probabilities, "probabilities", where).astype(np.float64)
 
 
 def segment(paths, host, port, protocol, model_name, timeout):
@@ -199,7 +247,8 @@ def segment(paths, host, port, protocol, model_name, timeout):
         ),
         " It answered class probabilities: drop --task segmentation.",
     )
-    return classes.astype(np.int64)
+    where = f"TF Serving at {host}:{port} (--model_name {model_name})"
+    return _check_answer(classes, "classes", where).astype(np.int64)
 
 
 def area_summary(mask, class_names=None, top_k=5):

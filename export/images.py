@@ -32,13 +32,22 @@ def fashion_mnist(split="t10k", directory=FASHION_MNIST_DIR):
     return images, labels
 
 
-def _resize(images, height, width, channels):
+def _resize(images, height, width, channels, what="the images"):
+    """`images` at the model's size and channels; only grayscale and RGB convert into each
+    other, so a source of other channel counts is a ValueError naming `what` (the source)."""
     import tensorflow as tf
 
     images = tf.convert_to_tensor(images)
     if images.shape.rank == 3:
         images = images[..., None]
-    if images.shape[-1] != channels:
+    have = images.shape[-1]
+    if have != channels and sorted((have, channels)) != [1, 3]:
+        raise ValueError(
+            f"{what} holds {have}-channel images and the model takes {channels} channels: only "
+            f"grayscale (1) and RGB (3) convert into each other. Use 'random' images or a "
+            f"source of {channels}-channel images."
+        )
+    if have != channels:
         images = (
             tf.image.grayscale_to_rgb(images)
             if channels == 3
@@ -55,7 +64,7 @@ def sample_files():
     return sorted(files, key=lambda path: (index(path), os.path.basename(path)))
 
 
-def _decode_files(files, height, width, channels):
+def _decode_files(files, height, width, channels, what):
     import tensorflow as tf
 
     decoded = []
@@ -67,31 +76,51 @@ def _decode_files(files, height, width, channels):
                 f"Cannot read image {path}: {str(error).splitlines()[0]}. "
                 "Remove it or point at another folder."
             ) from None
-        decoded.append(_resize(image[None], height, width, channels)[0])
+        decoded.append(_resize(image[None], height, width, channels, what)[0])
     return np.stack(decoded)
 
 
-def load_images(source, count, height, width, channels=3, seed=0):
+def _load_tfds(source, count, what):
+    """[count, H, W, C] pixels of a prepared tensorflow-datasets split ('tfds:<name>:<split>');
+    an unknown name is one line with close matches (tfds's own error lists every dataset)."""
+    import difflib
+
+    import tensorflow_datasets as tfds
+
+    _, name, split = (source.split(":") + ["train"])[:3]
+    try:
+        dataset = tfds.load(name, split=split, as_supervised=True, download=False)
+    except tfds.core.DatasetNotFoundError:
+        known = tfds.list_builders(with_community_datasets=False)
+        close = difflib.get_close_matches(name.split("/")[0], known, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"{what}: no tensorflow-datasets dataset named {name!r}.{hint}") from None
+    except AssertionError:  # tfds asserts that the data was prepared
+        raise ValueError(
+            f"{what}: tensorflow-datasets has no prepared data for {name!r} (nothing is "
+            f"downloaded here): run `tfds build {name}` first, or use another source."
+        ) from None
+    return np.stack([image for image, _ in tfds.as_numpy(dataset.take(count))])
+
+
+def load_images(source, count, height, width, channels=3, seed=0, what=None):
     """uint8 [count, height, width, channels] pixels from 'sample' (the photos shipped in
     export/sample_images, at most their number), 'fashion_mnist', 'random',
-    'tfds:<name>:<split>' (a prepared tensorflow-datasets split) or a folder of images."""
+    'tfds:<name>:<split>' (a prepared tensorflow-datasets split) or a folder of images.
+    `what` names the source in errors (e.g. the flag that gave it)."""
+    what = what or f"image source {source!r}"
     if count < 1:
         raise ValueError(f"Asked for {count} images: the count must be at least 1.")
     if source == "sample":
-        return _decode_files(sample_files()[:count], height, width, channels)
+        return _decode_files(sample_files()[:count], height, width, channels, what)
     if source == "random":
         rng = np.random.default_rng(seed)
         return rng.integers(0, 256, (count, height, width, channels), dtype=np.uint8)
     if source == "fashion_mnist":
         images, _ = fashion_mnist()
-        return _resize(images[:count], height, width, channels)
+        return _resize(images[:count], height, width, channels, what)
     if source.startswith("tfds:"):  # tfds:<name>:<split>, read from the local tfds data dir
-        import tensorflow_datasets as tfds
-
-        _, name, split = (source.split(":") + ["train"])[:3]
-        dataset = tfds.load(name, split=split, as_supervised=True, download=False)
-        pixels = np.stack([image for image, _ in tfds.as_numpy(dataset.take(count))])
-        return _resize(pixels, height, width, channels)
+        return _resize(_load_tfds(source, count, what), height, width, channels, what)
     if os.path.isdir(source):
         files = sorted(
             f
@@ -100,5 +129,5 @@ def load_images(source, count, height, width, channels=3, seed=0):
         )[:count]
         if not files:
             raise ValueError(f"No JPEG/PNG/BMP/GIF images found under {source!r}.")
-        return _decode_files(files, height, width, channels)
+        return _decode_files(files, height, width, channels, what)
     raise ValueError(f"Unknown image source {source!r}: use {SOURCES_HELP}.")
