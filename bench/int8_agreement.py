@@ -1,6 +1,7 @@
 """How well each int8 path keeps a trained model's top-1: agreement with fp32 and accuracy.
 
     python -m bench.int8_agreement --model_file runs/fm_a0/model_deploy.keras [--count 2000] [--calibration 64]
+        [--qat_file runs/fm_a0_qat/model_qat.keras]
 
 Fashion-MNIST only (the labels come with it): checks on the first --count test images,
 calibrates on the first --calibration training images. Accuracy, not speed: safe to run
@@ -25,6 +26,13 @@ flags.DEFINE_float(
     "fp32 top-2 logit margin above which a prediction counts as "
     "confident (the last column: agreement on those images only).",
 )
+flags.DEFINE_string(
+    "qat_file",
+    None,
+    "A quantization-aware model of --model_file (python -m train --qat): adds its rows, and "
+    "each QAT export's agreement with the QAT Keras model.",
+)
+flags.DEFINE_boolean("qat_only", False, "With --qat_file: skip the post-training rows.")
 flags.mark_flag_as_required("model_file")
 CHUNK = 250  # test images resized and checked at a time
 
@@ -57,6 +65,16 @@ def variants(deploy, calibration, workdir):
     onnx_int8.quantize(rounded, every_op, nchw(calibration), op_types=None)
     run = runners.onnxruntime(every_op)
     yield "onnxruntime QDQ, every op", lambda x, run=run: run(nchw(x))
+
+
+def qat_variants(qat):
+    """(name, function) for the QAT Keras model and its int8 exports."""
+    import repvgg_keras as rk
+    from export import runners, tflite
+
+    quantize = {"convolutions": "int8", "every_op": "int8_full"}[rk.quantize_scope(qat)]
+    yield "QAT (Keras)", lambda x: np.asarray(qat.predict(x, verbose=0))
+    yield f"QAT TFLite --quantize {quantize}", runners.tflite(tflite.convert(qat, quantize))
 
 
 def confident(reference, margin):
@@ -95,7 +113,9 @@ def main(argv):
     calibration = prepare(train_pixels[: FLAGS.calibration])
     test_pixels, labels = test_pixels[: FLAGS.count], labels[: FLAGS.count]
     with tempfile.TemporaryDirectory() as workdir:
-        paths = list(variants(deploy, calibration, workdir))
+        paths = [] if FLAGS.qat_only else list(variants(deploy, calibration, workdir))
+        if FLAGS.qat_file:
+            paths += list(qat_variants(keras.saving.load_model(FLAGS.qat_file)))
         # Images are resized and run a chunk at a time: 10,000 at 224px are 6 GB as float32,
         # and the runtimes' buffers for one such batch several times that.
         reference, outputs = [], {name: [] for name, _ in paths}
@@ -120,6 +140,13 @@ def main(argv):
             name,
             agreement_with_fp32(reference, np.concatenate(chunks), labels, FLAGS.confident_margin),
         )
+    if FLAGS.qat_file:
+        qat = np.concatenate(outputs["QAT (Keras)"])
+        print("\n| QAT export | top-1 agreement with the QAT Keras model |\n|---|---|")
+        for name, chunks in outputs.items():
+            if name.startswith("QAT ") and name != "QAT (Keras)":
+                got = np.concatenate(chunks).argmax(-1)
+                print(f"| {name} | {np.mean(got == qat.argmax(-1)):.4f} |", flush=True)
     return 0
 
 

@@ -5,6 +5,7 @@ import numpy as np
 from absl import flags
 
 import repvgg_keras as rk
+from export import verify
 from repvgg_keras import preprocessing, pspnet, sources
 from repvgg_keras.errors import shape_text
 from repvgg_keras.structure import all_layers
@@ -198,11 +199,29 @@ def prepare(model, *, fuse=True, include_preprocessing=False, mode="imagenet"):
     return exported
 
 
+def int8_requested():
+    """True when the exporter's flags ask for int8 (--quantize int8* or --precision int8)."""
+    quantize = FLAGS["quantize"].value if "quantize" in FLAGS else None
+    precision = FLAGS["precision"].value if "precision" in FLAGS else None
+    return str(quantize).startswith("int8") or precision == "int8"
+
+
 def prepare_from_flags(model):
-    """(model to ship, Keras reference, pixels -> model-input function) from the flags."""
+    """(model to ship, Keras reference, pixels -> model-input function) from the flags.
+
+    A quantization-aware model (rk.quantize_aware) ships as it is for int8, verified against
+    itself; a float export ships and verifies its float form (weights on the int8 grid)."""
     kwargs = dict(include_preprocessing=FLAGS.include_preprocessing, mode=FLAGS.preprocessing)
-    shipped = prepare(model, fuse=not FLAGS.no_fuse, **kwargs)
-    reference = prepare(model, fuse=False, **kwargs)
+    if rk.is_quantize_aware(model):
+        if not int8_requested():
+            model = rk.to_deploy(model)
+        elif "min_agreement" in FLAGS and not FLAGS["min_agreement"].present:
+            FLAGS.min_agreement = verify.MIN_QAT_AGREEMENT
+        qat = prepare(model, fuse=False, **kwargs)
+        shipped, reference = qat, qat
+    else:
+        shipped = prepare(model, fuse=not FLAGS.no_fuse, **kwargs)
+        reference = prepare(model, fuse=False, **kwargs)
     channels = model.input_shape[-1]
     if FLAGS.include_preprocessing:
         to_input = lambda pixels: np.asarray(pixels, np.float32)

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 from absl import app, flags
 
+import repvgg_keras as rk
 from export import atomic, cli, gptq, loading, runners
 
 FLAGS = flags.FLAGS
@@ -50,11 +51,13 @@ def convert(model, quantize="none", calibration=None, gptq_rounding=True):
         raise ValueError(
             f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}."
         )
-    if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
-        raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
     segmentation = loading.is_segmentation(model)
     if segmentation and quantize not in SEGMENTATION_QUANTIZATIONS:
         raise ValueError(_segmentation_quantize_error(quantize))
+    if rk.is_quantize_aware(model):
+        return _convert_quantize_aware(model, quantize)
+    if quantize.startswith("int8") and (calibration is None or len(calibration) == 0):
+        raise ValueError(f"--quantize {quantize} needs calibration images (--calibration_data).")
     if quantize.startswith("int8") and gptq_rounding:
         model = gptq.round_kernels(model, calibration)
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,6 +93,36 @@ def convert(model, quantize="none", calibration=None, gptq_rounding=True):
                 return debugger.get_nondebug_quantized_model()
         if quantize == "int8_full":
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        return converter.convert()
+
+
+# The QAT scope whose int8 ops each int8 mode holds (rk.quantize_aware's `scope`).
+QAT_SCOPES = {"int8": "convolutions", "int8_full": "every_op"}
+
+
+def _convert_quantize_aware(model, quantize):
+    """A QAT model (rk.quantize_aware) in int8 with its own grid weights and learned ranges: the
+    converter reads them from the fake-quant ops, so no calibration and no re-rounding. Its float
+    modes convert the float model whose weights lie on the grid (rk.to_deploy)."""
+    import tensorflow as tf
+
+    if not quantize.startswith("int8"):
+        return convert(rk.to_deploy(model), quantize)
+    scope = rk.quantize_scope(model)
+    if scope != QAT_SCOPES[quantize]:
+        other = next(mode for mode, s in QAT_SCOPES.items() if s == scope)
+        raise ValueError(
+            f"this quantization-aware model was made with scope {scope!r}, which --quantize "
+            f"{other} exports; --quantize {quantize} needs one made with scope "
+            f"{QAT_SCOPES[quantize]!r} (python -m train --qat --qat_scope {QAT_SCOPES[quantize]})."
+        )
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            saved, signature_keys=["serving_default"]
+        )
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
         return converter.convert()
 
 

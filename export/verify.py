@@ -13,6 +13,9 @@ import numpy as np
 # activations (TFLite's dynamic-range quantization), judged like the float precisions.
 TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "dynamic": 1e-1, "int8": 2.5e-1}
 MIN_INT8_AGREEMENT = 0.99
+# A quantization-aware model (rk.quantize_aware) already computes in int8: its export must
+# keep its top-1 nearly everywhere (the rest: ties broken by the runtime's own rounding).
+MIN_QAT_AGREEMENT = 0.998
 INT8_PERCENTILE = 99
 INT8_HINT_BELOW = 0.995  # top-1 agreement under which an int8 export suggests QARepVGG training
 INT8_REMEDIES = (

@@ -15,7 +15,7 @@ from repvgg_keras.from_source import model_from_source
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
 from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
 from repvgg_keras.pspnet import PSPNet
-from repvgg_keras.quantize import is_quantize_aware, quantize_aware
+from repvgg_keras.quantize import is_quantize_aware, quantize_aware, quantize_scope
 from repvgg_keras.sources import read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
@@ -39,6 +39,7 @@ __all__ = [
     "preprocessing",
     "is_quantize_aware",
     "quantize_aware",
+    "quantize_scope",
     "read_source",
     "SourceError",
     "to_deploy",

@@ -119,6 +119,14 @@ def is_quantize_aware(model):
     return any(isinstance(layer, QUANTIZED_LAYERS) for layer in all_layers(model))
 
 
+def quantize_scope(model):
+    """The `scope` a QAT model was made with: "every_op" when its classifier is quantized."""
+    if not is_quantize_aware(model):
+        raise ValueError(f"Model {model.name!r} is not quantization-aware.")
+    dense = any(isinstance(layer, QuantizedDense) for layer in all_layers(model))
+    return "every_op" if dense else "convolutions"
+
+
 def activation_ranges(model):
     """{quantizer name: learned range} of a QAT model: what the int8 exporters read."""
     return {

@@ -1,0 +1,121 @@
+"""QAT models (rk.quantize_aware) through the exporters: int8 TFLite with the learned ranges and
+grid weights, float exports of the float form, one error line where a path cannot take them."""
+
+import keras
+import numpy as np
+import pytest
+
+import repvgg_keras as rk
+from export import tflite
+from repvgg_keras.parity import randomize_batchnorm
+from tests.helpers import one_error_line, run_cli
+
+SPEC = rk.RepVGGSpec("tiny", num_blocks=(1, 1, 1, 1), width_multipliers=(0.25, 0.25))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(3).normal(size=(48, 32, 32, 3)).astype("float32")
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    return randomize_batchnorm(rk.RepVGG(SPEC, input_shape=(32, 32, 3), classes=6), seed=2)
+
+
+@pytest.fixture(scope="module")
+def qat_files(float_model, images, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qat")
+    files = {}
+    for scope in rk.quantize.SCOPES:
+        files[scope] = str(folder / f"{scope}.keras")
+        rk.quantize_aware(float_model, images[:16], scope=scope).save(files[scope])
+    return files
+
+
+def _interpreter(flatbuffer):
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _op_input_types(interpreter, op_name):
+    details = interpreter.get_tensor_details()
+    kinds = set()
+    for op in interpreter._get_ops_details():
+        if op["op_name"] == op_name:
+            kinds.add(details[op["inputs"][0]]["dtype"].__name__)
+    return kinds
+
+
+@pytest.mark.parametrize("scope, quantize", [("convolutions", "int8"), ("every_op", "int8_full")])
+def test_int8_tflite_holds_the_qat_grid_and_agrees(qat_files, images, scope, quantize):
+    qat = keras.models.load_model(qat_files[scope])
+    flatbuffer = tflite.convert(qat, quantize)  # no calibration images: the ranges are learned
+    interpreter = _interpreter(flatbuffer)
+    assert _op_input_types(interpreter, "CONV_2D") == {"int8"}
+    classifier = _op_input_types(interpreter, "FULLY_CONNECTED")
+    assert classifier == ({"int8"} if scope == "every_op" else {"float32"})
+    # The first conv's int8 weights times their scales are the QAT model's grid kernel.
+    grid = rk.to_deploy(qat).get_layer("stage0_reparam").get_weights()[0]  # HWIO
+    weights = [
+        t
+        for t in interpreter.get_tensor_details()
+        if "stage0_reparam" in t["name"]
+        and t["dtype"] == np.int8
+        and len(t["quantization_parameters"]["scales"]) > 1  # per channel: a kernel
+    ]
+    assert len(weights) == 1
+    quantized = interpreter.get_tensor(weights[0]["index"]).astype(np.float64)  # OHWI
+    scales = weights[0]["quantization_parameters"]["scales"]
+    restored = np.transpose(quantized * scales[:, None, None, None], (1, 2, 3, 0))
+    np.testing.assert_allclose(restored, grid, rtol=0, atol=1e-6 * np.abs(grid).max())
+    got = tflite.run(flatbuffer, images)
+    expected = keras.ops.convert_to_numpy(qat(images))
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.95
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def test_float_export_of_a_qat_model_is_its_float_form(qat_files, images):
+    qat = keras.models.load_model(qat_files["convolutions"])
+    got = tflite.run(tflite.convert(qat, "none"), images)
+    expected = keras.ops.convert_to_numpy(rk.to_deploy(qat)(images))
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_scope_the_mode_cannot_express_is_refused(qat_files):
+    qat = keras.models.load_model(qat_files["every_op"])
+    with pytest.raises(ValueError, match="scope 'every_op'.*--quantize int8 needs"):
+        tflite.convert(qat, "int8")
+
+
+@pytest.mark.slow
+def test_cli_exports_a_qat_file_and_refuses_other_int8_paths(qat_files, tmp_path):
+    output = tmp_path / "qat.tflite"
+    result = run_cli(
+        "export.tflite",
+        "--weights",
+        qat_files["convolutions"],
+        "--quantize",
+        "int8",
+        "--output",
+        str(output),
+    )
+    assert result.returncode == 0, result.stderr
+    assert output.exists()
+    assert "floor 99.80%" in result.stdout  # the QAT floor: the export computes what QAT trained
+    target = tmp_path / "qat_int8"
+    refused = run_cli(
+        "export.savedmodel",
+        "--weights",
+        qat_files["convolutions"],
+        "--precision",
+        "int8",
+        "--export_dir",
+        str(target),
+    )
+    assert refused.returncode == 1
+    assert "export.tflite" in one_error_line(refused)
+    assert not target.exists()
