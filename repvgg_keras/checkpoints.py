@@ -61,13 +61,15 @@ PICKLE_MAGIC = b"\x80"  # a pickle (protocol 2+): torch's legacy format
 
 
 def sniff(path):
-    """What the file's first bytes say it holds: "torch" (a zip archive or a pickle),
+    """What the file's first bytes say it holds: "zip" or "pickle" (PyTorch's formats),
     "safetensors" (an 8-byte little-endian header length, then its JSON "{") or None.
     File names can lie (a .safetensors file saved as .pth); the content decides."""
     with open(path, "rb") as f:
         head = f.read(9)
-    if head.startswith((TORCH_ZIP_MAGIC, PICKLE_MAGIC)):
-        return "torch"
+    if head.startswith(TORCH_ZIP_MAGIC):
+        return "zip"
+    if head.startswith(PICKLE_MAGIC):
+        return "pickle"
     if len(head) == 9 and head[8:] == b"{":
         return "safetensors"
     return None
@@ -110,12 +112,12 @@ def _torch_load(path, kind):
         raise SourceError(
             "Refused to load " + corrupt.format("it starts with neither a zip archive nor a pickle")
         )
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == TORCH_ZIP_MAGIC
-    if is_zip and not zipfile.is_zipfile(path):  # torch's own message for it is internal detail
+    if kind == "zip" and not zipfile.is_zipfile(path):  # torch's own message is internal detail
         raise SourceError(corrupt.format("its zip archive is incomplete"))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # A file object: torch would take a ".safetensors" name at its word.
+        with open(path, "rb") as f:
+            state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as error:
         refused = _unpickler_refusal(error)
         if refused is None:  # EOFError, struct.error, a broken archive ...

@@ -3,14 +3,15 @@
 One graph walk (`keras.models.clone_model`): every `RepVGGBlock` becomes a `PlainBlock`
 of built-in layers with the fused weights; a BatchNormalization that is the only consumer
 of a linear Conv2D/DepthwiseConv2D is folded into that conv; dropout and noise layers (the
-identity at inference) are left out; every other layer is cloned from its config and gets a
-copy of its weights. The input model is left untouched.
+identity at inference) are left out; PSPNet's AdaptiveAveragePooling2D and ResizeLike become
+built-in layers where the sizes are fixed (`spatial.builtin_call`); every other layer is cloned
+from its config and gets a copy of its weights. The input model is left untouched.
 """
 
 import keras
 import numpy as np
 
-from repvgg_keras import fusion
+from repvgg_keras import fusion, spatial
 from repvgg_keras.layers import PlainBlock, RepVGGBlock, all_layers, contains_blocks
 
 
@@ -214,6 +215,10 @@ class _Converter:
             fused = self._fold(original, args[0] if args else kwargs["inputs"])
             if fused is not None:
                 return fused
+        if original is not None and len(args) == 1 and not kwargs:  # fixed sizes: built-in layers
+            builtin = spatial.builtin_call(original, *args)
+            if builtin is not None:
+                return builtin
         outputs = layer(*args, **kwargs)
         if original is not None and id(layer) not in self.loaded:
             layer.set_weights(original.get_weights())

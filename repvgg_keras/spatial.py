@@ -4,6 +4,9 @@
 `ResizeLike` resizes a map to the spatial size of another tensor. Both are built from
 matrix products, reshapes and the standard bilinear resize, which the SavedModel, TFLite
 and ONNX exporters all convert, and both accept inputs of unknown size.
+
+Where the sizes are known, `builtin_call` computes either with built-in Keras layers only
+(`to_deploy` uses it), so a deploy-form model of a fixed input size loads without this package.
 """
 
 import keras
@@ -85,3 +88,70 @@ class ResizeLike(layers.Layer):
     def compute_output_shape(self, input_shape):
         images, reference = input_shape
         return (images[0], reference[1], reference[2], images[3])
+
+
+def builtin_call(layer, inputs):
+    """`layer` (an AdaptiveAveragePooling2D or ResizeLike) applied to `inputs` with built-in
+    Keras layers only, the last one named as `layer`; None where a spatial size is unknown
+    (the built-in layers need it fixed) or `layer` is another layer."""
+    if isinstance(layer, ResizeLike):
+        images, reference = inputs
+        size = tuple(reference.shape[1:3])
+        if None in size:
+            return None
+        resize = layers.Resizing(
+            *size, interpolation="bilinear", name=layer.name, dtype=layer.dtype_policy
+        )
+        return resize(images)
+    if isinstance(layer, AdaptiveAveragePooling2D) and None not in inputs.shape[1:3]:
+        return _builtin_adaptive_pooling(inputs, layer.bins, layer.name, layer.dtype_policy)
+    return None
+
+
+def _cells(size, bins):
+    """[start, end) of each adaptive pooling cell along an axis (see `pooling_matrix`)."""
+    return [(i * size // bins, -(-(i + 1) * size // bins)) for i in range(bins)]
+
+
+def _even_cells(size, bins):
+    """(pool size, stride) when the cells along an axis are of one size and evenly spaced
+    (e.g. size a multiple of bins, or 64 into 3: [0, 22), [21, 43), [42, 64)), else None."""
+    cells = _cells(size, bins)
+    lengths = {end - start for start, end in cells}
+    steps = {b[0] - a[0] for a, b in zip(cells, cells[1:])} or {size}
+    return (lengths.pop(), steps.pop()) if len(lengths) == len(steps) == 1 else None
+
+
+def _builtin_adaptive_pooling(x, bins, name, dtype):
+    """Adaptive average pooling of a fixed-size map: one AveragePooling2D where the cells along
+    both axes are even; otherwise an axis at a time, uneven cells cropped and averaged one by one
+    (a few small layers, exact, and every exporter converts them)."""
+    height, width = x.shape[1:3]
+    even_h, even_w = _even_cells(height, bins), _even_cells(width, bins)
+    if even_h and even_w:
+        return layers.AveragePooling2D(
+            (even_h[0], even_w[0]), strides=(even_h[1], even_w[1]), name=name, dtype=dtype
+        )(x)
+    x = _pool_axis(x, bins, 1, f"{name}_rows", dtype)
+    return _pool_axis(x, bins, 2, name, dtype)
+
+
+def _pool_axis(x, bins, axis, name, dtype):
+    size = x.shape[axis]
+
+    def window(length):
+        return (length, 1) if axis == 1 else (1, length)
+
+    even = _even_cells(size, bins)
+    if even:
+        return layers.AveragePooling2D(
+            window(even[0]), strides=window(even[1]), name=name, dtype=dtype
+        )(x)
+    cells = []
+    for i, (start, end) in enumerate(_cells(size, bins)):
+        crop = ((start, size - end), (0, 0)) if axis == 1 else ((0, 0), (start, size - end))
+        cell = layers.Cropping2D(crop, name=f"{name}_crop{i}", dtype=dtype)(x)
+        cells.append(
+            layers.AveragePooling2D(window(end - start), name=f"{name}_mean{i}", dtype=dtype)(cell)
+        )
+    return layers.Concatenate(axis=axis, name=name, dtype=dtype)(cells)
