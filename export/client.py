@@ -4,8 +4,9 @@
 
 Sends the encoded image to the `serving_bytes` signature (decode, resize and normalise
 happen in the server's graph) and prints the top classes. Every failure (a file that is
-missing or not an image, a server that is down or answers an error) is one `error:` line
-and exit status 1.
+missing or not an image, a server that is down or answers an error, an answer that is not
+the signature's output: not numbers, NaN, empty, probabilities that are no softmax) is one
+`error:` line and exit status 1.
 
     python -m export.client --task segmentation --model_name seg --image street.jpg \
         [--mask_png street_mask.png] [--class_names road,car,person]
