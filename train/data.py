@@ -12,6 +12,7 @@ them, and empty splits or classes are refused.
 import concurrent.futures
 import dataclasses
 import difflib
+import math
 import os
 import random
 import sys
@@ -37,7 +38,17 @@ class DatasetNotFound(FileNotFoundError):
     pass
 
 
-OUR_NAMES = ("fashion_mnist", "folder:")
+FOLDER = "folder:"
+OUR_NAMES = ("fashion_mnist", FOLDER)
+# The segmentation task's own datasets (train.segmentation_data), refused here by name.
+SCENES = "fashion_mnist_scenes"
+SEGMENTATION_FOLDER = "seg_folder:"
+
+
+def check_classification(name):
+    """Raise DatasetNotFound for a segmentation dataset (its examples have masks, not labels)."""
+    if name.startswith(SEGMENTATION_FOLDER) or name.partition("/")[0] == SCENES:
+        raise DatasetNotFound(f"{name} is a segmentation dataset: add --task segmentation.")
 
 
 def _check_known(name):
@@ -93,7 +104,15 @@ def dataset_info(builder, eval_split=None):
     eval_split = eval_split or next(
         (s for s in ("validation", "test", "val") if s in known), "test"
     )
-    label = builder.info.features["label"]
+    features = builder.info.features
+    if "label" not in features:
+        kind = (
+            "a segmentation dataset: add --task segmentation"
+            if "segmentation_mask" in features
+            else f"not a classification dataset (no `label` feature; it has {', '.join(features)})"
+        )
+        raise DatasetNotFound(f"{builder.name} is {kind}.")
+    label = features["label"]
 
     def size(split):
         if split in known and splits[split].num_examples:
@@ -108,10 +127,20 @@ IMAGE_FORMATS = "/".join(e for e in IMAGE_EXTENSIONS if e != ".jpeg")  # for mes
 EVAL_SPLITS = ("validation", "test", "val")
 
 
-def decode_image(contents):
+def decode_image(contents, min_side=None):
     """JPEG/PNG/GIF (first frame)/BMP bytes -> uint8 RGB (gray and alpha images too); the folder
-    check uses the same op."""
-    return tf.io.decode_image(contents, channels=3, expand_animations=False)
+    check uses the same op. With `min_side`, a JPEG is decoded at 1/2, 1/4 or 1/8 of its size
+    where its shorter side stays at least min_side: a large photo never takes its full memory."""
+    decoded = lambda: tf.io.decode_image(contents, channels=3, expand_animations=False)
+    if min_side is None:
+        return decoded()
+    jpeg = lambda ratio: lambda: tf.io.decode_jpeg(contents, channels=3, ratio=ratio)
+
+    def scaled():
+        shorter = tf.reduce_min(tf.image.extract_jpeg_shape(contents)[:2])
+        return tf.case([(shorter >= r * min_side, jpeg(r)) for r in (8, 4, 2)], default=jpeg(1))
+
+    return tf.cond(tf.io.is_jpeg(contents), scaled, decoded)
 
 
 @dataclasses.dataclass
@@ -125,25 +154,39 @@ class ImageFolder:
     eval_split: str
     unreadable: list
 
-    def as_dataset(self, split, shuffle=False, seed=None):
+    def as_dataset(self, split, shuffle=False, seed=None, min_side=None):
+        """(image, label) pairs; min_side: see decode_image."""
         paths = [path for path, _ in self.examples[split]]
         labels = [label for _, label in self.examples[split]]
         dataset = tf.data.Dataset.from_tensor_slices((paths, tf.constant(labels, tf.int64)))
         if shuffle:
             dataset = dataset.shuffle(len(paths), seed=seed)
         return dataset.map(
-            lambda path, label: (decode_image(tf.io.read_file(path)), label),
+            lambda path, label: (decode_image(tf.io.read_file(path), min_side), label),
             num_parallel_calls=tf.data.AUTOTUNE,
         )
 
 
 def _subfolders(path):
-    return sorted(f for f in os.listdir(path) if os.path.isdir(os.path.join(path, f)))
+    """The folders in `path`, less links back to it or to a folder above it: a `self -> .` link
+    would make a split or class of the folder itself."""
+    real = os.path.realpath(path)
+    return sorted(
+        f
+        for f in os.listdir(path)
+        if os.path.isdir(os.path.join(path, f)) and not _links_back(os.path.join(path, f), real)
+    )
+
+
+def _links_back(path, parent):
+    """Whether the folder `path` resolves to `parent` (a real path) or a folder above it."""
+    target = os.path.realpath(path)
+    return parent == target or parent.startswith(target.rstrip(os.sep) + os.sep)
 
 
 def _readable(path):
-    try:
-        image = decode_image(tf.io.read_file(path))
+    try:  # a JPEG at 1/8 of its size: every block is still decoded, in 1/64 of the memory
+        image = decode_image(tf.io.read_file(path), min_side=1)
         return image.shape[0] > 0 and image.shape[1] > 0
     except (tf.errors.OpError, OSError):
         return False
@@ -175,15 +218,17 @@ def folder_splits(root, eval_split, kind, expected, missing_error):
     return splits, eval_split
 
 
-def folder_reader(folder, seed):
+def folder_reader(folder, seed, **options):
     """(train examples, evaluation examples, evaluation split) of a scanned folder and a function
-    reading one of its splits (the training split shuffled, seeded)."""
+    reading one of its splits (the training split shuffled, seeded; `options` for as_dataset)."""
     sizes = (
         len(folder.examples["train"]),
         len(folder.examples[folder.eval_split]),
         folder.eval_split,
     )
-    return sizes, lambda split: folder.as_dataset(split, shuffle=split == "train", seed=seed)
+    return sizes, lambda split: folder.as_dataset(
+        split, shuffle=split == "train", seed=seed, **options
+    )
 
 
 def scan_image_folder(root, eval_split=None, warn=None):
@@ -211,16 +256,20 @@ def scan_image_folder(root, eval_split=None, warn=None):
         if not classes:
             empty.append(f"{split}/ (no class folders)")
         ignored += [
-            f"{split}/{f}"
+            f"{split}/{f}{'/' if os.path.isdir(os.path.join(root, split, f)) else ''}"
             for f in sorted(os.listdir(os.path.join(root, split)))
             if f not in classes
         ]
-        listed[split] = []
+        listed[split], seen = [], {}  # real path -> listed path: a linked file counts once
         for c in classes:
             for f in sorted(os.listdir(os.path.join(root, split, c))):
                 path = os.path.join(root, split, c, f)
                 if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(path):
-                    listed[split].append((path, class_names.index(c)))
+                    first = seen.setdefault(os.path.realpath(path), path)
+                    if first == path:
+                        listed[split].append((path, class_names.index(c)))
+                    else:
+                        ignored.append(f"{split}/{c}/{f} (= {os.path.relpath(first, root)})")
                 else:
                     ignored.append(f"{split}/{c}/{f}{'/' if os.path.isdir(path) else ''}")
     paths = [path for examples in listed.values() for path, _ in examples]
@@ -268,7 +317,10 @@ def scan_image_folder(root, eval_split=None, warn=None):
     return ImageFolder(root, class_names, examples, eval_split, unreadable)
 
 
-def random_resized_crop(image, size, area=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+CROP_RATIO = (3 / 4, 4 / 3)  # random-resized-crop aspect ratios (width / height)
+
+
+def random_resized_crop(image, size, area=(0.08, 1.0), ratio=CROP_RATIO):
     """Inception-style crop (random area and aspect), resized to size x size."""
     begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
         tf.shape(image),
@@ -290,6 +342,38 @@ def center_crop(image, size, crop_fraction=EVAL_CROP):
     resized_hw = tf.cast(tf.round(shape * scale), tf.int32)
     image = tf.image.resize(tf.cast(image, tf.float32), resized_hw, method="bilinear")
     return tf.image.resize_with_crop_or_pad(image, size, size)
+
+
+def crop_source_side(size, min_area):
+    """The shorter side an image needs so that no random-resized-crop of it (area >= min_area,
+    aspect within CROP_RATIO) is upscaled to size: larger sources are cut to it before caching."""
+    return math.ceil(size / math.sqrt(min_area * min(CROP_RATIO[0], 1 / CROP_RATIO[1])))
+
+
+def shrink(image, side, method="bilinear"):
+    """`image` (or a mask, method="nearest") with its shorter side resized to `side` when longer,
+    in its own dtype: what the cache holds, however large the source."""
+    shape = tf.shape(image)[:2]
+    scale = side / tf.cast(tf.reduce_min(shape), tf.float32)
+    resized_hw = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * scale), tf.int32), 1)
+
+    def resized():
+        pixels = tf.image.resize(image, resized_hw, method)  # bilinear: float32
+        return (
+            pixels
+            if pixels.dtype == image.dtype
+            else tf.saturate_cast(tf.round(pixels), image.dtype)
+        )
+
+    return tf.cond(scale < 1, resized, lambda: image)
+
+
+def cached_bytes(examples, side, channels_bytes, source_shape=None):
+    """What caching `examples` decoded examples takes at most: their shorter side cut to `side`
+    (or the dataset's fixed `source_shape`, when smaller), `channels_bytes` bytes a pixel."""
+    if source_shape is not None and None not in source_shape[:2]:
+        side = min(side, *source_shape[:2])
+    return examples * side * side * channels_bytes
 
 
 AUGMENTATIONS = ("basic", "randaugment")
@@ -329,9 +413,14 @@ def make_pipeline(
         rand_augment = keras.layers.RandAugment(
             value_range=(0, 255), num_ops=2, factor=0.5, seed=seed
         )
-    if cache:
-        dataset = dataset.cache()
     if training:
+        # Cut before the cache: a cached 5000 px photo would hold 75 MB for a 32 px crop.
+        side = crop_source_side(image_size, min_area)
+        dataset = dataset.map(
+            lambda image, label: (shrink(image, side), label), num_parallel_calls=tf.data.AUTOTUNE
+        )
+        if cache:
+            dataset = dataset.cache()
         dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
 
     def transform(image, label):
@@ -350,6 +439,8 @@ def make_pipeline(
         return preprocessing.normalize(images, preprocessing_mode, 3), labels
 
     dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+    if cache and not training:  # evaluation is deterministic: its crops are cached
+        dataset = dataset.cache()
     dataset = dataset.batch(batch_size, drop_remainder=training or drop_remainder)
     dataset = dataset.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE)
     if training and mixup > 0:
@@ -424,19 +515,24 @@ def load(
     tightly framed images such as Fashion-MNIST trained with mild crops).
     augment: "basic" or "randaugment" (see make_pipeline).
     """
-    if name.startswith("folder:"):
-        folder = scan_image_folder(name[len("folder:") :], eval_split)
-        sizes, read = folder_reader(folder, seed)
+    check_classification(name)
+    side = crop_source_side(image_size, min_area)  # enough for evaluation's crop too
+    source_shape = None
+    if name.startswith(FOLDER):
+        folder = scan_image_folder(name[len(FOLDER) :], eval_split)
+        sizes, read = folder_reader(folder, seed, min_side=side)
         info = DatasetInfo(len(folder.class_names), *sizes)
     else:
         builder = _builder(name, data_dir, download)
         info = dataset_info(builder, eval_split)
+        image = builder.info.features["image"] if "image" in builder.info.features else None
+        source_shape = getattr(image, "shape", None)
         read = lambda split: builder.as_dataset(
             split=split, as_supervised=True, shuffle_files=split == "train"
         )
     train_raw, eval_raw = read_splits(read, info, train_take, eval_take, batch_size)
     # Large datasets (ImageNet) do not fit in memory: cache only small ones.
-    cache = info.train_examples * image_size * image_size * 3 < 4e9
+    cache = cached_bytes(info.train_examples, side, 3, source_shape) < 4e9
     kwargs = dict(
         image_size=image_size, batch_size=batch_size, num_classes=info.num_classes, cache=cache
     )

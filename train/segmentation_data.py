@@ -11,6 +11,7 @@ pretrained weights (ImageNet mean/std), as in train.data. Nothing here downloads
 
 import concurrent.futures
 import dataclasses
+import math
 import os
 import sys
 
@@ -25,8 +26,8 @@ from train.data import IMAGE_EXTENSIONS, DatasetNotFound
 
 CLASS_NAMES = fashion_mnist_scenes.CLASS_NAMES  # of fashion_mnist_scenes
 SCALE_RANGE = (0.5, 2.0)
-SCENES = "fashion_mnist_scenes"
-FOLDER = "seg_folder:"
+SCENES = data.SCENES
+FOLDER = data.SEGMENTATION_FOLDER
 MASK_MODES = ("L", "P", "1", "I;16", "I")  # one channel of class indices (P: palette indices)
 
 
@@ -102,12 +103,16 @@ def _files(folder, extensions, root, ignored):
     and s0.png) are an error: which one goes with the mask s0.png?"""
     if not os.path.isdir(folder):
         return {}
-    found = {}
+    found, seen = {}, {}  # seen: real path -> path, so that a linked file counts once
     for f in sorted(os.listdir(folder)):
         path = os.path.join(folder, f)
         if not (f.lower().endswith(extensions) and os.path.isfile(path)):
             wanted = "/".join(e for e in extensions if e != ".jpeg")
             ignored.append((os.path.relpath(path, root), f"not a {wanted} file"))
+            continue
+        first = seen.setdefault(os.path.realpath(path), path)
+        if first != path:
+            ignored.append((os.path.relpath(path, root), f"= {os.path.relpath(first, root)}"))
             continue
         name = os.path.splitext(f)[0]
         if name in found:
@@ -203,6 +208,7 @@ def scan_segmentation_folder(root, eval_split=None, warn=None):
         skipped += [(os.path.relpath(masks[n], root), "no image") for n in masks if n not in images]
         pairs[split] = [(images[n], masks[n]) for n in sorted(images) if n in masks]
     listed = [pair for split_pairs in pairs.values() for pair in split_pairs]
+    _check_lossless(root, [mask for _, mask in listed])
     with concurrent.futures.ThreadPoolExecutor(max(4, os.cpu_count() or 1)) as pool:
         checked = dict(zip(listed, pool.map(lambda pair: _check_pair(*pair), listed)))
     skipped += [
@@ -237,6 +243,22 @@ def scan_segmentation_folder(root, eval_split=None, warn=None):
     return SegmentationFolder(root, num_classes, class_names, examples, eval_split, skipped)
 
 
+def _check_lossless(root, masks):
+    """Raise ValueError naming the masks that hold JPEG data whatever their name says: JPEG's
+    compression blurs class indices into values that are no class, or other classes."""
+
+    def jpeg(path):
+        with open(path, "rb") as f:
+            return f.read(3) == b"\xff\xd8\xff"
+
+    lossy = [os.path.relpath(path, root) for path in masks if jpeg(path)]
+    if lossy:
+        raise ValueError(
+            f"Segmentation folder {root!r}: masks must be lossless PNG: {data._listing(lossy)} "
+            f"hold{'s' if len(lossy) == 1 else ''} JPEG data; save the class indices as PNG."
+        )
+
+
 def _class_names(root):
     path = os.path.join(root, "classes.txt")
     if not os.path.isfile(path):
@@ -264,6 +286,12 @@ def _scenes_builder(name, data_dir):
     return builder
 
 
+def check_segmentation(name):
+    """Raise DatasetNotFound for a classification dataset of train.data (labels, no masks)."""
+    if name.startswith(data.FOLDER) or name.partition("/")[0] == "fashion_mnist":
+        raise DatasetNotFound(f"{name} is a classification dataset: leave out --task segmentation.")
+
+
 def _tfds_builder(name, data_dir, download):
     builder = data._builder(name, data_dir, download)
     features = builder.info.features
@@ -271,6 +299,11 @@ def _tfds_builder(name, data_dir, download):
         "image",
         "segmentation_mask",
     } <= set(features.keys()):
+        if "label" in features:
+            raise DatasetNotFound(
+                f"{name} is a classification dataset (no `segmentation_mask` feature): leave "
+                "out --task segmentation."
+            )
         raise DatasetNotFound(
             f"Dataset {name!r} has no `image` and `segmentation_mask` features (it has "
             f"{', '.join(features.keys()) if hasattr(features, 'keys') else features}); "
@@ -376,18 +409,9 @@ def make_pipeline(
     Training repeats, shuffles (seeded) and drops the last partial batch; evaluation keeps it.
     With augment=False training uses the evaluation transform.
     """
-    if cache:
-        dataset = dataset.cache()
-    if training:
-        dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
     random = training and augment
-    if random:
-        # A stateless seed per example: the same seed gives the same crops whatever the
-        # parallelism of the map.
-        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
 
-    def transform(pair, example_seed=None):
-        image, mask = pair
+    def transform(image, mask, example_seed=None):
         image = tf.cast(image, tf.float32)
         if image.shape.rank == 3 and image.shape[-1] == 1:
             image = tf.image.grayscale_to_rgb(image)
@@ -401,13 +425,32 @@ def make_pipeline(
             tf.ensure_shape(mask, (image_size, image_size)),
         )
 
-    if random:
-        dataset = dataset.map(
-            lambda pair, s: transform(pair, s), num_parallel_calls=tf.data.AUTOTUNE
-        )
+    if not random:  # deterministic: the transformed examples are cached
+        dataset = dataset.map(transform, num_parallel_calls=tf.data.AUTOTUNE)
+        if cache:
+            dataset = dataset.cache()
+        if training:
+            dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
     else:
+        # Cut before the cache to the largest scale the augmentation draws, so that the cache
+        # does not grow with the source images' size.
+        side = math.ceil(image_size * SCALE_RANGE[1])
         dataset = dataset.map(
-            lambda image, mask: transform((image, mask)), num_parallel_calls=tf.data.AUTOTUNE
+            lambda image, mask: (
+                data.shrink(image, side),
+                data.shrink(mask[..., None], side, "nearest")[..., 0],
+            ),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+        if cache:
+            dataset = dataset.cache()
+        dataset = dataset.shuffle(10_000, seed=seed, reshuffle_each_iteration=True).repeat()
+        # A stateless seed per example: the same seed gives the same crops whatever the
+        # parallelism of the map.
+        dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.random(seed=seed).batch(2)))
+        dataset = dataset.map(
+            lambda pair, example_seed: transform(*pair, example_seed),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
     dataset = dataset.batch(batch_size, drop_remainder=training)
     dataset = dataset.map(
@@ -437,6 +480,8 @@ def load(
     num_classes: only for TFDS datasets whose metadata does not record it (most do not; the
     scenes and seg_folder count their own).
     """
+    check_segmentation(name)
+    source_shape = None
     if name.startswith(FOLDER):
         folder = scan_segmentation_folder(name[len(FOLDER) :], eval_split)
         sizes, read = data.folder_reader(folder, seed)
@@ -447,10 +492,13 @@ def load(
         else:
             builder = _tfds_builder(name, data_dir, download)
         info = _tfds_info(name, builder, eval_split, num_classes)
+        source_shape = builder.info.features["image"].shape
         read = lambda split: _tfds_pairs(builder, split, shuffle=split == "train")
     train_raw, eval_raw = data.read_splits(read, info, train_take, eval_take, batch_size)
-    # Decoded examples are cached; large datasets (their source size unknown here) are not.
-    cache = info.train_examples * image_size * image_size * 4 < 4e9
+    # Decoded examples are cached (image uint8 and mask int32: 7 bytes a pixel, at most the
+    # largest scale the augmentation draws); large datasets are not.
+    side = math.ceil(image_size * SCALE_RANGE[1])
+    cache = data.cached_bytes(info.train_examples, side, 7, source_shape) < 4e9
     kwargs = dict(image_size=image_size, batch_size=batch_size, cache=cache)
     train = make_pipeline(train_raw, training=True, augment=augment, seed=seed, **kwargs)
     evaluation = make_pipeline(eval_raw, training=False, **kwargs)
