@@ -30,7 +30,7 @@ import sys
 
 from absl import app, flags, logging
 
-from train import lock, run_dir
+from train import lock, run_dir, staged
 
 FLAGS = flags.FLAGS
 
@@ -71,7 +71,8 @@ flags.DEFINE_bool(
     "overwrite",
     False,
     "Clear the run in --model_dir (run_config.json, backup/, logs/, training_log.csv, "
-    "training_curves.png, the .keras models; other files stay) and train from scratch.",
+    "training_curves.png, the .keras models; other files stay) and train from scratch. The old "
+    "run is cleared only once the new one's data and --init_weights have been read.",
 )
 flags.DEFINE_enum(
     "recipe",
@@ -344,9 +345,9 @@ def train():
         recipe_name=recipe_name,
         task_entries=task.config_entries(),
     )
-    finished = run_dir.prepare_model_dir(model_dir, config, FLAGS.overwrite)
-    if finished is not None:
-        print(run_dir.finished_result(model_dir, finished, recipe.epochs), flush=True)
+    prepared = run_dir.prepare_model_dir(model_dir, config, FLAGS.overwrite)
+    if prepared.finished is not None:
+        print(run_dir.finished_result(model_dir, prepared.finished, recipe.epochs), flush=True)
         return 0.0
     precision = distributed.pick_precision(FLAGS.mixed_precision)
     if precision != "none":
@@ -392,6 +393,8 @@ def train():
             recipe, model, total_steps=total_steps, warmup_steps=warmup_steps
         )
         task.compile(model, optimizer, info.num_classes)
+    # Only now, with the data and the initial weights read, is the run in model_dir replaced.
+    run_dir.start_run(model_dir, config, prepared, info.num_classes)
     run_callbacks, backup, nan_stopper = callbacks.for_run(
         model_dir,
         checkpoint_every=FLAGS.checkpoint_every,
@@ -437,9 +440,21 @@ def train():
     if diverged:
         raise FloatingPointError(f"training diverged: {diverged}; no model was saved: {remedy}.")
     result, gap = task.finish(model, model_dir, eval_ds, info, strategy, remedy)
-    run_dir.record_finished(model_dir, config, task.result_key, result)
+    run_dir.record_finished(model_dir, config, info.num_classes, task.result_key, result)
     print(result, flush=True)
     return gap
+
+
+ERROR_LENGTH = 800
+
+
+def one_line(message):
+    """`message` on one line, cut at ERROR_LENGTH characters: a library's message can quote a
+    tensor's values (Keras's weight-loading errors print whole arrays)."""
+    message = " ".join(str(message).split())
+    if len(message) > ERROR_LENGTH:
+        message = message[:ERROR_LENGTH] + " ... (cut; REPVGG_TRACEBACK=1 shows the traceback)"
+    return message
 
 
 def main(argv):
@@ -483,15 +498,20 @@ def main(argv):
     except (data.DatasetNotFound, ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
-        if isinstance(error, OSError) and error.filename and error.strerror:
+        if staged.is_disk_full(error) and not isinstance(error, staged.DiskFullError):
+            message = staged.disk_full_message(getattr(error, "filename", None) or own_dir)
+        elif isinstance(error, OSError) and error.filename and error.strerror:
             message = f"{error.strerror}: {error.filename}"
         else:
-            message = " ".join(str(error).split())  # one line
-        print(f"error: {message}", file=sys.stderr)
+            message = str(error)
+        print(f"error: {one_line(message)}", file=sys.stderr)
         return 1
-    except tf.errors.ResourceExhaustedError:
+    except tf.errors.ResourceExhaustedError as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
+        if staged.is_disk_full(error):  # TensorFlow reports ENOSPC (its event files) so too
+            print(f"error: {staged.disk_full_message(own_dir)}", file=sys.stderr)
+            return 1
         print(
             f"error: out of memory with --batch_size {FLAGS.batch_size or 'default'} at --image_size "
             f"{FLAGS.image_size or 'default'}: lower one of them.",
@@ -501,8 +521,11 @@ def main(argv):
     except tf.errors.OpError as error:  # e.g. a file that vanished or cannot be read mid-run
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
+        if staged.is_disk_full(error):
+            print(f"error: {staged.disk_full_message(own_dir)}", file=sys.stderr)
+            return 1
         print(
-            f"error: {type(error).__name__}: {error.message.strip().splitlines()[0]}",
+            f"error: {one_line(f'{type(error).__name__}: {error.message.strip().splitlines()[0]}')}",
             file=sys.stderr,
         )
         return 1

@@ -1,13 +1,18 @@
 """Training callbacks: checkpoints every N steps and every epoch, lr logging, curves, NaN stop,
 progress lines for logs; `for_run`, the list a run trains with."""
 
+import collections
+import collections.abc
 import csv
+import io
 import json
 import os
 import time
 
 import keras
 import numpy as np
+
+from train import staged
 
 
 def for_run(model_dir, *, checkpoint_every, steps_per_epoch, agree, signals, progress_every):
@@ -32,7 +37,7 @@ def for_run(model_dir, *, checkpoint_every, steps_per_epoch, agree, signals, pro
         signals,  # after the two above: a signal saves the step they counted
         nan_stopper,
         LearningRateLogger(),
-        keras.callbacks.CSVLogger(csv_path, append=True),
+        CsvLog(csv_path),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), update_freq="epoch"),
         CurvePlotter(csv_path, os.path.join(model_dir, "training_curves.png")),
     ]
@@ -84,26 +89,25 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         """Write the new backup beside the last, then rename: the last becomes the previous.
 
         Keras writes the backup in place, so a kill during the write (tested) leaves a
-        corrupt file and a run that cannot resume; a rename is atomic.
+        corrupt file and a run that cannot resume; a rename is atomic. A write that fails (a
+        full disk) leaves the backups as they were.
         """
         os.makedirs(self.backup_dir, exist_ok=True)
-        staged_weights = self._weights_path + ".tmp.weights.h5"
-        self.model.save_weights(staged_weights, overwrite=True)
-        staged_metadata = self._training_metadata_path + ".tmp"
-        with open(staged_metadata, "w") as f:
-            json.dump(
-                {
-                    "epoch": self._current_epoch,
-                    "batches": self.batches_done,  # trained in all: epoch and batch to resume at
-                    "step": int(self.model.optimizer.iterations.numpy()),
-                },
-                f,
-            )
-        if os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path):
-            os.replace(self._weights_path, self._prev_weights_path)
-            os.replace(self._training_metadata_path, self._prev_training_metadata_path)
-        os.replace(staged_weights, self._weights_path)
-        os.replace(staged_metadata, self._training_metadata_path)
+        metadata = {
+            "epoch": self._current_epoch,
+            "batches": self.batches_done,  # trained in all: epoch and batch to resume at
+            "step": int(self.model.optimizer.iterations.numpy()),
+        }
+        with (
+            staged.staging(self._weights_path) as staged_weights,
+            staged.staging(self._training_metadata_path) as staged_metadata,
+        ):
+            self.model.save_weights(staged_weights, overwrite=True)
+            with open(staged_metadata, "w") as f:
+                json.dump(metadata, f)
+            if os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path):
+                os.replace(self._weights_path, self._prev_weights_path)
+                os.replace(self._training_metadata_path, self._prev_training_metadata_path)
 
     def _generations(self):
         """[metadata with "weights" (its path) and "batches"] of the backups on disk, newest first."""
@@ -113,8 +117,7 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             (self._prev_weights_path, self._prev_training_metadata_path),
         ):
             if os.path.exists(weights) and os.path.exists(metadata):
-                with open(metadata) as f:
-                    found.append(dict(json.load(f), weights=weights))
+                found.append(dict(_read_metadata(metadata), weights=weights))
         return found
 
     def plan(self):
@@ -154,6 +157,13 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             return
         if self.model.optimizer is not None and not self.model.optimizer.built:
             self.model.optimizer.build(self.model.trainable_variables)
+        mismatch = weights_file_mismatch(record["weights"], self.model)
+        if mismatch:
+            raise ValueError(
+                f"the backup {record['weights']} {mismatch}: it was written for another model or "
+                "data (did the class count change since this run started?). Use --overwrite to "
+                "start over, or a new --model_dir."
+            )
         try:
             self.model.load_weights(record["weights"])
         except OSError as error:
@@ -166,6 +176,74 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
             record["batches"] // self.steps_per_epoch if self.steps_per_epoch else record["epoch"]
         )
         self.model._initial_epoch = self._current_epoch
+
+
+def _read_metadata(path):
+    """A backup's training_metadata.json, its fields checked: one error naming the file and the
+    field, never a traceback from a hand-edited or damaged file."""
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (OSError, ValueError) as error:
+        problem = f"it is unreadable ({error})"
+    else:
+        problem = None if isinstance(record, dict) else "it is not a JSON object"
+        for field in ("epoch", "batches", "step"):
+            value = record.get(field) if problem is None else 0
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problem = f'its field "{field}" is {json.dumps(value)[:40]}, not a count'
+                break
+    if problem:
+        raise ValueError(
+            f"{path}: {problem}. Pass --overwrite to start over, or remove the backup folder "
+            "(the run then starts again from its first step)."
+        )
+    return record
+
+
+def weights_file_mismatch(path, model):
+    """How the layer weights in the Keras weights file `path` differ from `model`'s, as a phrase
+    ("holds a 2-class classifier, the model has 3 classes"), or None when their shapes agree.
+    Read with h5py, so that no Keras message (which prints weight values) reaches the user."""
+    import h5py
+
+    shapes = []
+    try:
+        with h5py.File(path, "r") as f:
+            if not isinstance(f.get("layers"), h5py.Group):
+                return None
+            f["layers"].visititems(
+                lambda name, item: (
+                    shapes.append(tuple(item.shape)) if isinstance(item, h5py.Dataset) else None
+                )
+            )
+    except Exception:  # unreadable: loading says so
+        return None
+    theirs = collections.Counter(shapes)
+    ours = collections.Counter(tuple(w.shape) for w in model.weights)
+    if theirs == ours:
+        return None
+    only_theirs, only_ours = (
+        sorted((counts - other).elements(), key=lambda s: (-len(s), s))
+        for counts, other in ((theirs, ours), (ours, theirs))
+    )
+    outputs = model.output_shape if isinstance(model.output_shape, list) else [model.output_shape]
+    classes = outputs[0][-1]
+    widths = {s[-1] for s in only_theirs if s}
+    if (
+        len(widths) == 1
+        and all(s and s[-1] == classes for s in only_ours)
+        and collections.Counter(s[:-1] for s in only_theirs)
+        == collections.Counter(s[:-1] for s in only_ours)
+    ):
+        return f"holds a {widths.pop()}-class classifier, the model has {classes} classes"
+    example = (
+        f" (e.g. file {only_theirs[0]}, model {only_ours[0]})" if only_theirs and only_ours else ""
+    )
+    return (
+        f"holds {len(shapes)} weight tensors shaped for another model: {len(only_theirs)} of "
+        f"them do not fit this one{example}"
+    )
 
 
 def _h5_readable(path):
@@ -193,10 +271,7 @@ class ResumeReporter(keras.callbacks.Callback):
         self.step_file = step_file
 
     def on_train_batch_end(self, batch, logs=None):
-        staged = self.step_file + ".tmp"
-        with open(staged, "w") as f:
-            f.write(str(int(self.model.optimizer.iterations.numpy())))
-        os.replace(staged, self.step_file)
+        staged.write_text(self.step_file, str(int(self.model.optimizer.iterations.numpy())))
 
 
 class ProgressLines(keras.callbacks.Callback):
@@ -268,6 +343,47 @@ class NaNStopper(keras.callbacks.TerminateOnNaN):
                 self.model.stop_training = True
 
 
+class CsvLog(keras.callbacks.Callback):
+    """One row per epoch in a CSV file (the columns of keras.callbacks.CSVLogger, appending to
+    the file a resumed run left), the file rewritten through a staged copy each epoch: a full
+    disk or a kill leaves the rows written before, never a cut row."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path = path
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        try:
+            with open(self.path, newline="") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        header = next(csv.reader(io.StringIO(text)), None) if text.strip() else None
+        if header:
+            keys = header[1:]
+        else:
+            keys = sorted(logs)
+            if keys and not any(k.startswith("val_") for k in keys):
+                keys += [f"val_{k}" for k in keys]
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=["epoch", *keys])
+        if not header:
+            writer.writeheader()
+        writer.writerow({"epoch": epoch, **{k: _csv_value(logs.get(k, "NA")) for k in keys}})
+        if text and not text.endswith("\n"):
+            text += "\r\n"
+        staged.write_text(self.path, text + out.getvalue())
+
+
+def _csv_value(value):
+    if isinstance(value, str) or (isinstance(value, np.ndarray) and value.ndim == 0):
+        return value
+    if isinstance(value, collections.abc.Iterable):
+        return f"[{', '.join(map(str, value))}]"
+    return value
+
+
 class CurvePlotter(keras.callbacks.Callback):
     """Writes training_curves.png (loss, accuracy or mean IoU, lr per epoch) from the CSV log."""
 
@@ -308,5 +424,8 @@ def plot_curves(csv_path, png_path):
         axis.set_xlabel("epoch")
         axis.legend()
     figure.tight_layout()
-    figure.savefig(png_path, dpi=80)
-    plt.close(figure)
+    try:
+        with staged.staging(png_path) as staged_png:
+            figure.savefig(staged_png, dpi=80, format="png")
+    finally:
+        plt.close(figure)

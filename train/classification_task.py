@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 import repvgg_keras as rk
-from train import data, distributed, guards, pretrained
+from train import data, distributed, guards, pretrained, staged
 
 # --ablation: (use_identity, use_1x1).
 ABLATIONS = {
@@ -103,11 +103,13 @@ class Task:
             raise FloatingPointError(
                 f"training diverged: {diverged}; no model was saved: {remedy}."
             )
-        model.save(os.path.join(model_dir, "model_train.keras"))
+        with staged.staging(os.path.join(model_dir, "model_train.keras")) as path:
+            model.save(path)
         with strategy.scope():
             deploy = rk.to_deploy(model)
         # Saved uncompiled: no optimizer state.
-        deploy.save(os.path.join(model_dir, "model_deploy.keras"))
+        with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
+            deploy.save(path)
         with strategy.scope():
             deploy.compile(loss=self.loss, metrics=["accuracy"])
         if multi_worker:

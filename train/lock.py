@@ -77,9 +77,10 @@ def checkpointed_step(backup_dir):
     """The optimizer step of the newest backup in `backup_dir`, or None."""
     try:
         with open(os.path.join(backup_dir, "training_metadata.json")) as f:
-            return json.load(f).get("step")
-    except (OSError, ValueError):
+            step = json.load(f).get("step")
+    except (OSError, ValueError, AttributeError):  # AttributeError: not a JSON object
         return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def interrupted_message(signum, backup_dir):

@@ -2,11 +2,12 @@
 refused, what --overwrite clears and which folder a worker owns. No TensorFlow here: `python -m
 train` claims its folder before it loads TensorFlow."""
 
+import dataclasses
 import json
 import os
 import shutil
 
-from train import lock
+from train import lock, staged
 
 RUN_CONFIG = "run_config.json"
 # What a run writes into --model_dir (and --overwrite removes); worker_<i>/ folders belong to other processes.
@@ -94,29 +95,80 @@ def run_config(flags, *, model, spec, image_size, recipe, recipe_name, task_entr
 
 def write_json(path, content):
     """Write through a staged file and a rename: a kill never leaves half a file."""
-    staged = path + ".tmp"
-    with open(staged, "w") as f:
-        json.dump(content, f, indent=1)
-    os.replace(staged, path)
+    staged.write_text(path, json.dumps(content, indent=1))
 
 
 def _clear_run(model_dir):
     for name in RUN_FILES:
-        target = os.path.join(model_dir, name)
-        if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
-        elif os.path.lexists(target):
-            os.remove(target)
+        for target in (
+            os.path.join(model_dir, name),
+            staged.staged_path(os.path.join(model_dir, name)),
+        ):
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            elif os.path.lexists(target):
+                os.remove(target)
+
+
+def _field_problem(recorded):
+    """The first field of a recorded run_config.json of the wrong type, as a phrase, or None."""
+    if not isinstance(recorded, dict):
+        return f"it holds {json.dumps(recorded)[:40]}, not a JSON object"
+    wanted = {
+        "flags": (dict, "an object"),
+        "finished": (bool, "true or false"),
+        "classes": (int, "a positive integer"),
+        "accuracy": (str, "a string"),
+        "miou": (str, "a string"),
+    }
+    if "flags" not in recorded:
+        return 'it lacks the field "flags"'
+    for field, (kind, text) in wanted.items():
+        value = recorded.get(field)
+        if field in recorded and (
+            not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1))
+        ):
+            return f'its field "{field}" is {json.dumps(value)[:40]}, not {text}'
+    return None
+
+
+def read_run_config(path):
+    """The content of a run's run_config.json, every field this module reads checked; UsageError
+    naming the file and the field otherwise (a hand-edited or damaged file is not guessed at)."""
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as error:
+        problem = f"it is unreadable ({error})"
+    else:
+        problem = _field_problem(recorded)
+    if problem:
+        raise UsageError(
+            f"{path}: {problem}. Pass --overwrite to clear this run and start over, fix or remove "
+            "the file, or pass another --model_dir."
+        )
+    return recorded
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What `prepare_model_dir` found: `finished`, the recorded content of a finished run of this
+    configuration (nothing to train), else None; `recorded`, the content of an unfinished run
+    of it (resumed) or None; `replace`, whether starting clears the files of the run there."""
+
+    finished: dict = None
+    recorded: dict = None
+    replace: bool = False
 
 
 def prepare_model_dir(model_dir, config, overwrite):
-    """Check --model_dir against this run's configuration before anything is written there.
+    """Check --model_dir against this run's configuration; nothing of a run there is changed yet
+    (`start_run` does that, once the data and the initial weights have been read).
 
-    Returns the recorded run_config.json content when it holds a finished run of this configuration
-    (nothing to train), else None after recording the configuration. Raises UsageError for another
-    configuration, or for a run whose configuration was never recorded, unless `overwrite`, which
-    removes the run's files (RUN_FILES) first. A run that stopped before its first checkpoint (no
-    backup/, log or model) holds nothing to resume and is replaced.
+    Raises UsageError for another configuration, or for a run whose configuration was never
+    recorded, unless `overwrite` (which replaces the run's files, RUN_FILES, at the start). A run
+    that stopped before its first checkpoint (no backup/, log or model) holds nothing to resume
+    and is replaced.
     """
     try:
         os.makedirs(model_dir, exist_ok=True)
@@ -131,17 +183,10 @@ def prepare_model_dir(model_dir, config, overwrite):
         name for name in UNRECORDED_RUN_FILES if os.path.exists(os.path.join(model_dir, name))
     ]
     if overwrite:
-        _clear_run(model_dir)
-    elif os.path.exists(path):
-        try:
-            with open(path) as f:
-                recorded = json.load(f)
-            recorded_flags = recorded["flags"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            raise UsageError(
-                f"{path} is unreadable ({error}): pass --overwrite to clear this run and start over, "
-                "or another --model_dir."
-            ) from None
+        return Prepared(replace=True)
+    if os.path.exists(path):
+        recorded = read_run_config(path)
+        recorded_flags = recorded["flags"]
         differences = [
             f"--{name}: recorded {recorded_flags.get(name)!r}, given {value!r}"
             for name, value in config.items()
@@ -149,22 +194,42 @@ def prepare_model_dir(model_dir, config, overwrite):
         ]
         if differences and not progress and not recorded.get("finished"):
             # It stopped before its first checkpoint (say, on a wrong data path).
-            _clear_run(model_dir)
-        elif differences:
+            return Prepared(replace=True)
+        if differences:
             raise UsageError(
                 f"--model_dir {model_dir} holds a run of another configuration ({'; '.join(differences)}): "
                 "pass the recorded values to resume it, another --model_dir, or --overwrite to clear it and start over."
             )
         if recorded.get("finished"):
-            return recorded
-    elif progress:
+            return Prepared(finished=recorded)
+        return Prepared(recorded=recorded)
+    if progress:
         raise UsageError(
             f"--model_dir {model_dir} holds {', '.join(progress)} but no {RUN_CONFIG} (a run of an older version): "
             "its configuration is unknown, so it is neither resumed nor replaced. Pass another --model_dir, "
             "or --overwrite to clear it and start over."
         )
-    write_json(path, {"flags": config, "finished": False})
-    return None
+    return Prepared()
+
+
+def start_run(model_dir, config, prepared, classes):
+    """Record the run's configuration and its class count (read from the data), clearing the
+    previous run's files first when `prepared.replace`. Called once the data and the initial
+    weights have been read: a mistake in them leaves the run that was there as it was. A resumed
+    run whose data has another class count than recorded is refused."""
+    recorded_classes = (prepared.recorded or {}).get("classes")
+    if recorded_classes is not None and recorded_classes != classes:
+        raise UsageError(
+            f"the class count changed from {recorded_classes} to {classes} since this run started "
+            f"({os.path.join(model_dir, RUN_CONFIG)}): the checkpoints in {model_dir} hold a "
+            f"{recorded_classes}-class classifier. Use --overwrite to start over, or a new --model_dir."
+        )
+    if prepared.replace:
+        _clear_run(model_dir)
+    write_json(
+        os.path.join(model_dir, RUN_CONFIG),
+        {"flags": config, "classes": classes, "finished": False},
+    )
 
 
 def finished_result(model_dir, recorded, epochs):
@@ -187,10 +252,10 @@ def finished_result(model_dir, recorded, epochs):
     return recorded.get("accuracy") or recorded.get("miou", "")
 
 
-def record_finished(model_dir, config, result_key, result):
+def record_finished(model_dir, config, classes, result_key, result):
     """Mark the run finished with its result line; its backups are no longer needed."""
     write_json(
         os.path.join(model_dir, RUN_CONFIG),
-        {"flags": config, "finished": True, result_key: result},
+        {"flags": config, "classes": classes, "finished": True, result_key: result},
     )
     shutil.rmtree(os.path.join(model_dir, "backup"), ignore_errors=True)

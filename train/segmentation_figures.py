@@ -5,6 +5,7 @@ import os
 import numpy as np
 
 from repvgg_keras.masks import IGNORE_LABEL, class_name, colorize, palette
+from train.staged import staging
 
 
 def _displayable(image):
@@ -107,9 +108,8 @@ def save_predictions_png(
 
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    staged = f"{path}.tmp.png"
     try:
-        figure.savefig(staged, dpi=dpi, format="png")
+        with staging(path) as staged_png:
+            figure.savefig(staged_png, dpi=dpi, format="png")
     finally:
         plt.close(figure)
-    os.replace(staged, path)

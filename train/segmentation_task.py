@@ -21,6 +21,7 @@ from train import (
     segmentation_data,
     segmentation_figures,
     segmentation_metrics,
+    staged,
 )
 
 PREDICTIONS_PNG = "predictions.png"
@@ -106,10 +107,12 @@ def save_predictions(path, model, dataset, class_names, num_classes):
 def finish(model, model_dir, eval_ds, info, strategy):
     """Save both forms, evaluate them, draw the PNG; returns the last line's text and the scores."""
     inference = pspnet.inference_model(model)
-    inference.save(os.path.join(model_dir, "model_train.keras"))
+    with staged.staging(os.path.join(model_dir, "model_train.keras")) as path:
+        inference.save(path)
     with strategy.scope():
         deploy = rk.to_deploy(inference)
-    deploy.save(os.path.join(model_dir, "model_deploy.keras"))
+    with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
+        deploy.save(path)
     train_miou, train_accuracy = scores(inference, eval_ds, info.num_classes, strategy)
     deploy_miou, deploy_accuracy = scores(deploy, eval_ds, info.num_classes, strategy)
     save_predictions(
