@@ -6,7 +6,8 @@ then centre crop (the paper's 256 -> 224, scaled). Grayscale becomes 3 channels,
 are normalised like the pretrained weights (ImageNet mean/std). Datasets that are not
 present raise at once: nothing here downloads unless asked to. An image folder is checked when
 it is loaded: every image is decoded once, unreadable ones are skipped with a warning naming
-them, and empty splits or classes are refused.
+them, and empty splits or classes are refused. Small datasets are cached: training images cut to
+the largest size a crop uses, evaluation crops as made, so memory does not follow the sources' size.
 """
 
 import concurrent.futures
