@@ -188,8 +188,10 @@ def _read_metadata(path):
         problem = f"it is unreadable ({error})"
     else:
         problem = None if isinstance(record, dict) else "it is not a JSON object"
-        for field in ("epoch", "batches", "step"):
+        for field in ("epoch", "batches", "step"):  # "batches" always, the others when there
             value = record.get(field) if problem is None else 0
+            if value is None and field != "batches" and field not in record:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 problem = f'its field "{field}" is {json.dumps(value)[:40]}, not a count'
                 break
