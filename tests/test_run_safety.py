@@ -265,3 +265,34 @@ def test_resuming_after_a_class_was_added_names_both_counts(tmp_path):
     line = one_error_line(train_cli(model_dir, f"folder:{data}", *args, timeout=300))
     assert "holds a 2-class classifier, the model has 3 classes" in line, line
     assert "--overwrite" in line and len(line) < 1000, line
+
+
+def test_a_backbone_weights_file_of_another_variant_is_named(tmp_path):
+    """--task segmentation --init_weights x.weights.h5: a file lacking the backbone's tensors is
+    named before Keras loads it (Keras's message prints weight values)."""
+    from train import recipes, segmentation_task
+
+    path = str(tmp_path / "classifier.weights.h5")
+    _tiny_model(2).save_weights(path)
+    head = recipes.segmentation_head(
+        32,
+        output_stride=None,
+        head_channels=None,
+        low_level_skip=None,
+        image_refine=None,
+        scale_augment=None,
+    )
+    options = {**head, "fast": False, "aux_weight": 0.4}
+    for widths, fits in (((0.25, 0.25), True), ((0.5, 0.5), False)):
+        spec = dataclasses.replace(TINY_SPEC, width_multipliers=widths)
+        model = segmentation_task.build_model(
+            spec, 32, 5, options=options, quant_friendly=False, bn_synchronized=False
+        )
+        if fits:  # the classifier's file holds the backbone's tensors (and more)
+            segmentation_task.init_backbone(model, path, spec.name)
+            continue
+        with pytest.raises(ValueError) as caught:
+            segmentation_task.init_backbone(model, path, spec.name)
+        message = str(caught.value)
+        assert message.startswith(f"--init_weights {path} lacks 22 of the 50 weight tensors")
+        assert "--width_multipliers" in message and len(message) < 400, message

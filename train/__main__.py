@@ -25,6 +25,7 @@ and the run folder is claimed, so that a mistake or a busy folder is answered at
 import dataclasses
 import math
 import os
+import re
 import signal
 import sys
 
@@ -452,6 +453,7 @@ def one_line(message):
     """`message` on one line, cut at ERROR_LENGTH characters: a library's message can quote a
     tensor's values (Keras's weight-loading errors print whole arrays)."""
     message = " ".join(str(message).split())
+    message = re.sub(r"\[[-+\d.eE,\s\[\]]{40,}\]", "[...]", message)  # printed arrays
     if len(message) > ERROR_LENGTH:
         message = message[:ERROR_LENGTH] + " ... (cut; REPVGG_TRACEBACK=1 shows the traceback)"
     return message

@@ -203,9 +203,10 @@ def _read_metadata(path):
     return record
 
 
-def weights_file_mismatch(path, model):
+def weights_file_mismatch(path, model, part=False):
     """How the layer weights in the Keras weights file `path` differ from `model`'s, as a phrase
-    ("holds a 2-class classifier, the model has 3 classes"), or None when their shapes agree.
+    ("holds a 2-class classifier, the model has 3 classes"), or None when their shapes agree
+    (`part`: when the file holds at least the model's, e.g. a classifier's for its backbone).
     Read with h5py, so that no Keras message (which prints weight values) reaches the user."""
     import h5py
 
@@ -223,7 +224,7 @@ def weights_file_mismatch(path, model):
         return None
     theirs = collections.Counter(shapes)
     ours = collections.Counter(tuple(w.shape) for w in model.weights)
-    if theirs == ours:
+    if theirs == ours or (part and not ours - theirs):
         return None
     only_theirs, only_ours = (
         sorted((counts - other).elements(), key=lambda s: (-len(s), s))
@@ -239,6 +240,11 @@ def weights_file_mismatch(path, model):
         == collections.Counter(s[:-1] for s in only_ours)
     ):
         return f"holds a {widths.pop()}-class classifier, the model has {classes} classes"
+    if part:
+        return (
+            f"lacks {len(only_ours)} of the {sum(ours.values())} weight tensors of the model "
+            f"(e.g. one of shape {only_ours[0]})"
+        )
     example = (
         f" (e.g. file {only_theirs[0]}, model {only_ours[0]})" if only_theirs and only_ours else ""
     )

@@ -16,6 +16,7 @@ import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet
 from repvgg_keras.masks import IGNORE_LABEL
 from train import (
+    callbacks,
     distributed,
     recipes,
     segmentation_data,
@@ -51,7 +52,17 @@ def build_model(spec, image_size, num_classes, *, options, quant_friendly, bn_sy
 
 
 def init_backbone(model, source, variant):
-    pspnet.load_backbone_weights(model.get_layer("backbone"), source, variant)
+    trunk = model.get_layer("backbone")
+    if source.endswith(".weights.h5") and os.path.isfile(source):
+        # Checked here: Keras's own message on a misfit prints weight values.
+        mismatch = callbacks.weights_file_mismatch(source, trunk, part=True)
+        if mismatch:
+            raise ValueError(
+                f"--init_weights {source} {mismatch}: it comes from another model. Pass "
+                f"weights of {variant} with the same --num_blocks, --width_multipliers and "
+                "--quant_friendly, or the .keras model they came from."
+            )
+    pspnet.load_backbone_weights(trunk, source, variant)
     print(f"backbone initialised from {source}", flush=True)
 
 
