@@ -296,3 +296,14 @@ def test_a_backbone_weights_file_of_another_variant_is_named(tmp_path):
         message = str(caught.value)
         assert message.startswith(f"--init_weights {path} lacks 22 of the 50 weight tensors")
         assert "--width_multipliers" in message and len(message) < 400, message
+
+
+def test_an_error_line_never_carries_weight_values():
+    """A library message that prints tensors (Keras's loading errors do) loses the values."""
+    from train.__main__ import ERROR_LENGTH, one_line
+
+    values = np.random.default_rng(0).normal(size=(40, 3))
+    message = f"Layer 'predictions' expected\n<Variable shape=(40, 3), value={values}> and more"
+    line = one_line(message * 20)
+    assert "\n" not in line and "value=[...]>" in line and "0." not in line, line
+    assert len(line) < ERROR_LENGTH + 80, len(line)
