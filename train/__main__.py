@@ -125,6 +125,19 @@ flags.DEFINE_bool(
     "QARepVGG blocks (no BN on the 1x1 and identity branches, one BN "
     "after the sum): the same plain deploy model, much better int8 accuracy.",
 )
+flags.DEFINE_bool(
+    "qat",
+    False,
+    "Quantization-aware fine-tuning of --init_weights (rk.quantize_aware): writes model_qat.keras, "
+    "which the int8 exporters take, and ends with `accuracy: fp32=.. qat=..`. Recipe 'qat'.",
+)
+flags.DEFINE_enum(
+    "qat_scope",
+    "convolutions",
+    ["convolutions", "every_op"],
+    "With --qat: what runs in int8. convolutions: TFLite --quantize int8 (pooling and classifier "
+    "float); every_op: TFLite --quantize int8_full (integer-only).",
+)
 flags.DEFINE_string(
     "init_weights",
     None,
@@ -257,6 +270,13 @@ def flag_problems():
                 f"{', '.join(classification_only)} apply to classification only, not to "
                 "--task segmentation (which augments with --scale_augment)"
             )
+    if FLAGS.qat and FLAGS.task == "segmentation":
+        problems.append("--qat fine-tunes classifiers, not --task segmentation")
+    elif FLAGS.qat and not FLAGS.init_weights:
+        problems.append(
+            "--qat fine-tunes a trained model: pass it as --init_weights (a run's "
+            "model_train.keras or model_deploy.keras, an authors'/timm checkpoint or 'imagenet')"
+        )
     if FLAGS.verbose not in (0, 1, 2):
         problems.append(f"--verbose must be 0, 1 or 2, not {FLAGS.verbose}")
     for name, count, kind, low in (("num_blocks", 4, int, 1), ("width_multipliers", 2, float, 0)):
@@ -316,7 +336,7 @@ def train():
     variant = rk.get_spec(FLAGS.model)
     spec = custom_spec(variant)
     image_size = FLAGS.image_size or spec.default_size
-    recipe_name = FLAGS.recipe or recipes.DEFAULT_RECIPE[FLAGS.task]
+    recipe_name = FLAGS.recipe or ("qat" if FLAGS.qat else recipes.DEFAULT_RECIPE[FLAGS.task])
     recipe = recipes.get_recipe(
         recipe_name,
         image_size=image_size,
@@ -378,7 +398,8 @@ def train():
         )
     what, augmentation = task.describe()
     print(
-        f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}) on "
+        f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}"
+        f"{f', quantization-aware ({FLAGS.qat_scope})' if FLAGS.qat else ''}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
         f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {recipe_name} "

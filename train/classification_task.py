@@ -23,6 +23,9 @@ ABLATIONS = {
 }
 
 
+QAT_CALIBRATION_BATCHES = 2  # training batches whose activations set the initial int8 ranges
+
+
 class Task:
     """RepVGG classification; ends with `accuracy: training_form=<top-1> deploy_form=<top-1>`."""
 
@@ -34,13 +37,13 @@ class Task:
         self.loss = None
 
     def config_entries(self):
-        """What the run records beyond the common flags: nothing."""
-        return {}
+        """What the run records beyond the common flags: the QAT scope of a --qat run."""
+        return {"qat_scope": self.flags.qat_scope} if self.flags.qat else {}
 
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets."""
         recipe = self.recipe
-        return data.load(
+        train_ds, eval_ds, info = data.load(
             self.flags.dataset,
             min_area=recipe.min_area,
             mixup=recipe.mixup,
@@ -48,13 +51,42 @@ class Task:
             eval_crop=recipe.eval_crop,
             **common,
         )
+        self.train_ds = train_ds  # --qat calibrates its ranges on a few training batches
+        return train_ds, eval_ds, info
 
     def describe(self):
         """The model and the augmentation, for the line that starts a run."""
         return self.spec.name, f"augment {self.recipe.augment}"
 
     def build(self, num_classes, *, bn_synchronized):
-        """The training form, initialised from --init_weights when given."""
+        """The training form, initialised from --init_weights when given; with --qat, the
+        quantization-aware form of that model (the float model kept for the final comparison)."""
+        if self.flags.qat:
+            self.float_model = self.build_float(num_classes, bn_synchronized=bn_synchronized)
+            return rk.quantize_aware(
+                self.float_model, self.calibration_images(), scope=self.flags.qat_scope
+            )
+        return self.build_float(num_classes, bn_synchronized=bn_synchronized)
+
+    def calibration_images(self):
+        batches = []
+        for images, _ in self.train_ds.take(QAT_CALIBRATION_BATCHES):
+            batches.append(keras.ops.convert_to_numpy(images))
+        return np.concatenate(batches)
+
+    def build_float(self, num_classes, *, bn_synchronized):
+        source = self.flags.init_weights
+        if self.flags.qat and str(source).endswith(".keras"):
+            saved = pretrained.saved_deploy_form(source)
+            if saved is not None:  # a deploy-form model: quantized as it is
+                if saved.output_shape[-1] != num_classes:
+                    raise ValueError(
+                        f"--init_weights {source} classifies {saved.output_shape[-1]} classes, "
+                        f"--dataset {self.flags.dataset} has {num_classes}: --qat fine-tunes "
+                        "a model trained on this dataset."
+                    )
+                print(f"initialised from {source}: the deploy form as it is", flush=True)
+                return saved
         model = rk.RepVGG(
             self.spec,
             input_shape=(self.image_size, self.image_size, 3),
@@ -96,6 +128,8 @@ class Task:
     def finish(self, model, model_dir, eval_ds, info, strategy, remedy):
         """Save both forms and evaluate them; returns the last line and the forms' top-1 gap.
         A form that does not compute finite numbers is an error (`remedy` says what to do)."""
+        if self.flags.qat:
+            return self.finish_qat(model, model_dir, eval_ds, info, strategy, remedy)
         multi_worker = distributed.is_multi_worker(strategy)
         evaluation = None if multi_worker else model.evaluate(eval_ds, verbose=0, return_dict=True)
         diverged = evaluation and guards.divergence(model, val_loss=evaluation["loss"])
@@ -134,3 +168,35 @@ class Task:
         )
         accuracy = f"accuracy: training_form={train_acc:.4f} deploy_form={deploy_acc:.4f}"
         return accuracy, np.abs(train_acc - deploy_acc)
+
+    def finish_qat(self, qat, model_dir, eval_ds, info, strategy, remedy):
+        """Save the QAT model (model_qat.keras, for the int8 exporters) and its float form
+        (model_deploy.keras: the weights on the int8 grid); compare the float model QAT started
+        from with the QAT model on the evaluation images."""
+        multi_worker = distributed.is_multi_worker(strategy)
+        with strategy.scope():
+            self.float_model.compile(loss=self.loss, metrics=["accuracy"])
+        if multi_worker:
+            qat_acc = distributed.evaluate_model(qat, eval_ds, strategy)
+            fp32_acc = distributed.evaluate_model(self.float_model, eval_ds, strategy)
+        else:
+            evaluation = qat.evaluate(eval_ds, verbose=0, return_dict=True)
+            diverged = guards.divergence(qat, val_loss=evaluation["loss"])
+            if diverged:
+                raise FloatingPointError(
+                    f"training diverged: {diverged}; no model was saved: {remedy}."
+                )
+            qat_acc = evaluation["accuracy"]
+            fp32_acc = self.float_model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
+        with staged.staging(os.path.join(model_dir, "model_qat.keras")) as path:
+            qat.save(path)
+        with strategy.scope():
+            deploy = rk.to_deploy(qat)
+        with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
+            deploy.save(path)
+        print(f"saved {model_dir}/model_qat.keras and {model_dir}/model_deploy.keras")
+        print(
+            f"top-1 on {info.eval_examples} {info.eval_split} examples: fp32 (--init_weights) "
+            f"{fp32_acc:.4f}, quantization-aware {qat_acc:.4f}"
+        )
+        return f"accuracy: fp32={fp32_acc:.4f} qat={qat_acc:.4f}", 0.0

@@ -59,3 +59,10 @@ def copy_weights(model, donor):
             "options (--quant_friendly, --ablation), in training form."
         )
     return untouched
+
+
+def saved_deploy_form(source):
+    """The model saved in `source` when it is a deploy-form .keras model (what --qat can start
+    from as it is), else None."""
+    src = sources.read_source(source)
+    return src.saved_model if src.kind == "keras_model" and src.deploy else None

@@ -53,6 +53,18 @@ RECIPES = {
         weight_decay=5e-5,
         eval_crop=1.0,
     ),
+    # --qat's default: quantization-aware fine-tuning of a trained model (rk.quantize_aware). A
+    # small lr from the first step (the weights are trained; warm-up would waste the short run),
+    # one pass, the weight decay of the authors' QAT example; ranges train with the weights.
+    "qat": Recipe(
+        epochs=1,
+        batch_size=128,
+        base_lr=0.004,
+        warmup_epochs=0.0,
+        min_area=0.5,
+        weight_decay=4e-5,
+        eval_crop=1.0,
+    ),
     # --task segmentation's default (PSPNet): SGD lr 0.4 at its batch of 32 (base_lr is at batch
     # 256), a short warm-up, two epochs. With the small-input head below and a backbone from a
     # short Fashion-MNIST classification run (--init_weights), it reaches mIoU 0.6 on
@@ -163,12 +175,13 @@ def make_optimizer(recipe, model, *, total_steps, warmup_steps):
 
 
 def no_decay_variables(model):
-    """Variables the authors exclude from weight decay: classifier bias, BN betas, and the
+    """Variables the authors exclude from weight decay: classifier bias, BN betas (the fused
+    convs' biases and the QAT ranges in a QAT model), and the
     BN gammas of the dense and 1x1 branches (the identity BN's gamma keeps its decay)."""
     excluded = []
     for variable in model.trainable_variables:
         path = variable.path
-        if path.endswith("predictions/bias") or path.endswith("/beta"):
+        if path.endswith(("predictions/bias", "/beta", "_reparam/bias", "_quant/range")):
             excluded.append(variable)
         elif path.endswith("/gamma") and (
             "_dense_bn/" in path or "_1x1_bn/" in path or "_post_bn/" in path

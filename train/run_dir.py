@@ -239,11 +239,9 @@ def finished_result(model_dir, recorded, epochs):
         f"{model_dir} holds a finished run of this configuration ({epochs} epochs); its models are "
         "kept as they are. Pass --overwrite to train it again, or another --model_dir."
     )
-    missing = [
-        n
-        for n in ("model_train.keras", "model_deploy.keras")
-        if not os.path.exists(os.path.join(model_dir, n))
-    ]
+    qat = recorded.get("flags", {}).get("qat_scope") is not None  # --qat: no training form
+    models = ("model_qat.keras" if qat else "model_train.keras", "model_deploy.keras")
+    missing = [n for n in models if not os.path.exists(os.path.join(model_dir, n))]
     if missing:
         raise UsageError(
             f"the finished run in {model_dir} lacks {', '.join(missing)}: pass --overwrite to "
