@@ -57,6 +57,23 @@ def _resize(images, height, width, channels, what="the images"):
     return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 
 
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def folder_images(root):
+    """The image files under `root`, each file once: linked folders are not followed (a link
+    back into the tree would list its images again and again), a linked file counts once."""
+    seen, files = set(), []
+    for folder, _, names in sorted(os.walk(root, followlinks=False)):
+        for name in sorted(names):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(real) and real not in seen:
+                seen.add(real)
+                files.append(path)
+    return files
+
+
 def sample_files():
     """The shipped sample photos, interleaved by source (the first few cover every subject)."""
     files = glob.glob(os.path.join(SAMPLE_DIR, "*.jpg"))
@@ -122,11 +139,7 @@ def load_images(source, count, height, width, channels=3, seed=0, what=None):
     if source.startswith("tfds:"):  # tfds:<name>:<split>, read from the local tfds data dir
         return _resize(_load_tfds(source, count, what), height, width, channels, what)
     if os.path.isdir(source):
-        files = sorted(
-            f
-            for f in glob.glob(os.path.join(source, "**", "*"), recursive=True)
-            if f.lower().endswith((".jpg", ".jpeg", ".png", ".bmp", ".gif"))
-        )[:count]
+        files = folder_images(source)[:count]
         if not files:
             raise ValueError(f"No JPEG/PNG/BMP/GIF images found under {source!r}.")
         return _decode_files(files, height, width, channels, what)

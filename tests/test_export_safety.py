@@ -310,3 +310,14 @@ def test_openvino_on_a_full_disk_is_one_line_naming_the_path(tmp_path, small_dis
         "some space there or write elsewhere."
     )
     assert os.listdir(small_disk) == []
+
+
+def test_a_folder_with_a_link_to_itself_counts_each_image_once(tmp_path):
+    from export import images
+    from tests.helpers import write_png
+
+    for i in range(3):
+        write_png(tmp_path / "photos" / f"{i}.png", seed=i)
+    os.symlink(".", tmp_path / "photos" / "self")
+    os.symlink(tmp_path / "photos" / "0.png", tmp_path / "photos" / "again.png")
+    assert len(images.folder_images(str(tmp_path / "photos"))) == 3
