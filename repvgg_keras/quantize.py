@@ -264,7 +264,7 @@ def _calibrate(plain, qat, points, images, batch_size):
     """Set each quantizer's range to the largest |value| its float tensor takes on `images`
     (the float model's tensor at the same point: min/max calibration, as the runtimes do)."""
     tensors = [plain.get_layer(name).output if name else plain.inputs[0] for _, name in points]
-    probe = keras.Model(plain.inputs, tensors)
+    probe = keras.Model(plain.inputs[0], tensors)
     maxima = np.zeros(len(points))
     for start in range(0, len(images), batch_size):
         values = probe(images[start : start + batch_size], training=False)
