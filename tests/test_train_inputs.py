@@ -93,7 +93,9 @@ def test_run_of_an_older_version_is_refused_unless_overwrite(tmp_path):
         train_cli(model_dir, "folder:/nonexistent", "--epochs", "1", "--overwrite")
     )
     assert "/nonexistent' does not exist" in line, line
-    assert not (model_dir / "backup").exists() and (model_dir / "notes.txt").read_text() == "mine"
+    # The new run's data does not exist: nothing of the old one is cleared.
+    assert (model_dir / "backup" / "latest.weights.h5").exists()
+    assert (model_dir / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
