@@ -88,7 +88,7 @@ def test_run_of_an_older_version_is_refused_unless_overwrite(tmp_path):
     assert (model_dir / "backup" / "latest.weights.h5").exists() and not (
         model_dir / "run_config.json"
     ).exists()
-    # --overwrite clears the old run's files (and only those), then goes on to the data
+    # --overwrite reads the new run's data before it clears anything
     line = one_error_line(
         train_cli(model_dir, "folder:/nonexistent", "--epochs", "1", "--overwrite")
     )
