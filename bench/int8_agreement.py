@@ -8,6 +8,7 @@ calibrates on the first --calibration training images. Accuracy, not speed: safe
 beside other work.
 """
 
+import os
 import sys
 import tempfile
 
@@ -67,14 +68,23 @@ def variants(deploy, calibration, workdir):
     yield "onnxruntime QDQ, every op", lambda x, run=run: run(nchw(x))
 
 
-def qat_variants(qat):
+def qat_variants(qat, calibration, workdir):
     """(name, function) for the QAT Keras model and its int8 exports."""
     import repvgg_keras as rk
-    from export import runners, tflite
+    from export import openvino, runners, tflite
+    from export.onnx import onnx_file
 
-    quantize = {"convolutions": "int8", "every_op": "int8_full"}[rk.quantize_scope(qat)]
+    scope = rk.quantize_scope(qat)
+    quantize = {"convolutions": "int8", "every_op": "int8_full"}[scope]
     yield "QAT (Keras)", lambda x: np.asarray(qat.predict(x, verbose=0))
     yield f"QAT TFLite --quantize {quantize}", runners.tflite(tflite.convert(qat, quantize))
+    if scope == "convolutions":
+        qdq = runners.onnxruntime(
+            onnx_file(qat, workdir, nchw=True, int8=True, calibration=calibration)
+        )
+        yield "QAT onnxruntime QDQ (symmetric)", lambda x: qdq(np.transpose(x, (0, 3, 1, 2)))
+        ir = openvino.convert(qat, f"{workdir}/qat_openvino", "int8", calibration)
+        yield "QAT OpenVINO int8", lambda x: openvino.run(os.path.dirname(ir), x, "int8")
 
 
 def confident(reference, margin):
@@ -115,7 +125,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as workdir:
         paths = [] if FLAGS.qat_only else list(variants(deploy, calibration, workdir))
         if FLAGS.qat_file:
-            paths += list(qat_variants(keras.saving.load_model(FLAGS.qat_file)))
+            paths += list(
+                qat_variants(keras.saving.load_model(FLAGS.qat_file), calibration, workdir)
+            )
         # Images are resized and run a chunk at a time: 10,000 at 224px are 6 GB as float32,
         # and the runtimes' buffers for one such batch several times that.
         reference, outputs = [], {name: [] for name, _ in paths}

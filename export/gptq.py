@@ -165,8 +165,8 @@ def round_kernels(model, calibration, seed=0):
     if rk.is_quantize_aware(model):  # its weights are on the grid, its ranges learned
         raise ValueError(
             "this quantization-aware model exports to int8 with export.tflite (--quantize int8 "
-            "or int8_full); the ONNX, OpenVINO and SavedModel int8 paths take float models "
-            "(export its float form: rk.to_deploy, or model_deploy.keras of the --qat run)."
+            "or int8_full), export.onnx or export.openvino (--quantize int8); the SavedModel "
+            "int8 path calibrates float models (model_deploy.keras of the --qat run)."
         )
     calibration = np.asarray(calibration, np.float32)
     key = (_digest(model, calibration), seed)

@@ -14,12 +14,16 @@ outputs stay channels-last whatever the input layout.
 
 import gc
 import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 from absl import app, flags
 
+import repvgg_keras as rk
 from export import atomic, cli, gptq, loading, onnx_int8, runners, tracing
 
 FLAGS = flags.FLAGS
@@ -66,15 +70,41 @@ def run(path, inputs):
     return runners.onnxruntime(path)(inputs)
 
 
+QUANTIZATIONS = ("none", "int8")
+
+
 def export_onnx(
-    model, output, *, opset=17, nchw=True, verify_inputs, reference=None, overwrite=False
+    model,
+    output,
+    *,
+    opset=17,
+    nchw=True,
+    quantize="none",
+    calibration=None,
+    verify_inputs,
+    reference=None,
+    overwrite=False,
+    tolerance=None,
+    min_agreement=None,
 ):
-    """Convert `model`, verify it in onnxruntime against `reference` (default `model`), then
-    move it into `output`."""
+    """Convert `model` (int8: the QDQ file, calibrated on `calibration`, or a QAT model's own
+    ranges), verify it in onnxruntime against `reference` (default `model`), then move it into
+    `output`."""
     check_opset(opset)
+    if quantize not in QUANTIZATIONS:
+        raise ValueError(
+            f"Unknown --quantize {quantize!r}: choose one of {', '.join(QUANTIZATIONS)}."
+        )
+    if quantize == "int8" and loading.is_segmentation(model):
+        raise ValueError("--quantize int8 is for classifiers; export segmentation models in float.")
     artifact = f"ONNX {os.path.basename(output)}" + (" (NCHW)" if nchw else "")
 
     def write(staged):
+        if quantize == "int8":
+            with tempfile.TemporaryDirectory() as tmp:
+                path = onnx_file(model, tmp, nchw=nchw, int8=True, calibration=calibration)
+                shutil.copyfile(path, staged)
+            return
         proto = convert(model, opset, nchw)
         with open(staged, "wb") as f:
             f.write(proto.SerializeToString())
@@ -86,8 +116,10 @@ def export_onnx(
         atomic.file_checks(artifact, runners.onnxruntime, feed, loading.is_segmentation(model)),
         reference or model,
         verify_inputs,
-        precision="fp32",
+        precision="int8" if quantize == "int8" else "fp32",
         overwrite=overwrite,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
     )
 
 
@@ -99,12 +131,57 @@ def onnx_file(deploy, workdir, *, nchw=True, int8=False, calibration=None):
         return _written(deploy, os.path.join(workdir, f"model_{layout}.onnx"), nchw)
     if calibration is None:
         raise ValueError("int8 needs calibration images (normalised, NHWC).")
+    if rk.is_quantize_aware(deploy):
+        return _quantize_aware_file(deploy, workdir, calibration, nchw=nchw)
     quantized = os.path.join(workdir, f"model_{layout}_int8.onnx")
     if not os.path.exists(quantized):
         source = rounded_onnx_file(deploy, workdir, calibration, nchw=nchw)
         feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
         onnx_int8.quantize(source, quantized, feed)
     return quantized
+
+
+def _quantize_aware_file(qat, workdir, calibration, *, nchw=True):
+    """The QDQ file of a QAT model (rk.quantize_aware, scope "convolutions"): its float form
+    (weights on the int8 grid) converted, then quantized with the learned activation ranges."""
+    import onnx
+
+    if rk.quantize_scope(qat) != "convolutions":
+        raise ValueError(
+            "ONNX QDQ quantizes the convolutions and keeps the classifier float: it takes a "
+            "quantization-aware model made with scope 'convolutions' (python -m train --qat); "
+            "an every_op one exports with export.tflite --quantize int8_full."
+        )
+    layout = "nchw" if nchw else "nhwc"
+    source = _written(rk.to_deploy(qat), os.path.join(workdir, f"model_{layout}_qat.onnx"), nchw)
+    graph = onnx.load(source, load_external_data=False).graph
+    scales = qat_tensor_scales(qat, graph)
+    quantized = os.path.join(workdir, f"model_{layout}_qat_int8.onnx")
+    feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
+    return onnx_int8.quantize_with_scales(source, quantized, scales, feed)
+
+
+def qat_tensor_scales(qat, graph):
+    """{ONNX tensor name: int8 step} for each activation quantizer of `qat`: the graph input and
+    each ReLU's output (tf2onnx names a ReLU's node after its Keras layer)."""
+    ranges = rk.quantize.activation_ranges(qat)
+    (graph_input,) = graph.input
+    scales = {}
+    relus = [node.output[0] for node in graph.node if node.op_type == "Relu"]
+    for name, value in ranges.items():
+        source = name[: -len("_quant")]
+        if source == qat.inputs[0].name:
+            tensors = [graph_input.name]
+        else:
+            pattern = re.compile(rf"(^|/){re.escape(source)}(_\d+)?/Relu")
+            tensors = [t for t in relus if pattern.search(t)]
+        if len(tensors) != 1:
+            raise ValueError(
+                f"the ONNX graph has {len(tensors)} tensors for the quantizer {name!r}: this "
+                "model's layout is not one the QDQ export can map; use export.tflite."
+            )
+        scales[tensors[0]] = value / 127
+    return scales
 
 
 def rounded_onnx_file(deploy, workdir, calibration, *, nchw=True):
@@ -170,8 +247,9 @@ def _convert_in_child(deploy, path, nchw):
 
 def main(argv):
     del argv
-    export = cli.exporter(export_onnx, opset=FLAGS.opset, nchw=FLAGS.nchw)
-    return cli.run_exporter(export, FLAGS.output, checks=[lambda: check_opset(FLAGS.opset)])
+    export = cli.exporter(export_onnx, calibrated=True, opset=FLAGS.opset, nchw=FLAGS.nchw)
+    checks = [lambda: check_opset(FLAGS.opset), cli.check_calibration_flags]
+    return cli.run_exporter(export, FLAGS.output, checks=checks)
 
 
 if __name__ == "__main__":
@@ -184,5 +262,13 @@ if __name__ == "__main__":
         "NCHW input (channels first; faster in onnxruntime/OpenVINO). "
         "--nonchw: NHWC, as the Keras model takes.",
     )
+    flags.DEFINE_enum(
+        "quantize",
+        "none",
+        QUANTIZATIONS,
+        "int8: a QDQ file (per-channel weights; activations calibrated, or a QAT model's own "
+        "symmetric ranges, the form TensorRT takes).",
+    )
+    cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
     app.run(lambda argv: sys.exit(main(argv)))

@@ -65,3 +65,43 @@ def quantize(source, target, calibration_images, method="minmax", op_types=QUANT
         extra_options=EXTRA_OPTIONS.get(method, {}),
     )
     return target
+
+
+def quantize_with_scales(source, target, scales, calibration_images):
+    """Write the int8 QDQ version of `source` whose activations take the given `scales`
+    ({tensor name: step}, a QAT model's learned ranges / 127) instead of calibrated ones:
+    symmetric int8 everywhere (zero point 0; per-channel weights with step max|w| / 127), the
+    scheme TensorRT's explicit quantization takes. A Relu's input (the conv output) and a Pad's
+    output share the step of the tensor they come from, so each conv + ReLU rounds once, as the
+    QAT model does. `calibration_images` only feed the quantizer's pass over the other tensors."""
+    import onnx
+    from onnxruntime import quantization as q
+
+    graph = onnx.load(source, load_external_data=False).graph
+    steps = dict(scales)
+    for node in graph.node:  # topological order: a Pad after a Relu sees the Relu's step
+        if node.op_type == "Relu" and node.output[0] in steps:
+            steps[node.input[0]] = steps[node.output[0]]
+        elif node.op_type == "Pad" and node.input[0] in steps:
+            steps[node.output[0]] = steps[node.input[0]]
+    overrides = {
+        name: [{"scale": np.array(step, np.float32), "zero_point": np.array(0, np.int8)}]
+        for name, step in steps.items()
+    }
+    (graph_input,) = graph.input
+    q.quantize_static(
+        source,
+        target,
+        _Images(graph_input.name, calibration_images),
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=q.QuantType.QInt8,
+        weight_type=q.QuantType.QInt8,
+        op_types_to_quantize=QUANTIZED_OPS,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            "TensorQuantOverrides": overrides,
+        },
+    )
+    return target

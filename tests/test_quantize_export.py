@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 import repvgg_keras as rk
-from export import tflite
+from export import onnx_int8, runners, tflite
+from export.onnx import onnx_file
 from repvgg_keras.parity import randomize_batchnorm
 from tests.helpers import one_error_line, run_cli
 
@@ -92,7 +93,7 @@ def test_a_scope_the_mode_cannot_express_is_refused(qat_files):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_qat_file_and_refuses_other_int8_paths(qat_files, tmp_path):
+def test_cli_exports_a_qat_file_and_the_savedmodel_int8_path_refuses_it(qat_files, tmp_path):
     output = tmp_path / "qat.tflite"
     result = run_cli(
         "export.tflite",
@@ -106,6 +107,18 @@ def test_cli_exports_a_qat_file_and_refuses_other_int8_paths(qat_files, tmp_path
     assert result.returncode == 0, result.stderr
     assert output.exists()
     assert "floor 99.80%" in result.stdout  # the QAT floor: the export computes what QAT trained
+    onnx_output = tmp_path / "qat.onnx"
+    result = run_cli(
+        "export.onnx",
+        "--weights",
+        qat_files["convolutions"],
+        "--quantize",
+        "int8",
+        "--output",
+        str(onnx_output),
+    )
+    assert result.returncode == 0, result.stderr
+    assert onnx_output.exists() and "floor 99.80%" in result.stdout
     target = tmp_path / "qat_int8"
     refused = run_cli(
         "export.savedmodel",
@@ -119,3 +132,31 @@ def test_cli_exports_a_qat_file_and_refuses_other_int8_paths(qat_files, tmp_path
     assert refused.returncode == 1
     assert "export.tflite" in one_error_line(refused)
     assert not target.exists()
+
+
+def test_onnx_qdq_of_a_qat_model_is_symmetric_with_the_learned_steps(qat_files, images, tmp_path):
+    import onnx
+
+    qat = keras.models.load_model(qat_files["convolutions"])
+    path = onnx_file(qat, str(tmp_path), nchw=True, int8=True, calibration=images[:8])
+    graph = onnx.load(path).graph
+    constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    steps = [value / 127 for value in rk.quantize.activation_ranges(qat).values()]
+    activations = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        scale, zero = constants[node.input[1]], constants[node.input[2]]
+        assert zero.dtype == np.int8 and not zero.any()  # TensorRT: symmetric int8
+        if scale.ndim == 0:  # an activation: one of the QAT model's own steps
+            assert min(abs(float(scale) - s) / s for s in steps) < 1e-6, node.input[0]
+            activations += 1
+    assert activations >= len(steps)
+    got = runners.onnxruntime(path)(np.transpose(images, (0, 3, 1, 2)))
+    expected = keras.ops.convert_to_numpy(qat(images))
+    assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.9
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+    every_op = keras.models.load_model(qat_files["every_op"])
+    with pytest.raises(ValueError, match="scope 'convolutions'"):
+        onnx_file(every_op, str(tmp_path / "x"), nchw=True, int8=True, calibration=images[:8])
+    assert onnx_int8.QUANTIZED_OPS == ["Conv", "Relu"]
