@@ -160,3 +160,11 @@ def test_onnx_qdq_of_a_qat_model_is_symmetric_with_the_learned_steps(qat_files, 
     with pytest.raises(ValueError, match="scope 'convolutions'"):
         onnx_file(every_op, str(tmp_path / "x"), nchw=True, int8=True, calibration=images[:8])
     assert onnx_int8.QUANTIZED_OPS == ["Conv", "Relu"]
+
+
+def test_a_tie_of_the_reference_counts_either_class_as_agreement():
+    from export.verify import top1_agreement
+
+    reference = np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0]])  # int8 logits can tie
+    assert top1_agreement(np.array([[0.9, 1.1, 0.0], [2.0, 1.0, 0.0]]), reference) == 1.0
+    assert top1_agreement(np.array([[0.9, 1.1, 0.0], [0.0, 1.0, 0.0]]), reference) == 0.5
