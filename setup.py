@@ -38,6 +38,7 @@ setup(
             "pytest-xdist",
             "jax[cpu]",
             "ruff==0.17.6",
+            "mypy>=1.11",  # tests/test_builders.py: a type checker sees the builders
         ]
         + EXPORT
         + TRAIN,

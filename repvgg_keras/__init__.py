@@ -8,20 +8,20 @@ seg = rk.PSPNet(backbone="RepVGG_A0", classes=19)            # semantic segmenta
 qat = rk.quantize_aware(model, calibration_images)           # int8 quantization-aware training
 """
 
-from repvgg_keras import preprocessing  # rk.preprocessing.preprocess_for_eval
+from repvgg_keras import builders, preprocessing  # rk.preprocessing.preprocess_for_eval
+from repvgg_keras.builders import *  # noqa: F403  RepVGG_A0 ... RepVGG_D2se, one per row of SPECS
+from repvgg_keras.builders import BUILDERS as BUILDERS  # rk.BUILDERS: name -> builder
 from repvgg_keras.deploy import is_deploy_form, to_deploy
 from repvgg_keras.errors import SourceError
 from repvgg_keras.from_source import model_from_source
 from repvgg_keras.layers import PlainBlock, RepVGGBlock
-from repvgg_keras.models import BUILDERS, RepVGG, get_model, list_models, load_weights
+from repvgg_keras.models import RepVGG, get_model, list_models, load_weights
 from repvgg_keras.pspnet import PSPNet
 from repvgg_keras.quantize import is_quantize_aware, quantize_aware, quantize_scope
 from repvgg_keras.sources import read_source
 from repvgg_keras.specs import SPECS, RepVGGSpec, get_spec
 
 __version__ = "0.1.0"
-
-globals().update(BUILDERS)  # RepVGG_A0, RepVGG_B1g4, ... generated from the spec table
 
 __all__ = [
     "RepVGG",
@@ -43,5 +43,5 @@ __all__ = [
     "read_source",
     "SourceError",
     "to_deploy",
-    *BUILDERS,
 ]
+__all__ += builders.__all__

@@ -1,6 +1,6 @@
-"""Model builders: one generic `RepVGG(spec, ...)` and one named builder per variant.
+"""The model builder, `RepVGG(spec, ...)`, that the named ones in builders.py call.
 
-Builders take the keras.applications arguments, plus `deploy` (build the plain form
+It takes the keras.applications arguments, plus `deploy` (build the plain form
 directly), `output_stride` (dilate late stages for dense prediction) and
 `features_only` (return every stage's output, strides 2..32).
 """
@@ -185,20 +185,3 @@ def list_models():
 def get_model(name, **kwargs):
     """Build a named variant: `get_model("RepVGG_A0", classes=10)`."""
     return RepVGG(specs_lib.get_spec(name), **kwargs)
-
-
-def _named_builder(spec):
-    def builder(**kwargs):
-        return RepVGG(spec, **kwargs)
-
-    builder.__name__ = builder.__qualname__ = spec.name
-    a, b = spec.width_multipliers
-    builder.__doc__ = (
-        f"{spec.name}: blocks {spec.num_blocks}, widths {spec.stage_widths}, "
-        f"groups {spec.groups}{', SE' if spec.use_se else ''}, trained at {spec.default_size}px.\n\n"
-        "Takes the arguments of `repvgg_keras.RepVGG` (except `spec`)."
-    )
-    return builder
-
-
-BUILDERS = {name: _named_builder(spec) for name, spec in specs_lib.SPECS.items()}
