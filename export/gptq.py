@@ -19,6 +19,8 @@ import hashlib
 
 import numpy as np
 
+import repvgg_keras as rk
+
 MAX_ROWS = 8192  # calibration patches per layer (sampled): several per kernel weight
 BLOCK = 2304  # kernel inputs rounded together (9 x 256): wider kernels are rounded in blocks
 MAX_FLOATS = 1 << 26  # patch values held at once (256 MB)
@@ -159,8 +161,6 @@ def round_kernels(model, calibration, seed=0):
     `calibration` (model inputs, as the int8 converters get them). `model` is not changed; the
     copy must not be changed either (the same weights and images give the same copy back)."""
     import keras
-
-    import repvgg_keras as rk
 
     if rk.is_quantize_aware(model):  # its weights are on the grid, its ranges learned
         raise ValueError(

@@ -173,7 +173,10 @@ def qat_tensor_scales(qat, graph):
         if source == qat.inputs[0].name:
             tensors = [graph_input.name]
         else:
-            pattern = re.compile(rf"(^|/){re.escape(source)}(_\d+)?/Relu")
+            # A deploy-form ReLU layer is the quantizer's source; a training-form block's ReLU
+            # becomes `<block>_relu` in the converted float form.
+            names = f"({re.escape(source)}|{re.escape(source)}_relu)"
+            pattern = re.compile(rf"(^|/){names}(_\d+)?/Relu")
             tensors = [t for t in relus if pattern.search(t)]
         if len(tensors) != 1:
             raise ValueError(

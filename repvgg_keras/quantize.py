@@ -19,10 +19,12 @@ import keras
 import numpy as np
 from keras import layers, ops
 
+from repvgg_keras import fusion
 from repvgg_keras.deploy import to_deploy
-from repvgg_keras.layers import all_layers
+from repvgg_keras.layers import RepVGGBlock, all_layers
 
 SCOPES = ("convolutions", "every_op")
+FORMS = ("deploy", "training")
 ACTIVATION_BITS = 8
 MIN_RANGE = 1e-6
 
@@ -111,12 +113,112 @@ class ActivationQuantizer(layers.Layer):
         return {**super().get_config(), "initial_range": self.initial_range}
 
 
-QUANTIZED_LAYERS = (QuantizedConv2D, QuantizedDense, ActivationQuantizer)
+@keras.saving.register_keras_serializable(package="repvgg_keras")
+class QuantizedRepVGGBlock(RepVGGBlock):
+    """A RepVGG block computing as its int8 deploy form: the branches fused into one 3x3 kernel
+    inside the graph (differentiable, BatchNorm statistics frozen), that kernel fake-quantized per
+    output channel, one conv (the authors' remedy: QAT constrains the equivalent kernel). The
+    branch kernels and BatchNorm scales and shifts train; the runtimes get the fused kernel."""
+
+    def build(self, input_shape):
+        if self.se_channels:
+            raise ValueError(
+                f"{self.name}: squeeze-excitation blocks have no single fused kernel to "
+                "quantize in training form: use form='deploy'."
+            )
+        super().build(input_shape)
+
+    def call(self, inputs, training=None):
+        kernel, bias = self.fused_kernel()
+        padded = self.pad(inputs) if self.pad is not None else inputs
+        out = ops.conv(
+            padded,
+            quantize_weights(kernel),
+            strides=self.strides,
+            padding="same" if self.strides == 1 else "valid",
+            dilation_rate=self.dilation_rate,
+        )
+        return ops.relu(out + bias)
+
+    def fused_kernel(self):
+        """(kernel, bias) of the equivalent 3x3 conv as tensors of the branch weights (what
+        `get_deploy_weights` computes in numpy), BatchNorm in inference mode."""
+
+        def scale(bn):
+            return bn.gamma / ops.sqrt(bn.moving_variance + bn.epsilon)
+
+        def shift(bn):
+            return bn.beta - bn.moving_mean * scale(bn)
+
+        kernel = self.dense_conv.kernel * scale(self.dense_bn)
+        bias = shift(self.dense_bn)
+        if self.pointwise_conv is not None:
+            pointwise = ops.pad(self.pointwise_conv.kernel, [[1, 1], [1, 1], [0, 0], [0, 0]])
+            if self.pointwise_bn is None:
+                kernel = kernel + pointwise
+            else:
+                kernel = kernel + pointwise * scale(self.pointwise_bn)
+                bias = bias + shift(self.pointwise_bn)
+        identity = fusion.identity_kernel(self.filters, self.groups).astype("float32")
+        if self.identity_bn is not None:
+            kernel = kernel + identity * scale(self.identity_bn)
+            bias = bias + shift(self.identity_bn)
+        elif self.adds_plain_identity:
+            kernel = kernel + identity
+        if self.post_bn is not None:
+            post = scale(self.post_bn)
+            kernel = kernel * post
+            bias = (bias - self.post_bn.moving_mean) * post + self.post_bn.beta
+        return kernel, bias
+
+    def get_deploy_weights(self):
+        """The fused kernel on the int8 grid and its bias: what `to_deploy` puts in the plain conv."""
+        kernel, bias = self.fused_kernel()
+        grid = quantize_weights(kernel)
+        return (
+            np.asarray(keras.ops.convert_to_numpy(grid), np.float32),
+            np.asarray(keras.ops.convert_to_numpy(bias), np.float32),
+        )
+
+
+QUANTIZED_LAYERS = (QuantizedConv2D, QuantizedDense, QuantizedRepVGGBlock, ActivationQuantizer)
 
 
 def is_quantize_aware(model):
     """True when `model` holds fake-quantized layers (made by `quantize_aware`)."""
     return any(isinstance(layer, QUANTIZED_LAYERS) for layer in all_layers(model))
+
+
+def fused(qat):
+    """The deploy form of a training-form QAT model, still quantization-aware: each block becomes
+    [pad] -> QuantizedConv2D (its fused kernel, the same grid) -> ReLU, the rest shared. Converters
+    need the kernel as one constant before its fake quantization."""
+    blocks = [l for l in qat.layers if isinstance(l, QuantizedRepVGGBlock)]
+    if not blocks:
+        return qat
+
+    def call(layer, *args, **kwargs):
+        if not isinstance(layer, QuantizedRepVGGBlock):
+            return layer(*args, **kwargs)
+        x = args[0] if args else kwargs["inputs"]
+        name = layer.name
+        if layer.pad is not None:
+            x = layers.ZeroPadding2D(layer.dilation_rate, name=f"{name}_pad")(x)
+        conv = QuantizedConv2D(
+            layer.filters,
+            3,
+            strides=layer.strides,
+            padding="same" if layer.strides == 1 else "valid",
+            dilation_rate=layer.dilation_rate,
+            groups=layer.groups,
+            name=f"{name}_reparam",
+        )
+        x = conv(x)
+        kernel, bias = layer.fused_kernel()
+        conv.set_weights([keras.ops.convert_to_numpy(kernel), keras.ops.convert_to_numpy(bias)])
+        return layers.ReLU(name=f"{name}_relu")(x)
+
+    return keras.models.clone_model(qat, clone_function=lambda layer: layer, call_function=call)
 
 
 def quantize_scope(model):
@@ -136,7 +238,7 @@ def activation_ranges(model):
     }
 
 
-def quantize_aware(model, calibration_images, scope="convolutions", batch_size=32):
+def quantize_aware(model, calibration_images, scope="convolutions", form="deploy", batch_size=32):
     """A QAT model computing `model` as the int8 runtimes will, trainable with `fit`.
 
     Args:
@@ -145,6 +247,9 @@ def quantize_aware(model, calibration_images, scope="convolutions", batch_size=3
             ([N, H, W, C] array); each activation range starts at its largest |value| on them.
         scope: "convolutions" (global pooling and classifier float: TFLite `int8`, ONNX QDQ,
             OpenVINO, SavedModel int8) or "every_op" (TFLite `int8_full`).
+        form: "deploy" (fine-tune the fused convs: BatchNorm folded first) or "training"
+            (a training-form model keeps its branches and BatchNorms, frozen statistics; each
+            block's fused kernel is computed from them in the graph and quantized).
         batch_size: batch size of the calibration pass.
 
     Returns a new model (the input model is left untouched); `to_deploy` of it gives the float
@@ -156,9 +261,16 @@ def quantize_aware(model, calibration_images, scope="convolutions", batch_size=3
         raise ValueError(f"Unknown scope {scope!r}: choose one of {', '.join(SCOPES)}.")
     if is_quantize_aware(model):
         raise ValueError(f"Model {model.name!r} is already quantization-aware.")
+    if form not in FORMS:
+        raise ValueError(f"Unknown form {form!r}: choose one of {', '.join(FORMS)}.")
     images = _check_calibration(model, calibration_images)
-    plain = to_deploy(model) if _needs_fusion(model) else model
-    convs = [l for l in all_layers(plain) if type(l) is layers.Conv2D]
+    blocks = [l for l in all_layers(model) if type(l) is RepVGGBlock]
+    if form == "training" and not blocks:
+        raise ValueError(
+            f"Model {model.name!r} has no RepVGG block in training form: use form='deploy'."
+        )
+    plain = model if form == "training" else to_deploy(model) if _needs_fusion(model) else model
+    convs = [l for l in all_layers(plain) if type(l) is layers.Conv2D] + blocks
     if not convs:
         raise ValueError(f"Model {model.name!r} has no Conv2D layer: nothing to quantize.")
     if any(isinstance(l, keras.Model) for l in plain.layers):
@@ -183,10 +295,7 @@ def quantize_aware(model, calibration_images, scope="convolutions", batch_size=3
 
 
 def _needs_fusion(model):
-    return any(
-        isinstance(l, layers.BatchNormalization) or type(l).__name__ == "RepVGGBlock"
-        for l in all_layers(model)
-    )
+    return any(isinstance(l, (layers.BatchNormalization, RepVGGBlock)) for l in all_layers(model))
 
 
 def _check_calibration(model, images):
@@ -224,6 +333,8 @@ class _QuantizedGraph:
         cls = type(layer)
         if cls is layers.Conv2D:
             cls = QuantizedConv2D
+        elif cls is RepVGGBlock:
+            cls = QuantizedRepVGGBlock
         elif cls is layers.Dense and self.scope == "every_op":
             cls = QuantizedDense
         clone = cls.from_config(layer.get_config())
@@ -252,7 +363,7 @@ class _QuantizedGraph:
         return self.input_quantizers[id(tensor)]
 
     def _quantizes_output(self, layer):
-        if isinstance(layer, layers.ReLU) or (
+        if isinstance(layer, (layers.ReLU, RepVGGBlock)) or (
             isinstance(layer, layers.Conv2D) and layer.get_config()["activation"] == "relu"
         ):
             return True

@@ -160,3 +160,49 @@ def test_unknown_scope_and_double_quantization(model, images):
     conv_free = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.Flatten()])
     with pytest.raises(ValueError, match="no Conv2D"):
         rk.quantize_aware(conv_free, images)
+
+
+@pytest.mark.parametrize("quant_friendly", [False, True])
+def test_training_form_computes_the_fused_kernel_quantized(images, quant_friendly):
+    trained = randomize_batchnorm(
+        rk.RepVGG(SPEC, input_shape=(32, 32, 3), classes=5, quant_friendly=quant_friendly), seed=4
+    )
+    branches = rk.quantize_aware(trained, images, form="training")
+    fused = rk.quantize_aware(trained, images)
+    assert any(isinstance(l, rk.quantize.QuantizedRepVGGBlock) for l in branches.layers)
+    # The same kernels and ranges: equal but for a value on a rounding boundary in one of them.
+    expected = keras.ops.convert_to_numpy(fused(images))
+    actual = keras.ops.convert_to_numpy(branches(images))
+    assert np.median(np.abs(actual - expected)) < 1e-5
+    assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
+    # Its deploy-form twin (what the converters read) and its float form compute the same.
+    twin = rk.quantize.fused(branches)
+    assert not any(isinstance(l, rk.quantize.QuantizedRepVGGBlock) for l in twin.layers)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(twin(images)),
+        keras.ops.convert_to_numpy(branches(images)),
+        rtol=0,
+        atol=1e-5,
+    )
+    deployed = rk.to_deploy(branches)
+    assert not rk.is_quantize_aware(deployed)
+    kernel = deployed.get_layer("stage2_1_reparam").get_weights()[0]
+    assert _on_grid(kernel, np.abs(kernel).max(axis=(0, 1, 2)) / 127)
+
+
+def test_training_form_trains_the_branches_with_frozen_statistics(images):
+    trained = randomize_batchnorm(rk.RepVGG(SPEC, input_shape=(32, 32, 3), classes=5), seed=4)
+    qat = rk.quantize_aware(trained, images, form="training")
+    block = qat.get_layer("stage2_1")
+    kernel, mean = block.pointwise_conv.kernel.numpy().copy(), block.dense_bn.moving_mean.numpy()
+    qat.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+    qat.fit(images, np.arange(len(images)) % 5, batch_size=8, epochs=1, verbose=0)
+    assert not np.array_equal(block.pointwise_conv.kernel.numpy(), kernel)
+    np.testing.assert_array_equal(block.dense_bn.moving_mean.numpy(), mean)
+    with pytest.raises(ValueError, match="Unknown form"):
+        rk.quantize_aware(trained, images, form="fused")
+    with pytest.raises(ValueError, match="no RepVGG block in training form"):
+        rk.quantize_aware(rk.to_deploy(trained), images, form="training")

@@ -31,6 +31,8 @@ def qat_files(float_model, images, tmp_path_factory):
     for scope in rk.quantize.SCOPES:
         files[scope] = str(folder / f"{scope}.keras")
         rk.quantize_aware(float_model, images[:16], scope=scope).save(files[scope])
+    files["training"] = str(folder / "training.keras")
+    rk.quantize_aware(float_model, images[:16], form="training").save(files["training"])
     return files
 
 
@@ -51,7 +53,9 @@ def _op_input_types(interpreter, op_name):
     return kinds
 
 
-@pytest.mark.parametrize("scope, quantize", [("convolutions", "int8"), ("every_op", "int8_full")])
+@pytest.mark.parametrize(
+    "scope, quantize", [("convolutions", "int8"), ("every_op", "int8_full"), ("training", "int8")]
+)
 def test_int8_tflite_holds_the_qat_grid_and_agrees(qat_files, images, scope, quantize):
     qat = keras.models.load_model(qat_files[scope])
     flatbuffer = tflite.convert(qat, quantize)  # no calibration images: the ranges are learned
@@ -134,10 +138,13 @@ def test_cli_exports_a_qat_file_and_the_savedmodel_int8_path_refuses_it(qat_file
     assert not target.exists()
 
 
-def test_onnx_qdq_of_a_qat_model_is_symmetric_with_the_learned_steps(qat_files, images, tmp_path):
+@pytest.mark.parametrize("form", ["convolutions", "training"])
+def test_onnx_qdq_of_a_qat_model_is_symmetric_with_the_learned_steps(
+    qat_files, images, tmp_path, form
+):
     import onnx
 
-    qat = keras.models.load_model(qat_files["convolutions"])
+    qat = keras.models.load_model(qat_files[form])
     path = onnx_file(qat, str(tmp_path), nchw=True, int8=True, calibration=images[:8])
     graph = onnx.load(path).graph
     constants = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}

@@ -138,6 +138,13 @@ flags.DEFINE_enum(
     "With --qat: what runs in int8. convolutions: TFLite --quantize int8 (pooling and classifier "
     "float); every_op: TFLite --quantize int8_full (integer-only).",
 )
+flags.DEFINE_enum(
+    "qat_form",
+    "deploy",
+    ["deploy", "training"],
+    "With --qat: fine-tune the fused convs (deploy), or the branches and BatchNorms with each "
+    "block's fused kernel quantized in the graph (training; a training-form --init_weights).",
+)
 flags.DEFINE_string(
     "init_weights",
     None,
@@ -399,7 +406,7 @@ def train():
     what, augmentation = task.describe()
     print(
         f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}"
-        f"{f', quantization-aware ({FLAGS.qat_scope})' if FLAGS.qat else ''}) on "
+        f"{f', quantization-aware ({FLAGS.qat_scope}, {FLAGS.qat_form} form)' if FLAGS.qat else ''}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "
         f"{info.eval_examples} {info.eval_split} examples, {info.num_classes} classes, {image_size}px, "
         f"{strategy.num_replicas_in_sync} replica(s), precision {precision}, recipe {recipe_name} "

@@ -38,7 +38,9 @@ class Task:
 
     def config_entries(self):
         """What the run records beyond the common flags: the QAT scope of a --qat run."""
-        return {"qat_scope": self.flags.qat_scope} if self.flags.qat else {}
+        if not self.flags.qat:
+            return {}
+        return {"qat_scope": self.flags.qat_scope, "qat_form": self.flags.qat_form}
 
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets."""
@@ -64,7 +66,10 @@ class Task:
         if self.flags.qat:
             self.float_model = self.build_float(num_classes, bn_synchronized=bn_synchronized)
             return rk.quantize_aware(
-                self.float_model, self.calibration_images(), scope=self.flags.qat_scope
+                self.float_model,
+                self.calibration_images(),
+                scope=self.flags.qat_scope,
+                form=self.flags.qat_form,
             )
         return self.build_float(num_classes, bn_synchronized=bn_synchronized)
 
