@@ -76,7 +76,8 @@ def qat_variants(qat, calibration, workdir):
 
     scope = rk.quantize_scope(qat)
     quantize = {"convolutions": "int8", "every_op": "int8_full"}[scope]
-    yield "QAT (Keras)", lambda x: np.asarray(qat.predict(x, verbose=0))
+    snapped = rk.quantize.snap_biases(qat)  # what the exporters verify against
+    yield "QAT (Keras)", lambda x: np.asarray(snapped.predict(x, verbose=0))
     yield f"QAT TFLite --quantize {quantize}", runners.tflite(tflite.convert(qat, quantize))
     if scope == "convolutions":
         qdq = runners.onnxruntime(

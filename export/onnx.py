@@ -153,6 +153,7 @@ def _quantize_aware_file(qat, workdir, calibration, *, nchw=True):
             "an every_op one exports with export.tflite --quantize int8_full."
         )
     layout = "nchw" if nchw else "nhwc"
+    qat = rk.quantize.snap_biases(qat)
     source = _written(rk.to_deploy(qat), os.path.join(workdir, f"model_{layout}_qat.onnx"), nchw)
     graph = onnx.load(source, load_external_data=False).graph
     scales = qat_tensor_scales(qat, graph)

@@ -118,7 +118,7 @@ def _convert_quantize_aware(model, quantize):
         )
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
-        rk.quantize.fused(model).export(saved, format="tf_saved_model", verbose=False)
+        rk.quantize.snap_biases(model).export(saved, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             saved, signature_keys=["serving_default"]
         )

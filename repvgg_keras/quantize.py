@@ -44,8 +44,21 @@ def quantize_weights(kernel, per_channel=True):
     return _symmetric_fake_quant(kernel, max_abs, True, axis=-1 if per_channel else None)
 
 
+class _ReadsQuantized:
+    """A quantized layer that knows the quantizer of its input (`input_quantizer`, a layer name):
+    the runtimes hold its bias in int32 with the step input step x weight step, which
+    `snap_biases` reproduces."""
+
+    def __init__(self, *args, input_quantizer=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.input_quantizer = input_quantizer
+
+    def get_config(self):
+        return {**super().get_config(), "input_quantizer": self.input_quantizer}
+
+
 @keras.saving.register_keras_serializable(package="repvgg_keras")
-class QuantizedConv2D(layers.Conv2D):
+class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
     """A Conv2D computing with its kernel fake-quantized to int8 per output channel.
 
     Gradients pass straight through the rounding, so training moves the float kernel while the
@@ -60,11 +73,12 @@ class QuantizedConv2D(layers.Conv2D):
         config = self.get_config()
         kernel, *rest = self.get_weights()
         grid = keras.ops.convert_to_numpy(quantize_weights(ops.convert_to_tensor(kernel)))
+        del config["input_quantizer"]
         return layers.Conv2D.from_config(config), [np.asarray(grid), *rest]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
-class QuantizedDense(layers.Dense):
+class QuantizedDense(_ReadsQuantized, layers.Dense):
     """A Dense layer computing with its kernel fake-quantized to int8, per tensor (LiteRT's
     integer-only FULLY_CONNECTED takes one weight scale)."""
 
@@ -77,7 +91,9 @@ class QuantizedDense(layers.Dense):
     def deploy_replacement(self):
         kernel, *rest = self.get_weights()
         grid = quantize_weights(ops.convert_to_tensor(kernel), per_channel=False)
-        return layers.Dense.from_config(self.get_config()), [
+        config = self.get_config()
+        del config["input_quantizer"]
+        return layers.Dense.from_config(config), [
             np.asarray(keras.ops.convert_to_numpy(grid)),
             *rest,
         ]
@@ -114,7 +130,7 @@ class ActivationQuantizer(layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
-class QuantizedRepVGGBlock(RepVGGBlock):
+class QuantizedRepVGGBlock(_ReadsQuantized, RepVGGBlock):
     """A RepVGG block computing as its int8 deploy form: the branches fused into one 3x3 kernel
     inside the graph (differentiable, BatchNorm statistics frozen), that kernel fake-quantized per
     output channel, one conv (the authors' remedy: QAT constrains the equivalent kernel). The
@@ -212,6 +228,7 @@ def fused(qat):
             dilation_rate=layer.dilation_rate,
             groups=layer.groups,
             name=f"{name}_reparam",
+            input_quantizer=layer.input_quantizer,
         )
         x = conv(x)
         kernel, bias = layer.fused_kernel()
@@ -219,6 +236,29 @@ def fused(qat):
         return layers.ReLU(name=f"{name}_relu")(x)
 
     return keras.models.clone_model(qat, clone_function=lambda layer: layer, call_function=call)
+
+
+def snap_biases(qat):
+    """`qat` (made deploy form by `fused`) with each quantized layer's bias rounded to the int32
+    grid the runtimes keep it on (step: its input's step x its weight step per channel), so the
+    model computes what they compute to the last step; a copy, `qat` is left as it is."""
+    twin = fused(qat)
+    copy = keras.models.clone_model(twin)
+    copy.set_weights(twin.get_weights())
+    ranges = activation_ranges(copy)
+    for layer in copy.layers:
+        if not isinstance(layer, (QuantizedConv2D, QuantizedDense)) or not layer.use_bias:
+            continue
+        if layer.input_quantizer not in ranges:
+            continue
+        kernel, bias = layer.get_weights()
+        per_channel = isinstance(layer, QuantizedConv2D)
+        axes = tuple(range(kernel.ndim - 1)) if per_channel else None
+        weight_step = np.abs(kernel.astype(np.float64)).max(axis=axes) / 127
+        step = ranges[layer.input_quantizer] / 127 * weight_step
+        snapped = np.round(bias / np.where(step > 0, step, 1.0)) * step
+        layer.set_weights([kernel, np.where(step > 0, snapped, bias).astype(bias.dtype)])
+    return copy
 
 
 def quantize_scope(model):
@@ -328,6 +368,7 @@ class _QuantizedGraph:
         self.produced = set()  # ids of tensors made inside the graph (the rest are inputs)
         self.input_quantizers = {}
         self.points = []  # (quantizer, name of the layer it follows, or None for the input)
+        self.quantized_by = {}  # id(tensor) -> name of the quantizer whose grid it is on
 
     def clone(self, layer):
         cls = type(layer)
@@ -343,22 +384,30 @@ class _QuantizedGraph:
 
     def call(self, layer, *args, **kwargs):
         args = keras.tree.map_structure(self._quantize_input, args)
+        source = self.quantized_by.get(id(args[0])) if args else None
+        if isinstance(layer, _ReadsQuantized):
+            layer.input_quantizer = source
         outputs = layer(*args, **kwargs)
+        if isinstance(layer, layers.ZeroPadding2D) and source:  # zero stays on the grid
+            self.quantized_by[id(outputs)] = source
         if self._quantizes_output(layer):
-            quantizer = ActivationQuantizer(name=f"{layer.name}_quant")
-            self.points.append((quantizer, layer.name))
-            outputs = quantizer(outputs)
+            outputs = self._quantizer(f"{layer.name}_quant", layer.name, outputs)
         self.produced.add(id(outputs))
         return outputs
+
+    def _quantizer(self, name, follows, tensor):
+        quantizer = ActivationQuantizer(name=name)
+        self.points.append((quantizer, follows))
+        quantized = quantizer(tensor)
+        self.quantized_by[id(quantized)] = name
+        self.produced.add(id(quantized))
+        return quantized
 
     def _quantize_input(self, tensor):
         if not keras.backend.is_keras_tensor(tensor) or id(tensor) in self.produced:
             return tensor
         if id(tensor) not in self.input_quantizers:
-            quantizer = ActivationQuantizer(name=f"{tensor.name}_quant")
-            self.points.append((quantizer, None))
-            quantized = quantizer(tensor)
-            self.produced.add(id(quantized))
+            quantized = self._quantizer(f"{tensor.name}_quant", None, tensor)
             self.input_quantizers[id(tensor)] = quantized
         return self.input_quantizers[id(tensor)]
 

@@ -206,3 +206,22 @@ def test_training_form_trains_the_branches_with_frozen_statistics(images):
         rk.quantize_aware(trained, images, form="fused")
     with pytest.raises(ValueError, match="no RepVGG block in training form"):
         rk.quantize_aware(rk.to_deploy(trained), images, form="training")
+
+
+@pytest.mark.parametrize("form", ["deploy", "training"])
+def test_snapped_biases_lie_on_the_runtimes_int32_grid(model, images, form):
+    qat = rk.quantize_aware(model, images, form=form)
+    snapped = rk.quantize.snap_biases(qat)
+    ranges = rk.quantize.activation_ranges(snapped)
+    convs = [l for l in snapped.layers if isinstance(l, QuantizedConv2D)]
+    assert convs and all(l.input_quantizer in ranges for l in convs)
+    assert convs[0].input_quantizer == "images_quant"
+    for layer in convs:
+        kernel, bias = layer.get_weights()
+        step = ranges[layer.input_quantizer] / 127 * np.abs(kernel).max(axis=(0, 1, 2)) / 127
+        steps = bias / step  # int32 steps: any size
+        # float32 holds k x step to its own precision: what the runtime rounds back to k
+        assert (np.abs(steps - np.round(steps)) < 1e-2 + 1e-6 * np.abs(steps)).all(), layer.name
+    expected = keras.ops.convert_to_numpy(qat(images))
+    actual = keras.ops.convert_to_numpy(snapped(images))
+    assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()

@@ -180,6 +180,9 @@ class Task:
         from with the QAT model on the evaluation images."""
         multi_worker = distributed.is_multi_worker(strategy)
         with strategy.scope():
+            # What the runtimes compute: the deploy form, biases on their int32 grid.
+            qat = rk.quantize.snap_biases(qat)
+            qat.compile(loss=self.loss, metrics=["accuracy"])
             self.float_model.compile(loss=self.loss, metrics=["accuracy"])
         if multi_worker:
             qat_acc = distributed.evaluate_model(qat, eval_ds, strategy)
