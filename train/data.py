@@ -59,7 +59,9 @@ def _check_known(name):
     known = list(tfds.list_builders(with_community_datasets=False))  # offline: no community index
     if base in known:
         return
-    close = difflib.get_close_matches(name, sorted(set(known) | set(OUR_NAMES)), n=3, cutoff=0.6)
+    # fashion_mnist_debian is the builder behind `fashion_mnist`, not a name to type.
+    names = (set(known) | set(OUR_NAMES)) - {"fashion_mnist_debian"}
+    close = difflib.get_close_matches(name, sorted(names), n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
     raise DatasetNotFound(
         f"Unknown dataset {name!r}: {hint}Pass a TFDS name (tfds.list_builders()), "
