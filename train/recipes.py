@@ -54,12 +54,13 @@ RECIPES = {
         eval_crop=1.0,
     ),
     # --qat's default: quantization-aware fine-tuning of a trained model (rk.quantize_aware). A
-    # small lr from the first step (the weights are trained; warm-up would waste the short run),
-    # one pass, the weight decay of the authors' QAT example; ranges train with the weights.
+    # small lr from the first step (about 1% of the small recipe's peak: the weights are trained,
+    # and warm-up would waste the short run), one pass, the weight decay of the authors' QAT
+    # example; ranges train with the weights.
     "qat": Recipe(
         epochs=1,
         batch_size=128,
-        base_lr=0.004,
+        base_lr=0.001,
         warmup_epochs=0.0,
         min_area=0.5,
         weight_decay=4e-5,
