@@ -11,8 +11,10 @@ learned range (zero point 0), at the model input and after each ReLU (where the 
 conv + ReLU and requantize). Global pooling and the classifier stay float (`scope="convolutions"`,
 the default paths) or are quantized too (`scope="every_op"`, integer-only int8).
 
-A training-form model is fused first (`to_deploy`): BatchNorm statistics are folded and the
-fused kernel itself is what QAT fine-tunes, the kernel the runtimes quantize.
+form="deploy" fuses a training-form model first (`to_deploy`): the fused kernel itself is what QAT
+fine-tunes. form="training" keeps the branches and BatchNorms (statistics frozen) and quantizes each
+block's fused kernel computed from them in the graph (the authors' remedy: QAT constrains the
+equivalent kernel). Biases are held where the runtimes hold them, on an int32 grid (`snap_biases`).
 """
 
 import keras
@@ -310,7 +312,7 @@ def quantize_aware(model, calibration_images, scope="convolutions", form="deploy
             f"Model {model.name!r} has no RepVGG block in training form: use form='deploy'."
         )
     plain = model if form == "training" else to_deploy(model) if _needs_fusion(model) else model
-    convs = [l for l in all_layers(plain) if type(l) is layers.Conv2D] + blocks
+    convs = [l for l in all_layers(plain) if type(l) in (layers.Conv2D, RepVGGBlock)]
     if not convs:
         raise ValueError(f"Model {model.name!r} has no Conv2D layer: nothing to quantize.")
     if any(isinstance(l, keras.Model) for l in plain.layers):
