@@ -178,30 +178,38 @@ class Task:
         """Save the QAT model (model_qat.keras, for the int8 exporters) and its float form
         (model_deploy.keras: the weights on the int8 grid); compare the float model QAT started
         from with the QAT model on the evaluation images."""
-        multi_worker = distributed.is_multi_worker(strategy)
         with strategy.scope():
             # What the runtimes compute: the deploy form, biases on their int32 grid.
             qat = rk.quantize.snap_biases(qat)
+            deploy = rk.to_deploy(qat)
+        diverged = guards.divergence(qat)
+        if diverged:
+            raise FloatingPointError(
+                f"training diverged: {diverged}; no model was saved: {remedy}."
+            )
+        saved = [
+            os.path.join(model_dir, name) for name in ("model_qat.keras", "model_deploy.keras")
+        ]
+        for model, path in zip((qat, deploy), saved):  # uncompiled: no optimizer state
+            with staged.staging(path) as staging_path:
+                model.save(staging_path)
+        with strategy.scope():
             qat.compile(loss=self.loss, metrics=["accuracy"])
             self.float_model.compile(loss=self.loss, metrics=["accuracy"])
-        if multi_worker:
+        if distributed.is_multi_worker(strategy):
             qat_acc = distributed.evaluate_model(qat, eval_ds, strategy)
             fp32_acc = distributed.evaluate_model(self.float_model, eval_ds, strategy)
         else:
             evaluation = qat.evaluate(eval_ds, verbose=0, return_dict=True)
             diverged = guards.divergence(qat, val_loss=evaluation["loss"])
             if diverged:
+                for path in saved:
+                    os.remove(path)
                 raise FloatingPointError(
-                    f"training diverged: {diverged}; no model was saved: {remedy}."
+                    f"training diverged: {diverged}; the models were removed: {remedy}."
                 )
             qat_acc = evaluation["accuracy"]
             fp32_acc = self.float_model.evaluate(eval_ds, verbose=0, return_dict=True)["accuracy"]
-        with staged.staging(os.path.join(model_dir, "model_qat.keras")) as path:
-            qat.save(path)
-        with strategy.scope():
-            deploy = rk.to_deploy(qat)
-        with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
-            deploy.save(path)
         print(f"saved {model_dir}/model_qat.keras and {model_dir}/model_deploy.keras")
         print(
             f"top-1 on {info.eval_examples} {info.eval_split} examples: fp32 (--init_weights) "
