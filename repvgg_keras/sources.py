@@ -15,8 +15,10 @@ read once, and every problem is a `SourceError` (a ValueError) worded the same f
 This module sits below the builders (models.py, pspnet.py), which load their `weights=` with it.
 """
 
+import collections
 import dataclasses
 import os
+import re
 import warnings
 import zipfile
 
@@ -24,7 +26,13 @@ import h5py
 import keras
 
 from repvgg_keras import checkpoints
-from repvgg_keras.errors import SourceError, SourceNotFoundError, check_not_empty, error_detail
+from repvgg_keras.errors import (
+    ClassifierMismatchError,
+    SourceError,
+    SourceNotFoundError,
+    check_not_empty,
+    error_detail,
+)
 from repvgg_keras.layers import RepVGGBlock, all_layers, contains_blocks
 
 KINDS = ("imagenet", "checkpoint", "keras_weights", "keras_model")
@@ -178,7 +186,7 @@ def _does_not_fit(model, src, detail):
             " (then rk.to_deploy)." if not src.deploy else "."
         )
     return SourceError(
-        f"Weights file {src.path!r} does not fit model {model.name!r} in {_model_form(model)} form.{hint}\n"
+        f"Weights file {src.path!r} does not fit model {model.name!r} in {_model_form(model)} form.{hint} "
         "The file must come from the same variant, the same form (training-form files need deploy=False, "
         "files saved from to_deploy(...) need deploy=True), the same block options (quant_friendly, "
         f"use_1x1/use_identity), the same include_top/classes and the same input channels. {detail}"
@@ -194,8 +202,47 @@ def _load_weights_file(model, src):
         if skipped:  # Keras loaded only part of the model: never accept that silently
             raise ValueError(skipped[0])
     except Exception as error:  # Keras raises ValueError/KeyError with internal detail
-        detail = "\n".join(str(error).strip().splitlines()[:3]) or type(error).__name__
+        _check_weights_file_shapes(model, src)  # names the class count or the shapes that differ
+        detail = " ".join(str(error).strip().splitlines()[:3]) or type(error).__name__
+        detail = re.sub(r"value=\[.*", "...", detail)  # never weight values
         raise _does_not_fit(model, src, f"Keras said: {detail}") from error
+
+
+def _check_weights_file_shapes(model, src):
+    """Compare the tensor shapes a .weights.h5 file holds with the model's before Keras reads it:
+    another class count is named with its count (ClassifierMismatchError), another variant or
+    form by the shapes that differ, never by weight values."""
+    shapes = []
+    try:
+        with h5py.File(src.path, "r") as f:
+            f.visititems(
+                lambda _, o: shapes.append(tuple(o.shape)) if isinstance(o, h5py.Dataset) else None
+            )
+    except OSError:
+        return  # not HDF5 after all: Keras's own error names it
+    theirs = collections.Counter(shapes)
+    ours = collections.Counter(tuple(w.shape) for w in model.weights)
+    if theirs == ours:
+        return
+    extra, missing = theirs - ours, ours - theirs
+    classifier = [w for w in model.weights if w.path.startswith("predictions/")]
+    if len(classifier) == 2 and sum(missing.values()) == 2 and sum(extra.values()) == 2:
+        kernel = tuple(classifier[0].shape)
+        found = [shape for shape in extra if len(shape) == 2 and shape[0] == kernel[0]]
+        if found:
+            classes = found[0][1]
+            raise ClassifierMismatchError(
+                f"Weights file {src.path!r} holds a {classes}-class classifier; model "
+                f"{model.name!r} has {kernel[1]} classes: build it with classes={classes} "
+                f"(the exporters: --classes {classes})."
+            )
+    listing = lambda counts: ", ".join(str(list(shape)) for shape in list(counts)[:3])
+    raise _does_not_fit(
+        model,
+        src,
+        f"The file holds {len(shapes)} tensors, the model {len(model.weights)}; shapes only in "
+        f"the file: {listing(extra) or 'none'}; only in the model: {listing(missing) or 'none'}.",
+    )
 
 
 def _copy_saved_model(model, src):

@@ -235,3 +235,20 @@ def test_pspnet_of_unknown_input_size_keeps_its_two_layers():
     AdaptiveAveragePooling2D and ResizeLike (it loads with repvgg_keras imported)."""
     plain = rk.to_deploy(_tiny_pspnet((None, None, 3)))
     assert structure.custom_layer_names(plain) == ["AdaptiveAveragePooling2D", "ResizeLike"]
+
+
+def test_a_weights_file_of_another_class_count_or_variant_says_what_differs(tmp_path):
+    import repvgg_keras as rk
+    from repvgg_keras.errors import ClassifierMismatchError, SourceError
+
+    seven = tmp_path / "a0_7.weights.h5"
+    rk.RepVGG_A0(input_shape=(32, 32, 3), classes=7).save_weights(seven)
+    other = tmp_path / "b0.weights.h5"
+    rk.RepVGG_B0(input_shape=(32, 32, 3), classes=10).save_weights(other)
+    with pytest.raises(ClassifierMismatchError, match="holds a 7-class classifier.*classes=7"):
+        rk.RepVGG_A0(input_shape=(32, 32, 3), classes=10, weights=str(seven))
+    with pytest.raises(SourceError) as error:
+        rk.RepVGG_A0(input_shape=(32, 32, 3), classes=10, weights=str(other))
+    message = str(error.value)
+    assert "\n" not in message and "value=" not in message and len(message) < 800
+    assert "shapes only in the file: [64]" in message

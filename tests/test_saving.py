@@ -68,7 +68,8 @@ def test_weights_of_another_architecture_are_refused(tmp_path, trained, build):
     files = {"train": tmp_path / "t.weights.h5", "deploy": tmp_path / "d.weights.h5"}
     model.save_weights(files["train"])
     plain.save_weights(files["deploy"])
-    with pytest.raises(ValueError, match="does not fit model"):
+    # Another class count is named with the file's count; the rest as not fitting.
+    with pytest.raises(ValueError, match="does not fit model|holds a 6-class classifier"):
         build(files)
 
 
