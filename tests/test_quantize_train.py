@@ -9,7 +9,7 @@ import pytest
 import repvgg_keras as rk
 from tests.helpers import one_error_line, run_cli, train_cli
 
-QUICK = ["--train_take", "512", "--eval_take", "128"]
+QUICK = ["--train_take", "256", "--eval_take", "64"]
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +37,10 @@ def test_qat_run_writes_a_qat_model_the_int8_exporter_takes(float_run, tmp_path,
     recorded = json.loads((model_dir / "run_config.json").read_text())["flags"]
     assert recorded["recipe"] == "qat" and recorded["qat_scope"] == "convolutions"
     assert 0 <= fp32 <= 1
-    # The same command again reports the finished run.
-    again = train_cli(model_dir, "fashion_mnist", "--qat", "--init_weights", init, *QUICK)
-    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == last
     if source == "model_train.keras":
+        # The same command again reports the finished run.
+        again = train_cli(model_dir, "fashion_mnist", "--qat", "--init_weights", init, *QUICK)
+        assert again.returncode == 0 and again.stdout.strip().splitlines()[-1] == last
         output = tmp_path / "qat.tflite"
         exported = run_cli(
             "export.tflite",
