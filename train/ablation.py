@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from train import staged
+
 VARIANTS = ("full", "no_identity", "no_1x1", "plain")
 
 
@@ -48,8 +50,7 @@ def run(model_dir, extra_args):
         + "\n"
     )
     os.makedirs(model_dir, exist_ok=True)
-    with open(os.path.join(model_dir, "ablation.md"), "w") as f:
-        f.write(text)
+    staged.write_text(os.path.join(model_dir, "ablation.md"), text)
     print(text)
 
 
