@@ -52,17 +52,29 @@ def quantize(source, target, calibration_images, method="minmax", op_types=QUANT
         "percentile": q.CalibrationMethod.Percentile,
         "entropy": q.CalibrationMethod.Entropy,
     }
-    q.quantize_static(
+    return _write_qdq(
         source,
         target,
         _Images(graph_input.name, calibration_images),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=True,
         activation_type=q.QuantType.QUInt8,
-        weight_type=q.QuantType.QInt8,
         calibrate_method=methods[method],
         op_types_to_quantize=op_types,
         extra_options=EXTRA_OPTIONS.get(method, {}),
+    )
+
+
+def _write_qdq(source, target, images, **options):
+    """onnxruntime's static QDQ quantization with per-channel int8 weights, the rest `options`."""
+    from onnxruntime import quantization as q
+
+    q.quantize_static(
+        source,
+        target,
+        images,
+        quant_format=q.QuantFormat.QDQ,
+        per_channel=True,
+        weight_type=q.QuantType.QInt8,
+        **options,
     )
     return target
 
@@ -89,14 +101,11 @@ def quantize_with_scales(source, target, scales, calibration_images):
         for name, step in steps.items()
     }
     (graph_input,) = graph.input
-    q.quantize_static(
+    return _write_qdq(
         source,
         target,
         _Images(graph_input.name, calibration_images),
-        quant_format=q.QuantFormat.QDQ,
-        per_channel=True,
         activation_type=q.QuantType.QInt8,
-        weight_type=q.QuantType.QInt8,
         op_types_to_quantize=QUANTIZED_OPS,
         extra_options={
             "ActivationSymmetric": True,
@@ -104,4 +113,3 @@ def quantize_with_scales(source, target, scales, calibration_images):
             "TensorQuantOverrides": overrides,
         },
     )
-    return target
