@@ -9,6 +9,8 @@ import os
 import tensorflow_datasets as tfds
 from tensorflow_datasets.image_classification import mnist
 
+from train import staged
+
 DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 
 
@@ -52,10 +54,12 @@ def _unzipped(filename):
     os.makedirs(target_dir, exist_ok=True)
     target = os.path.join(target_dir, filename[: -len(".gz")])
     if not os.path.exists(target):
-        partial = target + f".{os.getpid()}.part"
-        with gzip.open(os.path.join(DEBIAN_DIR, filename)) as src, open(partial, "wb") as dst:
+        with (
+            staged.staging(target, unique=True) as partial,
+            gzip.open(os.path.join(DEBIAN_DIR, filename)) as src,
+            open(partial, "wb") as dst,
+        ):
             shutil.copyfileobj(src, dst)
-        os.replace(partial, target)
     return target
 
 

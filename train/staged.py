@@ -1,7 +1,9 @@
-"""Every file the trainer writes goes through `staging`: written beside its target, then
-renamed over it. A full disk or a kill mid-write leaves the previous file whole (a resumable
-run), never half a checkpoint or model under the final name. No TensorFlow here: run_dir.py uses
-it before TensorFlow loads."""
+"""Every file the trainer writes (run files, checkpoints, models, figures, the Fashion-MNIST cache)
+goes through `staging`: written beside its target, then renamed over it. A full disk or a kill
+mid-write leaves the previous file whole (a resumable run), never half a checkpoint or model under
+the final name. No TensorFlow here (nor repvgg_keras, which loads it): `python -m train` claims its
+folder before TensorFlow loads. Exported artifacts, verified before they take their name, go
+through export/atomic.py instead."""
 
 import contextlib
 import errno
@@ -11,7 +13,11 @@ import sys
 
 
 class DiskFullError(ValueError):
-    """No space left where the trainer writes: one `error:` line (a ValueError, as UsageError)."""
+    """No space left where a file is written: one `error:` line (a ValueError, as UsageError)."""
+
+    def __init__(self, path):
+        super().__init__(disk_full_message(path))
+        self.path = path
 
 
 def disk_full_message(path):
@@ -35,19 +41,20 @@ def is_disk_full(error):
     return False
 
 
-def staged_path(path):
+def staged_path(path, unique=False):
     """The file `path` is written to first: hidden, beside it (same file system, so the rename is
-    atomic), its name ending as `path`'s does (Keras picks the format from the suffix)."""
+    atomic), its name ending as `path`'s does (Keras picks the format from the suffix). `unique`
+    adds the process id, for files that several processes may write at once (a shared cache)."""
     directory, name = os.path.split(os.path.abspath(path))
-    return os.path.join(directory, f".tmp-{name}")
+    return os.path.join(directory, f".tmp-{os.getpid()}-{name}" if unique else f".tmp-{name}")
 
 
 @contextlib.contextmanager
-def staging(path):
+def staging(path, unique=False):
     """Yield the staged path to write `path`'s content to; renamed to `path` when the block ends
     without error. On any error the staged file is removed and `path` stays as it was; a full
     disk raises DiskFullError naming `path`. Nest two to replace two files together."""
-    staged = staged_path(path)
+    staged = staged_path(path, unique)
     try:
         yield staged
         os.replace(staged, path)
@@ -58,7 +65,7 @@ def staging(path):
         except OSError:
             pass
         if isinstance(error, Exception) and is_disk_full(error):
-            raise DiskFullError(disk_full_message(path)) from None
+            raise DiskFullError(path) from None
         raise
 
 
