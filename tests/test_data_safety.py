@@ -10,11 +10,22 @@ import types
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from PIL import Image
 
 from tests.helpers import REPO, cli_env, one_error_line, train_cli, write_image_folder
-from train import data, fashion_mnist_debian, segmentation_data
+from train import (
+    classification_data,
+    fashion_mnist_debian,
+    folders,
+    image_folder,
+    pipeline,
+    segmentation_data,
+    segmentation_folder,
+    tfds_sources,
+)
 from train.fashion_mnist_scenes import FashionMnistScenes, ScenesConfig
+from train.sources import DatasetNotFound
 
 SEGMENTATION_HINT = "is a segmentation dataset: add --task segmentation."
 CLASSIFICATION_HINT = "is a classification dataset"
@@ -25,11 +36,11 @@ CLASSIFICATION_HINT = "is a classification dataset"
 
 def test_a_dataset_of_the_other_task_is_named_with_the_flag(tmp_path):
     for name in ("fashion_mnist_scenes", "fashion_mnist_scenes/large", f"seg_folder:{tmp_path}"):
-        with pytest.raises(data.DatasetNotFound) as caught:
-            data.load(name, image_size=32, batch_size=4)
+        with pytest.raises(DatasetNotFound) as caught:
+            classification_data.load(name, image_size=32, batch_size=4)
         assert str(caught.value) == f"{name} {SEGMENTATION_HINT}"
     for name in ("fashion_mnist", f"folder:{tmp_path}"):
-        with pytest.raises(data.DatasetNotFound) as caught:
+        with pytest.raises(DatasetNotFound) as caught:
             segmentation_data.load(name, image_size=32, batch_size=4)
         assert str(caught.value) == (
             f"{name} {CLASSIFICATION_HINT}: leave out --task segmentation."
@@ -42,18 +53,16 @@ def test_tfds_datasets_of_the_other_task_are_told_by_their_features(tmp_path, mo
         name="some_scenes",
         info=types.SimpleNamespace(features={"image": 0, "segmentation_mask": 0}, splits=None),
     )
-    with pytest.raises(data.DatasetNotFound, match=f"^some_scenes {SEGMENTATION_HINT}$"):
-        data.dataset_info(segmentation)
+    with pytest.raises(DatasetNotFound, match=f"^some_scenes {SEGMENTATION_HINT}$"):
+        classification_data.dataset_info(segmentation)
     other = types.SimpleNamespace(
         name="pairs", info=types.SimpleNamespace(features={"x": 0}, splits=None)
     )
-    with pytest.raises(
-        data.DatasetNotFound, match="pairs is not a classification dataset .*it has x"
-    ):
-        data.dataset_info(other)
+    with pytest.raises(DatasetNotFound, match="pairs is not a classification dataset .*it has x"):
+        classification_data.dataset_info(other)
     labelled = types.SimpleNamespace(info=types.SimpleNamespace(features={"image": 0, "label": 0}))
-    monkeypatch.setattr(data, "_builder", lambda name, data_dir, download: labelled)
-    with pytest.raises(data.DatasetNotFound, match=f"^cats {CLASSIFICATION_HINT} .*--task segm"):
+    monkeypatch.setattr(tfds_sources, "builder", lambda name, data_dir, download: labelled)
+    with pytest.raises(DatasetNotFound, match=f"^cats {CLASSIFICATION_HINT} .*--task segm"):
         segmentation_data.load("cats", image_size=32, batch_size=4)
 
 
@@ -64,8 +73,8 @@ def test_prepared_scenes_read_as_classification_are_one_line(tmp_path):
         data_dir=str(tmp_path), config=ScenesConfig(name="two", train_scenes=2, test_scenes=1)
     )
     builder.download_and_prepare()
-    with pytest.raises(data.DatasetNotFound, match=f"^fashion_mnist_scenes {SEGMENTATION_HINT}$"):
-        data.dataset_info(builder)
+    with pytest.raises(DatasetNotFound, match=f"^fashion_mnist_scenes {SEGMENTATION_HINT}$"):
+        classification_data.dataset_info(builder)
 
 
 def test_the_cli_names_the_task_flag_in_one_error_line(tmp_path):
@@ -87,7 +96,7 @@ def test_image_folder_links_back_and_linked_files_count_once(tmp_path):
     os.symlink("0.png", root / "train" / "b" / "again.png")
     os.symlink(root / "train" / "a" / "1.png", root / "train" / "a" / "also.png")
     warnings = io.StringIO()
-    folder = data.scan_image_folder(str(root), warn=warnings)
+    folder = image_folder.scan_image_folder(str(root), warn=warnings)
     assert folder.class_names == ["a", "b"]
     assert [len(folder.examples[s]) for s in ("train", "test")] == [6, 2]
     assert len({os.path.realpath(p) for p, _ in folder.examples["train"]}) == 6
@@ -119,7 +128,7 @@ def test_seg_folder_links_count_once(tmp_path):
     os.symlink(".", root / "train" / "images" / "self")
     for kind in ("images", "masks"):
         os.symlink("0.png", root / "train" / kind / "again.png")
-    folder = segmentation_data.scan_segmentation_folder(str(root), warn=io.StringIO())
+    folder = segmentation_folder.scan_segmentation_folder(str(root), warn=io.StringIO())
     assert [len(folder.examples[s]) for s in ("train", "test")] == [3, 1]
     assert folder.num_classes == 3
 
@@ -133,7 +142,7 @@ def test_jpeg_data_in_a_png_mask_is_refused_naming_the_file(tmp_path):
     mask = root / "train" / "masks" / "1.png"
     Image.open(mask).save(mask, format="JPEG", quality=75)
     with pytest.raises(ValueError) as caught:
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
     assert "masks must be lossless PNG: train/masks/1.png holds JPEG data" in str(caught.value)
     assert "\n" not in str(caught.value)
 
@@ -142,8 +151,8 @@ def test_jpeg_data_in_a_png_mask_is_refused_naming_the_file(tmp_path):
 
 PEAK_RSS = """
 import resource, sys
-from train import data
-train, evaluation, _ = data.load(sys.argv[1], image_size=32, batch_size=4, seed=0)
+from train import classification_data
+train, evaluation, _ = classification_data.load(sys.argv[1], image_size=32, batch_size=4, seed=0)
 for _ in range(2):
     for batch in evaluation:
         pass
@@ -188,14 +197,14 @@ def test_peak_memory_does_not_grow_with_the_source_resolution(tmp_path):
 def test_large_jpegs_are_decoded_scaled_and_cut_before_the_cache():
     """What the cache holds: a shorter side of at least crop_source_side (no crop is upscaled)
     and under twice it; smaller images stay as they are."""
-    side = data.crop_source_side(32, 0.25)
+    side = classification_data.crop_source_side(32, 0.25)
     assert side == 74  # a 25% crop of aspect 3/4 has a shorter side of 0.433 of the image's
     pixels = np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8)
-    encoded = data.tf.io.encode_jpeg(data.tf.image.resize(pixels, (1200, 1600), "nearest"))
-    decoded = data.decode_image(encoded, min_side=side)
+    encoded = tf.io.encode_jpeg(tf.image.resize(pixels, (1200, 1600), "nearest"))
+    decoded = folders.decode_image(encoded, min_side=side)
     assert decoded.shape == (150, 200, 3)  # 1/8: 150 >= 74
-    assert data.shrink(decoded, side).shape == (74, 99, 3)
-    assert data.shrink(decoded, side).dtype == data.tf.uint8
-    assert data.shrink(pixels, side).shape == pixels.shape
+    assert pipeline.shrink(decoded, side).shape == (74, 99, 3)
+    assert pipeline.shrink(decoded, side).dtype == tf.uint8
+    assert pipeline.shrink(pixels, side).shape == pixels.shape
     mask = np.kron(np.arange(4).reshape(2, 2), np.ones((300, 300), np.int32))[..., None]
-    assert set(np.unique(data.shrink(mask, 20, "nearest"))) == {0, 1, 2, 3}
+    assert set(np.unique(pipeline.shrink(mask, 20, "nearest"))) == {0, 1, 2, 3}

@@ -9,8 +9,9 @@ import tensorflow as tf
 from PIL import Image
 
 from repvgg_keras import preprocessing
-from train import data, fashion_mnist_debian, fashion_mnist_scenes, segmentation_data
+from train import fashion_mnist_debian, fashion_mnist_scenes, segmentation_data, segmentation_folder
 from train.fashion_mnist_scenes import FashionMnistScenes, ScenesConfig
+from train.sources import DatasetNotFound
 
 needs_fashion_mnist = pytest.mark.skipif(
     not fashion_mnist_debian.available(), reason="Debian's Fashion-MNIST files are absent"
@@ -113,7 +114,7 @@ def test_scenes_configs_share_their_test_scenes_and_unknown_ones_are_refused():
     configs = {c.name: c for c in FashionMnistScenes.BUILDER_CONFIGS}
     assert configs["default"].train_scenes == 10_000 and configs["large"].train_scenes == 50_000
     assert configs["large"].test_scenes == configs["default"].test_scenes == 2_000
-    with pytest.raises(data.DatasetNotFound, match="has the configs default, large, not 'huge'"):
+    with pytest.raises(DatasetNotFound, match="has the configs default, large, not 'huge'"):
         segmentation_data._scenes_builder("fashion_mnist_scenes/huge", None)
 
 
@@ -228,11 +229,11 @@ def test_nearest_resizing_never_invents_labels(tmp_path):
 def test_class_names_from_classes_txt(tmp_path):
     root = _seg_folder(tmp_path / "seg", classes=(0, 1, 2))
     (root / "classes.txt").write_text("sky\nroad\ncar\ntree\n")
-    folder = segmentation_data.scan_segmentation_folder(str(root))
+    folder = segmentation_folder.scan_segmentation_folder(str(root))
     assert folder.num_classes == 4 and folder.class_names == ["sky", "road", "car", "tree"]
     (root / "classes.txt").write_text("sky\nroad\n")
     with pytest.raises(ValueError, match="class index 2 but classes.txt names 2 classes"):
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
 
 
 def test_seg_folder_skips_bad_pairs_and_names_them(tmp_path):
@@ -247,7 +248,7 @@ def test_seg_folder_skips_bad_pairs_and_names_them(tmp_path):
     _write_png(root / "train" / "images" / "colour.png", gray)
     _write_png(root / "train" / "masks" / "colour.png", np.zeros((24, 24, 3), np.uint8))
     warnings = io.StringIO()
-    folder = segmentation_data.scan_segmentation_folder(str(root), warn=warnings)
+    folder = segmentation_folder.scan_segmentation_folder(str(root), warn=warnings)
     message = warnings.getvalue()
     assert message.startswith("warning: skipped 5 file(s)") and message.count("\n") == 1
     for expected in (
@@ -271,20 +272,20 @@ def test_mask_values_that_are_no_class_are_named_with_the_remedy(tmp_path):
     mask[0, 0] = 200
     _write_png(stray, mask)
     with pytest.raises(ValueError) as caught:
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
     message = str(caught.value)
     for expected in ("no classes.txt", "5..199 appear in no mask", "3.png holds the value 200",
                      "train/masks/3.png", "Mark stray pixels 255", "classes.txt naming"):  # fmt: skip
         assert expected in message, message
     (root / "classes.txt").write_text("\n".join("abcde"))
     with pytest.raises(ValueError, match="train/masks/3.png holds class index 200 but classes.txt"):
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
     deep = root / "test" / "masks" / "1.png"
     Image.fromarray(np.full(np.asarray(Image.open(deep)).shape, 1000, np.uint16)).save(deep)
     assert Image.open(deep).mode == "I;16"
     with pytest.raises(ValueError, match=r"test/masks/1.png holds the value 1000; mask values are "
                        r"class indices 0..254, and 255 marks pixels to ignore"):  # fmt: skip
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
 
 
 def test_two_images_of_one_name_are_refused_and_other_files_named(tmp_path):
@@ -293,7 +294,7 @@ def test_two_images_of_one_name_are_refused_and_other_files_named(tmp_path):
     (root / "train" / "images" / "notes.txt").write_text("about")
     _write_png(root / "train" / "images" / "6.png", np.zeros((24, 24), np.uint8))
     Image.fromarray(np.zeros((24, 24), np.uint8)).save(root / "train" / "masks" / "6.jpg")
-    folder = segmentation_data.scan_segmentation_folder(str(root), warn=warnings)
+    folder = segmentation_folder.scan_segmentation_folder(str(root), warn=warnings)
     assert len(folder.examples["train"]) == 6
     for expected in ("train/images/notes.txt (not a .jpg/.png/.gif/.bmp file)",
                      "train/masks/6.jpg (not a .png file)", "train/images/6.png (no mask)"):  # fmt: skip
@@ -301,25 +302,25 @@ def test_two_images_of_one_name_are_refused_and_other_files_named(tmp_path):
     Image.fromarray(np.zeros((40, 56), np.uint8)).save(root / "train" / "images" / "1.jpg")
     with pytest.raises(ValueError, match=r"train/images/1.jpg and train/images/1.png share the "
                        "name '1'.*rename or remove one"):  # fmt: skip
-        segmentation_data.scan_segmentation_folder(str(root))
+        segmentation_folder.scan_segmentation_folder(str(root))
 
 
 def test_seg_folder_mistakes_are_one_clear_error(tmp_path):
-    with pytest.raises(data.DatasetNotFound, match="does not exist"):
-        segmentation_data.scan_segmentation_folder(str(tmp_path / "absent"))
+    with pytest.raises(DatasetNotFound, match="does not exist"):
+        segmentation_folder.scan_segmentation_folder(str(tmp_path / "absent"))
     (tmp_path / "nosplits").mkdir()
-    with pytest.raises(data.DatasetNotFound, match="has no train/ or test/"):
-        segmentation_data.scan_segmentation_folder(str(tmp_path / "nosplits"))
+    with pytest.raises(DatasetNotFound, match="has no train/ or test/"):
+        segmentation_folder.scan_segmentation_folder(str(tmp_path / "nosplits"))
     root = _seg_folder(tmp_path / "seg", counts=(("train", 2),))
     (root / "test" / "images").mkdir(parents=True)
     warnings = io.StringIO()
     with pytest.raises(ValueError, match=r"no usable image/mask pair in test/"):
-        segmentation_data.scan_segmentation_folder(str(root), warn=warnings)
+        segmentation_folder.scan_segmentation_folder(str(root), warn=warnings)
     assert warnings.getvalue() == ""
 
 
 def test_unprepared_tfds_dataset_is_refused_without_download(tmp_path):
-    with pytest.raises(data.DatasetNotFound, match="is not prepared"):
+    with pytest.raises(DatasetNotFound, match="is not prepared"):
         segmentation_data.load(
             "oxford_iiit_pet", image_size=32, batch_size=2, data_dir=str(tmp_path)
         )

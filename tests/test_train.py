@@ -18,7 +18,7 @@ from repvgg_keras import preprocessing
 from repvgg_keras.structure import all_layers
 from tests import helpers
 from tests.helpers import REPO, cli_env, free_ports
-from train import data, recipes
+from train import classification_data, recipes
 
 pytestmark = pytest.mark.slow  # converts, exports, serves or trains end to end
 
@@ -42,7 +42,9 @@ def image_folder(tmp_path_factory):
 
 def test_mock_tfds_pipeline():
     with tfds.testing.mock_data(num_examples=24):
-        train, evaluation, info = data.load("cifar10", image_size=40, batch_size=8, download=True)
+        train, evaluation, info = classification_data.load(
+            "cifar10", image_size=40, batch_size=8, download=True
+        )
         x, y = next(iter(train))
         assert x.shape == (8, 40, 40, 3) and y.shape == (8, 10)
         np.testing.assert_allclose(np.sum(y, -1), 1.0)
@@ -51,7 +53,7 @@ def test_mock_tfds_pipeline():
 
 
 def test_folder_pipeline_augments_training_and_not_evaluation(image_folder):
-    train, evaluation, info = data.load(
+    train, evaluation, info = classification_data.load(
         f"folder:{image_folder}", image_size=32, batch_size=16, seed=1
     )
     assert (info.num_classes, info.train_examples, info.eval_examples) == (4, 320, 80)
@@ -63,12 +65,14 @@ def test_folder_pipeline_augments_training_and_not_evaluation(image_folder):
     first = [b[0].numpy() for b in evaluation]
     second = [b[0].numpy() for b in evaluation]
     assert all(np.array_equal(a, b) for a, b in zip(first, second))  # deterministic evaluation
-    crop = data.random_resized_crop(tf.reshape(tf.range(64 * 64 * 3), (64, 64, 3)), 32)
+    crop = classification_data.random_resized_crop(
+        tf.reshape(tf.range(64 * 64 * 3), (64, 64, 3)), 32
+    )
     assert crop.shape == (32, 32, 3)
 
 
 def test_fashion_mnist_from_the_debian_package(tmp_path):
-    train, evaluation, info = data.load(
+    train, evaluation, info = classification_data.load(
         "fashion_mnist", image_size=32, batch_size=500, data_dir=str(tmp_path)
     )
     assert (info.num_classes, info.train_examples, info.eval_examples) == (10, 60000, 10000)
@@ -85,10 +89,12 @@ def test_fashion_mnist_from_the_debian_package(tmp_path):
 
 def test_missing_dataset_fails_fast(tmp_path):
     start = time.monotonic()
-    with pytest.raises(data.DatasetNotFound, match="not prepared.*Nothing was downloaded"):
-        data.load("imagenette", image_size=32, batch_size=8, data_dir=str(tmp_path))
-    with pytest.raises(data.DatasetNotFound, match="does not exist"):
-        data.load(f"folder:{tmp_path}/nope", image_size=32, batch_size=8)
+    with pytest.raises(
+        classification_data.DatasetNotFound, match="not prepared.*Nothing was downloaded"
+    ):
+        classification_data.load("imagenette", image_size=32, batch_size=8, data_dir=str(tmp_path))
+    with pytest.raises(classification_data.DatasetNotFound, match="does not exist"):
+        classification_data.load(f"folder:{tmp_path}/nope", image_size=32, batch_size=8)
     assert time.monotonic() - start < 30
 
 
@@ -296,8 +302,8 @@ def test_ablation_script_writes_a_table(tmp_path, image_folder):
 
 def test_eval_crop_one_keeps_the_whole_image():
     image = tf.reshape(tf.range(32 * 32 * 3, dtype=tf.float32), (32, 32, 3))
-    np.testing.assert_allclose(data.center_crop(image, 32, 1.0), image)
-    assert not np.allclose(data.center_crop(image, 32, 0.875), image)
+    np.testing.assert_allclose(classification_data.center_crop(image, 32, 1.0), image)
+    assert not np.allclose(classification_data.center_crop(image, 32, 0.875), image)
     assert (
         recipes.get_recipe("small").eval_crop == 1.0
         and recipes.get_recipe("paper120").eval_crop == 0.875
@@ -362,7 +368,11 @@ def test_randaugment_alters_training_images_only():
     one = tf.data.Dataset.from_tensors((image, 0))
     common = dict(image_size=28, num_classes=10, cache=False, seed=0)
     reference = next(
-        iter(data.make_pipeline(one, batch_size=1, training=False, eval_crop=1.0, **common))
+        iter(
+            classification_data.make_pipeline(
+                one, batch_size=1, training=False, eval_crop=1.0, **common
+            )
+        )
     )[0][0].numpy()
 
     def unchanged(batch):
@@ -372,7 +382,7 @@ def test_randaugment_alters_training_images_only():
         )
 
     for augment, expected in (("basic", lambda n: n == 64), ("randaugment", lambda n: n <= 8)):
-        pipeline = data.make_pipeline(
+        pipeline = classification_data.make_pipeline(
             one.repeat(64), batch_size=64, training=True, min_area=1.0, augment=augment, **common
         )
         batch = next(iter(pipeline))[0].numpy()
@@ -381,7 +391,7 @@ def test_randaugment_alters_training_images_only():
         assert np.all(batch >= low - 1e-5) and np.all(
             batch <= high + 1e-5
         )  # stays within 0..255 pixels
-    evaluation = data.make_pipeline(
+    evaluation = classification_data.make_pipeline(
         one, batch_size=1, training=False, eval_crop=1.0, augment="randaugment", **common
     )
     np.testing.assert_array_equal(next(iter(evaluation))[0][0].numpy(), reference)
@@ -390,7 +400,9 @@ def test_randaugment_alters_training_images_only():
         and recipes.get_recipe("paper120").augment == "basic"
     )
     with pytest.raises(ValueError, match="Unknown augment"):
-        data.make_pipeline(one, batch_size=1, training=True, augment="autoaugment", **common)
+        classification_data.make_pipeline(
+            one, batch_size=1, training=True, augment="autoaugment", **common
+        )
 
 
 def test_ema_weights_end_up_in_the_model():

@@ -18,7 +18,7 @@ from tests.helpers import (
     write_image_folder,
     write_png,
 )
-from train import data, recipes
+from train import classification_data, recipes
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,9 @@ def test_unreadable_image_is_skipped_and_named(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")
     (root / "train" / "a" / "broken.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
     (root / "train" / "b" / "notes.txt").write_text("not an image")  # ignored, as tfds does
-    train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
+    train, evaluation, info = classification_data.load(
+        f"folder:{root}", image_size=32, batch_size=4, seed=0
+    )
     warning = capsys.readouterr().err
     assert "skipped 1 unreadable image(s) of 21" in warning and "train/a/broken.jpg" in warning, (
         warning
@@ -155,7 +157,9 @@ def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, cap
     write_png(
         root / "val" / "a" / "0.png", seed=1
     )  # test/ is the evaluation split, val/ is not read
-    train, evaluation, info = data.load(f"folder:{root}", image_size=32, batch_size=4, seed=0)
+    train, evaluation, info = classification_data.load(
+        f"folder:{root}", image_size=32, batch_size=4, seed=0
+    )
     assert (info.num_classes, info.train_examples, info.eval_examples) == (3, 5, 3)
     labels = [int(label) for _, y in evaluation for label in np.argmax(y, -1)]
     assert sorted(labels) == [0, 1, 2]
@@ -168,7 +172,7 @@ def test_every_listed_format_is_read_and_every_skipped_entry_named(tmp_path, cap
 
 def test_counts_that_cannot_be_honoured_are_named(tmp_path, capsys):
     root = write_image_folder(tmp_path / "photos")  # 16 train, 4 test images
-    _, evaluation, info = data.load(
+    _, evaluation, info = classification_data.load(
         f"folder:{root}", image_size=32, batch_size=20, train_take=100, eval_take=50
     )
     assert (info.train_examples, info.eval_examples) == (16, 4)
@@ -180,7 +184,9 @@ def test_counts_that_cannot_be_honoured_are_named(tmp_path, capsys):
         "warning: --batch_size 20 is more than the 16 training examples: each batch holds some "
         "of them more than once.",
     ], warnings
-    data.load(f"folder:{root}", image_size=32, batch_size=8, train_take=10, eval_take=4)
+    classification_data.load(
+        f"folder:{root}", image_size=32, batch_size=8, train_take=10, eval_take=4
+    )
     assert capsys.readouterr().err == ""  # counts that fit: nothing to say
 
 
@@ -188,10 +194,10 @@ def test_empty_folders_are_named(tmp_path):
     empty_root = tmp_path / "empty"
     empty_root.mkdir()
     with pytest.raises(ValueError, match=r"has no train/ or test/ \(it has no subfolders\)"):
-        data.load(f"folder:{empty_root}", image_size=32, batch_size=4)
+        classification_data.load(f"folder:{empty_root}", image_size=32, batch_size=4)
     no_test = write_image_folder(tmp_path / "no_test", test_per_class=0)
     with pytest.raises(ValueError, match=r"has no test/ \(found train/\)"):
-        data.load(f"folder:{no_test}", image_size=32, batch_size=4)
+        classification_data.load(f"folder:{no_test}", image_size=32, batch_size=4)
     root = write_image_folder(tmp_path / "photos")
     (root / "train" / "c").mkdir()
     (root / "train" / "c" / "readme.txt").write_text("no images yet")
@@ -199,7 +205,7 @@ def test_empty_folders_are_named(tmp_path):
     with pytest.raises(
         ValueError, match=r"no readable .* image in train/c/, test/d/, train/d/ \(missing\)"
     ):
-        data.load(f"folder:{root}", image_size=32, batch_size=4)
+        classification_data.load(f"folder:{root}", image_size=32, batch_size=4)
 
 
 @pytest.mark.slow
@@ -212,14 +218,14 @@ def test_empty_class_through_the_cli_is_one_error_line(tmp_path):
 
 @pytest.mark.slow
 def test_unknown_dataset_names_the_closest_ones_in_one_line():
-    with pytest.raises(data.DatasetNotFound) as caught:
-        data.load("fashon_mnist", image_size=32, batch_size=4)
+    with pytest.raises(classification_data.DatasetNotFound) as caught:
+        classification_data.load("fashon_mnist", image_size=32, batch_size=4)
     message = str(caught.value)
     assert "did you mean fashion_mnist" in message and "\n" not in message and len(message) < 300, (
         message
     )
-    with pytest.raises(data.DatasetNotFound, match="Unknown dataset 'no_such_name'"):
-        data.load("no_such_name", image_size=32, batch_size=4)
+    with pytest.raises(classification_data.DatasetNotFound, match="Unknown dataset 'no_such_name'"):
+        classification_data.load("no_such_name", image_size=32, batch_size=4)
 
 
 @pytest.mark.slow

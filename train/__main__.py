@@ -508,7 +508,8 @@ def main(argv):
     # TensorFlow loads here, after the checks above.
     import tensorflow as tf
 
-    from train import data, guards
+    from train import guards
+    from train.sources import DatasetNotFound
 
     logging.set_verbosity(logging.WARNING)  # tfds logs every dataset it constructs
     guards.SIGNALS.install()
@@ -525,7 +526,7 @@ def main(argv):
             file=sys.stderr,
         )
         return 128 + interrupted.signum
-    except (data.DatasetNotFound, ValueError, OSError, FloatingPointError) as error:
+    except (DatasetNotFound, ValueError, OSError, FloatingPointError) as error:
         if os.environ.get("REPVGG_TRACEBACK"):
             raise
         if staged.is_disk_full(error) and not isinstance(error, staged.DiskFullError):

@@ -1,7 +1,7 @@
 """What `python -m train` does for classification (the default task).
 
 The trainer's loop, recipes, checkpoints, resume, logs and curves are shared with
-train/segmentation_task.py; this module supplies the data (train/data.py), the RepVGG with the
+train/segmentation_task.py; this module supplies the data (train/classification_data.py), the RepVGG with the
 paper's ablations, the loss (label-smoothed cross-entropy), top-1 accuracy and the evaluation of
 both forms. `Task` has the same methods as `segmentation_task.Task`.
 """
@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 import repvgg_keras as rk
-from train import data, distributed, guards, pretrained, staged
+from train import classification_data, distributed, guards, pretrained, staged
 
 # --ablation: (use_identity, use_1x1).
 ABLATIONS = {
@@ -45,7 +45,7 @@ class Task:
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets."""
         recipe = self.recipe
-        train_ds, eval_ds, info = data.load(
+        train_ds, eval_ds, info = classification_data.load(
             self.flags.dataset,
             min_area=recipe.min_area,
             mixup=recipe.mixup,

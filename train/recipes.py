@@ -18,7 +18,7 @@ class Recipe:
     label_smoothing: float = 0.0
     mixup: float = 0.0  # Beta(alpha, alpha); 0 disables
     min_area: float = 0.08  # random-resized-crop smallest area
-    augment: str = "basic"  # "basic" (crop + flip) or "randaugment" (train/data.py)
+    augment: str = "basic"  # "basic" (crop + flip) or "randaugment" (train/classification_data.py)
     ema_momentum: float = 0.0  # 0 disables the EMA of weights
     eval_crop: float = 0.875  # evaluation: resize to size / eval_crop, centre-crop size
     custom_l2: bool = False  # the authors' custom L2 on the equivalent kernel (see use_custom_l2)
