@@ -9,6 +9,8 @@ TensorFlow builds); `absorb_pads` hands the padding to it and drops the float ro
 stays zero in the SCALED int8 encoding these graphs use, so the output is the same.
 """
 
+from export import compat
+
 QUANTIZED_CONVS = (
     "QuantizedConv2DWithBiasAndReluAndRequantize",
     "QuantizedConv2DWithBiasAndRequantize",
@@ -34,11 +36,11 @@ def _outputs(node_name, count=3):
 def _uniform_spatial_pad(const):
     """The pad of a NHWC Pad's paddings constant when it is the same on every side of H and W and
     zero on N and C; None otherwise."""
-    from tensorflow.python.framework import tensor_util
+    import tensorflow as tf
 
     if const is None or const.op != "Const":
         return None
-    paddings = tensor_util.MakeNdarray(const.attr["value"].tensor)
+    paddings = tf.make_ndarray(const.attr["value"].tensor)
     if paddings.shape != (4, 2) or paddings[0].any() or paddings[3].any():
         return None
     pad = int(paddings[1, 0])
@@ -48,10 +50,7 @@ def _uniform_spatial_pad(const):
 def absorb_pads(graph_def):
     """A copy of an int8 `graph_def` in which each `[Dequantize ->] Pad -> QuantizeV2` feeding only
     VALID quantized convolutions is replaced by those convolutions' own padding."""
-    import tensorflow as tf
-
-    graph = tf.compat.v1.GraphDef()
-    graph.CopyFrom(graph_def)
+    graph = compat.copy_graph_def(graph_def)
     nodes = {node.name: node for node in graph.node}
     readers = {}
     for node in graph.node:

@@ -23,6 +23,7 @@ import repvgg_keras as rk
 from export import (
     atomic,
     cli,
+    compat,
     gptq,
     images,
     loading,
@@ -90,13 +91,10 @@ def _checked(images, expected, description, finite=False):
 def freeze(model):
     """`model`'s inference as a concrete function with its weights as constants."""
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     image_shape = (None, *model.input_shape[1:])
     call = tf.function(lambda x: model(x, training=False))
-    return convert_variables_to_constants_v2(
-        call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32))
-    )
+    return compat.freeze(call.get_concrete_function(tf.TensorSpec(image_shape, tf.float32)))
 
 
 def int8_function(model, calibration, gptq_rounding=True):

@@ -20,7 +20,7 @@ import warnings
 
 import numpy as np
 
-from export import quantized_pads
+from export import compat, quantized_pads
 
 INSTALL_HINT = (
     "pip install --no-deps neural-compressor-tf==3.10 && pip install prettytable py-cpuinfo "
@@ -104,7 +104,6 @@ def quantize(frozen, image_shape, calibration):
     `tracing.plain_grouped_convs`) as a concrete function with the same input and output,
     calibrated on `calibration` (model inputs), and its GraphDef."""
     import tensorflow as tf
-    from tensorflow.python.util import deprecation
 
     _, quantize_model = _neural_compressor()
     calibration = np.asarray(calibration, np.float32)
@@ -119,7 +118,7 @@ def quantize(frozen, image_shape, calibration):
     with (
         tempfile.TemporaryDirectory() as workdir,
         contextlib.chdir(workdir),
-        deprecation.silence(),
+        compat.silenced_deprecation(),
     ):
         # Neural Compressor reads a SavedModel directory and writes its workspace into the cwd.
         float_path = os.path.join(workdir, "float")
@@ -140,16 +139,13 @@ def quantize(frozen, image_shape, calibration):
 
 def graph_function(graph_def, input_name, output_name):
     """A GraphDef as a concrete function from tensor `input_name` to tensor `output_name`."""
-    import tensorflow as tf
-    from tensorflow.python.util import deprecation
-
     graph_def = _with_fresh_function_names(graph_def)
 
     def import_graph():
-        tf.compat.v1.import_graph_def(graph_def, name="")
+        compat.import_graph_def(graph_def)
 
-    with deprecation.silence():
-        wrapped = tf.compat.v1.wrap_function(import_graph, [])
+    with compat.silenced_deprecation():
+        wrapped = compat.wrap_function(import_graph)
     return wrapped.prune(
         feeds=wrapped.graph.get_tensor_by_name(_tensor(input_name)),
         fetches=wrapped.graph.get_tensor_by_name(_tensor(output_name)),
@@ -160,10 +156,7 @@ def _with_fresh_function_names(graph_def):
     """A copy of `graph_def` whose library functions (Keras's XLA-compiled grouped convolutions)
     have names of their own: the float graph's functions of the same names are already in this
     process, with other bodies, and TensorFlow refuses a second definition under one name."""
-    import tensorflow as tf
-
-    renamed = tf.compat.v1.GraphDef()
-    renamed.CopyFrom(graph_def)
+    renamed = compat.copy_graph_def(graph_def)
     suffix = f"_int8_{uuid.uuid4().hex[:8]}"
     names = {f.signature.name: f.signature.name + suffix for f in renamed.library.function}
     if not names:
@@ -200,11 +193,9 @@ def op_counts(graph_def):
 
 def missing_kernels(graph_def, device="CPU"):
     """The op types of `graph_def` that the running TensorFlow has no `device` kernel for."""
-    from tensorflow.python.framework import kernels
-
     missing = []
     for op in sorted(op_counts(graph_def)):
-        registered = kernels.get_registered_kernels_for_op(op).kernel
+        registered = compat.registered_kernels(op)
         if not any(kernel.device_type == device for kernel in registered):
             missing.append(op)
     return missing
@@ -228,13 +219,6 @@ ONEDNN_HINT = (
 )
 
 
-def onednn_enabled():
-    """Whether this TensorFlow runs oneDNN's graph rewrite (TF_ENABLE_ONEDNN_OPTS or CPU default)."""
-    from tensorflow.python.util import _pywrap_util_port
-
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
 def check_runs_here(graph_def, onednn=None):
     """ValueError (one line) unless the running TensorFlow can run every op of `graph_def` on
     the CPU: a kernel registered for each, and oneDNN on where an op is a oneDNN placeholder."""
@@ -246,7 +230,7 @@ def check_runs_here(graph_def, onednn=None):
             "--precision fp32."
         )
     placeholders = sorted(set(op_counts(graph_def)) & set(ONEDNN_ONLY_OPS))
-    if placeholders and not (onednn_enabled() if onednn is None else onednn):
+    if placeholders and not (compat.onednn_enabled() if onednn is None else onednn):
         raise ValueError(
             f"TensorFlow's oneDNN is off in this process, and without it the int8 ops "
             f"({', '.join(placeholders)}) are placeholders that compute nothing: {ONEDNN_HINT}."

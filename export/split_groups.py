@@ -13,6 +13,8 @@ Used only to trace the int8 SavedModel's graph (savedmodel.int8_function).
 
 import keras
 
+from export import compat
+
 
 def _per_group(conv, groups, name):
     """`conv` as `groups` plain Conv2D layers, each with its slice of the output channels."""
@@ -80,13 +82,13 @@ def _plain_relu(layer):
 
 
 def _only_consumer(layer):
-    after = [node.operation for node in layer._outbound_nodes]
+    after = compat.consumers(layer)
     return after[0] if len(after) == 1 else None
 
 
 def _only_parent(layer):
-    parents = layer._inbound_nodes[0].parent_nodes
-    return parents[0].operation if len(parents) == 1 else None
+    parents = compat.parents(layer)
+    return parents[0] if len(parents) == 1 else None
 
 
 def _splittable(layer):

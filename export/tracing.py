@@ -2,6 +2,8 @@
 
 import contextlib
 
+from export import compat
+
 
 @contextlib.contextmanager
 def plain_grouped_convs(dilated_as_conv2d=False):
@@ -18,19 +20,15 @@ def plain_grouped_convs(dilated_as_conv2d=False):
     oneDNN anyway.
     """
     import tensorflow as tf
-    from keras.src.backend.tensorflow import nn as tf_nn
 
-    original = tf_nn.conv
-
-    def conv(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
+    def conv(
+        original, inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1
+    ):
         if data_format not in (None, "channels_last"):
             return original(inputs, kernel, strides, padding, data_format, dilation_rate)
         if dilated_as_conv2d and inputs.shape.rank == 4:
             return tf.nn.conv2d(inputs, kernel, strides, padding.upper(), dilations=dilation_rate)
         return tf.nn.convolution(inputs, kernel, strides, padding.upper(), dilations=dilation_rate)
 
-    tf_nn.conv = conv
-    try:
+    with compat.keras_tf_conv_replaced(conv):
         yield
-    finally:
-        tf_nn.conv = original

@@ -11,7 +11,7 @@ from its config and gets a copy of its weights. The input model is left untouche
 import keras
 import numpy as np
 
-from repvgg_keras import fusion, spatial
+from repvgg_keras import compat, fusion, spatial
 from repvgg_keras.layers import PlainBlock, RepVGGBlock, all_layers, contains_blocks
 
 
@@ -148,7 +148,7 @@ class _Converter:
         """The deploy form of a functional or Sequential `model` (nested models included)."""
         if isinstance(model, keras.Sequential):
             return self._convert_sequential(model)
-        if not hasattr(model, "_run_through_graph"):
+        if not compat.is_graph_model(model):
             raise TypeError(
                 f"to_deploy supports functional and Sequential models; {model.name!r} is a "
                 f"subclassed {type(model).__name__}. Build it functionally, or convert its "
@@ -175,7 +175,7 @@ class _Converter:
         if isinstance(layer, RepVGGBlock):
             return layer  # replaced in _call
         if isinstance(layer, keras.Model) and (
-            _needs_conversion(layer) or (self.retype_plain and hasattr(layer, "_run_through_graph"))
+            _needs_conversion(layer) or (self.retype_plain and compat.is_graph_model(layer))
         ):
             return self.convert(layer)
         if _has_replacement(layer):

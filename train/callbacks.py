@@ -12,7 +12,7 @@ import time
 import keras
 import numpy as np
 
-from train import staged
+from train import compat, staged
 
 
 def for_run(model_dir, *, checkpoint_every, steps_per_epoch, agree, signals, progress_every):
@@ -46,7 +46,7 @@ def for_run(model_dir, *, checkpoint_every, steps_per_epoch, agree, signals, pro
     return callbacks, backup, nan_stopper
 
 
-class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
+class BackupEveryStepsAndEpoch(compat.BackupAndRestore):
     """BackupAndRestore that saves every `save_freq` steps *and* at the end of each epoch.
 
     On restart the same command resumes from the last backup: weights, optimizer state
@@ -66,13 +66,13 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         self.batches_done = 0
         self._plan = None
         # Keras loads only files named *.weights.h5.
-        self._prev_weights_path = os.path.join(self.backup_dir, "previous.weights.h5")
-        self._prev_training_metadata_path = os.path.join(
+        self.previous_weights_path = os.path.join(self.backup_dir, "previous.weights.h5")
+        self.previous_metadata_path = os.path.join(
             self.backup_dir, "previous_training_metadata.json"
         )
 
     def on_epoch_begin(self, epoch, logs=None):
-        self._current_epoch = epoch
+        self.current_epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
         self.batches_done += 1
@@ -81,11 +81,11 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
     def on_epoch_end(self, epoch, logs=None):
         super().on_epoch_end(epoch, logs)
         if self.save_freq != "epoch":
-            self._save_model()
+            self.save_backup()
         if self.stop_after_epoch == epoch:
             self.model.stop_training = True
 
-    def _save_model(self):
+    def save_backup(self):
         """Write the new backup beside the last, then rename: the last becomes the previous.
 
         Keras writes the backup in place, so a kill during the write (tested) leaves a
@@ -94,27 +94,27 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
         """
         os.makedirs(self.backup_dir, exist_ok=True)
         metadata = {
-            "epoch": self._current_epoch,
+            "epoch": self.current_epoch,
             "batches": self.batches_done,  # trained in all: epoch and batch to resume at
             "step": int(self.model.optimizer.iterations.numpy()),
         }
         with (
-            staged.staging(self._weights_path) as staged_weights,
-            staged.staging(self._training_metadata_path) as staged_metadata,
+            staged.staging(self.weights_path) as staged_weights,
+            staged.staging(self.metadata_path) as staged_metadata,
         ):
             self.model.save_weights(staged_weights, overwrite=True)
             with open(staged_metadata, "w") as f:
                 json.dump(metadata, f)
-            if os.path.exists(self._weights_path) and os.path.exists(self._training_metadata_path):
-                os.replace(self._weights_path, self._prev_weights_path)
-                os.replace(self._training_metadata_path, self._prev_training_metadata_path)
+            if os.path.exists(self.weights_path) and os.path.exists(self.metadata_path):
+                os.replace(self.weights_path, self.previous_weights_path)
+                os.replace(self.metadata_path, self.previous_metadata_path)
 
     def _generations(self):
         """[metadata with "weights" (its path) and "batches"] of the backups on disk, newest first."""
         found = []
         for weights, metadata in (
-            (self._weights_path, self._training_metadata_path),
-            (self._prev_weights_path, self._prev_training_metadata_path),
+            (self.weights_path, self.metadata_path),
+            (self.previous_weights_path, self.previous_metadata_path),
         ):
             if os.path.exists(weights) and os.path.exists(metadata):
                 found.append(dict(_read_metadata(metadata), weights=weights))
@@ -172,10 +172,10 @@ class BackupEveryStepsAndEpoch(keras.callbacks.BackupAndRestore):
                 "--overwrite to start afresh."
             ) from None
         self.batches_done = record["batches"]
-        self._current_epoch = (
+        self.current_epoch = (
             record["batches"] // self.steps_per_epoch if self.steps_per_epoch else record["epoch"]
         )
-        self.model._initial_epoch = self._current_epoch
+        compat.set_initial_epoch(self.model, self.current_epoch)
 
 
 def _read_metadata(path):

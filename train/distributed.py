@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from repvgg_keras import cpu_features
 from repvgg_keras.structure import all_layers
+from train import compat
 
 
 def make_strategy(tpu=None):
@@ -106,7 +107,7 @@ def fit(
     model.stop_training = False
     callback_list.on_train_begin()
     logs = {}
-    for epoch in range(getattr(model, "_initial_epoch", 0) or 0, epochs):
+    for epoch in range(compat.initial_epoch(model), epochs):
         logs = train_epoch(
             model, epoch, train_step, train_batches, steps_per_epoch, callback_list, read_logs
         )
@@ -128,7 +129,7 @@ def build_like_fit(model, dataset, strategy):
     outside the traced step (which may not create them), and before BackupAndRestore restores the
     optimizer's state."""
     with strategy.scope():
-        model._symbolic_build(data_batch=dataset.element_spec)
+        compat.symbolic_build(model, dataset.element_spec)
 
 
 def oldest_among_workers(strategy):

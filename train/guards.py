@@ -95,7 +95,7 @@ class StopOnSignal(keras.callbacks.Callback):
     def _stop_here(self):
         if self.received is not None:
             self.in_fit = False
-            self.backup._save_model()
+            self.backup.save_backup()
             raise Interrupted(self.received)
 
     def on_train_batch_end(self, batch, logs=None):
