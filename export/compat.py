@@ -20,7 +20,7 @@ def freeze(concrete_function):
 
 def silenced_deprecation():
     """A context in which TensorFlow's deprecation warnings stay quiet."""
-    # tensorflow.python.util.deprecation.silence: TF1-style graph calls warn on every call (TF 2.21).
+    # tensorflow.python.util.deprecation.silence: TF1-style graph calls warn each call (TF 2.21).
     from tensorflow.python.util import deprecation
 
     return deprecation.silence()
@@ -61,7 +61,8 @@ def registered_kernels(op):
 
 
 def onednn_enabled():
-    """Whether this TensorFlow runs oneDNN's graph rewrite (TF_ENABLE_ONEDNN_OPTS or CPU default)."""
+    """Whether this TensorFlow runs oneDNN's graph rewrite (TF_ENABLE_ONEDNN_OPTS, or the CPU's
+    default)."""
     # tensorflow.python.util._pywrap_util_port.IsMklEnabled: no public query (TF 2.21).
     from tensorflow.python.util import _pywrap_util_port
 

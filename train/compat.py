@@ -11,7 +11,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     """keras.callbacks.BackupAndRestore with the private parts a subclass builds on under public
     names: `save_backup` (what it calls to save), its two file paths and its epoch count."""
 
-    # BackupAndRestore._save_model: the hook its on_epoch_end and on_train_batch_end save through (Keras 3.15).
+    # BackupAndRestore._save_model: what its epoch and batch ends call to save (Keras 3.15).
     def _save_model(self):
         self.save_backup()
 
@@ -29,7 +29,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
     def metadata_path(self):
         return self._training_metadata_path
 
-    # BackupAndRestore._current_epoch: the epoch a backup resumes at; its on_epoch_end sets epoch + 1 (Keras 3.15).
+    # BackupAndRestore._current_epoch: the epoch to resume at; on_epoch_end sets it (Keras 3.15).
     @property
     def current_epoch(self):
         return self._current_epoch
@@ -41,7 +41,7 @@ class BackupAndRestore(keras.callbacks.BackupAndRestore):
 
 def initial_epoch(model):
     """The epoch `fit` starts at, as a resumed backup set it (0 when none did)."""
-    # Model._initial_epoch: fit's `initial_epoch` as BackupAndRestore sets it on the model (Keras 3.15).
+    # Model._initial_epoch: where BackupAndRestore tells fit to start (Keras 3.15).
     return getattr(model, "_initial_epoch", 0) or 0
 
 
@@ -54,5 +54,5 @@ def set_initial_epoch(model, epoch):
 def symbolic_build(model, data_batch):
     """Create the model's variables, compiled metrics, loss trackers and optimizer from the
     element spec `data_batch`, as `fit` does before its first step."""
-    # Trainer._symbolic_build: fit's own build; no public call builds the metrics and optimizer too (Keras 3.15).
+    # Trainer._symbolic_build: no public call builds metrics and optimizer as fit does (Keras 3.15).
     model._symbolic_build(data_batch=data_batch)
