@@ -5,7 +5,7 @@ import errno
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 
 import repvgg_keras as rk
 from export import atomic, images, loading, verify
@@ -13,7 +13,6 @@ from repvgg_keras import preprocessing
 from repvgg_keras.models import MIN_INPUT_SIZE
 
 FLAGS = flags.FLAGS
-logging.set_verbosity(logging.WARNING)  # TF's savers log every file they write at INFO
 
 
 TASKS = ("classification", "segmentation")
@@ -206,29 +205,38 @@ def run_exporter(export, output=None, checks=()):
     return 0
 
 
-def exporter(export_function, *, calibrated=False, **options):
-    """The `export` a one-file exporter (ONNX, TFLite, OpenVINO) gives `run_exporter`: it calls
-    `export_function(shipped, --output, verify_inputs=..., reference=..., overwrite=--overwrite,
-    **options)`; `calibrated` also passes --quantize, the int8 calibration images
-    (`calibration_from_flags`), --tolerance and --min_agreement."""
+def start(main):
+    """Run an exporter as the program: absl parses the flags, `main(argv)` returns the exit
+    status. absl logging goes to WARNING here (TF's savers log every file they write at INFO),
+    never at import, so the exporters' modules stay usable as a library; before the flags are
+    parsed, so that --verbosity still wins."""
+    logging.set_verbosity(logging.WARNING)
+    app.run(lambda argv: sys.exit(main(argv)))
 
-    def export(shipped, reference, to_input, pixels):
-        quantizing = {}
-        if calibrated:
-            quantizing = dict(
-                quantize=FLAGS.quantize,
-                calibration=calibration_from_flags(shipped, to_input),
-                tolerance=FLAGS.tolerance,
-                min_agreement=FLAGS.min_agreement,
-            )
+
+def exporter(export_function, *, output=None, pixels=False, **options):
+    """The `export` an exporter gives `run_exporter`: it calls `export_function(shipped, output
+    (default --output), verify_inputs=..., reference=..., overwrite=--overwrite, calibration=
+    (`calibration_from_flags`), tolerance=--tolerance, min_agreement=--min_agreement, and
+    quantize=/precision= where the exporter has those flags, **options)`. `pixels`: pass the
+    0..255 verification images as `verify_pixels` instead of model inputs."""
+
+    def export(shipped, reference, to_input, verify_pixels):
+        chosen = {name: FLAGS[name].value for name in ("quantize", "precision") if name in FLAGS}
+        if pixels:
+            verifying = dict(verify_pixels=verify_pixels)
+        else:
+            verifying = dict(verify_inputs=to_input(verify_pixels))
         return export_function(
             shipped,
-            FLAGS.output,
-            verify_inputs=to_input(pixels),
+            output or FLAGS.output,
+            **verifying,
             reference=reference,
             overwrite=FLAGS.overwrite,
-            **quantizing,
-            **options,
+            calibration=calibration_from_flags(shipped, to_input),
+            tolerance=FLAGS.tolerance,
+            min_agreement=FLAGS.min_agreement,
+            **{**chosen, **options},
         )
 
     return export
@@ -273,11 +281,18 @@ def check_calibration_flags():
         )
 
 
+def int8_asked():
+    """Whether the flags ask for int8 (`loading.int8_requested`), or may choose it: --precision
+    auto given --calibration_data."""
+    auto = "precision" in FLAGS and FLAGS.precision == "auto"
+    return loading.int8_requested() or (auto and FLAGS["calibration_data"].present)
+
+
 def calibration_from_flags(shipped, to_input, wanted=None):
     """Model inputs for int8 calibration (--calibration_data/--calibration_count), or None
-    unless int8 is `wanted` (default: --quantize int8 or int8_full)."""
+    unless int8 is `wanted` (default: `int8_asked()`)."""
     if wanted is None:
-        wanted = FLAGS.quantize.startswith("int8")
+        wanted = int8_asked()
     if not wanted:
         return None
     return to_input(

@@ -20,6 +20,14 @@ def is_segmentation(model):
     return len(output) == 4 and tuple(output[1:3]) == tuple(model.inputs[0].shape[1:3])
 
 
+def variant_name(model):
+    """The variant `model` was built as: its name (`rk.RepVGG` names a model after its spec),
+    for a `PSPNet_<variant>[_fast]` its backbone's."""
+    if model.name.startswith("PSPNet_"):
+        return model.name[len("PSPNet_") :].removesuffix("_fast")
+    return model.name
+
+
 def load_model(name=None, weights=None, image_size=None, classes=None, channels=None):
     """The classifier to export, from `weights` (any model source, in its own form).
 
@@ -174,7 +182,7 @@ def load_segmentation_model(name, weights=None, image_size=None, classes=None, c
                 f"{pspnet.OUTPUT_NAME!r}: save the model with its per-pixel logits as its only "
                 "output."
             ) from None
-    built_for = model.name[len("PSPNet_") :].removesuffix("_fast")
+    built_for = variant_name(model)
     if (
         model.name.startswith("PSPNet_")
         and built_for in rk.list_models()

@@ -21,10 +21,10 @@ import sys
 import tempfile
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import repvgg_keras as rk
-from export import atomic, cli, gptq, loading, onnx_int8, runners, tracing
+from export import atomic, cli, gptq, loading, onnx_int8, precisions, runners, tracing
 
 FLAGS = flags.FLAGS
 OPSETS = range(14, 19)  # what tf2onnx 1.16+ converts to (its README); onnxruntime runs all of them
@@ -116,7 +116,7 @@ def export_onnx(
         atomic.file_checks(artifact, runners.onnxruntime, feed, loading.is_segmentation(model)),
         reference or model,
         verify_inputs,
-        precision="int8" if quantize == "int8" else "fp32",
+        precision=precisions.of_quantize(quantize),
         overwrite=overwrite,
         tolerance=tolerance,
         min_agreement=min_agreement,
@@ -198,10 +198,15 @@ def rounded_onnx_file(deploy, workdir, calibration, *, nchw=True):
 
 
 def _written(model, path, nchw):
-    """`path`, holding `model` as ONNX (converted unless it already exists)."""
-    if not os.path.exists(path) and not _convert_in_child(model, path, nchw):
-        with open(path, "wb") as f:
-            f.write(convert(model, nchw=nchw).SerializeToString())
+    """`path`, holding `model` as ONNX (converted unless it already exists). Written staged
+    (`atomic.atomic_output`): a process killed while converting leaves no half-written file
+    that a later call would take for the conversion."""
+    if os.path.exists(path):
+        return path
+    with atomic.atomic_output(path, overwrite=True) as staged:
+        if not _convert_in_child(model, staged, nchw):
+            with open(staged, "wb") as f:
+                f.write(convert(model, nchw=nchw).SerializeToString())
     return path
 
 
@@ -216,7 +221,8 @@ with open(sys.argv[2], "wb") as f:
 
 
 def _convert_in_child(deploy, path, nchw):
-    """Write the ONNX file from a child process; False if that could not be done.
+    """Write the ONNX file `path` from a child process; False (and no file) if that could not
+    be done.
 
     tf2onnx holds several GB while it converts (about 6 GB for RepVGG-B1g4 at 224), which a
     long-lived process (a server's fast_predictor, the benchmark) would keep as its peak; a
@@ -231,7 +237,7 @@ def _convert_in_child(deploy, path, nchw):
     try:
         deploy.save(source)
         result = subprocess.run(
-            [sys.executable, "-c", _CHILD, source, path + ".partial", "nchw" if nchw else "nhwc"],
+            [sys.executable, "-c", _CHILD, source, path, "nchw" if nchw else "nhwc"],
             env=env,
             capture_output=True,
             text=True,
@@ -242,16 +248,15 @@ def _convert_in_child(deploy, path, nchw):
         if os.path.exists(source):
             os.remove(source)
     if result.returncode != 0:
-        if os.path.exists(path + ".partial"):
-            os.remove(path + ".partial")
+        if os.path.exists(path):
+            os.remove(path)
         return False
-    os.replace(path + ".partial", path)
     return True
 
 
 def main(argv):
     del argv
-    export = cli.exporter(export_onnx, calibrated=True, opset=FLAGS.opset, nchw=FLAGS.nchw)
+    export = cli.exporter(export_onnx, opset=FLAGS.opset, nchw=FLAGS.nchw)
     checks = [lambda: check_opset(FLAGS.opset), cli.check_calibration_flags]
     return cli.run_exporter(export, FLAGS.output, checks=checks)
 
@@ -275,4 +280,4 @@ if __name__ == "__main__":
     )
     cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.start(main)

@@ -3,24 +3,26 @@
     python -m export.openvino --model RepVGG_A0 --weights a0.keras --output a0_openvino [--quantize int8]
 
 The deploy model goes through our ONNX exporter (NCHW input `images`, dynamic batch),
-OpenVINO converts that to its IR; --quantize int8 first quantizes the ONNX graph
-(QDQ, per-channel, calibrated on real images). Verification compiles the IR with the
-precision given by --precision (default: bf16 where the CPU runs it natively, else fp32,
-as `export.fast_predictor` does) and compares with the Keras model. The directory also
-holds runtime.json: the settings it was verified with.
+OpenVINO converts that to its IR; --quantize int8 (or --precision int8) first quantizes the
+ONNX graph (QDQ, per-channel, calibrated on real images). --precision names what the IR
+computes in on the CPU, as in every exporter (export/precisions.py): fp32 or bf16 (OpenVINO's
+inference precision: the file keeps fp32 weights), int8 (the QDQ IR); default: int8 for an int8
+IR, bf16 where the CPU runs it natively, else fp32, as `export.fast_predictor` does.
+Verification compiles the IR at that precision and compares with the Keras model by its
+acceptance rule; --verify_precision verifies at another one (what --precision meant before).
+The directory also holds runtime.json: the settings it was verified with.
 
 OpenVINO takes NCHW input: transpose NHWC batches with x.transpose(0, 3, 1, 2).
 """
 
 import json
 import os
-import sys
 import tempfile
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
-from export import atomic, cli, runners
+from export import atomic, cli, precisions, runners
 from export.onnx import onnx_file
 from export.openvino_runtime import supports
 
@@ -105,10 +107,33 @@ def export_openvino(
     )
 
 
+def check_precision_flags():
+    """ValueError where --precision (what the IR computes in) and --quantize disagree."""
+    if FLAGS.precision is None:
+        return
+    int8_ir = precisions.of_quantize(FLAGS.quantize) == "int8"
+    quantize_given = FLAGS["quantize"].present
+    if (FLAGS.precision == "int8") != int8_ir and (int8_ir or quantize_given):
+        raise ValueError(
+            f"--precision {FLAGS.precision} and --quantize {FLAGS.quantize} disagree: --precision "
+            "names what the IR computes in (int8: the --quantize int8 IR). Pass one of them, or "
+            f"--verify_precision {FLAGS.precision} to verify the IR at {FLAGS.precision}."
+        )
+
+
 def main(argv):
     del argv
-    export = cli.exporter(export_openvino, calibrated=True, precision=FLAGS.precision)
-    checks = [cli.check_calibration_flags, cli.refuse_segmentation("export.openvino")]
+    int8_ir = FLAGS.precision == "int8" or precisions.of_quantize(FLAGS.quantize) == "int8"
+    export = cli.exporter(
+        export_openvino,
+        quantize="int8" if int8_ir else "none",
+        precision=FLAGS.verify_precision or FLAGS.precision,
+    )
+    checks = [
+        check_precision_flags,
+        cli.check_calibration_flags,
+        cli.refuse_segmentation("export.openvino"),
+    ]
     return cli.run_exporter(export, FLAGS.output, checks=checks)
 
 
@@ -119,9 +144,20 @@ if __name__ == "__main__":
     flags.DEFINE_enum(
         "precision",
         None,
-        ["fp32", "bf16", "int8"],
-        "Precision to verify with (default: int8 for int8 IR, bf16 where native, else fp32).",
+        precisions.flag_choices("openvino"),
+        "What the IR computes in on the CPU, as in every exporter: fp32 or bf16 (OpenVINO's "
+        "inference precision, recorded in runtime.json; the file keeps fp32 weights), int8 (the "
+        "QDQ IR: the same as --quantize int8). Verified at it. Default: int8 for an int8 IR, "
+        "bf16 where the CPU runs it natively, else fp32.",
+    )
+    flags.DEFINE_enum(
+        "verify_precision",
+        None,
+        precisions.flag_choices("openvino"),
+        "Verify (and record in runtime.json) at this precision instead of --precision's, "
+        "whatever the IR computes in: what --precision meant before it named the computation "
+        "(e.g. --verify_precision int8 judges a float IR by int8's top-1 agreement).",
     )
     cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.start(main)

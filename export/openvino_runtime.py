@@ -4,7 +4,10 @@ OpenVINO reads ONNX directly (no conversion step); bf16 runs natively on CPUs wi
 AVX512-BF16 or AMX, int8 from a QDQ-quantized ONNX file (export/onnx_int8.py).
 """
 
-PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8 comes from the QDQ graph
+from export.precisions import PRECISIONS
+
+# The precisions OpenVINO computes in, with their inference precision hints (export/precisions.py).
+PRECISION_HINTS = {name: p.openvino_hint for name, p in PRECISIONS.items() if p.openvino_hint}
 
 
 def capabilities():
@@ -15,8 +18,7 @@ def capabilities():
 
 def supports(precision):
     """Whether this CPU runs `precision` natively (OpenVINO's own capability list)."""
-    needed = {"fp32": "FP32", "bf16": "BF16", "int8": "INT8"}[precision]
-    return needed in capabilities()
+    return PRECISIONS[precision].openvino_capability in capabilities()
 
 
 def compile_model(path, precision="fp32", threads=None, latency=True):

@@ -14,10 +14,9 @@ A segmentation model (--task segmentation, a PSPNet) gets the same signatures wi
 """
 
 import os
-import sys
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import repvgg_keras as rk
 from export import (
@@ -27,65 +26,18 @@ from export import (
     gptq,
     images,
     loading,
+    precisions,
     predict_requests,
     savedmodel_int8,
+    signature_checks,
     split_groups,
     tracing,
     verify,
 )
 from repvgg_keras import cpu_features, preprocessing
-from repvgg_keras.errors import shape_text
 
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
-
-
-def _shape_tensor_text(shape):
-    """A shape tensor as the string tensor "[1, 32, 32, 3]", for the graph's error messages."""
-    import tensorflow as tf
-
-    joined = tf.strings.reduce_join(tf.strings.as_string(shape), separator=", ")
-    return tf.strings.join(["[", joined, "]"])
-
-
-def _checked(images, expected, description, finite=False):
-    """`images`, passed on only after the graph has checked it: InvalidArgument otherwise.
-
-    TF Serving feeds a request's tensor to the graph by name without checking it against the
-    signature's shape, and a tensor of another rank reaching a oneDNN convolution aborts
-    the whole process. So the shape is checked here, as a control dependency of everything
-    after it. `expected` is the shape wanted, None for the batch.
-    `finite`: also reject NaN and Inf (a float request with them has no meaningful answer,
-    and they would come back as NaN logits that look like a model fault).
-    """
-    import tensorflow as tf
-
-    shape = tf.raw_ops.Shape(input=images, out_type=tf.int32)
-    rank = tf.raw_ops.Rank(input=images)
-    fixed = [(axis, size) for axis, size in enumerate(expected) if size is not None]
-    # Pad so that the lookups below exist whatever the rank; the rank test rejects the padding.
-    padded = tf.concat([shape, tf.zeros([len(expected)], tf.int32)], 0)
-    ok = tf.equal(rank, len(expected))
-    for axis, size in fixed:
-        ok = tf.logical_and(ok, tf.equal(padded[axis], size))
-    wanted = shape_text(expected)
-    message = tf.strings.join(
-        [f"{description}: expected shape {wanted}, received shape ", _shape_tensor_text(shape)]
-    )
-    shape_check = tf.debugging.Assert(ok, [message])
-    checks = [shape_check]
-    if finite:
-        with tf.control_dependencies([shape_check]):  # a wrong shape is reported first
-            checks.append(
-                tf.debugging.Assert(
-                    tf.reduce_all(tf.math.is_finite(images)),
-                    [f"{description}: received NaN or Inf values; expected finite numbers"],
-                )
-            )
-    with tf.control_dependencies(checks):
-        images = tf.identity(images)
-    images.set_shape(expected)  # no EnsureShape op: its error would not name what was expected
-    return images
 
 
 def freeze(model):
@@ -127,10 +79,10 @@ def save_serving_model(
     prepares each convolution's weights once instead of at every call, which is most of the cost
     of a bf16 model at batch 1, and TF Serving has no variables to restore.
 
-    Every signature checks its input inside the graph before any convolution runs (see
-    `_checked`): a request of the wrong rank, size or channel count, float NaN/Inf, or a
-    string that is not an image, fails with InvalidArgument naming what was expected and
-    received, and the server stays up. Any batch size is accepted; an empty batch gives
+    Every signature checks its input inside the graph before any convolution runs
+    (`signature_checks.checked`): a request of the wrong rank, size or channel count, float
+    NaN/Inf, or a string that is not an image, fails with InvalidArgument naming what was
+    expected and received, and the server stays up. Any batch size is accepted; an empty batch gives
     empty [0, ...] outputs.
 
     Outputs: `logits` and `probabilities` for a classifier; for a segmentation model
@@ -179,13 +131,21 @@ def save_serving_model(
         return tf.ensure_shape(image, (height, width, channels))
 
     def serving_default(images):
-        return outputs(_checked(images, image_shape, "serving_default float32 images", finite=True))
+        return outputs(
+            signature_checks.checked(
+                images, image_shape, "serving_default float32 images", finite=True
+            )
+        )
 
     def serving_uint8(images):
-        return from_pixels(_checked(images, image_shape, "serving_uint8 uint8 images"))
+        return from_pixels(
+            signature_checks.checked(images, image_shape, "serving_uint8 uint8 images")
+        )
 
     def serving_bytes(images):
-        images = _checked(images, (None,), "serving_bytes images (one encoded image each)")
+        images = signature_checks.checked(
+            images, (None,), "serving_bytes images (one encoded image each)"
+        )
         image_spec = tf.TensorSpec((height, width, channels), tf.float32)
         decoded = tf.map_fn(decode, images, fn_output_signature=image_spec)
         return from_pixels(decoded)
@@ -203,6 +163,20 @@ def save_serving_model(
         "serving_bytes": tf.function(serving_bytes, input_signature=[any_shape(tf.string)]),
     }
     tf.saved_model.save(module, path, signatures=signatures)
+
+
+def serving_name(model):
+    """The name TF Serving knows `model` by unless told (--serving_name): the variant it was
+    built as, lower case, whichever decided it (--model, or a .keras file's own architecture)."""
+    return loading.variant_name(model).lower()
+
+
+def model_inputs(pixels, preprocessing_mode="imagenet", preprocessing_included=False):
+    """What the model takes for 0..255 `pixels`: normalised, unless it normalises them itself."""
+    pixels = np.asarray(pixels, np.float32)
+    if preprocessing_included:
+        return pixels
+    return preprocessing.normalize(pixels, preprocessing_mode, pixels.shape[-1])
 
 
 def write_warmup(export_path, model_name, pixels):
@@ -223,7 +197,7 @@ def export_savedmodel(
     preprocessing_mode="imagenet",
     preprocessing_included=False,
     verify_pixels=None,
-    model_name="repvgg",
+    model_name=None,
     reference=None,
     overwrite=False,
     precision="fp32",
@@ -237,16 +211,16 @@ def export_savedmodel(
     `model`); `precision` ("fp32", "bf16", "fp16": what `model` computes in, see
     `rk.to_deploy(model, dtype=...)`; "int8" with `function` from `int8_function`) picks the
     acceptance rule, `tolerance` and `min_agreement` its bounds (None: verify's defaults).
-    Returns the verification Report of the signature that agrees least (`verify.weakest`).
+    `model_name`: the warm-up requests' (None: `serving_name(model)`). Returns the verification
+    Report of the signature that agrees least (`verify.weakest`).
     """
     import tensorflow as tf
 
-    _, height, width, channels = model.input_shape
+    model_name = model_name or serving_name(model)
+
     if verify_pixels is None:
-        verify_pixels = images.load_images("random", 4, height, width, channels)
-    model_input = verify_pixels.astype(np.float32)
-    if not preprocessing_included:
-        model_input = preprocessing.normalize(model_input, preprocessing_mode, channels)
+        verify_pixels = images.load_images("random", 4, *model.input_shape[1:])
+    model_input = model_inputs(verify_pixels, preprocessing_mode, preprocessing_included)
 
     def write(staged):
         save_serving_model(model, staged, preprocessing_mode, preprocessing_included, function)
@@ -279,10 +253,8 @@ def export_savedmodel(
     )
 
 
-# --precision -> to_deploy's dtype
-PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 AUTO_MIN_AGREEMENT = 0.995  # bf16 is the automatic choice only if it keeps top-1 this often
-CHOICES = ["auto", *PRECISIONS, "int8"]
+CHOICES = ["auto", *precisions.flag_choices("savedmodel")]  # --precision (export/precisions.py)
 
 
 def choose_precision(requested, deploy_fp32, reference, model_input):
@@ -299,7 +271,8 @@ def choose_precision(requested, deploy_fp32, reference, model_input):
     expected = np.asarray(reference(model_input, training=False))
     if expected.shape[-1] < 2:
         return "fp32", "auto: a one-class model's top-1 agreement means nothing to choose by"
-    got = np.asarray(rk.to_deploy(deploy_fp32, dtype="bfloat16")(model_input, training=False))
+    bf16 = rk.to_deploy(deploy_fp32, dtype=precisions.get("bf16").compute_dtype)
+    got = np.asarray(bf16(model_input, training=False))
     report = verify.compare("bf16", "bf16", got, expected)
     per_pixel = f" x {report.pixels} pixels" if report.pixels > 1 else ""
     agreed = (
@@ -358,55 +331,83 @@ def check_serving_flags():
         )
 
 
+def export_in_precision(
+    model,
+    version_dir,
+    *,
+    precision="fp32",
+    verify_pixels,
+    reference=None,
+    calibration=None,
+    tolerance=None,
+    min_agreement=None,
+    reason=None,
+    **options,
+):
+    """`export_savedmodel` of the fused float32 deploy form `model` computing in `precision`
+    (export/precisions.py; "auto": int8 where `calibration` is given and passes the int8 check,
+    else `choose_precision`; "int8" needs `calibration`, model inputs). Prints `precision: P
+    (why)` first; `reason` replaces the why (e.g. for a CLI default). `options`:
+    export_savedmodel's."""
+    reference = reference or model
+    mode = options.get("preprocessing_mode", "imagenet")
+    model_input = model_inputs(verify_pixels, mode, options.get("preprocessing_included", False))
+    model_name = options.pop("model_name", None) or serving_name(model)
+    function, not_int8 = None, ""
+    if precision == "int8":
+        if calibration is None:
+            raise ValueError("--precision int8 needs calibration images (--calibration_data).")
+        chosen, why = "int8", "asked for"
+        function = int8_function(model, calibration)
+    elif precision == "auto" and calibration is not None:
+        function, why = choose_int8(model, reference, model_input, calibration, min_agreement)
+        chosen = "int8"
+        not_int8 = "" if function is not None else f"{why}; "
+    if function is None:
+        chosen, why = choose_precision(precision, model, reference, model_input)
+        why = not_int8 + why
+    print(f"precision: {chosen} ({reason or why})", flush=True)
+    dtype = precisions.get(chosen).compute_dtype
+    if function is None and dtype != "float32":
+        model = rk.to_deploy(model, dtype=dtype)
+    return export_savedmodel(
+        model,
+        version_dir,
+        verify_pixels=verify_pixels,
+        model_name=model_name,
+        reference=reference,
+        precision=chosen,
+        function=function,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
+        **options,
+    )
+
+
+def check_fused():
+    """--precision other than fp32 converts the fused model: refuse --no_fuse with it."""
+    if FLAGS.precision != "fp32" and FLAGS.no_fuse:
+        raise ValueError(
+            f"--precision {FLAGS.precision} exports the fused model in that precision: drop "
+            "--no_fuse, or pass --precision fp32."
+        )
+
+
 def main(argv):
     del argv
     version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
-
-    def export(shipped, reference, to_input, pixels):
-        if FLAGS.precision != "fp32" and FLAGS.no_fuse:
-            raise ValueError(
-                f"--precision {FLAGS.precision} exports the fused model in that precision: drop "
-                "--no_fuse, or pass --precision fp32."
-            )
-        model_input = to_input(pixels)
-        int8_asked = FLAGS.precision == "int8" or (
-            FLAGS.precision == "auto" and FLAGS["calibration_data"].present
-        )
-        calibration = cli.calibration_from_flags(shipped, to_input, wanted=int8_asked)
-        function, not_int8 = None, ""
-        if FLAGS.precision == "int8":
-            precision, reason = "int8", "asked for"
-            function = int8_function(shipped, calibration)
-        elif int8_asked:
-            function, reason = choose_int8(
-                shipped, reference, model_input, calibration, FLAGS.min_agreement
-            )
-            precision = "int8" if function is not None else None
-            not_int8 = "" if function is not None else f"{reason}; "
-        if function is None:
-            precision, reason = choose_precision(FLAGS.precision, shipped, reference, model_input)
-            reason = not_int8 + reason
-        if not FLAGS["precision"].present:
-            reason = "the default: serves alike on every machine; --precision for others"
-        print(f"precision: {precision} ({reason})", flush=True)
-        if PRECISIONS.get(precision):
-            shipped = rk.to_deploy(shipped, dtype=PRECISIONS[precision])
-        return export_savedmodel(
-            shipped,
-            version_dir,
-            preprocessing_mode=FLAGS.preprocessing,
-            preprocessing_included=FLAGS.include_preprocessing,
-            verify_pixels=pixels,
-            model_name=FLAGS.serving_name or FLAGS.model.lower(),
-            reference=reference,
-            overwrite=FLAGS.overwrite,
-            precision=precision,
-            function=function,
-            tolerance=FLAGS.tolerance,
-            min_agreement=FLAGS.min_agreement,
-        )
-
-    checks = [check_serving_flags, cli.check_calibration_flags]
+    export = cli.exporter(
+        export_in_precision,
+        output=version_dir,
+        pixels=True,
+        preprocessing_mode=FLAGS.preprocessing,
+        preprocessing_included=FLAGS.include_preprocessing,
+        model_name=FLAGS.serving_name,
+        reason=None
+        if FLAGS["precision"].present
+        else "the default: serves alike on every machine; --precision for others",
+    )
+    checks = [check_serving_flags, check_fused, cli.check_calibration_flags]
     return cli.run_exporter(export, version_dir, checks=checks)
 
 
@@ -419,7 +420,9 @@ if __name__ == "__main__":
         "version", 1, "Model version (the subdirectory TF Serving loads): an integer >= 0."
     )
     flags.DEFINE_string(
-        "serving_name", None, "Model name in TF Serving (default: the variant, lower case)."
+        "serving_name",
+        None,
+        "Model name in TF Serving (default: the exported model's variant, lower case).",
     )
     flags.DEFINE_enum(
         "precision",
@@ -435,4 +438,4 @@ if __name__ == "__main__":
     )
     cli.define_calibration_flags()
     flags.mark_flag_as_required("export_dir")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.start(main)

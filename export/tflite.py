@@ -18,26 +18,19 @@ or float16 (--quantize none or float16; the int8 modes are for classifiers).
 """
 
 import os
-import sys
 import tempfile
 import warnings
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 import repvgg_keras as rk
-from export import atomic, cli, gptq, loading, runners
+from export import atomic, cli, gptq, loading, precisions, runners
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
 SEGMENTATION_QUANTIZATIONS = ("none", "float16")
-PRECISION = {
-    "none": "fp32",
-    "float16": "fp16",
-    "dynamic": "dynamic",
-    "int8": "int8",
-    "int8_full": "int8",
-}
+PRECISION = {mode: precisions.of_quantize(mode) for mode in QUANTIZATIONS}  # what each computes in
 # A sliver of the work, and quantizing them clips logits.
 FLOAT_OPS_IN_INT8 = ["MEAN", "FULLY_CONNECTED"]
 
@@ -182,7 +175,7 @@ def export_tflite(
         atomic.file_checks(artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)),
         reference or model,
         verify_inputs,
-        precision=PRECISION.get(quantize),  # None for an unknown one, which `convert` refuses
+        precision=precisions.of_quantize(quantize),  # None for an unknown one: `convert` refuses it
         overwrite=overwrite,
         tolerance=tolerance,
         min_agreement=min_agreement,
@@ -196,7 +189,7 @@ def main(argv):
         if FLAGS.task == "segmentation" and FLAGS.quantize not in SEGMENTATION_QUANTIZATIONS:
             raise ValueError(_segmentation_quantize_error(FLAGS.quantize))
 
-    export = cli.exporter(export_tflite, calibrated=True)
+    export = cli.exporter(export_tflite)
     return cli.run_exporter(export, FLAGS.output, checks=[cli.check_calibration_flags, check_task])
 
 
@@ -206,4 +199,4 @@ if __name__ == "__main__":
     flags.DEFINE_enum("quantize", "none", QUANTIZATIONS, "Weight/activation precision.")
     cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
-    app.run(lambda argv: sys.exit(main(argv)))
+    cli.start(main)

@@ -5,14 +5,11 @@ import os
 
 import numpy as np
 
-# Float precisions: the largest relative difference (max|a-b| / max|ref|) over every logit of every
-# verification image must stay within TOLERANCES. int8 is judged by what it must keep: the top-1
-# class (at least MIN_INT8_AGREEMENT of the images, --min_agreement) and a per-image relative
-# difference at the INT8_PERCENTILE-th percentile within TOLERANCES["int8"]; unlike the largest
-# difference, neither grows with the number of images. "dynamic": int8 weights with float
-# activations (TFLite's dynamic-range quantization), judged like the float precisions.
-TOLERANCES = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 1e-1, "dynamic": 1e-1, "int8": 2.5e-1}
-MIN_INT8_AGREEMENT = 0.99
+from export.precisions import PRECISIONS
+
+# Each precision's acceptance rule and its default bounds: export/precisions.py.
+TOLERANCES = {name: precision.tolerance for name, precision in PRECISIONS.items()}
+MIN_INT8_AGREEMENT = PRECISIONS["int8"].min_agreement
 # A quantization-aware model (rk.quantize_aware) already computes in int8: its export must
 # keep its top-1 nearly everywhere (the rest: ties broken by the runtime's own rounding).
 MIN_QAT_AGREEMENT = 0.998
@@ -28,7 +25,7 @@ INT8_REMEDIES = (
 def judged_by_agreement(precision):
     """Whether `precision` is accepted by its top-1 agreement (int8) rather than by its largest
     difference (the float precisions)."""
-    return precision == "int8"
+    return precision in PRECISIONS and PRECISIONS[precision].judged_by_agreement
 
 
 @dataclasses.dataclass
@@ -166,7 +163,8 @@ def compare(
         percentile = float(np.percentile(per_image, INT8_PERCENTILE))
     floor = None
     if judged_by_agreement(precision):
-        floor = MIN_INT8_AGREEMENT if min_agreement is None else float(min_agreement)
+        floor = PRECISIONS[precision].min_agreement if min_agreement is None else min_agreement
+        floor = float(floor)
     return Report(
         artifact,
         precision,
