@@ -339,7 +339,6 @@ def export_in_precision(
     verify_pixels,
     reference=None,
     calibration=None,
-    tolerance=None,
     min_agreement=None,
     reason=None,
     **options,
@@ -348,7 +347,7 @@ def export_in_precision(
     (export/precisions.py; "auto": int8 where `calibration` is given and passes the int8 check,
     else `choose_precision`; "int8" needs `calibration`, model inputs). Prints `precision: P
     (why)` first; `reason` replaces the why (e.g. for a CLI default). `options`:
-    export_savedmodel's."""
+    export_savedmodel's (tolerance, overwrite, preprocessing_mode, ...)."""
     reference = reference or model
     mode = options.get("preprocessing_mode", "imagenet")
     model_input = model_inputs(verify_pixels, mode, options.get("preprocessing_included", False))
@@ -378,7 +377,6 @@ def export_in_precision(
         reference=reference,
         precision=chosen,
         function=function,
-        tolerance=tolerance,
         min_agreement=min_agreement,
         **options,
     )
