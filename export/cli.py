@@ -255,8 +255,8 @@ def define_calibration_flags():
     flags.DEFINE_float(
         "tolerance",
         None,
-        "Relative difference allowed (default: per precision, export/verify.py): the largest for "
-        f"float precisions, the {verify.INT8_PERCENTILE}th percentile over images for int8.",
+        "Relative difference allowed (default: per precision, export/precisions.py): the largest "
+        f"for float precisions, the {verify.INT8_PERCENTILE}th percentile over images for int8.",
     )
     flags.DEFINE_float(
         "min_agreement",

@@ -5,7 +5,7 @@ import numpy as np
 from absl import flags
 
 import repvgg_keras as rk
-from export import verify
+from export import precisions, verify
 from repvgg_keras import preprocessing, pspnet, sources
 from repvgg_keras.errors import shape_text
 from repvgg_keras.structure import all_layers
@@ -211,7 +211,7 @@ def int8_requested():
     """True when the exporter's flags ask for int8 (--quantize int8* or --precision int8)."""
     quantize = FLAGS["quantize"].value if "quantize" in FLAGS else None
     precision = FLAGS["precision"].value if "precision" in FLAGS else None
-    return str(quantize).startswith("int8") or precision == "int8"
+    return precisions.of_quantize(quantize) == "int8" or precision == "int8"
 
 
 def prepare_from_flags(model):
