@@ -6,13 +6,14 @@ paper's ablations, the loss (label-smoothed cross-entropy), top-1 accuracy and t
 both forms. `Task` has the same methods as `segmentation_task.Task`.
 """
 
+import dataclasses
 import os
 
 import keras
 import numpy as np
 
 import repvgg_keras as rk
-from train import classification_data, distributed, guards, pretrained, staged
+from train import classification_data, distributed, forms, guards, pretrained, staged
 
 # --ablation: (use_identity, use_1x1).
 ABLATIONS = {
@@ -26,27 +27,41 @@ ABLATIONS = {
 QAT_CALIBRATION_BATCHES = 2  # training batches whose activations set the initial int8 ranges
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What classification takes beyond the spec, size and recipe (`python -m train`'s flags of
+    these names)."""
+
+    dataset: str
+    init_weights: str = None  # 'imagenet', a checkpoint or a .keras model
+    quant_friendly: bool = False
+    ablation: str = "full"  # a key of ABLATIONS
+    qat: bool = False
+    qat_scope: str = "convolutions"
+    qat_form: str = "deploy"
+
+
 class Task:
     """RepVGG classification; ends with `accuracy: training_form=<top-1> deploy_form=<top-1>`."""
 
     result_key = "accuracy"
 
-    def __init__(self, flags, spec, image_size, recipe):
-        self.flags, self.spec, self.image_size, self.recipe = flags, spec, image_size, recipe
-        self.use_identity, self.use_1x1 = ABLATIONS[flags.ablation]
+    def __init__(self, options, spec, image_size, recipe):
+        self.options, self.spec, self.image_size, self.recipe = options, spec, image_size, recipe
+        self.use_identity, self.use_1x1 = ABLATIONS[options.ablation]
         self.loss = None
 
     def config_entries(self):
         """What the run records beyond the common flags: the QAT scope of a --qat run."""
-        if not self.flags.qat:
+        if not self.options.qat:
             return {}
-        return {"qat_scope": self.flags.qat_scope, "qat_form": self.flags.qat_form}
+        return {"qat_scope": self.options.qat_scope, "qat_form": self.options.qat_form}
 
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets."""
         recipe = self.recipe
         train_ds, eval_ds, info = classification_data.load(
-            self.flags.dataset,
+            self.options.dataset,
             min_area=recipe.min_area,
             mixup=recipe.mixup,
             augment=recipe.augment,
@@ -63,13 +78,13 @@ class Task:
     def build(self, num_classes, *, bn_synchronized):
         """The training form, initialised from --init_weights when given; with --qat, the
         quantization-aware form of that model (the float model kept for the final comparison)."""
-        if self.flags.qat:
+        if self.options.qat:
             self.float_model = self.build_float(num_classes, bn_synchronized=bn_synchronized)
             return rk.quantize_aware(
                 self.float_model,
                 self.calibration_images(),
-                scope=self.flags.qat_scope,
-                form=self.flags.qat_form,
+                scope=self.options.qat_scope,
+                form=self.options.qat_form,
             )
         return self.build_float(num_classes, bn_synchronized=bn_synchronized)
 
@@ -80,14 +95,14 @@ class Task:
         return np.concatenate(batches)
 
     def build_float(self, num_classes, *, bn_synchronized):
-        source = self.flags.init_weights
-        if self.flags.qat and str(source).endswith(".keras"):
+        source = self.options.init_weights
+        if self.options.qat and str(source).endswith(".keras"):
             saved = pretrained.saved_deploy_form(source)
             if saved is not None:  # a deploy-form model: quantized as it is
                 if saved.output_shape[-1] != num_classes:
                     raise ValueError(
                         f"--init_weights {source} classifies {saved.output_shape[-1]} classes, "
-                        f"--dataset {self.flags.dataset} has {num_classes}: --qat fine-tunes "
+                        f"--dataset {self.options.dataset} has {num_classes}: --qat fine-tunes "
                         "a model trained on this dataset."
                     )
                 print(f"initialised from {source}: the deploy form as it is", flush=True)
@@ -98,15 +113,15 @@ class Task:
             classes=num_classes,
             use_identity=self.use_identity,
             use_1x1=self.use_1x1,
-            quant_friendly=self.flags.quant_friendly,
+            quant_friendly=self.options.quant_friendly,
             bn_synchronized=bn_synchronized,
         )
-        if self.flags.init_weights:
+        if self.options.init_weights:
             self.init_from_pretrained(model)
         return model
 
     def init_from_pretrained(self, model):
-        source = self.flags.init_weights
+        source = self.options.init_weights
         build = lambda include_top: rk.RepVGG(
             self.spec,
             include_top=include_top,
@@ -114,7 +129,7 @@ class Task:
             classes=model.output_shape[-1] if include_top else None,
             use_identity=self.use_identity,
             use_1x1=self.use_1x1,
-            quant_friendly=self.flags.quant_friendly,
+            quant_friendly=self.options.quant_friendly,
         )
         fresh = pretrained.copy_weights(model, pretrained.load_donor(source, build))
         kept = (
@@ -133,7 +148,7 @@ class Task:
     def finish(self, model, model_dir, eval_ds, info, strategy, remedy):
         """Save both forms and evaluate them; returns the last line and the forms' top-1 gap.
         A form that does not compute finite numbers is an error (`remedy` says what to do)."""
-        if self.flags.qat:
+        if self.options.qat:
             return self.finish_qat(model, model_dir, eval_ds, info, strategy, remedy)
         multi_worker = distributed.is_multi_worker(strategy)
         evaluation = None if multi_worker else model.evaluate(eval_ds, verbose=0, return_dict=True)
@@ -142,16 +157,11 @@ class Task:
             raise FloatingPointError(
                 f"training diverged: {diverged}; no model was saved: {remedy}."
             )
-        with staged.staging(os.path.join(model_dir, "model_train.keras")) as path:
-            model.save(path)
-        with strategy.scope():
-            deploy = rk.to_deploy(model)
-        # Saved uncompiled: no optimizer state.
-        with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
-            deploy.save(path)
+        deploy = forms.save_forms(model, model_dir, strategy)
         with strategy.scope():
             deploy.compile(loss=self.loss, metrics=["accuracy"])
         if multi_worker:
+            forms.check_deploy_form(deploy, eval_ds, model_dir, remedy)
             train_acc = distributed.evaluate_model(model, eval_ds, strategy)
             deploy_acc = distributed.evaluate_model(deploy, eval_ds, strategy)
             print(f"weights digest: {distributed.weights_digest(model):.10e}")
@@ -159,13 +169,9 @@ class Task:
             train_acc = evaluation["accuracy"]
             deploy_evaluation = deploy.evaluate(eval_ds, verbose=0, return_dict=True)
             deploy_acc = deploy_evaluation["accuracy"]
-            diverged = guards.divergence(deploy, val_loss=deploy_evaluation["loss"])
-            if diverged:
-                os.remove(os.path.join(model_dir, "model_deploy.keras"))
-                raise FloatingPointError(
-                    f"the deploy form does not compute: {diverged}; model_deploy.keras was removed: "
-                    f"{remedy}."
-                )
+            forms.check_deploy_form(
+                deploy, eval_ds, model_dir, remedy, val_loss=deploy_evaluation["loss"]
+            )
         print(f"saved {model_dir}/model_train.keras and {model_dir}/model_deploy.keras")
         print(
             f"top-1 on {info.eval_examples} {info.eval_split} examples: training form "
@@ -193,6 +199,7 @@ class Task:
         for model, path in zip((qat, deploy), saved):  # uncompiled: no optimizer state
             with staged.staging(path) as staging_path:
                 model.save(staging_path)
+        forms.check_deploy_form(deploy, eval_ds, model_dir, remedy)
         with strategy.scope():
             qat.compile(loss=self.loss, metrics=["accuracy"])
             self.float_model.compile(loss=self.loss, metrics=["accuracy"])

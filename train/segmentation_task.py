@@ -7,22 +7,22 @@ the metrics (mean IoU and pixel accuracy from an exact confusion matrix), the ev
 both forms and a PNG of predictions. `Task` has the same methods as `classification_task.Task`.
 """
 
+import dataclasses
 import os
 
 import keras
 import numpy as np
 
-import repvgg_keras as rk
 from repvgg_keras import preprocessing, pspnet
 from repvgg_keras.masks import IGNORE_LABEL
 from train import (
     callbacks,
     distributed,
+    forms,
     recipes,
     segmentation_data,
     segmentation_figures,
     segmentation_metrics,
-    staged,
 )
 
 PREDICTIONS_PNG = "predictions.png"
@@ -115,15 +115,12 @@ def save_predictions(path, model, dataset, class_names, num_classes):
     )
 
 
-def finish(model, model_dir, eval_ds, info, strategy):
-    """Save both forms, evaluate them, draw the PNG; returns the last line's text and the scores."""
+def finish(model, model_dir, eval_ds, info, strategy, remedy):
+    """Save both forms, check and evaluate them, draw the PNG; returns the last line's text and
+    the forms' mIoU gap. `eval_ds`: (images, masks), without the auxiliary targets."""
     inference = pspnet.inference_model(model)
-    with staged.staging(os.path.join(model_dir, "model_train.keras")) as path:
-        inference.save(path)
-    with strategy.scope():
-        deploy = rk.to_deploy(inference)
-    with staged.staging(os.path.join(model_dir, "model_deploy.keras")) as path:
-        deploy.save(path)
+    deploy = forms.save_forms(inference, model_dir, strategy)
+    forms.check_deploy_form(deploy, eval_ds, model_dir, remedy)
     train_miou, train_accuracy = scores(inference, eval_ds, info.num_classes, strategy)
     deploy_miou, deploy_accuracy = scores(deploy, eval_ds, info.num_classes, strategy)
     save_predictions(
@@ -143,43 +140,63 @@ def finish(model, model_dir, eval_ds, info, strategy):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What segmentation takes beyond the spec, size and recipe (`python -m train`'s flags of these
+    names; None: the head's default for the input size, train/recipes.py)."""
+
+    dataset: str
+    init_weights: str = None  # a backbone's weights: checkpoint, 'imagenet' or a .keras model
+    quant_friendly: bool = False
+    output_stride: int = None
+    head_channels: int = None
+    low_level_skip: bool = None
+    image_refine: bool = None
+    scale_augment: bool = None
+    fast: bool = False
+    aux_weight: float = 0.4
+
+
 class Task:
     """PSPNet on the RepVGG backbone; ends with `miou: training_form=<mIoU> deploy_form=<mIoU>`."""
 
     result_key = "miou"
 
-    def __init__(self, flags, spec, image_size, recipe):
-        self.flags, self.spec, self.image_size, self.recipe = flags, spec, image_size, recipe
-        self.options = self.config_entries()
-        # The evaluation data without the auxiliary targets: what both forms are scored on.
-        self.eval_ds = None
+    def __init__(self, options, spec, image_size, recipe):
+        self.options, self.spec, self.image_size, self.recipe = options, spec, image_size, recipe
+        self.head = self.config_entries()
 
     def config_entries(self):
         """The PSPNet options of this run (the flags given, the rest from the head for its size)
         and the task: recorded in the run's configuration."""
-        flags = self.flags
+        options = self.options
         head = recipes.segmentation_head(
             self.image_size,
-            output_stride=flags.output_stride,
-            head_channels=flags.head_channels,
-            low_level_skip=flags.low_level_skip,
-            image_refine=flags.image_refine,
-            scale_augment=flags.scale_augment,
+            output_stride=options.output_stride,
+            head_channels=options.head_channels,
+            low_level_skip=options.low_level_skip,
+            image_refine=options.image_refine,
+            scale_augment=options.scale_augment,
         )
-        return {**head, "fast": flags.fast, "aux_weight": flags.aux_weight, "task": "segmentation"}
+        return {
+            **head,
+            "fast": options.fast,
+            "aux_weight": options.aux_weight,
+            "task": "segmentation",
+        }
 
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets, with the auxiliary head's targets."""
-        train_ds, self.eval_ds, info = segmentation_data.load(
-            self.flags.dataset, augment=self.options["scale_augment"], **common
+        train_ds, eval_ds, info = segmentation_data.load(
+            self.options.dataset, augment=self.head["scale_augment"], **common
         )
-        if self.flags.aux_weight > 0:
-            return with_aux_targets(train_ds), with_aux_targets(self.eval_ds), info
-        return train_ds, self.eval_ds, info
+        if self.options.aux_weight > 0:
+            return with_aux_targets(train_ds), with_aux_targets(eval_ds), info
+        return train_ds, eval_ds, info
 
     def describe(self):
         """The model and the augmentation, for the line that starts a run."""
-        head = self.options
+        head = self.head
         what = (
             f"PSPNet on {self.spec.name} (output stride {head['output_stride']}, head "
             f"{head['head_channels']}{', fast' if head['fast'] else ''}"
@@ -194,21 +211,23 @@ class Task:
             self.spec,
             self.image_size,
             num_classes,
-            options=self.options,
-            quant_friendly=self.flags.quant_friendly,
+            options=self.head,
+            quant_friendly=self.options.quant_friendly,
             bn_synchronized=bn_synchronized,
         )
-        if self.flags.init_weights:
-            init_backbone(model, self.flags.init_weights, self.spec.name)
+        if self.options.init_weights:
+            init_backbone(model, self.options.init_weights, self.spec.name)
         return model
 
     def compile(self, model, optimizer, num_classes):
-        compile_model(model, optimizer, num_classes, self.flags.aux_weight)
+        compile_model(model, optimizer, num_classes, self.options.aux_weight)
 
     def finish(self, model, model_dir, eval_ds, info, strategy, remedy):
-        """Save both forms, score them on the evaluation data without auxiliary targets and draw
-        the PNG; returns the last line and the forms' mIoU gap (`eval_ds` and `remedy` unused)."""
-        result, gap = finish(model, model_dir, self.eval_ds, info, strategy)
+        """Save both forms, check them and score them on the evaluation data without auxiliary
+        targets, and draw the PNG; returns the last line and the forms' mIoU gap."""
+        if self.options.aux_weight > 0:
+            eval_ds = eval_ds.map(lambda images, targets: (images, targets[0]))
+        result, gap = finish(model, model_dir, eval_ds, info, strategy, remedy)
         if distributed.is_multi_worker(strategy):
             print(f"weights digest: {distributed.weights_digest(model):.10e}")
         return result, gap
