@@ -49,9 +49,9 @@ def train():
     spec = options.custom_spec(variant)
     image_size = FLAGS.image_size or spec.default_size
     recipe_name = FLAGS.recipe or ("qat" if FLAGS.qat else recipes.DEFAULT_RECIPE[FLAGS.task])
-    recipe = recipes.get_recipe(
-        recipe_name, image_size=image_size, **{name: getattr(FLAGS, name) for name in OVERRIDES}
-    )
+    # Each recipe field has a flag of its name that overrides it (None: the recipe's).
+    overrides = {name: getattr(FLAGS, name) for name in run_dir.RECIPE_FIELDS}
+    recipe = recipes.get_recipe(recipe_name, image_size=image_size, **overrides)
     task = task_module.Task(options.task_options(task_module.Options), spec, image_size, recipe)
     model_dir = run_dir.own_model_dir(FLAGS.model_dir)
     guards.SIGNALS.backup_dir = os.path.join(model_dir, "backup")
@@ -137,24 +137,6 @@ def train():
     run_dir.record_finished(model_dir, config, info.num_classes, task.result_key, result)
     print(result, flush=True)
     return gap
-
-
-# The recipe fields a flag of the same name overrides (None: the recipe's).
-OVERRIDES = (
-    "epochs",
-    "batch_size",
-    "base_lr",
-    "weight_decay",
-    "optimizer",
-    "warmup_epochs",
-    "label_smoothing",
-    "mixup",
-    "min_area",
-    "augment",
-    "ema_momentum",
-    "eval_crop",
-    "custom_l2",
-)
 
 
 def task_modules():

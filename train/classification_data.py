@@ -134,16 +134,10 @@ def make_pipeline(
             return _mixup(images, labels, mixup)
         return images, labels
 
+    # Training draws its crops anew each epoch from the cut (cached) sources.
+    cut = cut if training else None
     return pipeline.batches(
-        dataset,
-        training=training,
-        batch_size=batch_size,
-        transform=transform,
-        finish=finish,
-        cut=cut if training else None,
-        cache=cache,
-        seed=seed,
-        drop_remainder=drop_remainder,
+        dataset, transform, finish, cut, training, batch_size, cache, seed, drop_remainder
     )
 
 

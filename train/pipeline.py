@@ -42,16 +42,16 @@ def cacheable(examples, side, channels_bytes, source_shape=None):
 
 def batches(
     dataset,
-    *,
-    training,
-    batch_size,
     transform,
     finish,
-    cut=None,
+    cut,
+    training,
+    batch_size,
     cache=True,
     seed=None,
-    example_seeds=False,
     drop_remainder=False,
+    *,
+    example_seeds=False,
 ):
     """Batches of `dataset`'s examples.
 

@@ -194,16 +194,10 @@ def make_pipeline(
     def finish(images, masks):
         return preprocessing.normalize(images, preprocessing_mode, 3), masks
 
+    # Random scales draw from the cut (cached) sources, a stateless seed per example.
+    cut = cut if random else None
     return pipeline.batches(
-        dataset,
-        training=training,
-        batch_size=batch_size,
-        transform=transform,
-        finish=finish,
-        cut=cut if random else None,
-        cache=cache,
-        seed=seed,
-        example_seeds=True,
+        dataset, transform, finish, cut, training, batch_size, cache, seed, example_seeds=True
     )
 
 
