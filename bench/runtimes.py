@@ -125,7 +125,9 @@ def _savedmodel(dtype=None, int8=False):
 # --- TFLite (XNNPACK) ---------------------------------------------------------------------
 
 
-def _tflite(quantize):
+def _tflite(quantize, qat=False):
+    """qat: the int8 file of the subject's quantization-aware form (quantize_aware_form)."""
+
     def build(subject, threads):
         try:
             import ai_edge_litert  # noqa: F401
@@ -133,29 +135,50 @@ def _tflite(quantize):
             raise Unavailable("ai-edge-litert is not installed") from error
         from export import runners, tflite
 
-        path = os.path.join(subject.workdir, f"model_{quantize}.tflite")
+        path = os.path.join(subject.workdir, f"model_{quantize}{'_qat' if qat else ''}.tflite")
         if not os.path.exists(path):
-            flatbuffer = tflite.convert(subject.keras_deploy, quantize, subject.calibration)
+            scope = "every_op" if quantize == "int8_full" else "convolutions"
+            model = quantize_aware_form(subject, scope) if qat else subject.keras_deploy
+            flatbuffer = tflite.convert(model, quantize, subject.calibration)
             with open(path, "wb") as f:
                 f.write(flatbuffer)
         predict = runners.tflite(path, threads)
-        return Predictor(predict, note=f"XNNPACK, {quantize} conversion")
+        kind = "quantization-aware model" if qat else "conversion"
+        return Predictor(predict, note=f"XNNPACK, {quantize} {kind}")
 
     return build
+
+
+_QUANTIZE_AWARE = {}  # (workdir, scope) -> the subject's QAT model
+
+
+def quantize_aware_form(subject, scope):
+    """The subject's quantization-aware model (rk.quantize_aware of its deploy form, ranges from
+    its calibration images): untrained, but the graph a trained QAT model exports to, so its int8
+    files time as a trained one's do."""
+    import repvgg_keras as rk
+
+    key = (subject.workdir, scope)
+    if key not in _QUANTIZE_AWARE:
+        _QUANTIZE_AWARE[key] = rk.quantize_aware(
+            subject.keras_deploy, subject.calibration, scope=scope
+        )
+    return _QUANTIZE_AWARE[key]
 
 
 # --- ONNX: onnxruntime and OpenVINO -----------------------------------------------------
 
 
-def onnx_path(subject, nchw=True, int8=False):
+def onnx_path(subject, nchw=True, int8=False, qat=False):
     from export.onnx import onnx_file
 
+    model = quantize_aware_form(subject, "convolutions") if qat else subject.keras_deploy
     return onnx_file(
-        subject.keras_deploy, subject.workdir, nchw=nchw, int8=int8, calibration=subject.calibration
+        model, subject.workdir, nchw=nchw, int8=int8 or qat, calibration=subject.calibration
     )
 
 
-def _onnxruntime(nchw, int8=False):
+def _onnxruntime(nchw, int8=False, qat=False):
     def build(subject, threads):
         try:
             import onnxruntime  # noqa: F401
@@ -163,10 +186,11 @@ def _onnxruntime(nchw, int8=False):
             raise Unavailable("onnxruntime is not installed") from error
         from export import runners
 
+        note = "QDQ int8 of the quantization-aware model" if qat else "QDQ int8" if int8 else ""
         return Predictor(
-            runners.onnxruntime(onnx_path(subject, nchw, int8), threads),
+            runners.onnxruntime(onnx_path(subject, nchw, int8, qat), threads),
             "NCHW" if nchw else "NHWC",
-            note="QDQ int8" if int8 else "",
+            note=note,
         )
 
     return build
@@ -253,6 +277,7 @@ class RuntimeSpec:
     precision: str
     build: Callable
     family: str  # "ours" or "peer"
+    by_default: bool = True  # False: measured only when --runtimes names it
 
 
 RUNTIMES = (
@@ -272,6 +297,11 @@ RUNTIMES = (
     RuntimeSpec("onnxruntime-nchw", "fp32", _onnxruntime(nchw=True), "ours"),
     RuntimeSpec("onnxruntime-nhwc", "fp32", _onnxruntime(nchw=False), "ours"),
     RuntimeSpec("onnxruntime-nchw", "int8", _onnxruntime(nchw=True, int8=True), "ours"),
+    # The int8 files of a quantization-aware model (python -m train --qat), on request: they run
+    # the same ops as the three above, which the side-by-side timing shows.
+    RuntimeSpec("tflite-qat", "int8", _tflite("int8", qat=True), "ours", False),
+    RuntimeSpec("tflite-qat-int8-full", "int8", _tflite("int8_full", qat=True), "ours", False),
+    RuntimeSpec("onnxruntime-qat-nchw", "int8", _onnxruntime(nchw=True, qat=True), "ours", False),
     RuntimeSpec("openvino", "fp32", _openvino("fp32"), "ours"),
     RuntimeSpec("openvino", "bf16", _openvino("bf16"), "ours"),
     RuntimeSpec("openvino", "int8", _openvino("int8"), "ours"),
@@ -287,9 +317,10 @@ RUNTIMES = (
 
 
 def select(names=None):
-    """RUNTIMES whose runtime name (or 'runtime:precision') is in `names` (all when None)."""
+    """RUNTIMES whose runtime name (or 'runtime:precision') is in `names` (when None: every one
+    measured by default)."""
     if not names:
-        return list(RUNTIMES)
+        return [r for r in RUNTIMES if r.by_default]
     known = {r.runtime for r in RUNTIMES} | {f"{r.runtime}:{r.precision}" for r in RUNTIMES}
     unknown = [n for n in names if n not in known]
     if unknown:

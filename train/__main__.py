@@ -140,7 +140,8 @@ def train():
 
 
 def task_modules():
-    from train import classification_task, segmentation_task
+    """{--task: its module}."""
+    from train import classification_task, segmentation_task  # they load TensorFlow: see train()
 
     return {"classification": classification_task, "segmentation": segmentation_task}
 
@@ -181,7 +182,7 @@ def start_line(task, info, image_size, strategy, precision, recipe_name, steps_p
 def refuse_diverged(model, nan_stopper, remedy):
     """Raise FloatingPointError, saving nothing, when training stopped on NaN/inf or left a
     weight that is not finite."""
-    from train import guards
+    from train import guards  # it loads TensorFlow: see train()
 
     if nan_stopper.stopped_at is not None:
         raise FloatingPointError(
