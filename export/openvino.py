@@ -9,7 +9,7 @@ computes in on the CPU, as in every exporter (export/precisions.py): fp32 or bf1
 inference precision: the file keeps fp32 weights), int8 (the QDQ IR); default: int8 for an int8
 IR, bf16 where the CPU runs it natively, else fp32, as `export.fast_predictor` does.
 Verification compiles the IR at that precision and compares with the Keras model by its
-acceptance rule; --verify_precision verifies at another one (what --precision meant before).
+acceptance rule; --verify_precision verifies at another one (say, a float IR by int8's rule).
 The directory also holds runtime.json: the settings it was verified with.
 
 OpenVINO takes NCHW input: transpose NHWC batches with x.transpose(0, 3, 1, 2).
@@ -155,8 +155,8 @@ if __name__ == "__main__":
         None,
         precisions.flag_choices("openvino"),
         "Verify (and record in runtime.json) at this precision instead of --precision's, "
-        "whatever the IR computes in: what --precision meant before it named the computation "
-        "(e.g. --verify_precision int8 judges a float IR by int8's top-1 agreement).",
+        "whatever the IR computes in (e.g. --verify_precision int8 judges a float IR by int8's "
+        "top-1 agreement).",
     )
     cli.define_calibration_flags()
     flags.mark_flag_as_required("output")
