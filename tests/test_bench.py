@@ -20,9 +20,12 @@ TOLERANCE = verify.TOLERANCES
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
+    from bench.runtimes import RUNTIMES
+
     out = tmp_path_factory.mktemp("bench")
+    every = ",".join(f"{spec.runtime}:{spec.precision}" for spec in RUNTIMES)  # on request too
     done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", f"--out={out}"],
+        [sys.executable, "-m", "bench", "--quick", f"--out={out}", f"--runtimes={every}"],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -34,6 +37,15 @@ def quick_run(tmp_path_factory):
     with open(out / "meta.json") as f:
         meta = json.load(f)
     return out, records, meta, done.stdout
+
+
+def test_runtimes_on_request_are_left_out_by_default():
+    from bench.runtimes import RUNTIMES, select
+
+    on_request = {(r.runtime, r.precision) for r in RUNTIMES if not r.by_default}
+    assert ("tflite-qat", "int8") in on_request
+    assert not on_request & {(r.runtime, r.precision) for r in select(None)}
+    assert {(r.runtime, r.precision) for r in select(["tflite-qat"])} == {("tflite-qat", "int8")}
 
 
 @pytest.mark.slow
