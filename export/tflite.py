@@ -25,7 +25,8 @@ import numpy as np
 from absl import flags
 
 import repvgg_keras as rk
-from export import atomic, cli, gptq, loading, precisions, runners
+from export import atomic, cli, gptq, loading, precisions, runners, verify
+from repvgg_keras import structure
 
 FLAGS = flags.FLAGS
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8", "int8_full")
@@ -169,16 +170,50 @@ def export_tflite(
         with open(staged, "wb") as f:
             f.write(flatbuffer)
 
-    return atomic.verified_export(
-        output,
-        write,
-        atomic.file_checks(artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)),
-        reference or model,
-        verify_inputs,
-        precision=precisions.of_quantize(quantize),  # None for an unknown one: `convert` refuses it
-        overwrite=overwrite,
-        tolerance=tolerance,
-        min_agreement=min_agreement,
+    try:
+        return atomic.verified_export(
+            output,
+            write,
+            atomic.file_checks(
+                artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)
+            ),
+            reference or model,
+            verify_inputs,
+            precision=precisions.of_quantize(quantize),  # None if unknown: `convert` refuses it
+            overwrite=overwrite,
+            tolerance=tolerance,
+            min_agreement=min_agreement,
+        )
+    except verify.VerificationError as error:
+        advice = quantize_aware_pool_advice(model) if quantize == "int8" else None
+        if advice is None:
+            raise
+        refused = str(error).split(" To keep more:")[0]
+        raise verify.VerificationError(f"{refused} {advice}", error.report) from None
+
+
+def quantize_aware_pool_advice(model):
+    """What to do when TFLite int8 of a QAT model (scope "convolutions") is refused and its global
+    average pool sees more than one cell: the converter gives MEAN its input's int8 scale (the
+    scale propagates), so the pooled features are rounded to the last activation's grid, which the
+    QAT model computes in float. None where that cannot be the cause."""
+    if not rk.is_quantize_aware(model) or rk.quantize_scope(model) != "convolutions":
+        return None
+    pools = [
+        layer
+        for layer in structure.all_layers(model)
+        if type(layer).__name__ == "GlobalAveragePooling2D"
+    ]
+    cells = [tuple(layer.input.shape[1:3]) for layer in pools]
+    if not cells or all(h == 1 and w == 1 for h, w in cells):
+        return None
+    h, w = cells[0]
+    return (
+        f"TFLite's int8 converter runs the global average pool over the {h}x{w} features in int8 "
+        "on the last activation's grid, which this quantization-aware model computes in float: "
+        "export it with `python -m export.onnx --quantize int8` or `python -m export.openvino "
+        "--quantize int8` (the pool stays float there), or train it at an input size whose last "
+        "feature map is 1x1 (32 px)."
     )
 
 

@@ -175,3 +175,20 @@ def test_a_tie_of_the_reference_counts_either_class_as_agreement():
     reference = np.array([[1.0, 1.0, 0.0], [2.0, 1.0, 0.0]])  # int8 logits can tie
     assert top1_agreement(np.array([[0.9, 1.1, 0.0], [2.0, 1.0, 0.0]]), reference) == 1.0
     assert top1_agreement(np.array([[0.9, 1.1, 0.0], [0.0, 1.0, 0.0]]), reference) == 0.5
+
+
+def test_a_refused_tflite_qat_file_with_a_pooled_map_names_the_paths_that_keep_the_pool_float():
+    """TFLite int8 rounds a QAT model's global average pool to the last activation's grid when it
+    pools more than one cell: the refusal says so and names ONNX/OpenVINO, not calibration."""
+    rng = np.random.default_rng(0)
+    for size, cells in ((32, None), (64, "2x2")):
+        model = rk.RepVGG(SPEC, input_shape=(size, size, 3), classes=3, deploy=True)
+        qat = rk.quantize_aware(model, rng.normal(size=(4, size, size, 3)).astype("float32"))
+        advice = tflite.quantize_aware_pool_advice(qat)
+        if cells is None:
+            assert advice is None
+        else:
+            assert (
+                f"over the {cells} features" in advice and "export.onnx --quantize int8" in advice
+            )
+    assert tflite.quantize_aware_pool_advice(model) is None  # a float model: calibration advice
