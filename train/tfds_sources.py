@@ -41,7 +41,7 @@ def builder(name, data_dir, download):
     try:
         found = tfds.builder(name, data_dir=data_dir)
     # ValueError: e.g. an unknown config.
-    except (tfds.core.registered.DatasetNotFoundError, ValueError) as error:
+    except (tfds.core.DatasetNotFoundError, ValueError) as error:
         raise DatasetNotFound(f"Dataset {name!r}: {str(error).strip().splitlines()[0]}") from None
     if not is_prepared(found):
         if name == "fashion_mnist_debian" or download:
