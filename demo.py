@@ -110,13 +110,13 @@ def test_images():
     import tensorflow as tf
 
     from export import images
-    from train import data
+    from train import classification_data
 
     count = VERIFY_COUNT + CALIBRATION_COUNT
     raw, labels = images.fashion_mnist("t10k")
     rgb = tf.image.grayscale_to_rgb(tf.constant(raw[:count, ..., None]))
     pixels = tf.map_fn(
-        lambda im: data.center_crop(im, 32, 1.0), rgb, fn_output_signature=tf.float32
+        lambda im: classification_data.center_crop(im, 32, 1.0), rgb, fn_output_signature=tf.float32
     )
     return np.clip(np.round(pixels.numpy()), 0, 255).astype(np.uint8), labels[:count]
 
