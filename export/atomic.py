@@ -259,6 +259,7 @@ def verified_export(
     tolerance=None,
     min_agreement=None,
     after=None,
+    remedy=None,
 ):
     """Write an artifact to `output` only once it reproduces the Keras model `reference`.
 
@@ -269,7 +270,7 @@ def verified_export(
     `tolerance`/`min_agreement`, then `verify.check`, and `verify.check_classes` where classes
     came back); `after(staged, report)`, if given, runs once every check passed, before the
     move. Returns the Report, the weakest of several (`verify.weakest`); VerificationError
-    (nothing written) when one falls short.
+    (nothing written, `remedy` as its advice when given) when one falls short.
     """
     with atomic_output(output, overwrite=overwrite) as staged:
         with disk_full_named(output, staged):
@@ -281,7 +282,7 @@ def verified_export(
             report = verify.compare(
                 artifact, precision, logits, expected, size, tolerance, min_agreement
             )
-            reports.append(verify.check(report))
+            reports.append(verify.check(report, remedy))
             if classes is not None:
                 verify.check_classes(artifact, classes, logits)
         report = verify.weakest(reports)

@@ -25,7 +25,7 @@ import numpy as np
 from absl import flags
 
 import repvgg_keras as rk
-from export import atomic, cli, gptq, loading, precisions, runners, verify
+from export import atomic, cli, gptq, loading, precisions, runners
 from repvgg_keras import structure
 
 FLAGS = flags.FLAGS
@@ -170,33 +170,26 @@ def export_tflite(
         with open(staged, "wb") as f:
             f.write(flatbuffer)
 
-    try:
-        return atomic.verified_export(
-            output,
-            write,
-            atomic.file_checks(
-                artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)
-            ),
-            reference or model,
-            verify_inputs,
-            precision=precisions.of_quantize(quantize),  # None if unknown: `convert` refuses it
-            overwrite=overwrite,
-            tolerance=tolerance,
-            min_agreement=min_agreement,
-        )
-    except verify.VerificationError as error:
-        advice = quantize_aware_pool_advice(model) if quantize == "int8" else None
-        if advice is None:
-            raise
-        refused = str(error).split(" To keep more:")[0]
-        raise verify.VerificationError(f"{refused} {advice}", error.report) from None
+    return atomic.verified_export(
+        output,
+        write,
+        atomic.file_checks(artifact, runners.tflite, verify_inputs, loading.is_segmentation(model)),
+        reference or model,
+        verify_inputs,
+        precision=precisions.of_quantize(quantize),  # None for an unknown one: `convert` refuses it
+        overwrite=overwrite,
+        tolerance=tolerance,
+        min_agreement=min_agreement,
+        remedy=quantize_aware_pool_advice(model) if quantize == "int8" else None,
+    )
 
 
 def quantize_aware_pool_advice(model):
     """What to do when TFLite int8 of a QAT model (scope "convolutions") is refused and its global
-    average pool sees more than one cell: the converter gives MEAN its input's int8 scale (the
-    scale propagates), so the pooled features are rounded to the last activation's grid, which the
-    QAT model computes in float. None where that cannot be the cause."""
+    average pool sees more than one cell (verification's advice for it): the converter gives MEAN
+    its input's int8 scale (the scale propagates), so the pooled features are rounded to the last
+    activation's grid, which the QAT model computes in float. None where that cannot be the
+    cause."""
     if not rk.is_quantize_aware(model) or rk.quantize_scope(model) != "convolutions":
         return None
     pools = [

@@ -188,9 +188,10 @@ class VerificationError(RuntimeError):
         self.report = report
 
 
-def check(report):
+def check(report, remedy=None):
     """Print the report's row; raise VerificationError (one line: what fell short and the
-    remedies) when it is refused."""
+    remedies) when it is refused. `remedy`: the exporter's own advice for this artifact, in
+    place of the int8 remedies."""
     print(report.line(), flush=True)
     if judged_by_agreement(report.precision) and report.top1_agreement < INT8_HINT_BELOW:
         # A deploy model looks the same whether it was trained with QARepVGG blocks or not, so the
@@ -201,12 +202,14 @@ def check(report):
             flush=True,
         )
     if not report.ok:
-        remedy = ""
-        if report.min_agreement is not None and report.finite:
-            remedy = f" To keep more: {INT8_REMEDIES}; or accept less with --min_agreement."
+        advice = ""
+        if remedy is not None:
+            advice = f" {remedy}"
+        elif report.min_agreement is not None and report.finite:
+            advice = f" To keep more: {INT8_REMEDIES}; or accept less with --min_agreement."
         raise VerificationError(
             f"{report.artifact} ({report.precision}) was refused: {report.reason()}; nothing was "
-            f"written.{remedy}",
+            f"written.{advice}",
             report,
         )
     return report
