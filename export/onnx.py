@@ -159,7 +159,9 @@ def _quantize_aware_file(qat, workdir, calibration, *, nchw=True):
     scales = qat_tensor_scales(qat, graph)
     quantized = os.path.join(workdir, f"model_{layout}_qat_int8.onnx")
     feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
-    return onnx_int8.quantize_with_scales(source, quantized, scales, feed)
+    return onnx_int8.quantize_with_scales(
+        source, quantized, scales, feed, pools_on_grid=rk.quantize.pools_on_grid(qat)
+    )
 
 
 def qat_tensor_scales(qat, graph):

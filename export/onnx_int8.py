@@ -79,29 +79,35 @@ def _write_qdq(source, target, images, **options):
     return target
 
 
-def quantize_with_scales(source, target, scales, calibration_images):
+POOLS = ("GlobalAveragePool", "ReduceMean")
+
+
+def quantize_with_scales(source, target, scales, calibration_images, pools_on_grid=False):
     """Write the int8 QDQ version of `source` whose activations take the given `scales`
     ({tensor name: step}, a QAT model's learned ranges / 127) instead of calibrated ones:
     symmetric int8 everywhere (zero point 0; per-channel weights with step max|w| / 127), the
     scheme TensorRT's explicit quantization takes. A Relu's input (the conv output) and a Pad's
     output share the step of the tensor they come from, so each conv + ReLU rounds once, as the
-    QAT model does. `calibration_images` only feed the quantizer's pass over the other tensors."""
+    QAT model does; `pools_on_grid`: a global pool's output is rounded to its input's step too.
+    `calibration_images` only feed the quantizer's pass over the other tensors."""
     import onnx
     from onnxruntime import quantization as q
 
     graph = onnx.load(source, load_external_data=False).graph
-    steps = dict(scales)
+    steps, pool_steps = dict(scales), {}
     for node in graph.node:  # topological order: a Pad after a Relu sees the Relu's step
         if node.op_type == "Relu" and node.output[0] in steps:
             steps[node.input[0]] = steps[node.output[0]]
         elif node.op_type == "Pad" and node.input[0] in steps:
             steps[node.output[0]] = steps[node.input[0]]
+        elif pools_on_grid and node.op_type in POOLS and node.input[0] in steps:
+            pool_steps[node.output[0]] = steps[node.input[0]]
     overrides = {
         name: [{"scale": np.array(step, np.float32), "zero_point": np.array(0, np.int8)}]
         for name, step in steps.items()
     }
     (graph_input,) = graph.input
-    return _write_qdq(
+    _write_qdq(
         source,
         target,
         _Images(graph_input.name, calibration_images),
@@ -113,3 +119,35 @@ def quantize_with_scales(source, target, scales, calibration_images):
             "TensorQuantOverrides": overrides,
         },
     )
+    if pool_steps:
+        _round_to_grid(target, pool_steps)
+    return target
+
+
+def _round_to_grid(path, steps):
+    """Put a symmetric int8 QuantizeLinear/DequantizeLinear pair on each tensor of `steps`
+    ({tensor name: step}) in the ONNX file at `path`, rewritten in place."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(path)
+    nodes = []
+    for node in model.graph.node:
+        nodes.append(node)
+        for index, name in enumerate(node.output):
+            if name not in steps:
+                continue
+            unrounded, codes = f"{name}_unrounded", f"{name}_int8"
+            node.output[index] = unrounded
+            scale, zero = f"{name}_grid_scale", f"{name}_grid_zero_point"
+            model.graph.initializer.extend(
+                [
+                    numpy_helper.from_array(np.array(steps[name], np.float32), scale),
+                    numpy_helper.from_array(np.array(0, np.int8), zero),
+                ]
+            )
+            nodes.append(helper.make_node("QuantizeLinear", [unrounded, scale, zero], [codes]))
+            nodes.append(helper.make_node("DequantizeLinear", [codes, scale, zero], [name]))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.save(model, path)

@@ -112,7 +112,8 @@ def _convert_quantize_aware(model, quantize):
         )
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
-        rk.quantize.snap_biases(model).export(saved, format="tf_saved_model", verbose=False)
+        rk.quantize.snap_biases(model, exact_inference=False).export(
+            saved, format="tf_saved_model", verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             saved, signature_keys=["serving_default"]
         )
@@ -185,12 +186,14 @@ def export_tflite(
 
 
 def quantize_aware_pool_advice(model):
-    """What to do when TFLite int8 of a QAT model (scope "convolutions") is refused and its global
-    average pool sees more than one cell (verification's advice for it): the converter gives MEAN
-    its input's int8 scale (the scale propagates), so the pooled features are rounded to the last
-    activation's grid, which the QAT model computes in float. None where that cannot be the
-    cause."""
+    """What to do when TFLite int8 of a QAT model (scope "convolutions") that averages its last
+    features in float is refused and its global pool sees more than one cell (verification's
+    advice for it): the converter pools in int8 on the last activation's grid (MEAN keeps its
+    input's scale). `rk.quantize_aware` models round the pool so (`rk.quantize.pools_on_grid`).
+    None where that cannot be the cause."""
     if not rk.is_quantize_aware(model) or rk.quantize_scope(model) != "convolutions":
+        return None
+    if rk.quantize.pools_on_grid(model):
         return None
     pools = [
         layer
@@ -204,9 +207,9 @@ def quantize_aware_pool_advice(model):
     return (
         f"TFLite's int8 converter runs the global average pool over the {h}x{w} features in int8 "
         "on the last activation's grid, which this quantization-aware model computes in float: "
-        "export it with `python -m export.onnx --quantize int8` or `python -m export.openvino "
-        "--quantize int8` (the pool stays float there), or train it at an input size whose last "
-        "feature map is 1x1 (32 px)."
+        "make the model again with `python -m train --qat` (its pool then rounds as TFLite's "
+        "does), or export this one with `python -m export.onnx --quantize int8` or "
+        "`python -m export.openvino --quantize int8`, which pool as the model does."
     )
 
 

@@ -8,8 +8,10 @@ The scheme is the one every int8 path of the exporters takes, chosen so that one
 serves them all (TensorRT's explicit quantization included): convolution weights symmetric int8
 per output channel, step max|w| / 127 (zero point 0); activations per tensor, symmetric, with a
 learned range (zero point 0), at the model input and after each ReLU (where the runtimes fuse
-conv + ReLU and requantize). Global pooling and the classifier stay float (`scope="convolutions"`,
-the default paths) or are quantized too (`scope="every_op"`, integer-only int8).
+conv + ReLU and requantize). The global average pool rounds to its input's grid, as the runtimes'
+int8 pools do, and the classifier stays float (`scope="convolutions"`, the default paths), or both
+get ranges of their own (`scope="every_op"`, integer-only int8). Inference sums in float64, so a
+QAT model's predictions are the int8 runtimes' own, not a float32 approximation of them.
 
 form="deploy" fuses a training-form model first (`to_deploy`): the fused kernel itself is what QAT
 fine-tunes. form="training" keeps the branches and BatchNorms (statistics frozen) and quantizes each
@@ -46,7 +48,34 @@ def quantize_weights(kernel, per_channel=True):
     return _symmetric_fake_quant(kernel, max_abs, True, axis=-1 if per_channel else None)
 
 
-class _ReadsQuantized:
+def _summed_exactly(compute, *tensors):
+    """`compute` on float64 copies of `tensors`, its result back in float32.
+
+    The int8 runtimes sum int8 x int8 products in int32, exactly; float32 rounds those sums,
+    and a sum lying near a rounding midpoint of the next quantizer then lands one step off. A
+    deep model carries each such step on and multiplies it, so inference sums in float64,
+    where these sums are exact, and computes what the runtimes compute."""
+    wide = [ops.cast(tensor, "float64") for tensor in tensors]
+    return ops.cast(compute(*wide), "float32")
+
+
+class _ExactInference:
+    """A quantized layer whose inference computes exactly what the int8 runtimes compute
+    (`exact_inference`, see `_summed_exactly`); training, and the graph the TFLite converter
+    reads (which holds the fake-quant ops it converts), compute in float32."""
+
+    def __init__(self, *args, exact_inference=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.exact_inference = exact_inference
+
+    def computes_exactly(self, training):
+        return self.exact_inference and not training
+
+    def get_config(self):
+        return {**super().get_config(), "exact_inference": self.exact_inference}
+
+
+class _ReadsQuantized(_ExactInference):
     """A quantized layer that knows the quantizer of its input (`input_quantizer`, a layer name):
     the runtimes hold its bias in int32 with the step input step x weight step, which
     `snap_biases` reproduces."""
@@ -58,6 +87,12 @@ class _ReadsQuantized:
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
 
+    def plain_config(self, base):
+        """This layer's config as one of `base` (its float class)."""
+        config = self.get_config()
+        del config["input_quantizer"], config["exact_inference"]
+        return base.from_config(config)
+
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
 class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
@@ -67,16 +102,26 @@ class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
     forward pass sees what an int8 runtime will hold.
     """
 
+    def call(self, inputs, training=None):
+        if not self.computes_exactly(training):
+            return super().call(inputs)
+
+        def conv(x, kernel, *bias):
+            outputs = layers.Conv2D.convolution_op(self, x, kernel)
+            return outputs + bias[0] if bias else outputs
+
+        bias = [self.bias] if self.use_bias else []
+        outputs = _summed_exactly(conv, inputs, quantize_weights(self.kernel), *bias)
+        return self.activation(outputs) if self.activation is not None else outputs
+
     def convolution_op(self, inputs, kernel):
         return super().convolution_op(inputs, quantize_weights(kernel))
 
     def deploy_replacement(self):
         """The plain Conv2D (and its weights) that `to_deploy` puts in this layer's place."""
-        config = self.get_config()
         kernel, *rest = self.get_weights()
         grid = keras.ops.convert_to_numpy(quantize_weights(ops.convert_to_tensor(kernel)))
-        del config["input_quantizer"]
-        return layers.Conv2D.from_config(config), [np.asarray(grid), *rest]
+        return self.plain_config(layers.Conv2D), [np.asarray(grid), *rest]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
@@ -85,24 +130,26 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
     integer-only FULLY_CONNECTED takes one weight scale)."""
 
     def call(self, inputs, training=None):
-        outputs = ops.matmul(inputs, quantize_weights(self.kernel, per_channel=False))
-        if self.use_bias:
-            outputs = ops.add(outputs, self.bias)
+        def dense(x, kernel, *bias):
+            outputs = ops.matmul(x, kernel)
+            return ops.add(outputs, bias[0]) if bias else outputs
+
+        kernel = quantize_weights(self.kernel, per_channel=False)
+        bias = [self.bias] if self.use_bias else []
+        if self.computes_exactly(training):
+            outputs = _summed_exactly(dense, inputs, kernel, *bias)
+        else:
+            outputs = dense(inputs, kernel, *bias)
         return self.activation(outputs) if self.activation is not None else outputs
 
     def deploy_replacement(self):
         kernel, *rest = self.get_weights()
         grid = quantize_weights(ops.convert_to_tensor(kernel), per_channel=False)
-        config = self.get_config()
-        del config["input_quantizer"]
-        return layers.Dense.from_config(config), [
-            np.asarray(keras.ops.convert_to_numpy(grid)),
-            *rest,
-        ]
+        return self.plain_config(layers.Dense), [np.asarray(keras.ops.convert_to_numpy(grid)), *rest]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
-class ActivationQuantizer(layers.Layer):
+class ActivationQuantizer(_ExactInference, layers.Layer):
     """Per-tensor symmetric int8 fake quantization with a trainable range (zero point 0).
 
     The range starts at the largest |value| seen on the calibration images; its gradient is the
@@ -121,8 +168,15 @@ class ActivationQuantizer(layers.Layer):
             trainable=True,
         )
 
-    def call(self, inputs):
-        return _symmetric_fake_quant(inputs, ops.abs(self.range), narrow_range=True)
+    def call(self, inputs, training=None):
+        if not self.computes_exactly(training):
+            return _symmetric_fake_quant(inputs, ops.abs(self.range), narrow_range=True)
+        step = ops.maximum(ops.abs(self.range), MIN_RANGE) / 127
+
+        def rounded(x, step):  # to the nearest step (ties to even, as onnxruntime rounds)
+            return ops.clip(ops.round(x / step), -127, 127) * step
+
+        return _summed_exactly(rounded, inputs, step)
 
     def deploy_replacement(self):
         return None, None  # the float deploy form computes without it
@@ -149,14 +203,20 @@ class QuantizedRepVGGBlock(_ReadsQuantized, RepVGGBlock):
     def call(self, inputs, training=None):
         kernel, bias = self.fused_kernel()
         padded = self.pad(inputs) if self.pad is not None else inputs
-        out = ops.conv(
-            padded,
-            quantize_weights(kernel),
-            strides=self.strides,
-            padding="same" if self.strides == 1 else "valid",
-            dilation_rate=self.dilation_rate,
-        )
-        return ops.relu(out + bias)
+
+        def conv(x, kernel, bias):
+            outputs = ops.conv(
+                x,
+                kernel,
+                strides=self.strides,
+                padding="same" if self.strides == 1 else "valid",
+                dilation_rate=self.dilation_rate,
+            )
+            return outputs + bias
+
+        if self.computes_exactly(training):
+            return ops.relu(_summed_exactly(conv, padded, quantize_weights(kernel), bias))
+        return ops.relu(conv(padded, quantize_weights(kernel), bias))
 
     def fused_kernel(self):
         """(kernel, bias) of the equivalent 3x3 conv as tensors of the branch weights (what
@@ -231,6 +291,7 @@ def fused(qat):
             groups=layer.groups,
             name=f"{name}_reparam",
             input_quantizer=layer.input_quantizer,
+            exact_inference=layer.exact_inference,
         )
         x = conv(x)
         kernel, bias = layer.fused_kernel()
@@ -240,15 +301,18 @@ def fused(qat):
     return keras.models.clone_model(qat, clone_function=lambda layer: layer, call_function=call)
 
 
-def snap_biases(qat):
+def snap_biases(qat, exact_inference=True):
     """`qat` (made deploy form by `fused`) with each quantized layer's bias rounded to the int32
     grid the runtimes keep it on (step: its input's step x its weight step per channel), so the
-    model computes what they compute to the last step; a copy, `qat` is left as it is."""
+    model computes what they compute to the last step; a copy, `qat` is left as it is.
+    exact_inference=False: its inference sums in float32, the graph the TFLite converter reads."""
     twin = fused(qat)
     copy = keras.models.clone_model(twin)
     copy.set_weights(twin.get_weights())
     ranges = activation_ranges(copy)
     for layer in copy.layers:
+        if isinstance(layer, _ExactInference):
+            layer.exact_inference = exact_inference
         if not isinstance(layer, (QuantizedConv2D, QuantizedDense)) or not layer.use_bias:
             continue
         if layer.input_quantizer not in ranges:
@@ -269,6 +333,17 @@ def quantize_scope(model):
         raise ValueError(f"Model {model.name!r} is not quantization-aware.")
     dense = any(isinstance(layer, QuantizedDense) for layer in all_layers(model))
     return "every_op" if dense else "convolutions"
+
+
+def pools_on_grid(model):
+    """True when `model` (a QAT model) rounds its global average pool's output to the pool's
+    input grid, as the int8 runtimes' pools do (scope "convolutions")."""
+    return any(
+        isinstance(node.operation, ActivationQuantizer)
+        for layer in all_layers(model)
+        if isinstance(layer, layers.GlobalAveragePooling2D)
+        for node in layer._outbound_nodes
+    )
 
 
 def activation_ranges(model):
@@ -371,6 +446,7 @@ class _QuantizedGraph:
         self.input_quantizers = {}
         self.points = []  # (quantizer, name of the layer it follows, or None for the input)
         self.quantized_by = {}  # id(tensor) -> name of the quantizer whose grid it is on
+        self.quantizers = {}  # name -> ActivationQuantizer
 
     def clone(self, layer):
         cls = type(layer)
@@ -394,11 +470,17 @@ class _QuantizedGraph:
             self.quantized_by[id(outputs)] = source
         if self._quantizes_output(layer):
             outputs = self._quantizer(f"{layer.name}_quant", layer.name, outputs)
+        elif isinstance(layer, layers.GlobalAveragePooling2D) and source:
+            # The int8 runtimes pool in int8 on their input's grid (TFLite's MEAN keeps its
+            # input's scale): the pooled features go through the same quantizer again.
+            outputs = self.quantizers[source](outputs)
+            self.quantized_by[id(outputs)] = source
         self.produced.add(id(outputs))
         return outputs
 
     def _quantizer(self, name, follows, tensor):
         quantizer = ActivationQuantizer(name=name)
+        self.quantizers[name] = quantizer
         self.points.append((quantizer, follows))
         quantized = quantizer(tensor)
         self.quantized_by[id(quantized)] = name

@@ -177,18 +177,53 @@ def test_a_tie_of_the_reference_counts_either_class_as_agreement():
     assert top1_agreement(np.array([[0.9, 1.1, 0.0], [0.0, 1.0, 0.0]]), reference) == 0.5
 
 
-def test_a_refused_tflite_qat_file_with_a_pooled_map_names_the_paths_that_keep_the_pool_float():
-    """TFLite int8 rounds a QAT model's global average pool to the last activation's grid when it
-    pools more than one cell: the refusal says so and names ONNX/OpenVINO, not calibration."""
+def _pooling_in_float(qat):
+    """`qat` with its global pool's output left off the grid (a QAT model that pools in float)."""
+    pooled = set()
+
+    def call(layer, *args, **kwargs):
+        if isinstance(layer, rk.quantize.ActivationQuantizer) and id(args[0]) in pooled:
+            return args[0]
+        outputs = layer(*args, **kwargs)
+        if isinstance(layer, keras.layers.GlobalAveragePooling2D):
+            pooled.add(id(outputs))
+        return outputs
+
+    return keras.models.clone_model(qat, call_function=call)
+
+
+def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(tmp_path):
+    """At 64 px the last map is 2x2: the QAT model rounds its pool to the last activation's grid,
+    as TFLite's int8 MEAN does, and the ONNX QDQ file rounds it there too."""
+    rng = np.random.default_rng(0)
+    model = randomize_batchnorm(rk.RepVGG(SPEC, input_shape=(64, 64, 3), classes=6), seed=4)
+    images = rng.normal(size=(48, 64, 64, 3)).astype("float32")
+    qat = rk.quantize_aware(model, images[:16])
+    assert rk.quantize.pools_on_grid(qat)
+    assert tflite.quantize_aware_pool_advice(qat) is None
+    expected = np.asarray(rk.quantize.snap_biases(qat).predict(images, verbose=0))
+    got_tflite = runners.tflite(tflite.convert(qat, "int8"))(images)
+    qdq = onnx_file(qat, str(tmp_path), nchw=False, int8=True, calibration=images[:16])
+    got_onnx = runners.onnxruntime(qdq)(images)
+    step = max(rk.quantize.activation_ranges(qat).values()) / 127
+    for got in (got_tflite, got_onnx):
+        assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.97
+        assert np.median(np.abs(got - expected)) < step
+
+
+def test_a_refused_tflite_qat_file_pooling_in_float_names_the_paths_that_follow_its_pool():
+    """A QAT model that averages in float over more than one cell: TFLite int8 pools on the last
+    activation's grid, and the refusal says so instead of blaming calibration."""
     rng = np.random.default_rng(0)
     for size, cells in ((32, None), (64, "2x2")):
         model = rk.RepVGG(SPEC, input_shape=(size, size, 3), classes=3, deploy=True)
-        qat = rk.quantize_aware(model, rng.normal(size=(4, size, size, 3)).astype("float32"))
+        qat = _pooling_in_float(
+            rk.quantize_aware(model, rng.normal(size=(4, size, size, 3)).astype("float32"))
+        )
+        assert not rk.quantize.pools_on_grid(qat)
         advice = tflite.quantize_aware_pool_advice(qat)
         if cells is None:
             assert advice is None
         else:
-            assert (
-                f"over the {cells} features" in advice and "export.onnx --quantize int8" in advice
-            )
+            assert f"over the {cells} features" in advice and "train --qat" in advice
     assert tflite.quantize_aware_pool_advice(model) is None  # a float model: calibration advice
