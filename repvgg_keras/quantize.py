@@ -87,8 +87,8 @@ class _ReadsQuantized(_ExactInference):
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
 
-    def plain_config(self, base):
-        """This layer's config as one of `base` (its float class)."""
+    def as_float_layer(self, base):
+        """A `base` layer (its float class) with this layer's config."""
         config = self.get_config()
         del config["input_quantizer"], config["exact_inference"]
         return base.from_config(config)
@@ -121,7 +121,7 @@ class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
         """The plain Conv2D (and its weights) that `to_deploy` puts in this layer's place."""
         kernel, *rest = self.get_weights()
         grid = keras.ops.convert_to_numpy(quantize_weights(ops.convert_to_tensor(kernel)))
-        return self.plain_config(layers.Conv2D), [np.asarray(grid), *rest]
+        return self.as_float_layer(layers.Conv2D), [np.asarray(grid), *rest]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
@@ -145,7 +145,7 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
     def deploy_replacement(self):
         kernel, *rest = self.get_weights()
         grid = quantize_weights(ops.convert_to_tensor(kernel), per_channel=False)
-        return self.plain_config(layers.Dense), [np.asarray(keras.ops.convert_to_numpy(grid)), *rest]
+        return self.as_float_layer(layers.Dense), [np.asarray(keras.ops.convert_to_numpy(grid)), *rest]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
@@ -336,8 +336,8 @@ def quantize_scope(model):
 
 
 def pools_on_grid(model):
-    """True when `model` (a QAT model) rounds its global average pool's output to the pool's
-    input grid, as the int8 runtimes' pools do (scope "convolutions")."""
+    """True when `model` (a QAT model) rounds its global average pool's output to an int8 grid:
+    in scope "convolutions" its input's, as the int8 runtimes' pools do."""
     return any(
         isinstance(node.operation, ActivationQuantizer)
         for layer in all_layers(model)

@@ -225,3 +225,37 @@ def test_snapped_biases_lie_on_the_runtimes_int32_grid(model, images, form):
     expected = keras.ops.convert_to_numpy(qat(images))
     actual = keras.ops.convert_to_numpy(snapped(images))
     assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
+
+
+def test_inference_sums_int8_products_exactly_as_the_runtimes_int32_accumulators_do():
+    """8192 products of int8 codes: float32 rounds their sum, the int8 runtimes do not; the QAT
+    model's inference gives the exact sum (training keeps float32 for speed)."""
+    rng = np.random.default_rng(7)
+    channels, step = 8192, 0.037
+    conv = QuantizedConv2D(1, 1, use_bias=False)
+    conv.build((None, 1, 1, channels))
+    codes = rng.integers(-127, 128, size=(1, 1, channels, 1))
+    codes[0, 0, 0, 0] = 127  # max |w| = 1: the weight grid is codes / 127
+    conv.set_weights([(codes / 127).astype("float32")])
+    inputs = (rng.integers(-127, 128, size=(16, 1, 1, channels)) * step).astype("float32")
+    kernel = keras.ops.convert_to_numpy(rk.quantize.quantize_weights(conv.kernel))
+    exact = np.einsum("nhwc,hwco->nhwo", inputs.astype(np.float64), kernel.astype(np.float64))
+    inference = keras.ops.convert_to_numpy(conv(inputs, training=False))
+    training = keras.ops.convert_to_numpy(conv(inputs, training=True))
+    np.testing.assert_array_equal(inference, exact.astype(np.float32))
+    assert np.any(training != exact.astype(np.float32))  # what float32 sums would give
+
+
+def test_global_pool_rounds_to_the_last_activation_grid(images):
+    """The int8 runtimes pool on their input's grid: in scope "convolutions" the pooled features
+    pass the last ReLU's quantizer again (the same range), so the QAT model pools as they do."""
+    model = rk.RepVGG(SPEC, input_shape=(64, 64, 3), classes=5, deploy=True)
+    larger = np.resize(images, (8, 64, 64, 3))
+    qat = rk.quantize_aware(model, larger)
+    assert rk.quantize.pools_on_grid(qat)
+    (node,) = qat.get_layer("avg_pool")._outbound_nodes
+    assert node.operation is qat.get_layer("stage4_0_relu_quant")
+    features = keras.Model(qat.inputs, qat.get_layer("predictions").input)(larger)
+    step = float(keras.ops.convert_to_numpy(node.operation.range)) / 127
+    assert _on_grid(keras.ops.convert_to_numpy(features), step)
+    assert not rk.quantize.pools_on_grid(model)
