@@ -166,7 +166,8 @@ def round_kernels(model, calibration, seed=0):
         raise ValueError(
             "this quantization-aware model exports to int8 with export.tflite (--quantize int8 "
             "or int8_full), export.onnx or export.openvino (--quantize int8); the SavedModel "
-            "int8 path calibrates float models (model_deploy.keras of the --qat run)."
+            "int8 path (TensorFlow's oneDNN ops, unsigned activations after each ReLU) cannot hold "
+            "its symmetric grid and calibrates float models (model_deploy.keras of the --qat run)."
         )
     calibration = np.asarray(calibration, np.float32)
     key = (_digest(model, calibration), seed)
