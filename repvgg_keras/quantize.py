@@ -53,8 +53,8 @@ def _summed_exactly(compute, *tensors):
 
     The int8 runtimes sum int8 x int8 products in int32, exactly; float32 rounds those sums,
     and a sum lying near a rounding midpoint of the next quantizer then lands one step off. A
-    deep model carries each such step on and multiplies it (at 224x224, one RepVGG-A0 logit in
-    a hundred flips), so inference computes in float64, whose rounding is far below a step."""
+    deep model carries each such step on and multiplies it until top-1 answers change, so
+    inference computes in float64, whose rounding is far below a step."""
     wide = [ops.cast(tensor, "float64") for tensor in tensors]
     return ops.cast(compute(*wide), "float32")
 
