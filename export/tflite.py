@@ -113,7 +113,8 @@ def _convert_quantize_aware(model, quantize):
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         rk.quantize.snap_biases(model, exact_inference=False).export(
-            saved, format="tf_saved_model", verbose=False)
+            saved, format="tf_saved_model", verbose=False
+        )
         converter = tf.lite.TFLiteConverter.from_saved_model(
             saved, signature_keys=["serving_default"]
         )

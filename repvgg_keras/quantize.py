@@ -145,7 +145,10 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
     def deploy_replacement(self):
         kernel, *rest = self.get_weights()
         grid = quantize_weights(ops.convert_to_tensor(kernel), per_channel=False)
-        return self.as_float_layer(layers.Dense), [np.asarray(keras.ops.convert_to_numpy(grid)), *rest]
+        return self.as_float_layer(layers.Dense), [
+            np.asarray(keras.ops.convert_to_numpy(grid)),
+            *rest,
+        ]
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")

@@ -18,12 +18,18 @@ from tests.helpers import REPO
 TOLERANCE = verify.TOLERANCES
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
+def _quick_specs():
+    """Every default runtime and one on request (the QAT files' own checks are in
+    tests/test_quantize_export.py)."""
     from bench.runtimes import RUNTIMES
 
+    return [spec for spec in RUNTIMES if spec.by_default or spec.runtime == "tflite-qat"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    every = ",".join(f"{spec.runtime}:{spec.precision}" for spec in RUNTIMES)  # on request too
+    every = ",".join(f"{spec.runtime}:{spec.precision}" for spec in _quick_specs())
     done = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", f"--out={out}", f"--runtimes={every}"],
         cwd=REPO,
@@ -50,8 +56,6 @@ def test_runtimes_on_request_are_left_out_by_default():
 
 @pytest.mark.slow
 def test_quick_every_runtime_gives_a_number(quick_run):
-    from bench.runtimes import RUNTIMES
-
     out, records, meta, stdout = quick_run
     skipped = [
         r
@@ -60,7 +64,7 @@ def test_quick_every_runtime_gives_a_number(quick_run):
     ]  # needs a bf16-capable CPU
     assert not skipped, skipped
     measured = {(r["runtime"], r["precision"], r["batch"]) for r in records if r["status"] == "ok"}
-    for spec in RUNTIMES:
+    for spec in _quick_specs():
         for batch in (1, 2):
             if (spec.runtime, spec.precision) != ("openvino", "bf16") or any(
                 r["runtime"] == "openvino" and r["precision"] == "bf16" and r["status"] == "ok"
