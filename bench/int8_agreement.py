@@ -80,6 +80,12 @@ def qat_variants(qat, calibration, workdir):
     yield "QAT (Keras)", lambda x: np.asarray(snapped.predict(x, verbose=0))
     yield f"QAT TFLite --quantize {quantize}", runners.tflite(tflite.convert(qat, quantize))
     if scope == "convolutions":
+        import tensorflow as tf
+
+        from export import savedmodel
+
+        int8_graph = savedmodel.int8_function(snapped, calibration)
+        yield "QAT SavedModel --precision int8", lambda x: int8_graph(tf.constant(x)).numpy()
         qdq = runners.onnxruntime(
             onnx_file(qat, workdir, nchw=True, int8=True, calibration=calibration)
         )

@@ -25,6 +25,7 @@ from export import (
     compat,
     gptq,
     images,
+    learned_ranges,
     loading,
     precisions,
     predict_requests,
@@ -34,7 +35,7 @@ from export import (
     tracing,
     verify,
 )
-from repvgg_keras import cpu_features, preprocessing
+from repvgg_keras import cpu_features, preprocessing, structure
 
 FLAGS = flags.FLAGS
 SIGNATURES = ("serving_default", "serving_uint8", "serving_bytes")
@@ -53,13 +54,46 @@ def int8_function(model, calibration, gptq_rounding=True):
     """`model` (the fused float32 deploy form) as an int8 graph calibrated on `calibration` (model
     inputs; kernels GPTQ-rounded first, export/gptq.py; grouped convolutions split per group,
     export/split_groups.py), refused unless this TensorFlow can run it
-    (export/savedmodel_int8.py). `gptq_rounding` False: weights rounded to nearest."""
+    (export/savedmodel_int8.py). `gptq_rounding` False: weights rounded to nearest. A QAT model
+    (rk.quantize_aware, biases snapped) keeps its grid weights and learned ranges."""
+    if rk.is_quantize_aware(model):
+        return _quantize_aware_int8_function(model, calibration)
     if gptq_rounding:
         model = gptq.round_kernels(model, calibration)
     model = split_groups.split_grouped_convs(model)  # int8 convolutions have no groups
     with tracing.plain_grouped_convs(dilated_as_conv2d=True):
         frozen = freeze(model)
     function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)
+    savedmodel_int8.check_runs_here(graph_def)
+    return function
+
+
+def _quantize_aware_int8_function(qat, calibration):
+    """The int8 graph of a QAT model (scope "convolutions", biases on the int32 grid:
+    `rk.quantize.snap_biases`): its float form, quantized by Neural Compressor, then given the
+    learned ranges in place of the calibrated ones (export/learned_ranges.py)."""
+    if rk.quantize_scope(qat) != "convolutions":
+        raise ValueError(
+            "SavedModel int8 quantizes the convolutions and keeps the classifier float: it takes "
+            "a quantization-aware model made with scope 'convolutions'; an every_op one exports "
+            "with export.tflite --quantize int8_full."
+        )
+    float_form = rk.to_deploy(qat)
+    if any(getattr(layer, "groups", 1) > 1 for layer in structure.all_layers(float_form)):
+        raise ValueError(
+            "this quantization-aware model has grouped convolutions, which TensorFlow's int8 "
+            "convolution does not run: export it with export.onnx or export.tflite --quantize int8."
+        )
+    inputs, outputs = rk.quantize.conv_ranges(qat)
+    pooled = rk.quantize.pooled_range(qat)
+    with tracing.plain_grouped_convs(dilated_as_conv2d=True):
+        frozen = freeze(float_form)
+    function, graph_def = savedmodel_int8.quantize(
+        frozen,
+        float_form.input_shape[1:],
+        calibration,
+        rewrite=lambda graph_def: learned_ranges.apply(graph_def, inputs, outputs, pooled),
+    )
     savedmodel_int8.check_runs_here(graph_def)
     return function
 

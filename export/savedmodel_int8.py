@@ -99,10 +99,11 @@ def float_convolutions(graph):
     ]
 
 
-def quantize(frozen, image_shape, calibration):
+def quantize(frozen, image_shape, calibration, rewrite=None):
     """The int8 graph of `frozen` (a float32 concrete function images -> logits, traced with
     `tracing.plain_grouped_convs`) as a concrete function with the same input and output,
-    calibrated on `calibration` (model inputs), and its GraphDef."""
+    calibrated on `calibration` (model inputs), and its GraphDef. `rewrite`: a function applied
+    to the int8 GraphDef first (a QAT model's learned ranges, export/learned_ranges.py)."""
     import tensorflow as tf
 
     _, quantize_model = _neural_compressor()
@@ -127,6 +128,8 @@ def quantize(frozen, image_shape, calibration):
         quantized = quantize_model(float_path, config, _Batches(calibration))
         # Neural Compressor leaves the stride-2 blocks' Pad in float on stock TensorFlow.
         graph_def = quantized_pads.absorb_pads(quantized.graph_def)
+    if rewrite is not None:
+        graph_def = rewrite(graph_def)
     if not int8_ops(graph_def):
         raise ValueError(
             "Neural Compressor quantized no convolution of this model; export it in another "

@@ -341,12 +341,45 @@ def quantize_scope(model):
 def pools_on_grid(model):
     """True when `model` (a QAT model) rounds its global average pool's output to an int8 grid:
     in scope "convolutions" its input's, as the int8 runtimes' pools do."""
-    return any(
-        isinstance(node.operation, ActivationQuantizer)
-        for layer in all_layers(model)
-        if isinstance(layer, layers.GlobalAveragePooling2D)
-        for node in layer._outbound_nodes
-    )
+    return pooled_range(model) is not None
+
+
+def _quantizer_after(layer):
+    """The ActivationQuantizer that `layer`'s output goes through (past a ReLU), or None."""
+    for node in layer._outbound_nodes:
+        if isinstance(node.operation, ActivationQuantizer):
+            return node.operation
+        if isinstance(node.operation, layers.ReLU):
+            return _quantizer_after(node.operation)
+    return None
+
+
+def pooled_range(model):
+    """The range whose grid `model`'s global average pool rounds to, or None (it pools in
+    float, or `model` is not quantization-aware)."""
+    for layer in all_layers(model):
+        if isinstance(layer, layers.GlobalAveragePooling2D):
+            quantizer = _quantizer_after(layer)
+            if quantizer is not None:
+                return float(abs(keras.ops.convert_to_numpy(quantizer.range)))
+    return None
+
+
+def conv_ranges(model):
+    """({conv name: range of its input's quantizer}, {conv name: range of the quantizer after its
+    ReLU}) of a deploy-form QAT model (`fused`, `snap_biases`): the ranges an int8 runtime's fused
+    conv + ReLU reads and writes."""
+    ranges = activation_ranges(model)
+    inputs, outputs = {}, {}
+    for layer in all_layers(model):
+        if not isinstance(layer, QuantizedConv2D):
+            continue
+        if layer.input_quantizer in ranges:
+            inputs[layer.name] = ranges[layer.input_quantizer]
+        after = _quantizer_after(layer)
+        if after is not None:
+            outputs[layer.name] = ranges[after.name]
+    return inputs, outputs
 
 
 def activation_ranges(model):
