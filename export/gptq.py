@@ -164,10 +164,8 @@ def round_kernels(model, calibration, seed=0):
 
     if rk.is_quantize_aware(model):  # its weights are on the grid, its ranges learned
         raise ValueError(
-            "this quantization-aware model exports to int8 with export.tflite (--quantize int8 "
-            "or int8_full), export.onnx or export.openvino (--quantize int8); the SavedModel "
-            "int8 path (TensorFlow's oneDNN ops, unsigned activations after each ReLU) cannot hold "
-            "its symmetric grid and calibrates float models (model_deploy.keras of the --qat run)."
+            "this quantization-aware model's weights lie on the int8 grid already: GPTQ rounding "
+            "is for float models (the int8 exporters take a QAT model with its own ranges)."
         )
     calibration = np.asarray(calibration, np.float32)
     key = (_digest(model, calibration), seed)

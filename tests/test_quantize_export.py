@@ -97,7 +97,7 @@ def test_a_scope_the_mode_cannot_express_is_refused(qat_files):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_qat_file_and_the_savedmodel_int8_path_refuses_it(qat_files, tmp_path):
+def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tmp_path):
     output = tmp_path / "qat.tflite"
     result = run_cli(
         "export.tflite",
@@ -124,7 +124,7 @@ def test_cli_exports_a_qat_file_and_the_savedmodel_int8_path_refuses_it(qat_file
     assert result.returncode == 0, result.stderr
     assert onnx_output.exists() and "floor 99.80%" in result.stdout
     target = tmp_path / "qat_int8"
-    refused = run_cli(
+    result = run_cli(
         "export.savedmodel",
         "--weights",
         qat_files["convolutions"],
@@ -133,9 +133,20 @@ def test_cli_exports_a_qat_file_and_the_savedmodel_int8_path_refuses_it(qat_file
         "--export_dir",
         str(target),
     )
+    assert result.returncode == 0, result.stderr
+    assert "floor 99.80%" in result.stdout and (target / "1" / "saved_model.pb").exists()
+    refused = run_cli(
+        "export.savedmodel",
+        "--weights",
+        qat_files["every_op"],
+        "--precision",
+        "int8",
+        "--export_dir",
+        str(tmp_path / "every_op"),
+    )
     assert refused.returncode == 1
-    assert "export.tflite" in one_error_line(refused)
-    assert not target.exists()
+    assert "int8_full" in one_error_line(refused)
+    assert not (tmp_path / "every_op").exists()
 
 
 @pytest.mark.parametrize("form", ["convolutions", "training"])
@@ -194,7 +205,12 @@ def _pooling_in_float(qat):
 
 def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(tmp_path):
     """At 64 px the last map is 2x2: the QAT model rounds its pool to the last activation's grid,
-    as TFLite's int8 MEAN does, and the ONNX QDQ file rounds it there too."""
+    as TFLite's int8 MEAN does, and the ONNX QDQ file and the SavedModel int8 graph round it
+    there too."""
+    import tensorflow as tf
+
+    from export import savedmodel
+
     rng = np.random.default_rng(0)
     model = randomize_batchnorm(rk.RepVGG(SPEC, input_shape=(64, 64, 3), classes=6), seed=4)
     images = rng.normal(size=(48, 64, 64, 3)).astype("float32")
@@ -205,8 +221,10 @@ def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(t
     got_tflite = runners.tflite(tflite.convert(qat, "int8"))(images)
     qdq = onnx_file(qat, str(tmp_path), nchw=False, int8=True, calibration=images[:16])
     got_onnx = runners.onnxruntime(qdq)(images)
+    int8_graph = savedmodel.int8_function(rk.quantize.snap_biases(qat), images[:16])
+    got_savedmodel = int8_graph(tf.constant(images)).numpy()
     step = max(rk.quantize.activation_ranges(qat).values()) / 127
-    for got in (got_tflite, got_onnx):
+    for got in (got_tflite, got_onnx, got_savedmodel):
         assert np.mean(got.argmax(-1) == expected.argmax(-1)) >= 0.97
         assert np.median(np.abs(got - expected)) < step
 
