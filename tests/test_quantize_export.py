@@ -245,3 +245,20 @@ def test_a_refused_tflite_qat_file_pooling_in_float_names_the_paths_that_follow_
         else:
             assert f"over the {cells} features" in advice and "train --qat" in advice
     assert tflite.quantize_aware_pool_advice(model) is None  # a float model: calibration advice
+
+
+def test_savedmodel_int8_refuses_a_qat_model_with_grouped_convolutions(images):
+    """TensorFlow's int8 convolution has no groups: one line naming the exporters that take it."""
+    from export import savedmodel
+
+    grouped = rk.RepVGGSpec(
+        "tiny_g2",
+        num_blocks=(2, 1, 1, 1),
+        width_multipliers=(0.25, 0.25),
+        groups=2,
+        grouped_layers=(2,),
+    )
+    model = rk.RepVGG(grouped, input_shape=(32, 32, 3), classes=3, deploy=True)
+    qat = rk.quantize_aware(model, images[:8])
+    with pytest.raises(ValueError, match="grouped convolutions.*export.onnx"):
+        savedmodel.int8_function(rk.quantize.snap_biases(qat), images[:8])
