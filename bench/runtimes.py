@@ -90,9 +90,10 @@ def keras_deploy_low(dtype):
     return build
 
 
-def _savedmodel(dtype=None, int8=False):
+def _savedmodel(dtype=None, int8=False, qat=False):
     """What TF Serving runs: the exported SavedModel called through its serving_default signature
-    (int8: the graph Neural Compressor quantizes on the subject's calibration images)."""
+    (int8: the graph Neural Compressor quantizes on the subject's calibration images; qat: with
+    the ranges of the subject's quantization-aware form, quantize_aware_form)."""
 
     def build(subject, threads):
         import tensorflow as tf
@@ -101,11 +102,15 @@ def _savedmodel(dtype=None, int8=False):
         from export import savedmodel
 
         if int8:
+            source = subject.keras_deploy
+            if qat:
+                source = rk.quantize.snap_biases(quantize_aware_form(subject, "convolutions"))
             try:
-                function = savedmodel.int8_function(subject.keras_deploy, subject.calibration)
+                function = savedmodel.int8_function(source, subject.calibration)
             except (ImportError, ValueError) as why:
                 raise Unavailable(str(why)) from why
-        path = os.path.join(subject.workdir, f"savedmodel-{'int8' if int8 else dtype or 'float32'}")
+        kind = ("qat-int8" if qat else "int8") if int8 else dtype or "float32"
+        path = os.path.join(subject.workdir, f"savedmodel-{kind}")
         if not os.path.exists(path):
             if int8:
                 savedmodel.save_serving_model(subject.keras_deploy, path, function=function)
@@ -298,7 +303,8 @@ RUNTIMES = (
     RuntimeSpec("onnxruntime-nhwc", "fp32", _onnxruntime(nchw=False), "ours"),
     RuntimeSpec("onnxruntime-nchw", "int8", _onnxruntime(nchw=True, int8=True), "ours"),
     # The int8 files of a quantization-aware model (python -m train --qat), on request: they run
-    # the same ops as the three above, which the side-by-side timing shows.
+    # the same ops as the post-training files above, which the side-by-side timing shows.
+    RuntimeSpec("savedmodel-qat", "int8", _savedmodel(int8=True, qat=True), "ours", False),
     RuntimeSpec("tflite-qat", "int8", _tflite("int8", qat=True), "ours", False),
     RuntimeSpec("tflite-qat-int8-full", "int8", _tflite("int8_full", qat=True), "ours", False),
     RuntimeSpec("onnxruntime-qat-nchw", "int8", _onnxruntime(nchw=True, qat=True), "ours", False),
