@@ -49,9 +49,9 @@ def apply(graph_def, input_ranges, output_ranges, pooled_range=None):
     last activation's range where the QAT model rounds its global pool; None: it does not)."""
     import tensorflow as tf
 
-    def constant(name, value):
+    def constant(name, value):  # on the host, as Neural Compressor's ranges
         node = graph_def.node.add()
-        node.op, node.name = "Const", name
+        node.op, node.name = "HostConst", name
         node.attr["dtype"].type = tf.float32.as_datatype_enum
         node.attr["value"].tensor.CopyFrom(tf.make_tensor_proto(np.float32(value)))
         return name
@@ -79,7 +79,16 @@ def apply(graph_def, input_ranges, output_ranges, pooled_range=None):
         raise ValueError("the int8 graph holds no quantized convolution to give the ranges to.")
     if pooled_range is not None:
         _round_pools(graph_def, pooled_range, constant)
+    _drop_unread_constants(graph_def)
     return graph_def
+
+
+def _drop_unread_constants(graph_def):
+    """Remove the constants no node reads any more (the calibrated ranges)."""
+    read = {name.lstrip("^").split(":")[0] for node in graph_def.node for name in node.input}
+    kept = [n for n in graph_def.node if n.op not in ("Const", "HostConst") or n.name in read]
+    del graph_def.node[:]
+    graph_def.node.extend(kept)
 
 
 def _round_pools(graph_def, r, constant):

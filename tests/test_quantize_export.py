@@ -262,3 +262,30 @@ def test_savedmodel_int8_refuses_a_qat_model_with_grouped_convolutions(images):
     qat = rk.quantize_aware(model, images[:8])
     with pytest.raises(ValueError, match="grouped convolutions.*export.onnx"):
         savedmodel.int8_function(rk.quantize.snap_biases(qat), images[:8])
+
+
+def test_savedmodel_int8_of_a_qat_model_runs_the_post_training_graph(float_model, images):
+    """The same int8 ops as the post-training graph (so the same speed), only other ranges, plus
+    the pool's rounding pair."""
+    from export import savedmodel, savedmodel_int8
+
+    graphs = {}
+    capture = savedmodel_int8.check_runs_here
+
+    def record(graph_def, onednn=None):
+        graphs[len(graphs)] = savedmodel_int8.op_counts(graph_def)
+        return capture(graph_def, onednn)
+
+    qat = rk.quantize.snap_biases(rk.quantize_aware(float_model, images[:16]))
+    try:
+        savedmodel_int8.check_runs_here = record
+        savedmodel.int8_function(rk.to_deploy(float_model), images[:16])
+        savedmodel.int8_function(qat, images[:16])
+    finally:
+        savedmodel_int8.check_runs_here = capture
+    post_training, quantize_aware = graphs[0], graphs[1]
+    assert post_training["QuantizedConv2DWithBiasAndReluAndRequantize"] > 0
+    for ops in (post_training, quantize_aware):  # the ranges: constants of their own
+        ops.pop("Const", None), ops.pop("HostConst", None)
+    pool_pair = {"QuantizeV2": 1, "Dequantize": 1}
+    assert {op: n - pool_pair.get(op, 0) for op, n in quantize_aware.items()} == post_training
