@@ -398,8 +398,8 @@ def quantize_aware(model, calibration_images, scope="convolutions", form="deploy
         model: a RepVGG classifier, training form (fused first) or deploy form.
         calibration_images: a few dozen to a few hundred preprocessed model inputs
             ([N, H, W, C] array); each activation range starts at its largest |value| on them.
-        scope: "convolutions" (global pooling and classifier float: TFLite `int8`, ONNX QDQ,
-            OpenVINO, SavedModel int8) or "every_op" (TFLite `int8_full`).
+        scope: "convolutions" (the pool on its input's grid, the classifier float: TFLite
+            `int8`, ONNX QDQ, OpenVINO, SavedModel int8) or "every_op" (TFLite `int8_full`).
         form: "deploy" (fine-tune the fused convs: BatchNorm folded first) or "training"
             (a training-form model keeps its branches and BatchNorms, frozen statistics; each
             block's fused kernel is computed from them in the graph and quantized).
