@@ -84,12 +84,6 @@ def keras_tf_conv_replaced(conv):
         nn.conv = original
 
 
-def consumers(layer):
-    """The layers (operations) that take `layer`'s output in a functional model."""
-    # Operation._outbound_nodes, Node.operation: Keras exports no graph traversal (Keras 3.15).
-    return [node.operation for node in layer._outbound_nodes]
-
-
 def parents(layer):
     """The layers (operations) whose outputs `layer`'s first call takes in a functional model."""
     # Operation._inbound_nodes, Node.parent_nodes: Keras exports no graph traversal (Keras 3.15).

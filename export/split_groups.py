@@ -14,6 +14,7 @@ Used only to trace the int8 SavedModel's graph (savedmodel.int8_function).
 import keras
 
 from export import compat
+from repvgg_keras import compat as library_compat
 
 
 def _per_group(conv, groups, name):
@@ -82,7 +83,7 @@ def _plain_relu(layer):
 
 
 def _only_consumer(layer):
-    after = compat.consumers(layer)
+    after = library_compat.consumers(layer)
     return after[0] if len(after) == 1 else None
 
 

@@ -10,3 +10,9 @@ def is_graph_model(model):
     Sequential or a subclassed model with its own `call`."""
     # Functional._run_through_graph: Keras exports no Functional class to test against (Keras 3.15).
     return hasattr(model, "_run_through_graph")
+
+
+def consumers(layer):
+    """The layers (operations) that take `layer`'s output in a functional model."""
+    # Operation._outbound_nodes, Node.operation: Keras exports no graph traversal (Keras 3.15).
+    return [node.operation for node in layer._outbound_nodes]

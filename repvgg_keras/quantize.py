@@ -23,7 +23,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from repvgg_keras import fusion
+from repvgg_keras import compat, fusion
 from repvgg_keras.deploy import to_deploy
 from repvgg_keras.layers import RepVGGBlock, all_layers
 
@@ -346,11 +346,11 @@ def pools_on_grid(model):
 
 def _quantizer_after(layer):
     """The ActivationQuantizer that `layer`'s output goes through (past a ReLU), or None."""
-    for node in layer._outbound_nodes:
-        if isinstance(node.operation, ActivationQuantizer):
-            return node.operation
-        if isinstance(node.operation, layers.ReLU):
-            return _quantizer_after(node.operation)
+    for consumer in compat.consumers(layer):
+        if isinstance(consumer, ActivationQuantizer):
+            return consumer
+        if isinstance(consumer, layers.ReLU):
+            return _quantizer_after(consumer)
     return None
 
 

@@ -50,6 +50,10 @@ PRIVATE_API = {
             "Functional._run_through_graph",
             lambda: _conv_relu()[0]._run_through_graph,
         ),
+        "consumers": (
+            "Operation._outbound_nodes, Node.operation",
+            lambda: _conv_relu()[1]._outbound_nodes[0].operation,
+        ),
     },
     "export": {
         "freeze": (
@@ -79,10 +83,6 @@ PRIVATE_API = {
         "keras_tf_conv_replaced": (
             "keras.src.backend.tensorflow.nn.conv",
             lambda: _attribute("keras.src.backend.tensorflow.nn:conv"),
-        ),
-        "consumers": (
-            "Operation._outbound_nodes, Node.operation",
-            lambda: _conv_relu()[1]._outbound_nodes[0].operation,
         ),
         "parents": (
             "Operation._inbound_nodes, Node.parent_nodes, Node.operation",
@@ -225,9 +225,10 @@ def test_keras_convolutions_go_through_the_replacement_while_inside():
 
 def test_consumers_and_parents_follow_the_graph():
     from export import compat
+    from repvgg_keras import compat as library_compat
 
     _, conv, relu = _conv_relu()
-    assert compat.consumers(conv) == [relu]
+    assert library_compat.consumers(conv) == [relu]
     assert compat.parents(relu) == [conv]
 
 
