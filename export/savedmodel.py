@@ -56,22 +56,27 @@ def int8_function(model, calibration, gptq_rounding=True):
     export/split_groups.py), refused unless this TensorFlow can run it
     (export/savedmodel_int8.py). `gptq_rounding` False: weights rounded to nearest. A QAT model
     (rk.quantize_aware, biases snapped) keeps its grid weights and learned ranges."""
+    rewrite = None
     if rk.is_quantize_aware(model):
-        return _quantize_aware_int8_function(model, calibration)
-    if gptq_rounding:
-        model = gptq.round_kernels(model, calibration)
-    model = split_groups.split_grouped_convs(model)  # int8 convolutions have no groups
+        model, rewrite = _float_form_and_learned_ranges(model)
+    else:
+        if gptq_rounding:
+            model = gptq.round_kernels(model, calibration)
+        model = split_groups.split_grouped_convs(model)  # int8 convolutions have no groups
     with tracing.plain_grouped_convs(dilated_as_conv2d=True):
         frozen = freeze(model)
-    function, graph_def = savedmodel_int8.quantize(frozen, model.input_shape[1:], calibration)
+    function, graph_def = savedmodel_int8.quantize(
+        frozen, model.input_shape[1:], calibration, rewrite=rewrite
+    )
     savedmodel_int8.check_runs_here(graph_def)
     return function
 
 
-def _quantize_aware_int8_function(qat, calibration):
-    """The int8 graph of a QAT model (scope "convolutions", biases on the int32 grid:
-    `rk.quantize.snap_biases`): its float form, quantized by Neural Compressor, then given the
-    learned ranges in place of the calibrated ones (export/learned_ranges.py)."""
+def _float_form_and_learned_ranges(qat):
+    """(the float form of a QAT model, the GraphDef rewrite that gives Neural Compressor's int8
+    graph of it the QAT model's learned ranges in place of the calibrated ones:
+    export/learned_ranges.py). `qat`: scope "convolutions", biases on the int32 grid
+    (`rk.quantize.snap_biases`)."""
     if rk.quantize_scope(qat) != "convolutions":
         raise ValueError(
             "SavedModel int8 quantizes the convolutions and keeps the classifier float: it takes "
@@ -86,16 +91,7 @@ def _quantize_aware_int8_function(qat, calibration):
         )
     inputs, outputs = rk.quantize.conv_ranges(qat)
     pooled = rk.quantize.pooled_range(qat)
-    with tracing.plain_grouped_convs(dilated_as_conv2d=True):
-        frozen = freeze(float_form)
-    function, graph_def = savedmodel_int8.quantize(
-        frozen,
-        float_form.input_shape[1:],
-        calibration,
-        rewrite=lambda graph_def: learned_ranges.apply(graph_def, inputs, outputs, pooled),
-    )
-    savedmodel_int8.check_runs_here(graph_def)
-    return function
+    return float_form, lambda graph_def: learned_ranges.apply(graph_def, inputs, outputs, pooled)
 
 
 def save_serving_model(

@@ -48,7 +48,7 @@ def quantize_weights(kernel, per_channel=True):
     return _symmetric_fake_quant(kernel, max_abs, True, axis=-1 if per_channel else None)
 
 
-def _summed_exactly(compute, *tensors):
+def _in_float64(compute, *tensors):
     """`compute` on float64 copies of `tensors`, its result back in float32.
 
     The int8 runtimes sum int8 x int8 products in int32, exactly; float32 rounds those sums,
@@ -61,7 +61,7 @@ def _summed_exactly(compute, *tensors):
 
 class _ExactInference:
     """A quantized layer whose inference computes exactly what the int8 runtimes compute
-    (`exact_inference`, see `_summed_exactly`); training, and the graph the TFLite converter
+    (`exact_inference`, see `_in_float64`); training, and the graph the TFLite converter
     reads (which holds the fake-quant ops it converts), compute in float32."""
 
     def __init__(self, *args, exact_inference=True, **kwargs):
@@ -111,7 +111,7 @@ class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
             return outputs + bias[0] if bias else outputs
 
         bias = [self.bias] if self.use_bias else []
-        outputs = _summed_exactly(conv, inputs, quantize_weights(self.kernel), *bias)
+        outputs = _in_float64(conv, inputs, quantize_weights(self.kernel), *bias)
         return self.activation(outputs) if self.activation is not None else outputs
 
     def convolution_op(self, inputs, kernel):
@@ -137,7 +137,7 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
         kernel = quantize_weights(self.kernel, per_channel=False)
         bias = [self.bias] if self.use_bias else []
         if self.computes_exactly(training):
-            outputs = _summed_exactly(dense, inputs, kernel, *bias)
+            outputs = _in_float64(dense, inputs, kernel, *bias)
         else:
             outputs = dense(inputs, kernel, *bias)
         return self.activation(outputs) if self.activation is not None else outputs
@@ -179,7 +179,7 @@ class ActivationQuantizer(_ExactInference, layers.Layer):
         def rounded(x, step):  # to the nearest step (ties to even, as onnxruntime rounds)
             return ops.clip(ops.round(x / step), -127, 127) * step
 
-        return _summed_exactly(rounded, inputs, step)
+        return _in_float64(rounded, inputs, step)
 
     def deploy_replacement(self):
         return None, None  # the float deploy form computes without it
@@ -218,7 +218,7 @@ class QuantizedRepVGGBlock(_ReadsQuantized, RepVGGBlock):
             return outputs + bias
 
         if self.computes_exactly(training):
-            return ops.relu(_summed_exactly(conv, padded, quantize_weights(kernel), bias))
+            return ops.relu(_in_float64(conv, padded, quantize_weights(kernel), bias))
         return ops.relu(conv(padded, quantize_weights(kernel), bias))
 
     def fused_kernel(self):
