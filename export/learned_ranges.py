@@ -1,17 +1,18 @@
-"""A quantization-aware model's learned ranges in Neural Compressor's int8 graph.
+"""A quantization-aware model's learned grids in Neural Compressor's int8 graph.
 
 Neural Compressor calibrates a float graph: it sets the range of every int8 tensor from the
-calibration images. A QAT model (rk.quantize_aware) has learned its ranges; `apply` puts them in
-place of the calibrated ones, so that the graph rounds where the QAT model rounds:
+calibration images. A QAT model (rk.quantize_aware) has learned its grids (`rk.quantize.Grid`:
+a step, codes 0..255 or -127..127); `apply` puts them in place of the calibrated ranges, so that
+the graph rounds where the QAT model rounds:
 
-- the QuantizeV2 that enters int8: qint8 on [-127, 127] (narrow range) over [-r, r], step r / 127,
-  as the QAT model's input quantizer;
-- each QuantizedConv2DWithBiasAndReluAndRequantize: TensorFlow's fused conv + ReLU writes quint8
-  (step max / 255), so its output range becomes [0, r x 255 / 127], whose step is the QAT
-  model's r / 127. It saturates at twice r where the QAT model clips at r: a value past its
-  learned range keeps more of itself there; verification judges the whole;
+- the QuantizeV2 that enters int8: qint8 on [-127, 127] (narrow range) times the step, as the
+  QAT model's input quantizer;
+- each QuantizedConv2DWithBiasAndReluAndRequantize: TensorFlow's fused conv + ReLU writes quint8,
+  codes 0..255, so its output range becomes [0, 255 x step]: the QAT model's own grid where its
+  ReLU outputs are unsigned (the default). A symmetric grid clips at 127 steps, which quint8
+  cannot: there the graph saturates at twice the learned range; verification judges the whole;
 - the global average pool, where the QAT model rounds it to the last activation's grid
-  (`rk.quantize.pools_on_grid`): a QuantizeV2/Dequantize pair on that step after it.
+  (`rk.quantize.pools_on_grid`): a QuantizeV2/Dequantize pair on that grid after it.
 
 The weights (on the int8 grid already) and the biases (on the int32 grid, `snap_biases`) are the
 QAT model's: Neural Compressor's per-channel weight steps, max|w| / 127, are its steps.
@@ -21,8 +22,8 @@ import re
 
 import numpy as np
 
-QINT8_STEPS = 127
-QUINT8_STEPS = 255
+QINT8_CODES = 127  # narrow range: -127..127
+QUINT8_CODES = 255
 REQUANTIZING_CONV = "QuantizedConv2DWithBiasAndReluAndRequantize"
 # QuantizedConv2DWithBiasAndReluAndRequantize's inputs 7 and 8: its requested output range.
 MIN_OUTPUT, MAX_OUTPUT = 7, 8
@@ -42,11 +43,11 @@ def _layer_in(node_name, layer_names):
     return found[0]
 
 
-def apply(graph_def, input_ranges, output_ranges, pooled_range=None):
+def apply(graph_def, input_grids, output_grids, pooled_grid=None):
     """`graph_def` (Neural Compressor's int8 GraphDef, changed in place and returned) with the
-    learned ranges: `input_ranges` {conv layer name: range of its input's quantizer},
-    `output_ranges` {conv layer name: range of the quantizer after its ReLU}, `pooled_range` (the
-    last activation's range where the QAT model rounds its global pool; None: it does not)."""
+    learned grids: `input_grids` {conv layer name: Grid of its input}, `output_grids` {conv layer
+    name: Grid after its ReLU}, `pooled_grid` (the last activation's, where the QAT model rounds
+    its global pool; None: it does not), as `rk.quantize.conv_grids` and `pooled_grid` give."""
     import tensorflow as tf
 
     def constant(name, value):  # on the host, as Neural Compressor's ranges
@@ -59,26 +60,24 @@ def apply(graph_def, input_ranges, output_ranges, pooled_range=None):
     changed = 0
     for node in list(graph_def.node):
         if node.op == "QuantizeV2":
-            r = input_ranges[_layer_in(node.name, input_ranges)]
+            step = input_grids[_layer_in(node.name, input_grids)].step
             if node.attr["T"].type == tf.qint8.as_datatype_enum:
-                low = -r
-                node.attr["narrow_range"].b = True  # [-127, 127]: step r / 127, as in QAT
+                low, high = -step * QINT8_CODES, step * QINT8_CODES
+                node.attr["narrow_range"].b = True  # codes -127..127, as in QAT
             else:
-                low, r = 0.0, r * QUINT8_STEPS / QINT8_STEPS
+                low, high = 0.0, step * QUINT8_CODES
             node.input[1] = constant(f"{node.name}/learned_min", low)
-            node.input[2] = constant(f"{node.name}/learned_max", r)
+            node.input[2] = constant(f"{node.name}/learned_max", high)
             changed += 1
         elif node.op == REQUANTIZING_CONV:
-            r = output_ranges[_layer_in(node.name, output_ranges)]
+            step = output_grids[_layer_in(node.name, output_grids)].step
             node.input[MIN_OUTPUT] = constant(f"{node.name}/learned_min", 0.0)
-            node.input[MAX_OUTPUT] = constant(
-                f"{node.name}/learned_max", r * QUINT8_STEPS / QINT8_STEPS
-            )
+            node.input[MAX_OUTPUT] = constant(f"{node.name}/learned_max", step * QUINT8_CODES)
             changed += 1
     if not changed:
         raise ValueError("the int8 graph holds no quantized convolution to give the ranges to.")
-    if pooled_range is not None:
-        _round_pools(graph_def, pooled_range, constant)
+    if pooled_grid is not None:
+        _round_pools(graph_def, pooled_grid.step, constant)
     _drop_unread_constants(graph_def)
     return graph_def
 
@@ -91,8 +90,8 @@ def _drop_unread_constants(graph_def):
     graph_def.node.extend(kept)
 
 
-def _round_pools(graph_def, r, constant):
-    """A QuantizeV2 (quint8, step r / 127) and a Dequantize after each Mean that reads a
+def _round_pools(graph_def, step, constant):
+    """A QuantizeV2 (quint8 on `step`) and a Dequantize after each Mean that reads a
     Dequantize (the global average pool of int8 features); its readers read the rounded mean."""
     import tensorflow as tf
 
@@ -109,7 +108,7 @@ def _round_pools(graph_def, r, constant):
                 if name in (pool.name, f"{pool.name}:0"):
                     reader.input[index] = rounded
         low = constant(f"{pool.name}/grid_min", 0.0)
-        high = constant(f"{pool.name}/grid_max", r * QUINT8_STEPS / QINT8_STEPS)
+        high = constant(f"{pool.name}/grid_max", step * QUINT8_CODES)
         quantize = graph_def.node.add()
         quantize.op, quantize.name = "QuantizeV2", f"{pool.name}/to_grid"
         quantize.input.extend([pool.name, low, high])

@@ -156,22 +156,21 @@ def _quantize_aware_file(qat, workdir, calibration, *, nchw=True):
     qat = rk.quantize.snap_biases(qat)
     source = _written(rk.to_deploy(qat), os.path.join(workdir, f"model_{layout}_qat.onnx"), nchw)
     graph = onnx.load(source, load_external_data=False).graph
-    scales = qat_tensor_scales(qat, graph)
+    grids = qat_tensor_grids(qat, graph)
     quantized = os.path.join(workdir, f"model_{layout}_qat_int8.onnx")
     feed = np.transpose(calibration, (0, 3, 1, 2)) if nchw else calibration
-    return onnx_int8.quantize_with_scales(
-        source, quantized, scales, feed, pools_on_grid=rk.quantize.pools_on_grid(qat)
+    return onnx_int8.quantize_with_grids(
+        source, quantized, grids, feed, pools_on_grid=rk.quantize.pools_on_grid(qat)
     )
 
 
-def qat_tensor_scales(qat, graph):
-    """{ONNX tensor name: int8 step} for each activation quantizer of `qat`: the graph input and
-    each ReLU's output (tf2onnx names a ReLU's node after its Keras layer)."""
-    ranges = rk.quantize.activation_ranges(qat)
+def qat_tensor_grids(qat, graph):
+    """{ONNX tensor name: rk.quantize.Grid} for each activation quantizer of `qat`: the graph
+    input and each ReLU's output (tf2onnx names a ReLU's node after its Keras layer)."""
     (graph_input,) = graph.input
-    scales = {}
+    grids = {}
     relus = [node.output[0] for node in graph.node if node.op_type == "Relu"]
-    for name, value in ranges.items():
+    for name, grid in rk.quantize.activation_grids(qat).items():
         source = name[: -len("_quant")]
         if source == qat.inputs[0].name:
             tensors = [graph_input.name]
@@ -186,8 +185,8 @@ def qat_tensor_scales(qat, graph):
                 f"the ONNX graph has {len(tensors)} tensors for the quantizer {name!r}: this "
                 "model's layout is not one the QDQ export can map; use export.tflite."
             )
-        scales[tensors[0]] = value / 127
-    return scales
+        grids[tensors[0]] = grid
+    return grids
 
 
 def rounded_onnx_file(deploy, workdir, calibration, *, nchw=True):

@@ -82,29 +82,37 @@ def _write_qdq(source, target, images, **options):
 POOLS = ("GlobalAveragePool", "ReduceMean")
 
 
-def quantize_with_scales(source, target, scales, calibration_images, pools_on_grid=False):
-    """Write the int8 QDQ version of `source` whose activations take the given `scales`
-    ({tensor name: step}, a QAT model's learned ranges / 127) instead of calibrated ones:
-    symmetric int8 everywhere (zero point 0; per-channel weights with step max|w| / 127), the
-    scheme TensorRT's explicit quantization takes. A Relu's input (the conv output) and a Pad's
-    output share the step of the tensor they come from, so each conv + ReLU rounds once, as the
-    QAT model does; `pools_on_grid`: a global pool's output is rounded to its input's step too.
+def quantize_with_grids(source, target, grids, calibration_images, pools_on_grid=False):
+    """Write the int8 QDQ version of `source` whose activations take the given `grids`
+    ({tensor name: rk.quantize.Grid}, a QAT model's learned ones) instead of calibrated ones,
+    zero point 0 everywhere: uint8 where a grid is unsigned (a ReLU's output: onnxruntime and
+    OpenVINO fold the ReLU into the int8 conv, as for the post-training file), int8 where it is
+    symmetric (the form TensorRT's explicit quantization takes); per-channel symmetric int8
+    weights, step max|w| / 127. A Relu's input (the conv output) and a Pad's output share the
+    grid of the tensor they come from, so each conv + ReLU rounds once, as the QAT model does;
+    `pools_on_grid`: a global pool's output is rounded to its input's grid too.
     `calibration_images` only feed the quantizer's pass over the other tensors."""
     import onnx
     from onnxruntime import quantization as q
 
     graph = onnx.load(source, load_external_data=False).graph
-    steps, pool_steps = dict(scales), {}
-    for node in graph.node:  # topological order: a Pad after a Relu sees the Relu's step
-        if node.op_type == "Relu" and node.output[0] in steps:
-            steps[node.input[0]] = steps[node.output[0]]
-        elif node.op_type == "Pad" and node.input[0] in steps:
-            steps[node.output[0]] = steps[node.input[0]]
-        elif pools_on_grid and node.op_type in POOLS and node.input[0] in steps:
-            pool_steps[node.output[0]] = steps[node.input[0]]
+    grids, pool_grids = dict(grids), {}
+    for node in graph.node:  # topological order: a Pad after a Relu sees the Relu's grid
+        if node.op_type == "Relu" and node.output[0] in grids:
+            grids[node.input[0]] = grids[node.output[0]]
+        elif node.op_type == "Pad" and node.input[0] in grids:
+            grids[node.output[0]] = grids[node.input[0]]
+        elif pools_on_grid and node.op_type in POOLS and node.input[0] in grids:
+            pool_grids[node.output[0]] = grids[node.input[0]]
     overrides = {
-        name: [{"scale": np.array(step, np.float32), "zero_point": np.array(0, np.int8)}]
-        for name, step in steps.items()
+        name: [
+            {
+                "scale": np.array(grid.step, np.float32),
+                "zero_point": np.array(0, _code_type(grid)),
+                "quant_type": q.QuantType.QUInt8 if grid.unsigned else q.QuantType.QInt8,
+            }
+        ]
+        for name, grid in grids.items()
     }
     (graph_input,) = graph.input
     _write_qdq(
@@ -119,14 +127,18 @@ def quantize_with_scales(source, target, scales, calibration_images, pools_on_gr
             "TensorQuantOverrides": overrides,
         },
     )
-    if pool_steps:
-        _round_to_grid(target, pool_steps)
+    if pool_grids:
+        _round_to_grid(target, pool_grids)
     return target
 
 
-def _round_to_grid(path, steps):
-    """Put a symmetric int8 QuantizeLinear/DequantizeLinear pair on each tensor of `steps`
-    ({tensor name: step}) in the ONNX file at `path`, rewritten in place."""
+def _code_type(grid):
+    return np.uint8 if grid.unsigned else np.int8
+
+
+def _round_to_grid(path, grids):
+    """Put a QuantizeLinear/DequantizeLinear pair (zero point 0) on each tensor of `grids`
+    ({tensor name: rk.quantize.Grid}) in the ONNX file at `path`, rewritten in place."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -135,15 +147,15 @@ def _round_to_grid(path, steps):
     for node in model.graph.node:
         nodes.append(node)
         for index, name in enumerate(node.output):
-            if name not in steps:
+            if name not in grids:
                 continue
-            unrounded, codes = f"{name}_unrounded", f"{name}_int8"
+            unrounded, codes = f"{name}_unrounded", f"{name}_codes"
             node.output[index] = unrounded
             scale, zero = f"{name}_grid_scale", f"{name}_grid_zero_point"
             model.graph.initializer.extend(
                 [
-                    numpy_helper.from_array(np.array(steps[name], np.float32), scale),
-                    numpy_helper.from_array(np.array(0, np.int8), zero),
+                    numpy_helper.from_array(np.array(grids[name].step, np.float32), scale),
+                    numpy_helper.from_array(np.array(0, _code_type(grids[name])), zero),
                 ]
             )
             nodes.append(helper.make_node("QuantizeLinear", [unrounded, scale, zero], [codes]))

@@ -89,8 +89,8 @@ def _float_form_and_learned_ranges(qat):
             "this quantization-aware model has grouped convolutions, which TensorFlow's int8 "
             "convolution does not run: export it with export.onnx or export.tflite --quantize int8."
         )
-    inputs, outputs = rk.quantize.conv_ranges(qat)
-    pooled = rk.quantize.pooled_range(qat)
+    inputs, outputs = rk.quantize.conv_grids(qat)
+    pooled = rk.quantize.pooled_grid(qat)
     return float_form, lambda graph_def: learned_ranges.apply(graph_def, inputs, outputs, pooled)
 
 

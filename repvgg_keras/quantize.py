@@ -4,12 +4,15 @@
     qat.fit(...)                                          # learns weights and ranges for int8
     plain = rk.to_deploy(qat)                             # float model, weights on the int8 grid
 
-The scheme is the one every int8 path of the exporters takes, chosen so that one QAT model
-serves them all (TensorRT's explicit quantization included): convolution weights symmetric int8
-per output channel, step max|w| / 127 (zero point 0); activations per tensor, symmetric, with a
-learned range (zero point 0), at the model input and after each ReLU (where the runtimes fuse
-conv + ReLU and requantize). The global average pool rounds to its input's grid, as the runtimes'
-int8 pools do, and the classifier stays float (`scope="convolutions"`, the default paths), or both
+The scheme is the one the int8 paths of the exporters take: convolution weights symmetric int8
+per output channel, step max|w| / 127 (zero point 0); activations per tensor with a learned
+range, at the model input (symmetric: codes -127..127 over [-r, r]) and after each ReLU, where the
+runtimes fuse conv + ReLU and requantize. `activations="unsigned"` (the default) puts a ReLU's
+output on [0, r] in 255 steps, the form the CPU runtimes fold the ReLU into (onnxruntime's
+QLinearConv, TFLite's int8 with zero point -128, oneDNN's unsigned output);
+`activations="symmetric"` keeps it on [-r, r] (zero point 0), the only form TensorRT's explicit
+quantization takes. The global average pool rounds to its input's grid, as the runtimes' int8
+pools do, and the classifier stays float (`scope="convolutions"`, the default paths), or both
 get ranges of their own (`scope="every_op"`, integer-only int8). Inference sums in float64, so a
 QAT model's predictions are the int8 runtimes' own, not a float32 approximation of them.
 
@@ -18,6 +21,8 @@ fine-tunes. form="training" keeps the branches and BatchNorms (statistics frozen
 block's fused kernel computed from them in the graph (the authors' remedy: QAT constrains the
 equivalent kernel). Biases are held where the runtimes hold them, on an int32 grid (`snap_biases`).
 """
+
+import dataclasses
 
 import keras
 import numpy as np
@@ -29,6 +34,7 @@ from repvgg_keras.layers import RepVGGBlock, all_layers
 
 SCOPES = ("convolutions", "every_op")
 FORMS = ("deploy", "training")
+ACTIVATIONS = ("unsigned", "symmetric")
 ACTIVATION_BITS = 8
 MIN_RANGE = 1e-6
 
@@ -38,6 +44,32 @@ def _symmetric_fake_quant(x, max_abs, narrow_range, axis=None):
     return keras.quantizers.fake_quant_with_min_max_vars(
         x, -max_abs, max_abs, num_bits=ACTIVATION_BITS, narrow_range=narrow_range, axis=axis
     )
+
+
+def _unsigned_fake_quant(x, maximum):
+    return keras.quantizers.fake_quant_with_min_max_vars(
+        x, 0.0, ops.maximum(maximum, MIN_RANGE), num_bits=ACTIVATION_BITS, narrow_range=False
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    """Where a quantizer puts its tensor: `step` apart, codes 0..255 (`unsigned`, a ReLU's
+    output, zero point 0) or -127..127 (symmetric, zero point 0)."""
+
+    step: float
+    unsigned: bool
+
+    @property
+    def codes(self):
+        """(lowest, highest) integer code."""
+        return (0, 255) if self.unsigned else (-127, 127)
+
+    @property
+    def range(self):
+        """(lowest, highest) value on the grid."""
+        low, high = self.codes
+        return low * self.step, high * self.step
 
 
 def quantize_weights(kernel, per_channel=True):
@@ -153,15 +185,17 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
 class ActivationQuantizer(_ExactInference, layers.Layer):
-    """Per-tensor symmetric int8 fake quantization with a trainable range (zero point 0).
+    """Per-tensor int8 fake quantization with a trainable range r (zero point 0): symmetric on
+    [-r, r], or `unsigned` on [0, r] (after a ReLU) with twice the resolution.
 
     The range starts at the largest |value| seen on the calibration images; its gradient is the
     fake-quant op's own (values clipped by the range push it out, the rest pull it in).
     """
 
-    def __init__(self, initial_range=1.0, **kwargs):
+    def __init__(self, initial_range=1.0, unsigned=False, **kwargs):
         super().__init__(**kwargs)
         self.initial_range = float(initial_range)
+        self.unsigned = bool(unsigned)
 
     def build(self, input_shape):
         self.range = self.add_weight(
@@ -171,13 +205,22 @@ class ActivationQuantizer(_ExactInference, layers.Layer):
             trainable=True,
         )
 
+    def grid(self):
+        """The learned Grid: what an int8 exporter writes for this tensor."""
+        r = max(float(abs(keras.ops.convert_to_numpy(self.range))), MIN_RANGE)
+        return Grid(r / (255 if self.unsigned else 127), self.unsigned)
+
     def call(self, inputs, training=None):
+        r = ops.abs(self.range)
         if not self.computes_exactly(training):
-            return _symmetric_fake_quant(inputs, ops.abs(self.range), narrow_range=True)
-        step = ops.maximum(ops.abs(self.range), MIN_RANGE) / 127
+            if self.unsigned:
+                return _unsigned_fake_quant(inputs, r)
+            return _symmetric_fake_quant(inputs, r, narrow_range=True)
+        low, high = (0, 255) if self.unsigned else (-127, 127)
+        step = ops.maximum(r, MIN_RANGE) / high
 
         def rounded(x, step):  # to the nearest step (ties to even, as onnxruntime rounds)
-            return ops.clip(ops.round(x / step), -127, 127) * step
+            return ops.clip(ops.round(x / step), low, high) * step
 
         return _in_float64(rounded, inputs, step)
 
@@ -185,7 +228,11 @@ class ActivationQuantizer(_ExactInference, layers.Layer):
         return None, None  # the float deploy form computes without it
 
     def get_config(self):
-        return {**super().get_config(), "initial_range": self.initial_range}
+        return {
+            **super().get_config(),
+            "initial_range": self.initial_range,
+            "unsigned": self.unsigned,
+        }
 
 
 @keras.saving.register_keras_serializable(package="repvgg_keras")
@@ -312,19 +359,19 @@ def snap_biases(qat, exact_inference=True):
     twin = fused(qat)
     copy = keras.models.clone_model(twin)
     copy.set_weights(twin.get_weights())
-    ranges = activation_ranges(copy)
+    grids = activation_grids(copy)
     for layer in copy.layers:
         if isinstance(layer, _ExactInference):
             layer.exact_inference = exact_inference
         if not isinstance(layer, (QuantizedConv2D, QuantizedDense)) or not layer.use_bias:
             continue
-        if layer.input_quantizer not in ranges:
+        if layer.input_quantizer not in grids:
             continue
         kernel, bias = layer.get_weights()
         per_channel = isinstance(layer, QuantizedConv2D)
         axes = tuple(range(kernel.ndim - 1)) if per_channel else None
         weight_step = np.abs(kernel.astype(np.float64)).max(axis=axes) / 127
-        step = ranges[layer.input_quantizer] / 127 * weight_step
+        step = grids[layer.input_quantizer].step * weight_step
         snapped = np.round(bias / np.where(step > 0, step, 1.0)) * step
         layer.set_weights([kernel, np.where(step > 0, snapped, bias).astype(bias.dtype)])
     return copy
@@ -341,7 +388,7 @@ def quantize_scope(model):
 def pools_on_grid(model):
     """True when `model` (a QAT model) rounds its global average pool's output to an int8 grid:
     in scope "convolutions" its input's, as the int8 runtimes' pools do."""
-    return pooled_range(model) is not None
+    return pooled_grid(model) is not None
 
 
 def _quantizer_after(layer):
@@ -354,44 +401,50 @@ def _quantizer_after(layer):
     return None
 
 
-def pooled_range(model):
-    """The range whose grid `model`'s global average pool rounds to, or None (it pools in
-    float, or `model` is not quantization-aware)."""
+def pooled_grid(model):
+    """The Grid `model`'s global average pool rounds to, or None (it pools in float, or `model`
+    is not quantization-aware)."""
     for layer in all_layers(model):
         if isinstance(layer, layers.GlobalAveragePooling2D):
             quantizer = _quantizer_after(layer)
             if quantizer is not None:
-                return float(abs(keras.ops.convert_to_numpy(quantizer.range)))
+                return quantizer.grid()
     return None
 
 
-def conv_ranges(model):
-    """({conv name: range of its input's quantizer}, {conv name: range of the quantizer after its
-    ReLU}) of a deploy-form QAT model (`fused`, `snap_biases`): the ranges an int8 runtime's fused
-    conv + ReLU reads and writes."""
-    ranges = activation_ranges(model)
+def conv_grids(model):
+    """({conv name: Grid of its input}, {conv name: Grid after its ReLU}) of a deploy-form QAT
+    model (`fused`, `snap_biases`): what an int8 runtime's fused conv + ReLU reads and writes."""
+    grids = activation_grids(model)
     inputs, outputs = {}, {}
     for layer in all_layers(model):
         if not isinstance(layer, QuantizedConv2D):
             continue
-        if layer.input_quantizer in ranges:
-            inputs[layer.name] = ranges[layer.input_quantizer]
+        if layer.input_quantizer in grids:
+            inputs[layer.name] = grids[layer.input_quantizer]
         after = _quantizer_after(layer)
         if after is not None:
-            outputs[layer.name] = ranges[after.name]
+            outputs[layer.name] = grids[after.name]
     return inputs, outputs
 
 
-def activation_ranges(model):
-    """{quantizer name: learned range} of a QAT model: what the int8 exporters read."""
+def activation_grids(model):
+    """{quantizer name: its learned Grid} of a QAT model: what the int8 exporters read."""
     return {
-        layer.name: float(abs(keras.ops.convert_to_numpy(layer.range)))
+        layer.name: layer.grid()
         for layer in all_layers(model)
         if isinstance(layer, ActivationQuantizer)
     }
 
 
-def quantize_aware(model, calibration_images, scope="convolutions", form="deploy", batch_size=32):
+def quantize_aware(
+    model,
+    calibration_images,
+    scope="convolutions",
+    form="deploy",
+    activations="unsigned",
+    batch_size=32,
+):
     """A QAT model computing `model` as the int8 runtimes will, trainable with `fit`.
 
     Args:
@@ -403,6 +456,9 @@ def quantize_aware(model, calibration_images, scope="convolutions", form="deploy
         form: "deploy" (fine-tune the fused convs: BatchNorm folded first) or "training"
             (a training-form model keeps its branches and BatchNorms, frozen statistics; each
             block's fused kernel is computed from them in the graph and quantized).
+        activations: "unsigned" (a ReLU's output on [0, r]: onnxruntime, OpenVINO, TFLite and
+            SavedModel int8 run it exactly, at their post-training speed) or "symmetric" (on
+            [-r, r]: the ONNX QDQ form TensorRT's explicit quantization takes).
         batch_size: batch size of the calibration pass.
 
     Returns a new model (the input model is left untouched); `to_deploy` of it gives the float
@@ -416,6 +472,10 @@ def quantize_aware(model, calibration_images, scope="convolutions", form="deploy
         raise ValueError(f"Model {model.name!r} is already quantization-aware.")
     if form not in FORMS:
         raise ValueError(f"Unknown form {form!r}: choose one of {', '.join(FORMS)}.")
+    if activations not in ACTIVATIONS:
+        raise ValueError(
+            f"Unknown activations {activations!r}: choose one of {', '.join(ACTIVATIONS)}."
+        )
     images = _check_calibration(model, calibration_images)
     blocks = [l for l in all_layers(model) if type(l) is RepVGGBlock]
     if form == "training" and not blocks:
@@ -437,7 +497,7 @@ def quantize_aware(model, calibration_images, scope="convolutions", form="deploy
             "quantize_aware takes a classifier with its Dense top (include_top=True); "
             "segmentation models and bare backbones have no int8 export to match."
         )
-    builder = _QuantizedGraph(scope)
+    builder = _QuantizedGraph(scope, unsigned_relus=activations == "unsigned")
     qat = keras.models.clone_model(
         plain, clone_function=builder.clone, call_function=builder.call, recursive=False
     )
@@ -475,8 +535,9 @@ class _QuantizedGraph:
     """clone_model callbacks: quantized convs (and classifier), a quantizer at the model
     input and after each ReLU (and, for every_op, after pooling and the classifier)."""
 
-    def __init__(self, scope):
+    def __init__(self, scope, unsigned_relus):
         self.scope = scope
+        self.unsigned_relus = unsigned_relus
         self.originals = []  # (clone, original) pairs whose weights are copied after cloning
         self.produced = set()  # ids of tensors made inside the graph (the rest are inputs)
         self.input_quantizers = {}
@@ -505,7 +566,8 @@ class _QuantizedGraph:
         if isinstance(layer, layers.ZeroPadding2D) and source:  # zero stays on the grid
             self.quantized_by[id(outputs)] = source
         if self._quantizes_output(layer):
-            outputs = self._quantizer(f"{layer.name}_quant", layer.name, outputs)
+            unsigned = self.unsigned_relus and self._non_negative(layer, source)
+            outputs = self._quantizer(f"{layer.name}_quant", layer.name, outputs, unsigned)
         elif isinstance(layer, layers.GlobalAveragePooling2D) and source:
             # The int8 runtimes pool in int8 on their input's grid (TFLite's MEAN keeps its
             # input's scale): the pooled features go through the same quantizer again.
@@ -514,8 +576,8 @@ class _QuantizedGraph:
         self.produced.add(id(outputs))
         return outputs
 
-    def _quantizer(self, name, follows, tensor):
-        quantizer = ActivationQuantizer(name=name)
+    def _quantizer(self, name, follows, tensor, unsigned=False):
+        quantizer = ActivationQuantizer(unsigned=unsigned, name=name)
         self.quantizers[name] = quantizer
         self.points.append((quantizer, follows))
         quantized = quantizer(tensor)
@@ -538,6 +600,15 @@ class _QuantizedGraph:
             return True
         every_op = (layers.GlobalAveragePooling2D, layers.Dense)
         return self.scope == "every_op" and isinstance(layer, every_op)
+
+    def _non_negative(self, layer, source):
+        """Whether `layer`'s output is never negative: it ends in a ReLU, or it pools an
+        unsigned quantizer's output."""
+        if isinstance(layer, layers.GlobalAveragePooling2D):
+            return source is not None and self.quantizers[source].unsigned
+        if isinstance(layer, layers.ReLU):
+            return not layer.negative_slope
+        return not isinstance(layer, layers.Dense)
 
 
 def _calibrate(plain, qat, points, images, batch_size):

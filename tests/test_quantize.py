@@ -22,9 +22,10 @@ def images():
     return np.random.default_rng(7).normal(size=(24, 32, 32, 3)).astype("float32")
 
 
-def _on_grid(values, step):
+def _on_grid(values, step, codes=(-127, 127)):
     steps = np.asarray(values, np.float64) / np.asarray(step, np.float64)
-    return np.abs(steps - np.round(steps)).max() < 1e-3 and np.abs(steps).max() <= 127 + 1e-3
+    inside = codes[0] - 1e-3 <= steps.min() and steps.max() <= codes[1] + 1e-3
+    return np.abs(steps - np.round(steps)).max() < 1e-3 and inside
 
 
 def test_every_conv_quantized_and_every_relu_followed_by_a_quantizer(model, images):
@@ -58,7 +59,9 @@ def test_activations_and_deployed_weights_lie_on_the_int8_grid(model, images):
     quantizer = qat.get_layer("stage2_1_relu_quant")
     probe = keras.Model(qat.inputs, quantizer.output)
     values = keras.ops.convert_to_numpy(probe(images))
-    assert _on_grid(values, float(quantizer.range) / 127)
+    grid = quantizer.grid()
+    assert grid.unsigned and grid.step == pytest.approx(float(quantizer.range) / 255)
+    assert _on_grid(values, grid.step, grid.codes)
     assert len(np.unique(values)) > 20  # not collapsed to a few levels
 
     deployed = rk.to_deploy(qat)
@@ -208,17 +211,42 @@ def test_training_form_trains_the_branches_with_frozen_statistics(images):
         rk.quantize_aware(rk.to_deploy(trained), images, form="training")
 
 
+def test_relu_outputs_are_unsigned_unless_symmetric_is_asked_for(model, images):
+    """A ReLU's output takes [0, r] in 255 steps by default (the CPU runtimes' form) and
+    [-r, r] with activations="symmetric" (TensorRT's); the model input is signed either way."""
+    for activations, unsigned in (("unsigned", True), ("symmetric", False)):
+        qat = rk.quantize_aware(model, images, activations=activations)
+        grids = rk.quantize.activation_grids(qat)
+        assert not grids.pop("images_quant").unsigned
+        assert grids and all(grid.unsigned == unsigned for grid in grids.values())
+        every_op = rk.quantize_aware(model, images, scope="every_op", activations=activations)
+        assert every_op.get_layer("avg_pool_quant").grid().unsigned == unsigned
+        assert not every_op.get_layer("predictions_quant").grid().unsigned  # logits: signed
+    # A symmetric quantizer clips a ReLU's output at r with half the unsigned resolution.
+    relu = np.concatenate([[0.0, 2.0], np.random.default_rng(1).uniform(0, 2, 4000)])
+    relu = relu.astype("float32")
+    for unsigned, steps in ((True, 255), (False, 127)):
+        quantizer = ActivationQuantizer(initial_range=1.0, unsigned=unsigned)
+        values = keras.ops.convert_to_numpy(quantizer(relu))
+        assert values.max() == pytest.approx(1.0)  # clipped at r
+        assert _on_grid(values, 1.0 / steps, (0, steps)) and len(np.unique(values)) > 0.9 * steps
+        training = keras.ops.convert_to_numpy(quantizer(relu, training=True))
+        assert np.abs(training - values).max() < 1e-6  # the fake-quant op: the same grid
+    with pytest.raises(ValueError, match="Unknown activations"):
+        rk.quantize_aware(model, images, activations="int8")
+
+
 @pytest.mark.parametrize("form", ["deploy", "training"])
 def test_snapped_biases_lie_on_the_runtimes_int32_grid(model, images, form):
     qat = rk.quantize_aware(model, images, form=form)
     snapped = rk.quantize.snap_biases(qat)
-    ranges = rk.quantize.activation_ranges(snapped)
+    grids = rk.quantize.activation_grids(snapped)
     convs = [l for l in snapped.layers if isinstance(l, QuantizedConv2D)]
-    assert convs and all(l.input_quantizer in ranges for l in convs)
+    assert convs and all(l.input_quantizer in grids for l in convs)
     assert convs[0].input_quantizer == "images_quant"
     for layer in convs:
         kernel, bias = layer.get_weights()
-        step = ranges[layer.input_quantizer] / 127 * np.abs(kernel).max(axis=(0, 1, 2)) / 127
+        step = grids[layer.input_quantizer].step * np.abs(kernel).max(axis=(0, 1, 2)) / 127
         steps = bias / step  # int32 steps: any size
         # float32 holds k x step to its own precision: what the runtime rounds back to k
         assert (np.abs(steps - np.round(steps)) < 1e-2 + 1e-6 * np.abs(steps)).all(), layer.name
@@ -256,6 +284,6 @@ def test_global_pool_rounds_to_the_last_activation_grid(images):
     (node,) = qat.get_layer("avg_pool")._outbound_nodes
     assert node.operation is qat.get_layer("stage4_0_relu_quant")
     features = keras.Model(qat.inputs, qat.get_layer("predictions").input)(larger)
-    step = float(keras.ops.convert_to_numpy(node.operation.range)) / 127
-    assert _on_grid(keras.ops.convert_to_numpy(features), step)
+    grid = node.operation.grid()
+    assert _on_grid(keras.ops.convert_to_numpy(features), grid.step, grid.codes)
     assert not rk.quantize.pools_on_grid(model)

@@ -167,7 +167,12 @@ def start_line(task, info, image_size, strategy, precision, recipe_name, steps_p
     """The line that starts a run: model, data, replicas, precision and schedule."""
     recipe = task.recipe
     what, augmentation = task.describe()
-    qat = f", quantization-aware ({FLAGS.qat_scope}, {FLAGS.qat_form} form)" if FLAGS.qat else ""
+    qat = (
+        f", quantization-aware ({FLAGS.qat_scope}, {FLAGS.qat_form} form, "
+        f"{FLAGS.qat_activations} activations)"
+        if FLAGS.qat
+        else ""
+    )
     return (
         f"{what} ({FLAGS.ablation}{', quant_friendly' if FLAGS.quant_friendly else ''}{qat}) on "
         f"{FLAGS.dataset}: {info.train_examples} train / "

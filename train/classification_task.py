@@ -39,6 +39,7 @@ class Options:
     qat: bool = False
     qat_scope: str = "convolutions"
     qat_form: str = "deploy"
+    qat_activations: str = "unsigned"
 
 
 class Task:
@@ -55,7 +56,11 @@ class Task:
         """What the run records beyond the common flags: the QAT scope of a --qat run."""
         if not self.options.qat:
             return {}
-        return {"qat_scope": self.options.qat_scope, "qat_form": self.options.qat_form}
+        return {
+            "qat_scope": self.options.qat_scope,
+            "qat_form": self.options.qat_form,
+            "qat_activations": self.options.qat_activations,
+        }
 
     def load(self, **common):
         """(train_ds, eval_ds, info): the datasets `fit` gets."""
@@ -85,6 +90,7 @@ class Task:
                 self.calibration_images(),
                 scope=self.options.qat_scope,
                 form=self.options.qat_form,
+                activations=self.options.qat_activations,
             )
         return self.build_float(num_classes, bn_synchronized=bn_synchronized)
 

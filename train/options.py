@@ -119,6 +119,13 @@ flags.DEFINE_enum(
     "With --qat: fine-tune the fused convs (deploy), or the branches and BatchNorms with each "
     "block's fused kernel quantized in the graph (training; a training-form --init_weights).",
 )
+flags.DEFINE_enum(
+    "qat_activations",
+    "unsigned",
+    ["unsigned", "symmetric"],
+    "With --qat: a ReLU's output on [0, r] (unsigned: every CPU runtime runs it exactly, at its "
+    "post-training speed) or on [-r, r] (symmetric: the ONNX QDQ form TensorRT takes).",
+)
 flags.DEFINE_string(
     "init_weights",
     None,
