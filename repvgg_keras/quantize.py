@@ -37,18 +37,31 @@ FORMS = ("deploy", "training")
 ACTIVATIONS = ("unsigned", "symmetric")
 ACTIVATION_BITS = 8
 MIN_RANGE = 1e-6
+# Each step keeps this many significant bits, so that every grid value (an 8-bit code times the
+# step) is exact in float32 and every int8 x int8 product exact in float64: the QAT model then
+# sums what the runtimes sum in int32, with no float rounding to tip a value across a midpoint.
+STEP_BITS = 15
 
 
-def _symmetric_fake_quant(x, max_abs, narrow_range, axis=None):
-    max_abs = ops.maximum(max_abs, MIN_RANGE)
+def grid_step(value_range, codes):
+    """The step of a grid with `codes` steps over `value_range` (a float32 tensor), rounded to
+    STEP_BITS significant bits."""
+    step = ops.maximum(ops.convert_to_tensor(value_range, "float32"), MIN_RANGE) / codes
+    unit = ops.stop_gradient(ops.power(2.0, ops.floor(ops.log2(step)) - (STEP_BITS - 1)))
+    return step + ops.stop_gradient(ops.round(step / unit) * unit - step)  # gradient: step's
+
+
+def _symmetric_fake_quant(x, step, axis=None):
+    """`x` on codes -127..127 times `step` (narrow range: zero point 0)."""
     return keras.quantizers.fake_quant_with_min_max_vars(
-        x, -max_abs, max_abs, num_bits=ACTIVATION_BITS, narrow_range=narrow_range, axis=axis
+        x, -127 * step, 127 * step, num_bits=ACTIVATION_BITS, narrow_range=True, axis=axis
     )
 
 
-def _unsigned_fake_quant(x, maximum):
+def _unsigned_fake_quant(x, step):
+    """`x` on codes 0..255 times `step`."""
     return keras.quantizers.fake_quant_with_min_max_vars(
-        x, 0.0, ops.maximum(maximum, MIN_RANGE), num_bits=ACTIVATION_BITS, narrow_range=False
+        x, 0.0, 255 * step, num_bits=ACTIVATION_BITS, narrow_range=False
     )
 
 
@@ -76,8 +89,8 @@ def quantize_weights(kernel, per_channel=True):
     """`kernel` on the symmetric int8 grid the runtimes use: [-127, 127] x max|w| / 127, per
     output channel (the last axis) or per tensor."""
     axes = tuple(range(len(kernel.shape) - 1)) if per_channel else None
-    max_abs = ops.max(ops.abs(kernel), axis=axes)
-    return _symmetric_fake_quant(kernel, max_abs, True, axis=-1 if per_channel else None)
+    step = grid_step(ops.max(ops.abs(kernel), axis=axes), 127)
+    return _symmetric_fake_quant(kernel, step, axis=-1 if per_channel else None)
 
 
 def _in_float64(compute, *tensors):
@@ -205,24 +218,23 @@ class ActivationQuantizer(_ExactInference, layers.Layer):
             trainable=True,
         )
 
+    def step(self):
+        return grid_step(ops.abs(self.range), 255 if self.unsigned else 127)
+
     def grid(self):
         """The learned Grid: what an int8 exporter writes for this tensor."""
-        r = max(float(abs(keras.ops.convert_to_numpy(self.range))), MIN_RANGE)
-        return Grid(r / (255 if self.unsigned else 127), self.unsigned)
+        return Grid(float(keras.ops.convert_to_numpy(self.step())), self.unsigned)
 
     def call(self, inputs, training=None):
-        r = ops.abs(self.range)
+        step = self.step()
         if not self.computes_exactly(training):
             if self.unsigned:
-                return _unsigned_fake_quant(inputs, r)
-            return _symmetric_fake_quant(inputs, r, narrow_range=True)
+                return _unsigned_fake_quant(inputs, step)
+            return _symmetric_fake_quant(inputs, step)
         low, high = (0, 255) if self.unsigned else (-127, 127)
-        step = ops.maximum(r, MIN_RANGE) / high
-
-        def rounded(x, step):  # to the nearest step (ties to even, as onnxruntime rounds)
-            return ops.clip(ops.round(x / step), low, high) * step
-
-        return _in_float64(rounded, inputs, step)
+        # float32 division, as onnxruntime's QuantizeLinear; ties to even, as it rounds; the
+        # code times the step is exact in float32 (STEP_BITS)
+        return ops.clip(ops.round(inputs / step), low, high) * step
 
     def deploy_replacement(self):
         return None, None  # the float deploy form computes without it
