@@ -128,9 +128,18 @@ class _ReadsQuantized(_ExactInference):
     def __init__(self, *args, input_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_quantizer = input_quantizer
+        self.bias_step = None  # set by snap_biases: the int32 step, float64, per channel
 
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
+
+    def exact_bias(self, bias):
+        """`bias` (float64) as the runtimes hold it: an int32 code times the step, which float32
+        cannot hold exactly (a code of many bits times a step of 30)."""
+        if self.bias_step is None:
+            return bias
+        step = ops.convert_to_tensor(self.bias_step, "float64")
+        return ops.where(step > 0, ops.round(bias / ops.where(step > 0, step, 1.0)) * step, bias)
 
     def as_float_layer(self, base):
         """A `base` layer (its float class) with this layer's config."""
@@ -153,7 +162,7 @@ class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
 
         def conv(x, kernel, *bias):
             outputs = layers.Conv2D.convolution_op(self, x, kernel)
-            return outputs + bias[0] if bias else outputs
+            return outputs + self.exact_bias(bias[0]) if bias else outputs
 
         bias = [self.bias] if self.use_bias else []
         outputs = _in_float64(conv, inputs, quantize_weights(self.kernel), *bias)
@@ -182,7 +191,8 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
         kernel = quantize_weights(self.kernel, per_channel=False)
         bias = [self.bias] if self.use_bias else []
         if self.computes_exactly(training):
-            outputs = _in_float64(dense, inputs, kernel, *bias)
+            exact = lambda x, kernel, *bias: dense(x, kernel, *map(self.exact_bias, bias))
+            outputs = _in_float64(exact, inputs, kernel, *bias)
         else:
             outputs = dense(inputs, kernel, *bias)
         return self.activation(outputs) if self.activation is not None else outputs
@@ -382,10 +392,11 @@ def snap_biases(qat, exact_inference=True):
         kernel, bias = layer.get_weights()
         per_channel = isinstance(layer, QuantizedConv2D)
         axes = tuple(range(kernel.ndim - 1)) if per_channel else None
-        weight_step = np.abs(kernel.astype(np.float64)).max(axis=axes) / 127
-        step = grids[layer.input_quantizer].step * weight_step
+        weight_step = grid_step(np.abs(kernel).max(axis=axes), 127)  # as quantize_weights
+        step = grids[layer.input_quantizer].step * keras.ops.convert_to_numpy(weight_step)
         snapped = np.round(bias / np.where(step > 0, step, 1.0)) * step
         layer.set_weights([kernel, np.where(step > 0, snapped, bias).astype(bias.dtype)])
+        layer.bias_step = step
     return copy
 
 

@@ -251,7 +251,8 @@ def test_snapped_biases_lie_on_the_runtimes_int32_grid(model, images, form):
     assert convs[0].input_quantizer == "images_quant"
     for layer in convs:
         kernel, bias = layer.get_weights()
-        step = grids[layer.input_quantizer].step * np.abs(kernel).max(axis=(0, 1, 2)) / 127
+        weight_step = rk.quantize.grid_step(np.abs(kernel).max(axis=(0, 1, 2)), 127)
+        step = grids[layer.input_quantizer].step * keras.ops.convert_to_numpy(weight_step)
         steps = bias / step  # int32 steps: any size
         # float32 holds k x step to its own precision: what the runtime rounds back to k
         assert (np.abs(steps - np.round(steps)) < 1e-2 + 1e-6 * np.abs(steps)).all(), layer.name
