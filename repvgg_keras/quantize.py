@@ -128,18 +128,35 @@ class _ReadsQuantized(_ExactInference):
     def __init__(self, *args, input_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_quantizer = input_quantizer
-        self.bias_step = None  # set by snap_biases: the int32 step, float64, per channel
+        # Set by snap_biases on the reference copy: the step of the int32 accumulator as the
+        # runtimes hold it (input step x weight step, multiplied in float32), the exact product
+        # the float64 sum comes in, and the step of the quantizer after the layer.
+        self.accumulator_step = None
+        self.exact_step = None
+        self.output_step = None
 
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
 
-    def exact_bias(self, bias):
-        """`bias` (float64) as the runtimes hold it: an int32 code times the step, which float32
-        cannot hold exactly (a code of many bits times a step of 30)."""
-        if self.bias_step is None:
-            return bias
-        step = ops.convert_to_tensor(self.bias_step, "float64")
-        return ops.where(step > 0, ops.round(bias / ops.where(step > 0, step, 1.0)) * step, bias)
+    def accumulated(self, outputs, bias):
+        """The float64 sum `outputs` and `bias` as the runtimes hold them: the sum an integer
+        times the accumulator step, and the bias its int32 code times that step (float32 can
+        hold neither exactly)."""
+        if self.accumulator_step is None:
+            return outputs + bias if bias is not None else outputs
+        step = ops.convert_to_tensor(self.accumulator_step, "float64")
+        outputs = outputs * ops.convert_to_tensor(self.accumulator_step / self.exact_step)
+        if bias is None:
+            return outputs
+        return outputs + ops.round(bias / step) * step
+
+    def requantized(self, outputs):
+        """`outputs` (float64) rounded to the next quantizer's grid here, as the runtimes'
+        requantization does, before float32 could round a value across a midpoint (the
+        quantizer after it then finds each value on its grid already)."""
+        if self.output_step is None:
+            return outputs
+        return ops.round(outputs / self.output_step) * self.output_step
 
     def as_float_layer(self, base):
         """A `base` layer (its float class) with this layer's config."""
@@ -162,7 +179,7 @@ class QuantizedConv2D(_ReadsQuantized, layers.Conv2D):
 
         def conv(x, kernel, *bias):
             outputs = layers.Conv2D.convolution_op(self, x, kernel)
-            return outputs + self.exact_bias(bias[0]) if bias else outputs
+            return self.requantized(self.accumulated(outputs, bias[0] if bias else None))
 
         bias = [self.bias] if self.use_bias else []
         outputs = _in_float64(conv, inputs, quantize_weights(self.kernel), *bias)
@@ -191,7 +208,9 @@ class QuantizedDense(_ReadsQuantized, layers.Dense):
         kernel = quantize_weights(self.kernel, per_channel=False)
         bias = [self.bias] if self.use_bias else []
         if self.computes_exactly(training):
-            exact = lambda x, kernel, *bias: dense(x, kernel, *map(self.exact_bias, bias))
+            exact = lambda x, kernel, *bias: self.requantized(
+                self.accumulated(ops.matmul(x, kernel), bias[0] if bias else None)
+            )
             outputs = _in_float64(exact, inputs, kernel, *bias)
         else:
             outputs = dense(inputs, kernel, *bias)
@@ -374,10 +393,12 @@ def fused(qat):
 
 
 def snap_biases(qat, exact_inference=True):
-    """`qat` (made deploy form by `fused`) with each quantized layer's bias rounded to the int32
-    grid the runtimes keep it on (step: its input's step x its weight step per channel), so the
-    model computes what they compute to the last step; a copy, `qat` is left as it is.
-    exact_inference=False: its inference sums in float32, the graph the TFLite converter reads."""
+    """`qat` (made deploy form by `fused`) computing as the runtimes do, to the last step: each
+    quantized layer's sum and bias on the int32 grid they keep them on (step: its input's step x
+    its weight step per channel, a float32 product as TFLite and onnxruntime compute it), and
+    its output rounded to the next quantizer's grid in float64 (`requantized`). A copy; `qat`
+    is left as it is. exact_inference=False: its inference sums in float32, the graph the
+    TFLite converter reads."""
     twin = fused(qat)
     copy = keras.models.clone_model(twin)
     copy.set_weights(twin.get_weights())
@@ -385,18 +406,23 @@ def snap_biases(qat, exact_inference=True):
     for layer in copy.layers:
         if isinstance(layer, _ExactInference):
             layer.exact_inference = exact_inference
-        if not isinstance(layer, (QuantizedConv2D, QuantizedDense)) or not layer.use_bias:
+        if not isinstance(layer, (QuantizedConv2D, QuantizedDense)):
             continue
+        after = _quantizer_after(layer)
+        if after is not None:
+            layer.output_step = after.grid().step
         if layer.input_quantizer not in grids:
             continue
-        kernel, bias = layer.get_weights()
-        per_channel = isinstance(layer, QuantizedConv2D)
-        axes = tuple(range(kernel.ndim - 1)) if per_channel else None
+        kernel, *bias = layer.get_weights()
+        axes = tuple(range(kernel.ndim - 1)) if isinstance(layer, QuantizedConv2D) else None
         weight_step = grid_step(np.abs(kernel).max(axis=axes), 127)  # as quantize_weights
-        step = grids[layer.input_quantizer].step * keras.ops.convert_to_numpy(weight_step)
-        snapped = np.round(bias / np.where(step > 0, step, 1.0)) * step
-        layer.set_weights([kernel, np.where(step > 0, snapped, bias).astype(bias.dtype)])
-        layer.bias_step = step
+        weight_step = keras.ops.convert_to_numpy(weight_step)
+        input_step = np.float32(grids[layer.input_quantizer].step)
+        exact = np.float64(input_step) * weight_step.astype(np.float64)
+        step = (input_step * weight_step).astype(np.float64)  # as TFLite and onnxruntime
+        layer.accumulator_step, layer.exact_step = step, exact
+        if bias:
+            layer.set_weights([kernel, (np.round(bias[0] / step) * step).astype(bias[0].dtype)])
     return copy
 
 
