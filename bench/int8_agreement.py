@@ -89,7 +89,7 @@ def qat_variants(qat, calibration, workdir):
         qdq = runners.onnxruntime(
             onnx_file(qat, workdir, nchw=True, int8=True, calibration=calibration)
         )
-        yield "QAT onnxruntime QDQ (symmetric)", lambda x: qdq(np.transpose(x, (0, 3, 1, 2)))
+        yield "QAT onnxruntime QDQ", lambda x: qdq(np.transpose(x, (0, 3, 1, 2)))
         ir = openvino.convert(qat, f"{workdir}/qat_openvino", "int8", calibration)
         yield "QAT OpenVINO int8", lambda x: openvino.run(os.path.dirname(ir), x, "int8")
 
