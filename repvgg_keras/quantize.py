@@ -112,11 +112,10 @@ def fused(qat):
 
 def snap_biases(qat, exact_inference=True):
     """`qat` (made deploy form by `fused`) computing as the runtimes do, to the last step: each
-    quantized layer's sum and bias on the int32 grid they keep them on (step: its input's step x
-    its weight step per channel, a float32 product as TFLite and onnxruntime compute it), and
-    its output rounded to the next quantizer's grid in float64 (`requantized`). A copy; `qat`
-    is left as it is. exact_inference=False: its inference sums in float32, the graph the
-    TFLite converter reads."""
+    quantized layer's bias on the int32 grid the converters put it on, and its sum requantized
+    onto the next quantizer's grid with the runtimes' own float32 arithmetic
+    (`ReadsQuantized.requantized`). A copy; `qat` is left as it is. exact_inference=False: its
+    inference sums in float32, the graph the TFLite converter reads."""
     twin = fused(qat)
     copy = keras.models.clone_model(twin)
     copy.set_weights(twin.get_weights())
@@ -126,21 +125,23 @@ def snap_biases(qat, exact_inference=True):
             layer.exact_inference = exact_inference
         if not isinstance(layer, (QuantizedConv2D, QuantizedDense)):
             continue
-        after = _quantizer_after(layer)
-        if after is not None:
-            layer.output_step = after.grid().step
         if layer.input_quantizer not in grids:
             continue
         kernel, *bias = layer.get_weights()
         axes = tuple(range(kernel.ndim - 1)) if isinstance(layer, QuantizedConv2D) else None
-        weight_step = grid_step(np.abs(kernel).max(axis=axes), 127)  # as quantize_weights
-        weight_step = keras.ops.convert_to_numpy(weight_step)
+        weight_step = keras.ops.convert_to_numpy(grid_step(np.abs(kernel).max(axis=axes), 127))
         input_step = np.float32(grids[layer.input_quantizer].step)
-        exact = np.float64(input_step) * weight_step.astype(np.float64)
-        step = (input_step * weight_step).astype(np.float64)  # as TFLite and onnxruntime
-        layer.accumulator_step, layer.exact_step = step, exact
+        bias_step = input_step * weight_step  # float32, as the converters compute it
+        layer.bias_step = bias_step.astype(np.float64)
+        layer.accumulator_step = np.float64(input_step) * weight_step.astype(np.float64)
+        after = _quantizer_after(layer)
+        if after is not None:
+            output_step = np.float32(after.grid().step)
+            layer.requantize_scale = bias_step / output_step  # float32, as the runtimes
+            layer.output_step = float(output_step)
         if bias:
-            layer.set_weights([kernel, (np.round(bias[0] / step) * step).astype(bias[0].dtype)])
+            snapped = np.round(bias[0] / layer.bias_step) * layer.bias_step
+            layer.set_weights([kernel, snapped.astype(bias[0].dtype)])
     return copy
 
 

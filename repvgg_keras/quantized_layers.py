@@ -110,35 +110,33 @@ class ReadsQuantized(ExactInference):
     def __init__(self, *args, input_quantizer=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.input_quantizer = input_quantizer
-        # Set by snap_biases on the reference copy: the step of the int32 accumulator as the
-        # runtimes hold it (input step x weight step, multiplied in float32), the exact product
-        # the float64 sum comes in, and the step of the quantizer after the layer.
+        # Set by snap_biases on the reference copy (see `requantized`).
+        self.bias_step = None
         self.accumulator_step = None
-        self.exact_step = None
+        self.requantize_scale = None
         self.output_step = None
 
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
 
-    def accumulated(self, outputs, bias):
-        """The float64 sum `outputs` and `bias` as the runtimes hold them: the sum an integer
-        times the accumulator step, and the bias its int32 code times that step (float32 can
-        hold neither exactly)."""
+    def requantized(self, outputs, bias):
+        """The float64 sum `outputs` (exact: int8 products) plus `bias`, as the runtimes compute
+        it. Their int32 accumulator counts in `accumulator_step` (input step x weight step) and
+        the bias joins it as the code the converters give it (its value over `bias_step`, that
+        product in float32); XNNPACK (TFLite) and onnxruntime then multiply the accumulator, in
+        float32, by `requantize_scale` (input step x weight step / output step, in float32) and
+        round half to even onto the next quantizer's grid (`output_step`). Without these (a model
+        `snap_biases` has not prepared): the float64 sum plus the bias."""
         if self.accumulator_step is None:
             return outputs + bias if bias is not None else outputs
-        step = ops.convert_to_tensor(self.accumulator_step, "float64")
-        outputs = outputs * ops.convert_to_tensor(self.accumulator_step / self.exact_step)
-        if bias is None:
-            return outputs
-        return outputs + ops.round(bias / step) * step
-
-    def requantized(self, outputs):
-        """`outputs` (float64) rounded to the next quantizer's grid here, as the runtimes'
-        requantization does, before float32 could round a value across a midpoint (the
-        quantizer after it then finds each value on its grid already)."""
-        if self.output_step is None:
-            return outputs
-        return ops.round(outputs / self.output_step) * self.output_step
+        total = ops.round(outputs / ops.convert_to_tensor(self.accumulator_step, "float64"))
+        if bias is not None:
+            total = total + ops.round(bias / ops.convert_to_tensor(self.bias_step, "float64"))
+        if self.requantize_scale is None:
+            return total * ops.convert_to_tensor(self.accumulator_step, "float64")
+        scale = ops.convert_to_tensor(self.requantize_scale, "float32")
+        codes = ops.round(ops.cast(total, "float32") * scale)
+        return ops.cast(codes, "float64") * self.output_step
 
     def as_float_layer(self, base):
         """A `base` layer (its float class) with this layer's config."""
@@ -161,7 +159,7 @@ class QuantizedConv2D(ReadsQuantized, layers.Conv2D):
 
         def conv(x, kernel, *bias):
             outputs = layers.Conv2D.convolution_op(self, x, kernel)
-            return self.requantized(self.accumulated(outputs, bias[0] if bias else None))
+            return self.requantized(outputs, bias[0] if bias else None)
 
         bias = [self.bias] if self.use_bias else []
         outputs = _in_float64(conv, inputs, quantize_weights(self.kernel), *bias)
@@ -191,7 +189,7 @@ class QuantizedDense(ReadsQuantized, layers.Dense):
         bias = [self.bias] if self.use_bias else []
         if self.computes_exactly(training):
             exact = lambda x, kernel, *bias: self.requantized(
-                self.accumulated(ops.matmul(x, kernel), bias[0] if bias else None)
+                ops.matmul(x, kernel), bias[0] if bias else None
             )
             outputs = _in_float64(exact, inputs, kernel, *bias)
         else:
