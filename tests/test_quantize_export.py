@@ -270,6 +270,24 @@ def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(t
         assert np.median(np.abs(got - expected)) < step
 
 
+def test_the_reference_gives_the_tflite_and_onnx_files_own_logits(tmp_path):
+    """The model the exporters verify against (`snap_biases`) requantizes as XNNPACK and
+    onnxruntime do (float32 scale, ties to even): on a 21-conv model the int8 files' logits equal
+    its own on every image, not merely their top-1 (float64 rounding instead left every image
+    a step off somewhere)."""
+    spec = rk.RepVGGSpec("deeper", num_blocks=(2, 3, 4, 1), width_multipliers=(0.5, 0.5))
+    model = randomize_batchnorm(rk.RepVGG(spec, input_shape=(64, 64, 3), classes=10), seed=5)
+    images = np.random.default_rng(0).normal(size=(64, 64, 64, 3)).astype("float32")
+    qat = rk.quantize_aware(model, images[:16])
+    expected = np.asarray(rk.quantize.snap_biases(qat).predict(images, verbose=0))
+    got_tflite = runners.tflite(tflite.convert(qat, "int8"))(images)
+    qdq = onnx_file(qat, str(tmp_path), nchw=True, int8=True, calibration=images[:16])
+    got_onnx = runners.onnxruntime(qdq)(np.transpose(images, (0, 3, 1, 2)))
+    bound = 1e-5 * np.abs(expected).max()
+    for got in (got_tflite, got_onnx):
+        assert (np.abs(got - expected).max(axis=-1) <= bound).all()
+
+
 def test_a_refused_tflite_qat_file_pooling_in_float_names_the_paths_that_follow_its_pool():
     """A QAT model that averages in float over more than one cell: TFLite int8 pools on the last
     activation's grid, and the refusal says so instead of blaming calibration."""
