@@ -15,6 +15,13 @@ MIN_INT8_AGREEMENT = PRECISIONS["int8"].min_agreement
 MIN_QAT_AGREEMENT = 0.998
 INT8_PERCENTILE = 99
 INT8_HINT_BELOW = 0.995  # top-1 agreement under which an int8 export suggests QARepVGG training
+# A QAT model's export runs its integer graph with the runtime's own requantization arithmetic:
+# where one value lies at a rounding midpoint, an image near a tie can change its answer.
+QAT_REMEDY = (
+    "The export runs the quantization-aware model's int8 graph with the runtime's own rounding, "
+    "which can turn an image whose top classes nearly tie: measure on more images "
+    "(--verify_count 200), or set the floor with --min_agreement."
+)
 INT8_REMEDIES = (
     "calibrate on more images like the real inputs (--calibration_data, --calibration_count), "
     "train with `python -m train --quant_friendly` (QARepVGG blocks) if this model was not, or "

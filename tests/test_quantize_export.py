@@ -151,6 +151,36 @@ def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tm
     assert not (tmp_path / "every_op").exists()
 
 
+def test_a_refused_qat_export_gets_advice_for_a_qat_model(qat_files, images, tmp_path):
+    """A QAT model's export differs from it only where the runtime rounds a tie its own way: the
+    refusal says so and how to measure more, not to calibrate or retrain with QARepVGG."""
+    from export import atomic, verify
+
+    qat = rk.quantize.snap_biases(keras.models.load_model(qat_files["convolutions"]))
+    logits = np.asarray(qat(images[:16]))
+    flipped = logits.copy()
+    flipped[0] = logits[0][::-1]  # one image of 16 changes its answer
+
+    def write(staged):
+        with open(staged, "w") as f:
+            f.write("x")
+
+    output = tmp_path / "x.bin"
+    with pytest.raises(verify.VerificationError) as refused:
+        atomic.verified_export(
+            str(output),
+            write,
+            lambda staged: [("x.bin", flipped, None)],
+            qat,
+            images[:16],
+            precision="int8",
+            min_agreement=verify.MIN_QAT_AGREEMENT,
+        )
+    message = str(refused.value)
+    assert "--verify_count" in message and "--min_agreement" in message
+    assert "quant_friendly" not in message and not output.exists()
+
+
 @pytest.mark.parametrize("form", ["convolutions", "training", "symmetric"])
 def test_onnx_qdq_of_a_qat_model_holds_the_learned_grids(qat_files, images, tmp_path, form):
     """Zero point 0 everywhere; a ReLU's output uint8 (the default, unsigned grids) or int8
