@@ -60,12 +60,6 @@ class Grid:
         """(lowest, highest) integer code."""
         return (0, 255) if self.unsigned else (-127, 127)
 
-    @property
-    def range(self):
-        """(lowest, highest) value on the grid."""
-        low, high = self.codes
-        return low * self.step, high * self.step
-
 
 def quantize_weights(kernel, per_channel=True):
     """`kernel` on the symmetric int8 grid the runtimes use: [-127, 127] x max|w| / 127, per
