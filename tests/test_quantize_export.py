@@ -302,7 +302,7 @@ def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(t
 
 def test_the_reference_gives_the_tflite_and_onnx_files_own_logits(tmp_path):
     """The model the exporters verify against (`snap_biases`) requantizes as XNNPACK and
-    onnxruntime do (float32 scale, ties to even): on a 21-conv model the int8 files' logits equal
+    onnxruntime do (float32 scale, ties to even): on an 11-conv model the int8 files' logits equal
     its own on every image, not merely their top-1 (float64 rounding instead left every image
     a step off somewhere)."""
     spec = rk.RepVGGSpec("deeper", num_blocks=(2, 3, 4, 1), width_multipliers=(0.5, 0.5))
