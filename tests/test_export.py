@@ -214,7 +214,7 @@ def test_tflite_precisions(tmp_path, models, pixels, name, quantize, max_rel, mi
         output,
         quantize=quantize,
         verify_inputs=inputs,
-        calibration=_inputs(images.load_images("fashion_mnist", 96, SIZE, SIZE)[32:]),
+        calibration=_inputs(images.load_images("fashion_mnist", 56, SIZE, SIZE)[32:]),
         reference=model,
         min_agreement=min_top1,  # random weights: near-ties, so int8 keeps less than trained ones
     )
