@@ -421,6 +421,16 @@ def check_fused():
         )
 
 
+def check_onednn_for_int8():
+    """--precision int8 where oneDNN is off cannot run its int8 graph: refuse before the model is
+    loaded and calibrated (the graph's own check, `check_runs_here`, would say so later)."""
+    if FLAGS.precision == "int8" and not compat.onednn_enabled():
+        raise ValueError(
+            "--precision int8 runs oneDNN's int8 kernels, and TensorFlow's oneDNN is off in this "
+            f"process: {savedmodel_int8.ONEDNN_HINT}."
+        )
+
+
 def main(argv):
     del argv
     version_dir = os.path.join(FLAGS.export_dir, str(FLAGS.version))
@@ -435,7 +445,7 @@ def main(argv):
         if FLAGS["precision"].present
         else "the default: serves alike on every machine; --precision for others",
     )
-    checks = [check_serving_flags, check_fused, cli.check_calibration_flags]
+    checks = [check_serving_flags, check_fused, check_onednn_for_int8, cli.check_calibration_flags]
     return cli.run_exporter(export, version_dir, checks=checks)
 
 
