@@ -42,6 +42,7 @@ from repvgg_keras.quantized_layers import (
     ReadsQuantized,
     grid_step,
     quantize_weights,
+    weight_step,
 )
 
 __all__ = [
@@ -128,12 +129,12 @@ def snap_biases(qat, exact_inference=True):
         if layer.input_quantizer not in grids:
             continue
         kernel, *bias = layer.get_weights()
-        axes = tuple(range(kernel.ndim - 1)) if isinstance(layer, QuantizedConv2D) else None
-        weight_step = keras.ops.convert_to_numpy(grid_step(np.abs(kernel).max(axis=axes), 127))
+        per_channel = isinstance(layer, QuantizedConv2D)  # as each layer quantizes its kernel
+        weights = keras.ops.convert_to_numpy(weight_step(kernel, per_channel))
         input_step = np.float32(grids[layer.input_quantizer].step)
-        bias_step = input_step * weight_step  # float32, as the converters compute it
+        bias_step = input_step * weights  # float32, as the converters compute it
         layer.bias_step = bias_step.astype(np.float64)
-        layer.accumulator_step = np.float64(input_step) * weight_step.astype(np.float64)
+        layer.accumulator_step = np.float64(input_step) * weights.astype(np.float64)
         after = _quantizer_after(layer)
         if after is not None:
             output_step = np.float32(after.grid().step)

@@ -58,14 +58,25 @@ class Grid:
     @property
     def codes(self):
         """(lowest, highest) integer code."""
-        return (0, 255) if self.unsigned else (-127, 127)
+        return codes(self.unsigned)
+
+
+def codes(unsigned):
+    """(lowest, highest) integer code of an unsigned or a symmetric (narrow-range) int8 grid."""
+    return (0, 255) if unsigned else (-127, 127)
+
+
+def weight_step(kernel, per_channel=True):
+    """The step of `kernel`'s symmetric int8 grid: max|w| / 127 per output channel (the last
+    axis) or per tensor, kept to STEP_BITS bits."""
+    axes = tuple(range(len(kernel.shape) - 1)) if per_channel else None
+    return grid_step(ops.max(ops.abs(kernel), axis=axes), 127)
 
 
 def quantize_weights(kernel, per_channel=True):
     """`kernel` on the symmetric int8 grid the runtimes use: [-127, 127] x max|w| / 127, per
     output channel (the last axis) or per tensor."""
-    axes = tuple(range(len(kernel.shape) - 1)) if per_channel else None
-    step = grid_step(ops.max(ops.abs(kernel), axis=axes), 127)
+    step = weight_step(kernel, per_channel)
     return _symmetric_fake_quant(kernel, step, axis=-1 if per_channel else None)
 
 
@@ -222,7 +233,7 @@ class ActivationQuantizer(ExactInference, layers.Layer):
         )
 
     def step(self):
-        return grid_step(ops.abs(self.range), 255 if self.unsigned else 127)
+        return grid_step(ops.abs(self.range), codes(self.unsigned)[1])
 
     def grid(self):
         """The learned Grid: what an int8 exporter writes for this tensor."""
@@ -234,7 +245,7 @@ class ActivationQuantizer(ExactInference, layers.Layer):
             if self.unsigned:
                 return _unsigned_fake_quant(inputs, step)
             return _symmetric_fake_quant(inputs, step)
-        low, high = (0, 255) if self.unsigned else (-127, 127)
+        low, high = codes(self.unsigned)
         # float32 division, as onnxruntime's QuantizeLinear; ties to even, as it rounds; the
         # code times the step is exact in float32 (STEP_BITS)
         return ops.clip(ops.round(inputs / step), low, high) * step
