@@ -68,23 +68,45 @@ def variants(deploy, calibration, workdir):
     yield "onnxruntime QDQ, every op", lambda x, run=run: run(nchw(x))
 
 
+# Each QAT export and the runtime whose arithmetic its reference computes in
+# (rk.quantize.ROUNDINGS), as the exporters verify it.
+QAT_RUNTIMES = {
+    "QAT TFLite --quantize int8": "tflite",
+    "QAT TFLite --quantize int8_full": "tflite",
+    "QAT SavedModel --precision int8": "tensorflow",
+    "QAT onnxruntime QDQ": "onnxruntime",
+    "QAT OpenVINO int8": "openvino",
+}
+
+
+def qat_reference_name(runtime):
+    """The row of the QAT Keras model computing with `runtime`'s arithmetic."""
+    return {
+        "openvino": "QAT (Keras, OpenVINO's rounding)",
+        "tensorflow": "QAT (Keras, TensorFlow's rounding)",
+    }.get(runtime, "QAT (Keras)")
+
+
 def qat_variants(qat, calibration, workdir):
-    """(name, function) for the QAT Keras model and its int8 exports."""
+    """(name, function) for the QAT Keras model (in each runtime's arithmetic) and its int8
+    exports."""
     import repvgg_keras as rk
     from export import openvino, runners, tflite
     from export.onnx import onnx_file
 
     scope = rk.quantize_scope(qat)
     quantize = {"convolutions": "int8", "every_op": "int8_full"}[scope]
-    snapped = rk.quantize.snap_biases(qat)  # what the exporters verify against
-    yield "QAT (Keras)", lambda x: np.asarray(snapped.predict(x, verbose=0))
+    runtimes = ("tflite", "tensorflow", "openvino") if scope == "convolutions" else ("tflite",)
+    for runtime in runtimes:  # what the exporters verify against
+        snapped = rk.quantize.snap_biases(qat, runtime=runtime)
+        yield qat_reference_name(runtime), lambda x, m=snapped: np.asarray(m.predict(x, verbose=0))
     yield f"QAT TFLite --quantize {quantize}", runners.tflite(tflite.convert(qat, quantize))
     if scope == "convolutions":
         import tensorflow as tf
 
         from export import savedmodel
 
-        int8_graph = savedmodel.int8_function(snapped, calibration)
+        int8_graph = savedmodel.int8_function(rk.quantize.snap_biases(qat), calibration)
         yield "QAT SavedModel --precision int8", lambda x: int8_graph(tf.constant(x)).numpy()
         qdq = runners.onnxruntime(
             onnx_file(qat, workdir, nchw=True, int8=True, calibration=calibration)
@@ -162,15 +184,18 @@ def main(argv):
     if FLAGS.qat_file:
         from export.verify import top1_agreement
 
-        qat = np.concatenate(outputs["QAT (Keras)"])
         print(
-            "\n| QAT export | top-1 agreement with the QAT Keras model (a tie of its int8 "
-            "logits: either class) |\n|---|---|"
+            "\n| QAT export | top-1 agreement with the QAT Keras model computing as its runtime "
+            "(what the exporter verifies) | with the QAT Keras model computing as TFLite |"
+            "\n|---|---|---|"
         )
-        for name, chunks in outputs.items():
-            if name.startswith("QAT ") and name != "QAT (Keras)":
-                agreement = top1_agreement(np.concatenate(chunks), qat)
-                print(f"| {name} | {agreement:.4f} |", flush=True)
+        default = np.concatenate(outputs[qat_reference_name("tflite")])
+        for name, runtime in QAT_RUNTIMES.items():
+            if name in outputs:
+                got = np.concatenate(outputs[name])
+                own = np.concatenate(outputs[qat_reference_name(runtime)])
+                agreements = (top1_agreement(got, own), top1_agreement(got, default))
+                print(f"| {name} | {agreements[0]:.4f} | {agreements[1]:.4f} |", flush=True)
     return 0
 
 

@@ -144,9 +144,10 @@ def check_preprocessing(channels, what):
         ) from None
 
 
-def run_exporter(export, output=None, checks=()):
+def run_exporter(export, output=None, checks=(), runtime="tflite"):
     """Shared CLI body: check the flags (`checks`: more callables raising ValueError) and the
-    `output` path, load the model from flags and the verification images, call
+    `output` path, load the model from flags and the verification images (`runtime`: the int8
+    runtime whose arithmetic a QAT model's reference computes in, rk.quantize.ROUNDINGS), call
     `export(shipped, reference, to_input, pixels)` (which returns its verification Report(s));
     turn the expected failures into one `error:` line and exit status 1. The last line printed
     is the `verified:` verdict."""
@@ -162,7 +163,7 @@ def run_exporter(export, output=None, checks=()):
             raise ValueError(one_class_error(f"--weights {FLAGS.weights} has one class"))
         _, height, width, channels = model.input_shape
         check_preprocessing(channels, f"--weights {FLAGS.weights}")
-        shipped, reference, to_input = loading.prepare_from_flags(model)
+        shipped, reference, to_input = loading.prepare_from_flags(model, runtime)
         pixels = load_counted_images(
             FLAGS.verify_images,
             FLAGS.verify_count,

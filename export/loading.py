@@ -214,17 +214,19 @@ def int8_requested():
     return precisions.of_quantize(quantize) == "int8" or precision == "int8"
 
 
-def prepare_from_flags(model):
+def prepare_from_flags(model, runtime="tflite"):
     """(model to ship, Keras reference, pixels -> model-input function) from the flags.
 
     A quantization-aware model (rk.quantize_aware) ships as it is for int8, verified against
-    itself; a float export ships and verifies its float form (weights on the int8 grid)."""
+    itself computing with `runtime`'s arithmetic (rk.quantize.ROUNDINGS: each int8 runtime
+    rounds its own way, and a deep model carries one step apart on); a float export ships and
+    verifies its float form (weights on the int8 grid)."""
     kwargs = dict(include_preprocessing=FLAGS.include_preprocessing, mode=FLAGS.preprocessing)
     if rk.is_quantize_aware(model):
         if not int8_requested():
             model = rk.to_deploy(model)
         else:  # its biases on the runtimes' int32 grid: the reference computes what they do
-            model = rk.quantize.snap_biases(model)
+            model = rk.quantize.snap_biases(model, runtime=runtime)
             if "min_agreement" in FLAGS and not FLAGS["min_agreement"].present:
                 FLAGS.min_agreement = verify.MIN_QAT_AGREEMENT
         qat = prepare(model, fuse=False, **kwargs)

@@ -259,7 +259,7 @@ def main(argv):
     del argv
     export = cli.exporter(export_onnx, opset=FLAGS.opset, nchw=FLAGS.nchw)
     checks = [lambda: check_opset(FLAGS.opset), cli.check_calibration_flags]
-    return cli.run_exporter(export, FLAGS.output, checks=checks)
+    return cli.run_exporter(export, FLAGS.output, checks=checks, runtime="onnxruntime")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,7 @@ def main(argv):
         cli.check_calibration_flags,
         cli.refuse_segmentation("export.openvino"),
     ]
-    return cli.run_exporter(export, FLAGS.output, checks=checks)
+    return cli.run_exporter(export, FLAGS.output, checks=checks, runtime="openvino")
 
 
 if __name__ == "__main__":

@@ -446,7 +446,7 @@ def main(argv):
         else "the default: serves alike on every machine; --precision for others",
     )
     checks = [check_serving_flags, check_fused, check_onednn_for_int8, cli.check_calibration_flags]
-    return cli.run_exporter(export, version_dir, checks=checks)
+    return cli.run_exporter(export, version_dir, checks=checks, runtime="tensorflow")
 
 
 if __name__ == "__main__":

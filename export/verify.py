@@ -10,17 +10,17 @@ from export.precisions import PRECISIONS
 # Each precision's acceptance rule and its default bounds: export/precisions.py.
 TOLERANCES = {name: precision.tolerance for name, precision in PRECISIONS.items()}
 MIN_INT8_AGREEMENT = PRECISIONS["int8"].min_agreement
-# A quantization-aware model (rk.quantize_aware) already computes in int8: its export must
-# keep its top-1 nearly everywhere (the rest: ties broken by the runtime's own rounding).
+# A quantization-aware model (rk.quantize_aware) already computes in int8, with the arithmetic of
+# the runtime it is exported to (rk.quantize.ROUNDINGS): its export keeps its top-1 everywhere
+# unless that runtime rounds differently (another version, another CPU kernel).
 MIN_QAT_AGREEMENT = 0.998
 INT8_PERCENTILE = 99
 INT8_HINT_BELOW = 0.995  # top-1 agreement under which an int8 export suggests QARepVGG training
-# A QAT model's export runs its integer graph with the runtime's own requantization arithmetic:
-# where one value lies at a rounding midpoint, an image near a tie can change its answer.
 QAT_REMEDY = (
-    "The export runs the quantization-aware model's int8 graph with the runtime's own rounding, "
-    "which can turn an image whose top classes nearly tie: measure on more images "
-    "(--verify_count 200), or set the floor with --min_agreement."
+    "The quantization-aware model computes as this runtime's int8 kernels were measured to "
+    "compute (rk.quantize.ROUNDINGS); this runtime rounds some values its own way (another "
+    "version, or another CPU's kernels), which turns images whose top classes nearly tie: "
+    "measure on more images (--verify_count 200), or set the floor with --min_agreement."
 )
 INT8_REMEDIES = (
     "calibrate on more images like the real inputs (--calibration_data, --calibration_count), "

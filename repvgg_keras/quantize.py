@@ -33,6 +33,7 @@ from repvgg_keras.layers import RepVGGBlock, all_layers
 from repvgg_keras.quantized_layers import (
     MIN_RANGE,
     QUANTIZED_LAYERS,
+    ROUNDINGS,
     ActivationQuantizer,
     ExactInference,
     Grid,
@@ -54,6 +55,7 @@ __all__ = [
     "QuantizedConv2D",
     "QuantizedDense",
     "QuantizedRepVGGBlock",
+    "ROUNDINGS",
     "activation_grids",
     "conv_grids",
     "fused",
@@ -111,12 +113,16 @@ def fused(qat):
     return keras.models.clone_model(qat, clone_function=lambda layer: layer, call_function=call)
 
 
-def snap_biases(qat, exact_inference=True):
-    """`qat` (made deploy form by `fused`) computing as the runtimes do, to the last step: each
+def snap_biases(qat, exact_inference=True, runtime="tflite"):
+    """`qat` (made deploy form by `fused`) computing as `runtime` does, to the last step: each
     quantized layer's bias on the int32 grid the converters put it on, and its sum requantized
-    onto the next quantizer's grid with the runtimes' own float32 arithmetic
-    (`ReadsQuantized.requantized`). A copy; `qat` is left as it is. exact_inference=False: its
-    inference sums in float32, the graph the TFLite converter reads."""
+    onto the next quantizer's grid with that runtime's own float32 arithmetic (`ROUNDINGS`:
+    "tflite" and "onnxruntime", "openvino", "tensorflow"; `ReadsQuantized.requantized`). A copy;
+    `qat` is left as it is. exact_inference=False: its inference sums in float32, the graph the
+    TFLite converter reads."""
+    if runtime not in ROUNDINGS:
+        raise ValueError(f"Unknown int8 runtime {runtime!r}: choose one of {', '.join(ROUNDINGS)}.")
+    rounding = ROUNDINGS[runtime]
     twin = fused(qat)
     copy = keras.models.clone_model(twin)
     copy.set_weights(twin.get_weights())
@@ -124,6 +130,7 @@ def snap_biases(qat, exact_inference=True):
     for layer in copy.layers:
         if isinstance(layer, ExactInference):
             layer.exact_inference = exact_inference
+            layer.rounding = rounding
         if not isinstance(layer, (QuantizedConv2D, QuantizedDense)):
             continue
         if layer.input_quantizer not in grids:

@@ -61,6 +61,44 @@ class Grid:
         return codes(self.unsigned)
 
 
+@dataclasses.dataclass(frozen=True)
+class Rounding:
+    """How an int8 runtime computes the roundings that set its codes, in float32 and half to
+    even (found by comparing each of its int8 tensors with candidate formulas).
+
+    `requantize`, a convolution's int32 sum onto the next grid: "integer" ((sum + bias code) x
+    float32(in step x weight step / out step): XNNPACK, onnxruntime) or "dequantized" (sum x
+    float32(in step x weight step), plus the float bias, x float32(1 / out step): oneDNN, in
+    TensorFlow and OpenVINO). `quantize`, a float tensor onto a grid: "divide" (x / step), "reciprocal"
+    (x x float32(1 / step)) or "scale_shift" (x x float32(1 / step) + the code of zero in one
+    fused multiply-add: OpenVINO's FakeQuantize). `symmetric_floor`: the lowest code of a
+    symmetric grid's tensor: int8's -128, where the runtime saturates, or -127 (TensorFlow's
+    narrow-range QuantizeV2)."""
+
+    requantize: str = "integer"
+    quantize: str = "divide"
+    symmetric_floor: int = -128
+
+
+# The runtime each exporter verifies in (`snap_biases(..., runtime=)`).
+ROUNDINGS = {
+    "tflite": Rounding("integer", "divide"),
+    "onnxruntime": Rounding("integer", "divide"),
+    "openvino": Rounding("dequantized", "scale_shift"),
+    "tensorflow": Rounding("dequantized", "reciprocal", symmetric_floor=-127),
+}
+
+
+def _float32(value):
+    """`value` (float64: an exact product or sum of two float32 numbers) rounded to float32 as a
+    float32 operation rounds it, whatever the compiler fuses."""
+    return ops.cast(value, "float32")
+
+
+def _wide(tensor):
+    return ops.cast(tensor, "float64")
+
+
 def codes(unsigned):
     """(lowest, highest) integer code of an unsigned or a symmetric (narrow-range) int8 grid."""
     return (0, 255) if unsigned else (-127, 127)
@@ -120,6 +158,7 @@ class ReadsQuantized(ExactInference):
         self.accumulator_step = None
         self.requantize_scale = None
         self.output_step = None
+        self.rounding = Rounding()  # the runtime's, set by snap_biases
 
     def get_config(self):
         return {**super().get_config(), "input_quantizer": self.input_quantizer}
@@ -128,19 +167,26 @@ class ReadsQuantized(ExactInference):
         """The float64 sum `outputs` (exact: int8 products) plus `bias`, as the runtimes compute
         it. Their int32 accumulator counts in `accumulator_step` (input step x weight step) and
         the bias joins it as the code the converters give it (its value over `bias_step`, that
-        product in float32); XNNPACK (TFLite) and onnxruntime then multiply the accumulator, in
-        float32, by `requantize_scale` (input step x weight step / output step, in float32) and
-        round half to even onto the next quantizer's grid (`output_step`). Without these (a model
-        `snap_biases` has not prepared): the float64 sum plus the bias."""
+        product in float32); the sum goes onto the next quantizer's grid (`output_step`) as
+        `rounding.requantize` says (`Rounding`). Without these (a model `snap_biases` has not
+        prepared): the float64 sum plus the bias."""
         if self.accumulator_step is None:
             return outputs + bias if bias is not None else outputs
         total = ops.round(outputs / ops.convert_to_tensor(self.accumulator_step, "float64"))
-        if bias is not None:
-            total = total + ops.round(bias / ops.convert_to_tensor(self.bias_step, "float64"))
-        if self.requantize_scale is None:
-            return total * ops.convert_to_tensor(self.accumulator_step, "float64")
-        scale = ops.convert_to_tensor(self.requantize_scale, "float32")
-        codes = ops.round(ops.cast(total, "float32") * scale)
+        if self.requantize_scale is None or self.rounding.requantize == "integer":
+            if bias is not None:
+                total = total + ops.round(bias / ops.convert_to_tensor(self.bias_step, "float64"))
+            if self.requantize_scale is None:
+                return total * ops.convert_to_tensor(self.accumulator_step, "float64")
+            scale = ops.convert_to_tensor(self.requantize_scale, "float32")
+            codes = ops.round(ops.cast(total, "float32") * scale)
+        else:  # "dequantized"
+            step = ops.convert_to_tensor(self.bias_step, "float64")  # a float32 value
+            value = _float32(_wide(ops.cast(total, "float32")) * step)
+            if bias is not None:
+                value = _float32(_wide(value) + bias)
+            reciprocal = np.float64(np.float32(1) / np.float32(self.output_step))
+            codes = ops.round(_float32(_wide(value) * reciprocal))
         return ops.cast(codes, "float64") * self.output_step
 
     def as_float_layer(self, base):
@@ -223,6 +269,7 @@ class ActivationQuantizer(ExactInference, layers.Layer):
         super().__init__(**kwargs)
         self.initial_range = float(initial_range)
         self.unsigned = bool(unsigned)
+        self.rounding = None  # the runtime's (`Rounding`), set by snap_biases
 
     def build(self, input_shape):
         self.range = self.add_weight(
@@ -246,9 +293,25 @@ class ActivationQuantizer(ExactInference, layers.Layer):
                 return _unsigned_fake_quant(inputs, step)
             return _symmetric_fake_quant(inputs, step)
         low, high = codes(self.unsigned)
-        # float32 division, as onnxruntime's QuantizeLinear; ties to even, as it rounds; the
-        # code times the step is exact in float32 (STEP_BITS)
-        return ops.clip(ops.round(inputs / step), low, high) * step
+        if self.rounding is not None and not self.unsigned:
+            low = self.rounding.symmetric_floor
+        scaled, zero_code = self._scaled(inputs, step)
+        # ties to even, as the runtimes round; the code times the step is exact in float32
+        return ops.clip(ops.round(scaled) - zero_code, low, high) * step
+
+    def _scaled(self, inputs, step):
+        """(`inputs` over the step, the code it counts from) in float32 as the runtime computes
+        them (`Rounding.quantize`)."""
+        quantize = self.rounding.quantize if self.rounding is not None else "divide"
+        if quantize == "divide":  # onnxruntime's QuantizeLinear, XNNPACK
+            return inputs / step, 0.0
+        reciprocal = _wide(1.0 / step)
+        if quantize == "reciprocal" or self.unsigned:
+            return _float32(_wide(inputs) * reciprocal), 0.0
+        # "scale_shift": OpenVINO's FakeQuantize maps codes -128..127 onto levels 0..255:
+        # x x float32(255 / range) + float32(128 steps x that), one rounding, less 128
+        zero_level = _float32(_wide(128.0 * step) * reciprocal)
+        return _float32(_wide(inputs) * reciprocal + _wide(zero_level)), 128.0
 
     def deploy_replacement(self):
         return None, None  # the float deploy form computes without it

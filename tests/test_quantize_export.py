@@ -295,22 +295,44 @@ def test_a_pooled_map_exports_to_every_int8_path_and_agrees_with_the_qat_model(t
         assert np.median(np.abs(got - expected)) < step
 
 
-def test_the_reference_gives_the_tflite_and_onnx_files_own_logits(tmp_path):
-    """The model the exporters verify against (`snap_biases`) requantizes as XNNPACK and
-    onnxruntime do (float32 scale, ties to even): on an 11-conv model the int8 files' logits equal
-    its own on every image, not merely their top-1 (float64 rounding instead left every image
-    a step off somewhere)."""
+def test_the_reference_gives_every_int8_files_own_logits(tmp_path):
+    """The model each exporter verifies against (`snap_biases(..., runtime=)`) rounds as that
+    runtime does (XNNPACK and onnxruntime: the int32 sum times one float32 scale; oneDNN in
+    TensorFlow and OpenVINO: the sum dequantized, the float bias added, times the reciprocal
+    step; OpenVINO's input: one fused multiply-add): on an 11-conv model every int8 file's
+    logits equal its own reference's on every image, where another runtime's reference leaves
+    some images a step off."""
+    import tensorflow as tf
+
+    from export import openvino, savedmodel
+
     spec = rk.RepVGGSpec("deeper", num_blocks=(2, 3, 4, 1), width_multipliers=(0.5, 0.5))
     model = randomize_batchnorm(rk.RepVGG(spec, input_shape=(64, 64, 3), classes=10), seed=5)
-    images = np.random.default_rng(0).normal(size=(24, 64, 64, 3)).astype("float32")
-    qat = rk.quantize_aware(model, images[:16])
-    expected = np.asarray(rk.quantize.snap_biases(qat).predict(images, verbose=0))
-    got_tflite = runners.tflite(tflite.convert(qat, "int8"))(images)
-    qdq = onnx_file(qat, str(tmp_path), nchw=True, int8=True, calibration=images[:16])
-    got_onnx = runners.onnxruntime(qdq)(np.transpose(images, (0, 3, 1, 2)))
-    bound = 1e-5 * np.abs(expected).max()
-    for got in (got_tflite, got_onnx):
-        assert (np.abs(got - expected).max(axis=-1) <= bound).all()
+    images = np.random.default_rng(0).normal(size=(48, 64, 64, 3)).astype("float32")
+    calibration = images[:16]
+    qat = rk.quantize_aware(model, calibration)
+    nchw = np.transpose(images, (0, 3, 1, 2))
+    qdq = onnx_file(qat, str(tmp_path), nchw=True, int8=True, calibration=calibration)
+    ir = openvino.convert(qat, str(tmp_path / "openvino"), "int8", calibration)
+    int8_graph = savedmodel.int8_function(rk.quantize.snap_biases(qat), calibration)
+    got = {
+        "tflite": runners.tflite(tflite.convert(qat, "int8"))(images),
+        "onnxruntime": runners.onnxruntime(qdq)(nchw),
+        "openvino": runners.openvino(ir, "int8")(nchw),
+        "tensorflow": int8_graph(tf.constant(images)).numpy(),
+    }
+    expected = {
+        runtime: np.asarray(
+            rk.quantize.snap_biases(qat, runtime=runtime).predict(images, verbose=0)
+        )
+        for runtime in got
+    }
+    bound = 1e-5 * np.abs(expected["tflite"]).max()
+    equal = lambda a, b: np.abs(a - b).max(axis=-1) <= bound
+    for runtime, logits in got.items():
+        assert equal(logits, expected[runtime]).all(), runtime
+    for runtime in ("openvino", "tensorflow"):
+        assert not equal(got[runtime], expected["tflite"]).all(), runtime
 
 
 def test_a_refused_tflite_qat_file_pooling_in_float_names_the_paths_that_follow_its_pool():
