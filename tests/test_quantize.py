@@ -261,6 +261,29 @@ def test_snapped_biases_lie_on_the_runtimes_int32_grid(model, images, form):
     assert np.abs(actual - expected).max() < 0.05 * np.abs(expected).max()
 
 
+def test_each_runtimes_reference_rounds_the_input_as_that_runtime(model, images):
+    """An input below the learned range: TFLite, onnxruntime and OpenVINO saturate at int8's -128,
+    TensorFlow's narrow-range QuantizeV2 at -127; OpenVINO scales and shifts in one fused
+    multiply-add, which rounds some values other than a division does."""
+    qat = rk.quantize_aware(model, images)
+    step = qat.get_layer("images_quant").grid().step
+    below = np.full((1, 32, 32, 3), -200 * step, np.float32)
+    quantizers = {
+        runtime: rk.quantize.snap_biases(qat, runtime=runtime).get_layer("images_quant")
+        for runtime in rk.quantize.ROUNDINGS
+    }
+    codes = lambda runtime, x: keras.ops.convert_to_numpy(quantizers[runtime](x)) / step
+    floors = {runtime: float(codes(runtime, below).min()) for runtime in quantizers}
+    assert floors == {"tflite": -128, "onnxruntime": -128, "openvino": -128, "tensorflow": -127}
+    # values a hair from a midpoint: x / step and OpenVINO's x x (1 / step) + 128 part ways
+    hair = 1 + np.float32(2**-22) * np.arange(-3, 4)[:, None]
+    near = np.resize(((np.arange(-100, 100) + 0.5) * step * hair).astype(np.float32), below.shape)
+    codes = {runtime: codes(runtime, near) for runtime in ("tflite", "openvino")}
+    assert np.any(codes["tflite"] != codes["openvino"])
+    with pytest.raises(ValueError, match="Unknown int8 runtime 'tensorrt'"):
+        rk.quantize.snap_biases(qat, runtime="tensorrt")
+
+
 def test_inference_sums_int8_products_exactly_as_the_runtimes_int32_accumulators_do():
     """8192 products of int8 codes: float32 rounds their sum, the int8 runtimes do not; the QAT
     model's inference gives the exact sum (training keeps float32 for speed)."""
