@@ -171,16 +171,40 @@ def test_ratios_pick_the_best_runtime_and_respect_agreement():
     assert found["RepVGG-A0 / ResNet-18 (timm, fp32, best layout each)"] == pytest.approx(2.5)
 
 
+BAD_ARGUMENTS = """
+import contextlib, io, json, sys
+from bench import __main__ as bench
+results = []
+for args in json.loads(sys.argv[1]):  # what `python -m bench ARGS` runs: its flags, then main()
+    bench.FLAGS.unparse_flags()
+    bench.FLAGS(["bench", *args])
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        code = bench.main([])
+    results.append((code, stderr.getvalue()))
+print(json.dumps(results))
+"""
+
+
 def test_bad_arguments_are_clear_errors():
-    for args, message in (
+    """Each refused before any work; one process for the three (each would import TensorFlow)."""
+    cases = (
         (["--models=RepVGG_Z9"], "RepVGG_Z9"),
         (["--runtimes=tensorrt"], "tensorrt"),
         (["--weights=a0.keras"], "Model=path"),
-    ):
-        done = subprocess.run(
-            [sys.executable, "-m", "bench", *args], cwd=REPO, capture_output=True, text=True
-        )
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", BAD_ARGUMENTS, json.dumps([args for args, _ in cases])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases)
+    for (args, message), (code, stderr) in zip(cases, results):
+        assert code != 0 and message in stderr, (args, stderr[-2000:])
+        assert stderr.startswith("error: "), (args, stderr[-2000:])
 
 
 @pytest.mark.slow
