@@ -88,10 +88,10 @@ def quantize_with_grids(source, target, grids, calibration_images, pools_on_grid
     zero point 0 everywhere: uint8 where a grid is unsigned (a ReLU's output: onnxruntime and
     OpenVINO fold the ReLU into the int8 conv, as for the post-training file), int8 where it is
     symmetric (the form TensorRT's explicit quantization takes); per-channel symmetric int8
-    weights, step max|w| / 127. A Relu's input (the conv output) and a Pad's output share the
-    grid of the tensor they come from, so each conv + ReLU rounds once, as the QAT model does;
-    `pools_on_grid`: a global pool's output is rounded to its input's grid too.
-    `calibration_images` only feed the quantizer's pass over the other tensors."""
+    weights, step max|w| / 127. A Relu's input (the conv output) and a Pad's or a Transpose's
+    output (an NHWC file's input, in NCHW) share the grid of the tensor they come from, so each
+    conv + ReLU rounds once, as the QAT model does; `pools_on_grid`: a global pool's output is
+    rounded to its input's grid too. `calibration_images` only feed the quantizer's pass over the other tensors."""
     import onnx
     from onnxruntime import quantization as q
 
@@ -100,7 +100,7 @@ def quantize_with_grids(source, target, grids, calibration_images, pools_on_grid
     for node in graph.node:  # topological order: a Pad after a Relu sees the Relu's grid
         if node.op_type == "Relu" and node.output[0] in grids:
             grids[node.input[0]] = grids[node.output[0]]
-        elif node.op_type == "Pad" and node.input[0] in grids:
+        elif node.op_type in ("Pad", "Transpose") and node.input[0] in grids:
             grids[node.output[0]] = grids[node.input[0]]
         elif pools_on_grid and node.op_type in POOLS and node.input[0] in grids:
             pool_grids[node.output[0]] = grids[node.input[0]]
