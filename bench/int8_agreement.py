@@ -30,8 +30,9 @@ flags.DEFINE_float(
 flags.DEFINE_string(
     "qat_file",
     None,
-    "A quantization-aware model of --model_file (python -m train --qat): adds its rows, and "
-    "each QAT export's agreement with the QAT Keras model.",
+    "A quantization-aware model of --model_file (python -m train --qat): adds its rows (the "
+    "QAT Keras model computing as each runtime does, rk.quantize.ROUNDINGS), and each QAT "
+    "export's agreement with the QAT Keras model computing as its runtime and as TFLite.",
 )
 flags.DEFINE_boolean("qat_only", False, "With --qat_file: skip the post-training rows.")
 flags.mark_flag_as_required("model_file")
