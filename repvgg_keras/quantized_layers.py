@@ -69,11 +69,11 @@ class Rounding:
     `requantize`, a convolution's int32 sum onto the next grid: "integer" ((sum + bias code) x
     float32(in step x weight step / out step): XNNPACK, onnxruntime) or "dequantized" (sum x
     float32(in step x weight step), plus the float bias, x float32(1 / out step): oneDNN, in
-    TensorFlow and OpenVINO). `quantize`, a float tensor onto a grid: "divide" (x / step), "reciprocal"
-    (x x float32(1 / step)) or "scale_shift" (x x float32(1 / step) + the code of zero in one
-    fused multiply-add: OpenVINO's FakeQuantize). `symmetric_floor`: the lowest code of a
-    symmetric grid's tensor: int8's -128, where the runtime saturates, or -127 (TensorFlow's
-    narrow-range QuantizeV2)."""
+    TensorFlow and OpenVINO). `quantize`, a float tensor onto a grid: "divide" (x / step),
+    "reciprocal" (x x float32(1 / step)) or "scale_shift" (x x float32(1 / step) + the code of
+    zero in one fused multiply-add: OpenVINO's FakeQuantize). `symmetric_floor`: the lowest code
+    of a symmetric grid's tensor: int8's -128, where the runtime saturates, or -127
+    (TensorFlow's narrow-range QuantizeV2)."""
 
     requantize: str = "integer"
     quantize: str = "divide"
@@ -269,7 +269,8 @@ class ActivationQuantizer(ExactInference, layers.Layer):
         super().__init__(**kwargs)
         self.initial_range = float(initial_range)
         self.unsigned = bool(unsigned)
-        self.rounding = None  # the runtime's (`Rounding`), set by snap_biases
+        # the runtime's (`Rounding`), set by snap_biases; None: x / step on the narrow range
+        self.rounding = None
 
     def build(self, input_shape):
         self.range = self.add_weight(
