@@ -144,6 +144,15 @@ def check_preprocessing(channels, what):
         ) from None
 
 
+# The int8 runtimes whose arithmetic a QAT model's reference can compute in (rk.quantize.ROUNDINGS).
+RUNTIME_NAMES = {
+    "tflite": "TFLite (XNNPACK)",
+    "onnxruntime": "onnxruntime",
+    "openvino": "OpenVINO",
+    "tensorflow": "TensorFlow's oneDNN",
+}
+
+
 def run_exporter(export, output=None, checks=(), runtime="tflite"):
     """Shared CLI body: check the flags (`checks`: more callables raising ValueError) and the
     `output` path, load the model from flags and the verification images (`runtime`: the int8
@@ -202,6 +211,8 @@ def run_exporter(export, output=None, checks=(), runtime="tflite"):
         )
         return 1
     print(f"exported {output}")
+    if rk.is_quantize_aware(reference):
+        print(f"reference: the quantization-aware model computing as {RUNTIME_NAMES[runtime]} does")
     print(verify.verdict(reports), flush=True)
     return 0
 

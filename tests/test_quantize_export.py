@@ -99,7 +99,9 @@ def test_a_scope_the_mode_cannot_express_is_refused(qat_files):
 
 
 @pytest.mark.slow
-def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tmp_path):
+def test_cli_exports_a_qat_file_to_every_int8_path_verified_in_its_runtimes_arithmetic(
+    qat_files, tmp_path
+):
     output = tmp_path / "qat.tflite"
     result = run_cli(
         "export.tflite",
@@ -113,6 +115,7 @@ def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tm
     assert result.returncode == 0, result.stderr
     assert output.exists()
     assert "floor 99.80%" in result.stdout  # the QAT floor: the export computes what QAT trained
+    assert "computing as TFLite (XNNPACK) does" in result.stdout
     onnx_output = tmp_path / "qat.onnx"
     result = run_cli(
         "export.onnx",
@@ -125,6 +128,18 @@ def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tm
     )
     assert result.returncode == 0, result.stderr
     assert onnx_output.exists() and "floor 99.80%" in result.stdout
+    assert "computing as onnxruntime does" in result.stdout
+    result = run_cli(
+        "export.openvino",
+        "--weights",
+        qat_files["convolutions"],
+        "--quantize",
+        "int8",
+        "--output",
+        str(tmp_path / "qat_openvino"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "floor 99.80%" in result.stdout and "computing as OpenVINO does" in result.stdout
     target = tmp_path / "qat_int8"
     result = run_cli(
         "export.savedmodel",
@@ -137,6 +152,7 @@ def test_cli_exports_a_qat_file_to_tflite_onnx_and_savedmodel_int8(qat_files, tm
     )
     assert result.returncode == 0, result.stderr
     assert "floor 99.80%" in result.stdout and (target / "1" / "saved_model.pb").exists()
+    assert "computing as TensorFlow's oneDNN does" in result.stdout
     refused = run_cli(
         "export.savedmodel",
         "--weights",
