@@ -262,6 +262,14 @@ def quantize_aware(
     convs = [l for l in all_layers(plain) if type(l) in (layers.Conv2D, RepVGGBlock)]
     if not convs:
         raise ValueError(f"Model {model.name!r} has no Conv2D layer: nothing to quantize.")
+    output = plain.outputs[0].shape
+    if len(output) == 4 and tuple(output[1:3]) == tuple(plain.inputs[0].shape[1:3]):
+        raise ValueError(
+            f"Model {model.name!r} outputs a map of logits (a segmentation model, rk.PSPNet): "
+            "quantize_aware takes classifiers. Segmentation models take post-training int8 "
+            "(export.savedmodel --task segmentation --precision int8), which QARepVGG blocks "
+            "keep accurate (python -m train --quant_friendly)."
+        )
     if any(isinstance(l, keras.Model) for l in plain.layers):
         raise ValueError(
             f"Model {model.name!r} nests another model: quantize_aware takes one flat "
@@ -270,8 +278,7 @@ def quantize_aware(
     if not isinstance(plain.layers[-1], layers.Dense):
         raise ValueError(
             f"Model {model.name!r} ends in {type(plain.layers[-1]).__name__}, not a classifier: "
-            "quantize_aware takes a classifier with its Dense top (include_top=True); "
-            "segmentation models and bare backbones have no int8 export to match."
+            "quantize_aware takes a classifier with its Dense top (include_top=True)."
         )
     builder = _QuantizedGraph(scope, unsigned_relus=activations == "unsigned")
     qat = keras.models.clone_model(

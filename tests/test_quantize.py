@@ -146,7 +146,12 @@ def test_input_model_left_untouched(model, images):
         (
             lambda m: rk.RepVGG(SPEC, input_shape=(32, 32, 3), include_top=False),
             np.zeros((4, 32, 32, 3)),
-            "classifier",
+            "classifier with its Dense top",
+        ),
+        (
+            lambda m: rk.PSPNet(SPEC, input_shape=(32, 32, 3), classes=3, head_channels=8),
+            np.zeros((4, 32, 32, 3)),
+            "segmentation model.*--task segmentation --precision int8.*--quant_friendly",
         ),
     ],
 )
