@@ -201,7 +201,10 @@ def _onnxruntime(nchw, int8=False, qat=False):
     return build
 
 
-def _openvino(precision):
+def _openvino(precision, qat=False):
+    """OpenVINO on the CPU reading our ONNX file (int8: the QDQ file; qat: that of the subject's
+    quantization-aware form, quantize_aware_form)."""
+
     def build(subject, threads):
         import importlib.util
 
@@ -212,10 +215,12 @@ def _openvino(precision):
 
         if not supports(precision):
             raise Unavailable(f"this CPU has no native {precision} support in OpenVINO")
+        int8 = precision == "int8"
         predict = runners.openvino(
-            onnx_path(subject, nchw=True, int8=precision == "int8"), precision, threads
+            onnx_path(subject, nchw=True, int8=int8, qat=qat), precision, threads
         )
-        return Predictor(predict, "NCHW", note="reads the QDQ ONNX" if precision == "int8" else "")
+        note = "reads the QDQ ONNX" + (" of the quantization-aware model" if qat else "")
+        return Predictor(predict, "NCHW", note=note if int8 else "")
 
     return build
 
@@ -308,6 +313,7 @@ RUNTIMES = (
     RuntimeSpec("tflite-qat", "int8", _tflite("int8", qat=True), "ours", False),
     RuntimeSpec("tflite-qat-int8-full", "int8", _tflite("int8_full", qat=True), "ours", False),
     RuntimeSpec("onnxruntime-qat-nchw", "int8", _onnxruntime(nchw=True, qat=True), "ours", False),
+    RuntimeSpec("openvino-qat", "int8", _openvino("int8", qat=True), "ours", False),
     RuntimeSpec("openvino", "fp32", _openvino("fp32"), "ours"),
     RuntimeSpec("openvino", "bf16", _openvino("bf16"), "ours"),
     RuntimeSpec("openvino", "int8", _openvino("int8"), "ours"),
