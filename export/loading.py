@@ -8,16 +8,9 @@ import repvgg_keras as rk
 from export import precisions, verify
 from repvgg_keras import preprocessing, pspnet, sources
 from repvgg_keras.errors import shape_text
-from repvgg_keras.structure import all_layers
+from repvgg_keras.structure import all_layers, is_segmentation
 
 FLAGS = flags.FLAGS
-
-
-def is_segmentation(model):
-    """Whether `model` predicts per pixel: logits [N, H, W, classes] at its input's size, rather
-    than [N, classes] (or a backbone's smaller feature maps)."""
-    output = model.outputs[0].shape
-    return len(output) == 4 and tuple(output[1:3]) == tuple(model.inputs[0].shape[1:3])
 
 
 def variant_name(model):

@@ -91,7 +91,8 @@ def quantize_with_grids(source, target, grids, calibration_images, pools_on_grid
     weights, step max|w| / 127. A Relu's input (the conv output) and a Pad's or a Transpose's
     output (an NHWC file's input, in NCHW) share the grid of the tensor they come from, so each
     conv + ReLU rounds once, as the QAT model does; `pools_on_grid`: a global pool's output is
-    rounded to its input's grid too. `calibration_images` only feed the quantizer's pass over the other tensors."""
+    rounded to its input's grid too. `calibration_images` only feed the quantizer's pass over
+    the other tensors."""
     import onnx
     from onnxruntime import quantization as q
 

@@ -45,6 +45,7 @@ from repvgg_keras.quantized_layers import (
     quantize_weights,
     weight_step,
 )
+from repvgg_keras.structure import is_segmentation
 
 __all__ = [
     "ACTIVATIONS",
@@ -262,8 +263,7 @@ def quantize_aware(
     convs = [l for l in all_layers(plain) if type(l) in (layers.Conv2D, RepVGGBlock)]
     if not convs:
         raise ValueError(f"Model {model.name!r} has no Conv2D layer: nothing to quantize.")
-    output = plain.outputs[0].shape
-    if len(output) == 4 and tuple(output[1:3]) == tuple(plain.inputs[0].shape[1:3]):
+    if is_segmentation(plain):
         raise ValueError(
             f"Model {model.name!r} outputs a map of logits (a segmentation model, rk.PSPNet): "
             "quantize_aware takes classifiers. Segmentation models take post-training int8 "

@@ -4,7 +4,7 @@ import keras
 
 from repvgg_keras.layers import RepVGGBlock, all_layers
 
-__all__ = ["all_layers", "custom_layer_names", "layer_counts"]
+__all__ = ["all_layers", "custom_layer_names", "is_segmentation", "layer_counts"]
 
 
 def layer_counts(model):
@@ -32,3 +32,10 @@ def custom_layer_names(model):
             if not type(layer).__module__.startswith("keras.")
         }
     )
+
+
+def is_segmentation(model):
+    """Whether `model` predicts per pixel: logits [N, H, W, classes] at its input's size, rather
+    than [N, classes] (or a backbone's smaller feature maps)."""
+    output = model.outputs[0].shape
+    return len(output) == 4 and tuple(output[1:3]) == tuple(model.inputs[0].shape[1:3])
